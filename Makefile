@@ -1,0 +1,52 @@
+# Developer and CI entry points. `make help` lists them.
+
+PY ?= python3
+PYTEST_ARGS ?=
+
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TYPED_PACKAGES := kessai command_service query_service projector reconciler
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+.PHONY: help venv run test services lint clean
+
+help:
+	@echo 'make venv      create .venv and install the project with its dev extras'
+	@echo 'make run       start the whole system (embedded defaults): .venv/bin/kessai up'
+	@echo 'make test      bring up MariaDB/Redis, then run pytest (extra args: PYTEST_ARGS=...)'
+	@echo 'make services  bring up MariaDB (127.0.0.1:3306) and Redis (127.0.0.1:6379)'
+	@echo 'make lint      ruff check, ruff format --check, mypy'
+	@echo 'make clean     remove .venv, .kessai and caches'
+
+venv: $(STAMP)
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# Reinstalled only when pyproject.toml changes (the install is editable, so code changes need
+# nothing). Order-only on the interpreter: its mtime is that of the base Python it links to.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --progress-bar off -e '.[dev]'
+	touch $@
+
+run: venv
+	$(BIN)/kessai up
+
+services:
+	bash .ci/services
+
+test: venv services
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy $(TYPED_PACKAGES)
+
+clean:
+	rm -rf $(VENV) .kessai .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,147 @@
+"""SQL of the write store, used by the command handlers. Nothing here begins or commits."""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from kessai.events import PaymentCaptured, PaymentRefunded, event_to_json, parse_event
+from kessai.schema.write import events, idempotency_keys, outbox
+
+
+def shard_of(payment_id: uuid.UUID, shards: int) -> int:
+    """The outbox shard of a payment: every event of one payment lands in the same shard."""
+    return zlib.crc32(payment_id.bytes) % shards
+
+
+def load_payment_events(
+    conn: sa.Connection, payment_id: uuid.UUID
+) -> list[PaymentCaptured | PaymentRefunded]:
+    """A payment's events in version order: a primary-key range read, nothing else."""
+    rows = conn.execute(
+        sa.select(events.c.body).where(events.c.payment_id == payment_id).order_by(events.c.version)
+    )
+    return [parse_event(body) for (body,) in rows]
+
+
+def append_events(
+    conn: sa.Connection,
+    new_events: Sequence[PaymentCaptured | PaymentRefunded],
+    *,
+    shards: int,
+) -> None:
+    """Append events and their outbox rows. A duplicate (payment_id, version) raises
+    ``IntegrityError``: that is the optimistic-concurrency check."""
+    event_rows = []
+    outbox_rows = []
+    for event in new_events:
+        body = event_to_json(event).decode()
+        amount = event.payload.amount
+        event_rows.append(
+            {
+                "payment_id": event.payment_id,
+                "version": event.version,
+                "event_id": event.event_id,
+                "event_type": event.event_type,
+                "schema_version": event.schema_version,
+                "merchant_id": event.merchant_id,
+                "amount": amount,
+                "currency": event.payload.currency,
+                "occurred_at": event.occurred_at,
+                "recorded_at": event.recorded_at,
+                "body": body,
+            }
+        )
+        outbox_rows.append(
+            {
+                "shard": shard_of(event.payment_id, shards),
+                "payment_id": event.payment_id,
+                "version": event.version,
+                "event_id": event.event_id,
+                "event_type": event.event_type,
+                "schema_version": event.schema_version,
+                "created_at": event.recorded_at,
+                "body": body,
+            }
+        )
+    conn.execute(events.insert(), event_rows)
+    conn.execute(outbox.insert(), outbox_rows)
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    request: str
+    response_status: int
+    response_body: str
+    expires_at: datetime
+
+
+def get_idempotency(conn: sa.Connection, client_id: str, key: str) -> IdempotencyRecord | None:
+    row = conn.execute(
+        sa.select(
+            idempotency_keys.c.request,
+            idempotency_keys.c.response_status,
+            idempotency_keys.c.response_body,
+            idempotency_keys.c.expires_at,
+        ).where(
+            idempotency_keys.c.client_id == client_id,
+            idempotency_keys.c.idempotency_key == key,
+        )
+    ).first()
+    return None if row is None else IdempotencyRecord(*row)
+
+
+def delete_idempotency(conn: sa.Connection, client_id: str, key: str) -> None:
+    conn.execute(
+        idempotency_keys.delete().where(
+            idempotency_keys.c.client_id == client_id,
+            idempotency_keys.c.idempotency_key == key,
+        )
+    )
+
+
+def save_idempotency(
+    conn: sa.Connection,
+    *,
+    client_id: str,
+    key: str,
+    request: str,
+    response_status: int,
+    response_body: str,
+    created_at: datetime,
+    expires_at: datetime,
+) -> None:
+    conn.execute(
+        idempotency_keys.insert().values(
+            client_id=client_id,
+            idempotency_key=key,
+            request=request,
+            response_status=response_status,
+            response_body=response_body,
+            created_at=created_at,
+            expires_at=expires_at,
+        )
+    )
+
+
+def purge_expired_idempotency(conn: sa.Connection, now: datetime, *, limit: int = 1000) -> int:
+    """Forget up to ``limit`` expired keys (by the ``expires_at`` index); returns how many."""
+    doomed = conn.execute(
+        sa.select(idempotency_keys.c.client_id, idempotency_keys.c.idempotency_key)
+        .where(idempotency_keys.c.expires_at < now)
+        .limit(limit)
+    ).all()
+    if doomed:
+        conn.execute(
+            idempotency_keys.delete().where(
+                sa.tuple_(idempotency_keys.c.client_id, idempotency_keys.c.idempotency_key).in_(
+                    [tuple(row) for row in doomed]
+                )
+            )
+        )
+    return len(doomed)

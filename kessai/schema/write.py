@@ -1,0 +1,76 @@
+"""The write store: append-only events, the transactional outbox, idempotency keys, relay leases.
+
+The write store serves no queries. ``events`` has its primary key ``(payment_id, version)``,
+which is both how a payment's history is read (a primary-key range) and the optimistic
+concurrency check (two writers of the same next version collide on it), plus one unique key on
+``event_id`` (UUIDv7, so it is time-ordered: the reconciler scans new events by it).
+Triggers make the database refuse UPDATE and DELETE on events.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from kessai.db import NAMING_CONVENTION, BinaryUUID, UTCDateTime, ascii_id, long_text
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("payment_id", BinaryUUID(), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("event_id", BinaryUUID(), nullable=False, unique=True),
+    sa.Column("event_type", sa.String(40), nullable=False),
+    sa.Column("schema_version", sa.SmallInteger, nullable=False),
+    sa.Column("merchant_id", ascii_id(64), nullable=False),
+    # Money in minor units of `currency`: the captured amount or this refund's amount.
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("occurred_at", UTCDateTime(), nullable=False),
+    sa.Column("recorded_at", UTCDateTime(), nullable=False),
+    # The canonical JSON envelope, exactly what is published.
+    sa.Column("body", long_text(), nullable=False),
+)
+
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    # Auto-increment ids commit out of order across transactions, so the relay never reads
+    # "id > last seen": it reads the rows still present (published rows are deleted).
+    sa.Column(
+        "outbox_id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("shard", sa.SmallInteger, nullable=False),
+    sa.Column("payment_id", BinaryUUID(), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("event_id", BinaryUUID(), nullable=False),
+    sa.Column("event_type", sa.String(40), nullable=False),
+    sa.Column("schema_version", sa.SmallInteger, nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("body", long_text(), nullable=False),
+)
+
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("client_id", ascii_id(64), primary_key=True),
+    sa.Column("idempotency_key", ascii_id(255), primary_key=True),
+    # The normalized request (operation + body) as JSON: compared field by field on reuse.
+    sa.Column("request", long_text(), nullable=False),
+    sa.Column("response_status", sa.SmallInteger, nullable=False),
+    sa.Column("response_body", long_text(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False, index=True),
+)
+
+relay_leases = sa.Table(
+    "relay_leases",
+    metadata,
+    sa.Column("shard", sa.SmallInteger, primary_key=True, autoincrement=False),
+    sa.Column("owner", sa.String(128), nullable=True),
+    sa.Column("expires_at", UTCDateTime(), nullable=True),
+)

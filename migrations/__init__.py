@@ -1,0 +1,1 @@
+"""Alembic migration trees, one per database: ``write`` and ``read``."""

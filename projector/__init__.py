@@ -1,0 +1,1 @@
+"""The read side: consumes the events and builds the denormalized read database."""

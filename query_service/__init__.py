@@ -1,0 +1,1 @@
+"""The merchant dashboard API, served from the read database only."""

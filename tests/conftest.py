@@ -1,0 +1,130 @@
+"""Fixtures shared by the suite: real databases (SQLite file, MySQL/MariaDB), a real broker.
+
+Every database test runs twice, on SQLite and on MySQL (the local MariaDB, or a MySQL container
+when ``KESSAI_TEST_BACKEND`` selects containers; see ``tests/backends.py``). Each test gets its
+own freshly migrated database and its own Kafka topic, so tests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pymysql
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from command_service.app import create_app
+from kessai.broker import EmbeddedBroker, free_port
+from kessai.db import create_db_engine
+from kessai.migrate import upgrade
+from kessai.settings import Settings
+from tests import backends
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"kessai test backend: {backends.selected_backend()}"
+
+
+@pytest.fixture(scope="session")
+def mysql_server() -> Iterator[str]:
+    url, stop = backends.start_mysql()
+    yield url
+    stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    started = backends.start_kafka()
+    if started is not None:
+        bootstrap, stop = started
+        yield bootstrap
+        stop()
+        return
+    with EmbeddedBroker(free_port()) as broker:
+        yield broker.bootstrap
+
+
+def _create_mysql_database(server_url: str) -> tuple[str, str]:
+    url = sa.make_url(server_url)
+    name = f"kessai_t_{uuid.uuid4().hex[:12]}"
+    with (
+        pymysql.connect(
+            host=url.host, port=url.port or 3306, user=url.username, password=url.password or ""
+        ) as conn,
+        conn.cursor() as cur,
+    ):
+        cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    return url.set(database=name).render_as_string(hide_password=False), name
+
+
+def _drop_mysql_database(server_url: str, name: str) -> None:
+    url = sa.make_url(server_url)
+    with (
+        pymysql.connect(
+            host=url.host, port=url.port or 3306, user=url.username, password=url.password or ""
+        ) as conn,
+        conn.cursor() as cur,
+    ):
+        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def write_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty write store: a SQLite file, or a fresh MySQL database."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'write.db'}"
+        upgrade("write", url)
+        yield url
+        return
+    server = request.getfixturevalue("mysql_server")
+    url, name = _create_mysql_database(server)
+    try:
+        upgrade("write", url)
+        yield url
+    finally:
+        _drop_mysql_database(server, name)
+
+
+@pytest.fixture
+def topic() -> str:
+    return f"kessai.test.{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def settings(write_db_url: str, kafka_bootstrap: str, topic: str, tmp_path: Path) -> Settings:
+    return Settings(
+        home=tmp_path,
+        write_db_url=write_db_url,
+        read_db_url=f"sqlite:///{tmp_path / 'read.db'}",
+        kafka_bootstrap=kafka_bootstrap,
+        topic=topic,
+        topic_partitions=4,
+        relay_poll_interval_ms=10,
+        relay_lease_seconds=3.0,
+        relay_retry_max_backoff_ms=300,
+        kafka_request_timeout_ms=5_000,
+    )
+
+
+@pytest.fixture
+def write_engine(settings: Settings) -> Iterator[Engine]:
+    engine = create_db_engine(settings.resolved_write_db_url(), pool_size=4)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The command API in process (real app, real database) behind an HTTP client."""
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://command.test"
+        ) as client,
+    ):
+        yield client

@@ -1,0 +1,69 @@
+"""The relay publishes the outbox to the real broker: key, headers, value, order, no loss."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import httpx
+from sqlalchemy.engine import Engine
+
+from command_service.relay import Relay
+from kessai.events import PaymentCaptured, PaymentRefunded, parse_event
+from kessai.settings import Settings
+from tests.helpers import consume_all, count_rows, eventually, new_key, payment_body
+
+
+async def run_relay_until_drained(relay: Relay, engine: Engine, within: float = 30.0) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+
+    async def drained() -> bool:
+        if task.done():
+            task.result()  # surface a crash
+        return count_rows(engine)["outbox"] == 0
+
+    try:
+        await eventually(drained, within=within)
+    finally:
+        stop.set()
+        await task
+
+
+async def test_published_event_carries_key_headers_and_envelope(
+    api: httpx.AsyncClient, settings: Settings, write_engine: Engine
+) -> None:
+    created = await api.post(
+        "/v1/payments", json=payment_body(amount=500), headers={"Idempotency-Key": new_key()}
+    )
+    assert created.status_code == 201
+    payment_id = created.json()["payment_id"]
+    refund = await api.post(
+        f"/v1/payments/{payment_id}/refunds",
+        json={"amount": 200, "reason": "damaged"},
+        headers={"Idempotency-Key": new_key()},
+    )
+    assert refund.status_code == 201
+
+    await run_relay_until_drained(Relay(engine=write_engine, settings=settings), write_engine)
+
+    records = await consume_all(settings.resolved_kafka_bootstrap(), settings.topic, at_least=2)
+    assert len(records) == 2
+    assert {r.key for r in records} == {payment_id.encode()}
+    assert len({r.partition for r in records}) == 1
+    first, second = sorted(records, key=lambda r: r.offset)
+    captured, refunded = parse_event(first.value), parse_event(second.value)
+    assert isinstance(captured, PaymentCaptured)
+    assert isinstance(refunded, PaymentRefunded)
+    assert (captured.version, refunded.version) == (1, 2)
+    assert captured.payment_id == uuid.UUID(payment_id)
+    assert captured.payload.amount == 500
+    assert refunded.payload.amount == 200
+    assert refunded.payload.refunded_amount == 200
+    headers = dict(first.headers)
+    assert headers == {
+        "event_type": b"PaymentCaptured",
+        "schema_version": b"1",
+        "event_id": str(captured.event_id).encode(),
+    }
+    assert dict(second.headers)["event_type"] == b"PaymentRefunded"
