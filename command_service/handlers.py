@@ -136,7 +136,11 @@ def capture_payment(
     *, engine: Engine, policy: WritePolicy, command: CreatePayment, device_id: str | None
 ) -> Outcome:
     """Record a captured payment: one ``PaymentCaptured`` event, version 1."""
-    request = {"operation": "create_payment", **command.model_dump(mode="json")}
+    request = {
+        "operation": "create_payment",
+        "device_id": device_id,
+        **command.model_dump(mode="json"),
+    }
 
     def work(_conn: sa.Connection) -> tuple[int, dict[str, Any], list[Any]]:
         now = utcnow()

@@ -29,8 +29,8 @@ router = APIRouter()
 ANONYMOUS_CLIENT = "anonymous"
 """Until API keys exist every caller is this one client; idempotency keys are scoped to it."""
 
-_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")
-_DEVICE_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")
+_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
+_DEVICE_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")
 
 _ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorOut, "description": "Missing or malformed Idempotency-Key, bad JSON."},
@@ -45,7 +45,7 @@ def _idempotency_key(value: str | None) -> str:
         raise ApiError(
             400, "idempotency_key_missing", "The Idempotency-Key header is required on writes."
         )
-    if not _KEY_PATTERN.match(value):
+    if not _KEY_PATTERN.fullmatch(value):
         raise ApiError(
             400,
             "idempotency_key_invalid",
@@ -55,7 +55,7 @@ def _idempotency_key(value: str | None) -> str:
 
 
 def _device_id(value: str | None) -> str | None:
-    if value is not None and not _DEVICE_PATTERN.match(value):
+    if value is not None and not _DEVICE_PATTERN.fullmatch(value):
         raise ApiError(
             400,
             "device_id_invalid",

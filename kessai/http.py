@@ -45,19 +45,28 @@ class BodySizeLimit:
                     await self._too_large(send)
                     return
         seen = 0
+        exceeded = False
         response_started = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    exceeded = True
                     raise _BodyTooLarge
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal response_started
+            if exceeded:
+                # The app may catch the cut-short read and answer it itself (FastAPI turns any
+                # body-read failure into 400 "error parsing the body"): answer 413 instead.
+                if message["type"] == "http.response.start" and not response_started:
+                    response_started = True
+                    await self._too_large(send)
+                return
             if message["type"] == "http.response.start":
                 response_started = True
             await send(message)

@@ -20,6 +20,10 @@ depends_on: str | Sequence[str] | None = None
 
 APPEND_ONLY_MESSAGE = "events are append-only"
 
+# Explicit, so a server whose default is latin1 still stores any text; binary collation, so
+# string comparisons are exact.
+TABLE_OPTIONS = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+
 
 def upgrade() -> None:
     op.create_table(
@@ -37,6 +41,7 @@ def upgrade() -> None:
         sa.Column("body", long_text(), nullable=False),
         sa.PrimaryKeyConstraint("payment_id", "version", name="pk_events"),
         sa.UniqueConstraint("event_id", name="uq_events_event_id"),
+        **TABLE_OPTIONS,
     )
     op.create_table(
         "outbox",
@@ -55,6 +60,7 @@ def upgrade() -> None:
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("body", long_text(), nullable=False),
         sa.PrimaryKeyConstraint("outbox_id", name="pk_outbox"),
+        **TABLE_OPTIONS,
     )
     op.create_table(
         "idempotency_keys",
@@ -66,6 +72,7 @@ def upgrade() -> None:
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("expires_at", UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("client_id", "idempotency_key", name="pk_idempotency_keys"),
+        **TABLE_OPTIONS,
     )
     op.create_index("ix_idempotency_keys_expires_at", "idempotency_keys", ["expires_at"])
     op.create_table(
@@ -74,6 +81,7 @@ def upgrade() -> None:
         sa.Column("owner", sa.String(128), nullable=True),
         sa.Column("expires_at", UTCDateTime(), nullable=True),
         sa.PrimaryKeyConstraint("shard", name="pk_relay_leases"),
+        **TABLE_OPTIONS,
     )
 
     dialect = op.get_bind().dialect.name
