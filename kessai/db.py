@@ -131,3 +131,35 @@ def _tune_sqlite(engine: Engine, *, begin_immediate: bool) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if begin_immediate else "BEGIN")
+
+
+def upsert(
+    conn: sa.Connection,
+    table: sa.Table,
+    rows: list[dict[str, Any]],
+    *,
+    replace: tuple[str, ...] = (),
+    add: tuple[str, ...] = (),
+) -> None:
+    """Multi-row insert that, on a primary-key conflict, overwrites the ``replace`` columns and
+    adds to the ``add`` columns. Callers pass rows sorted by primary key: two connections
+    upserting overlapping rows in different orders deadlock on MariaDB."""
+    if not rows:
+        return
+    if conn.dialect.name == "mysql":
+        quote = conn.dialect.identifier_preparer.quote
+        # literal_column, because pymysql's executemany cannot bind column expressions here.
+        updates: dict[str, Any] = {c: sa.literal_column(f"VALUES({quote(c)})") for c in replace}
+        updates.update({c: sa.literal_column(f"{quote(c)} + VALUES({quote(c)})") for c in add})
+        mysql_stmt = mysql.insert(table).on_duplicate_key_update(**updates)
+        conn.execute(mysql_stmt, rows)
+        return
+    from sqlalchemy.dialects import sqlite
+
+    stmt = sqlite.insert(table)
+    set_: dict[str, Any] = {c: stmt.excluded[c] for c in replace}
+    set_.update({c: table.c[c] + stmt.excluded[c] for c in add})
+    conn.execute(
+        stmt.on_conflict_do_update(index_elements=list(table.primary_key.columns), set_=set_),
+        rows,
+    )

@@ -55,7 +55,34 @@ class Settings(BaseSettings):
     relay_retry_max_backoff_ms: int = Field(2_000, ge=10)
     kafka_request_timeout_ms: int = Field(10_000, ge=1000)
 
-    @field_validator("write_db_url", "read_db_url", "kafka_bootstrap", mode="before")
+    projector_group_id: str = Field("kessai-projector", min_length=1)
+    projector_batch_size: int = Field(
+        2_000, ge=1, le=50_000, description="Most records applied in one read-DB transaction."
+    )
+    projector_metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve the projector's Prometheus metrics here."
+    )
+    query_api_host: str = "127.0.0.1"
+    query_api_port: int = Field(8001, ge=1, le=65535)
+    query_db_url: str | None = Field(
+        None,
+        description="URL the query API reads with (a SELECT-only user in production); "
+        "unset: KESSAI_READ_DB_URL.",
+    )
+    redis_url: str | None = Field(
+        None, description="Redis for shared caches; unset: caches are per process."
+    )
+    summary_cache_seconds: float = Field(
+        2.0, ge=0, description="How long a merchant's summary is served from cache."
+    )
+    csv_max_rows: int = Field(1_000_000, ge=1, description="Most rows one CSV export may hold.")
+    default_merchant_time_zone: str = Field(
+        "Asia/Tokyo", description="Time zone of merchant days unless the merchant has its own."
+    )
+
+    @field_validator(
+        "write_db_url", "read_db_url", "query_db_url", "kafka_bootstrap", "redis_url", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -65,6 +92,9 @@ class Settings(BaseSettings):
 
     def resolved_read_db_url(self) -> str:
         return self.read_db_url or f"sqlite:///{(self.home / 'read.db').resolve()}"
+
+    def resolved_query_db_url(self) -> str:
+        return self.query_db_url or self.resolved_read_db_url()
 
     def resolved_kafka_bootstrap(self) -> str:
         return self.kafka_bootstrap or f"127.0.0.1:{self.embedded_broker_port}"

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from command_service.app import create_app
 from kessai.broker import EmbeddedBroker, free_port
 from kessai.db import create_db_engine
-from kessai.migrate import upgrade
+from kessai.migrate import Tree, upgrade
 from kessai.settings import Settings
 from tests import backends
 
@@ -73,20 +73,38 @@ def _drop_mysql_database(server_url: str, name: str) -> None:
 
 
 @pytest.fixture(params=["sqlite", "mysql"])
-def write_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A migrated, empty write store: a SQLite file, or a fresh MySQL database."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'write.db'}"
-        upgrade("write", url)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The database backend of a test: every database test runs on both."""
+    return str(request.param)
+
+
+def _migrated_database(
+    request: pytest.FixtureRequest, backend: str, tmp_path: Path, tree: Tree
+) -> Iterator[str]:
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / f'{tree}.db'}"
+        upgrade(tree, url)
         yield url
         return
     server = request.getfixturevalue("mysql_server")
     url, name = _create_mysql_database(server)
     try:
-        upgrade("write", url)
+        upgrade(tree, url)
         yield url
     finally:
         _drop_mysql_database(server, name)
+
+
+@pytest.fixture
+def write_db_url(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty write store: a SQLite file, or a fresh MySQL database."""
+    yield from _migrated_database(request, backend, tmp_path, "write")
+
+
+@pytest.fixture
+def read_db_url(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty read database on the same backend as the write store."""
+    yield from _migrated_database(request, backend, tmp_path, "read")
 
 
 @pytest.fixture
@@ -103,11 +121,26 @@ def settings(write_db_url: str, kafka_bootstrap: str, topic: str, tmp_path: Path
         kafka_bootstrap=kafka_bootstrap,
         topic=topic,
         topic_partitions=4,
+        # Groups of earlier tests' projectors must not delay this test's rebalances.
+        projector_group_id=f"kessai-projector-{topic}",
         relay_poll_interval_ms=10,
         relay_lease_seconds=3.0,
         relay_retry_max_backoff_ms=300,
         kafka_request_timeout_ms=5_000,
     )
+
+
+@pytest.fixture
+def pipeline_settings(settings: Settings, read_db_url: str) -> Settings:
+    """Settings for tests of the whole pipeline: write store and read DB on one backend."""
+    return settings.model_copy(update={"read_db_url": read_db_url})
+
+
+@pytest.fixture
+def read_engine(pipeline_settings: Settings) -> Iterator[Engine]:
+    engine = create_db_engine(pipeline_settings.resolved_read_db_url(), pool_size=4)
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture

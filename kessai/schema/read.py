@@ -1,9 +1,148 @@
-"""The read database: denormalized tables shaped for the merchant dashboard queries."""
+"""The read database: denormalized tables shaped for the merchant dashboard, and the
+projector's own bookkeeping (offsets, parked events, dead letters).
+
+Only the projector writes here; the query service reads through a read-only connection.
+Every index serves a named query of the query service and nothing else:
+
+- ``ix_payments_merchant_id_created_at_payment_id``: a merchant's payments, newest first
+  (list, CSV), keyset-paged on ``(created_at, payment_id)``;
+- ``ix_payments_user_id_created_at_payment_id``: a user's own history;
+- the totals' primary keys: a merchant's summary over a range of days or hours.
+"""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 
-from kessai.db import NAMING_CONVENTION
+from kessai.db import NAMING_CONVENTION, BinaryUUID, UTCDateTime, ascii_id, long_text
 
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _blob() -> sa.types.TypeEngine[bytes]:
+    return sa.LargeBinary().with_variant(mysql.MEDIUMBLOB(), "mysql")
+
+
+payments = sa.Table(
+    "payments",
+    metadata,
+    sa.Column("payment_id", BinaryUUID(), primary_key=True),
+    sa.Column("merchant_id", ascii_id(64), nullable=False),
+    sa.Column("user_id", ascii_id(64), nullable=False),
+    sa.Column("store_id", sa.String(64), nullable=True),
+    sa.Column("order_ref", sa.String(128), nullable=True),
+    sa.Column("method", sa.String(16), nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    # Money in minor units of `currency`.
+    sa.Column("captured_amount", sa.BigInteger, nullable=False),
+    sa.Column("refunded_amount", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.String(24), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("metadata", long_text(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Index(None, "merchant_id", "created_at", "payment_id"),
+    sa.Index(None, "user_id", "created_at", "payment_id"),
+)
+
+refunds = sa.Table(
+    "refunds",
+    metadata,
+    sa.Column("payment_id", BinaryUUID(), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("refund_id", BinaryUUID(), nullable=False),
+    sa.Column("merchant_id", ascii_id(64), nullable=False),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("reason", sa.String(500), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+)
+
+
+def _totals(name: str, bucket: sa.Column[object]) -> sa.Table:
+    # Key order (merchant, bucket, currency): a summary is one range scan over the buckets.
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("merchant_id", ascii_id(64), primary_key=True),
+        bucket,
+        sa.Column("currency", sa.String(3), primary_key=True),
+        sa.Column("payments_count", sa.BigInteger, nullable=False),
+        sa.Column("payments_amount", sa.BigInteger, nullable=False),
+        sa.Column("refunds_count", sa.BigInteger, nullable=False),
+        sa.Column("refunds_amount", sa.BigInteger, nullable=False),
+    )
+
+
+# Buckets are local to the merchant's time zone: `day` is its calendar date, `hour` the naive
+# local start of the hour. A payment counts in the bucket of its capture, a refund in its own.
+merchant_daily_totals = _totals(
+    "merchant_daily_totals", sa.Column("day", sa.Date, primary_key=True)
+)
+merchant_hourly_totals = _totals(
+    "merchant_hourly_totals", sa.Column("hour", sa.DateTime, primary_key=True)
+)
+
+merchants = sa.Table(
+    "merchants",
+    metadata,
+    sa.Column("merchant_id", ascii_id(64), primary_key=True),
+    sa.Column("time_zone", sa.String(64), nullable=False),
+)
+
+projector_offsets = sa.Table(
+    "projector_offsets",
+    metadata,
+    sa.Column("topic", sa.String(249), primary_key=True),
+    sa.Column("kafka_partition", sa.Integer, primary_key=True, autoincrement=False),
+    # The offset of the next record to apply: stored in the same transaction as its effects.
+    sa.Column("next_offset", sa.BigInteger, nullable=False),
+    # event_id of the record at next_offset - 1: if the log there holds another record, the
+    # broker lost its log (the embedded broker does on restart) and the offsets mean nothing.
+    sa.Column("last_event_id", sa.String(36), nullable=True),
+    # recorded_at of the last applied event, and when the projector last saw itself at the
+    # end of this partition: together they say how fresh the read side is.
+    sa.Column("last_event_at", UTCDateTime(), nullable=True),
+    sa.Column("caught_up_at", UTCDateTime(), nullable=True),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+parked_events = sa.Table(
+    "parked_events",
+    metadata,
+    sa.Column("payment_id", BinaryUUID(), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    # "gap": an earlier version is missing; "blocked": an earlier version is a dead letter.
+    sa.Column("reason", sa.String(16), nullable=False),
+    sa.Column("body", long_text(), nullable=False),
+    sa.Column("topic", sa.String(249), nullable=False),
+    sa.Column("kafka_partition", sa.Integer, nullable=False),
+    sa.Column("kafka_offset", sa.BigInteger, nullable=False),
+    sa.Column("parked_at", UTCDateTime(), nullable=False),
+)
+
+dead_letters = sa.Table(
+    "dead_letters",
+    metadata,
+    sa.Column(
+        "dead_letter_id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("payment_id", BinaryUUID(), nullable=True),
+    sa.Column("version", sa.Integer, nullable=True),
+    sa.Column("topic", sa.String(249), nullable=False),
+    sa.Column("kafka_partition", sa.Integer, nullable=False),
+    sa.Column("kafka_offset", sa.BigInteger, nullable=False),
+    sa.Column("raw_key", _blob(), nullable=True),
+    sa.Column("raw_value", _blob(), nullable=True),
+    sa.Column("headers", long_text(), nullable=False),
+    sa.Column("reason", sa.String(1000), nullable=False),
+    # "open" blocks the payment's later events; "resolved" once retried or superseded.
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("resolved_at", UTCDateTime(), nullable=True),
+    sa.Index(None, "payment_id", "status"),
+)

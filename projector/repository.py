@@ -1,0 +1,276 @@
+"""SQL of the projector: loading what a batch touches and writing what it changed.
+
+Nothing here begins or commits: the batch loop owns the one transaction per batch.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from kessai.db import upsert
+from kessai.ledger import PaymentState
+from kessai.schema.read import (
+    dead_letters,
+    merchant_daily_totals,
+    merchant_hourly_totals,
+    merchants,
+    parked_events,
+    payments,
+    projector_offsets,
+    refunds,
+)
+from projector.apply import Changes, Parked, PaymentRow, Snapshot
+
+T = TypeVar("T")
+CHUNK = 500
+
+
+def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterable[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@dataclass(frozen=True, slots=True)
+class OffsetRow:
+    next_offset: int
+    last_event_id: str | None
+    last_event_at: datetime | None
+    caught_up_at: datetime | None
+
+
+def lock_offsets(
+    conn: sa.Connection, topic: str, partitions: Iterable[int]
+) -> dict[int, OffsetRow]:
+    """The stored positions of ``partitions``, locked until the transaction ends (MySQL), so
+    two consumers that both believe they own a partition cannot both apply its records."""
+    rows = conn.execute(
+        sa.select(
+            projector_offsets.c.kafka_partition,
+            projector_offsets.c.next_offset,
+            projector_offsets.c.last_event_id,
+            projector_offsets.c.last_event_at,
+            projector_offsets.c.caught_up_at,
+        )
+        .where(
+            projector_offsets.c.topic == topic,
+            projector_offsets.c.kafka_partition.in_(sorted(partitions)),
+        )
+        .order_by(projector_offsets.c.kafka_partition)
+        .with_for_update()
+    )
+    return {p: OffsetRow(n, event_id, last, caught) for p, n, event_id, last, caught in rows}
+
+
+def save_offsets(
+    conn: sa.Connection, topic: str, offsets: dict[int, OffsetRow], now: datetime
+) -> None:
+    upsert(
+        conn,
+        projector_offsets,
+        [
+            {
+                "topic": topic,
+                "kafka_partition": p,
+                "next_offset": row.next_offset,
+                "last_event_id": row.last_event_id,
+                "last_event_at": row.last_event_at,
+                "caught_up_at": row.caught_up_at,
+                "updated_at": now,
+            }
+            for p, row in sorted(offsets.items())
+        ],
+        replace=("next_offset", "last_event_id", "last_event_at", "caught_up_at", "updated_at"),
+    )
+
+
+def load_snapshot(conn: sa.Connection, payment_ids: set[uuid.UUID]) -> Snapshot:
+    snapshot = Snapshot()
+    ids = sorted(payment_ids)
+    for chunk in _chunks(ids):
+        for row in conn.execute(sa.select(payments).where(payments.c.payment_id.in_(chunk))):
+            snapshot.payments[row.payment_id] = _payment_row(row)
+        for row in conn.execute(
+            sa.select(parked_events).where(parked_events.c.payment_id.in_(chunk))
+        ):
+            snapshot.parked[(row.payment_id, row.version)] = Parked(
+                payment_id=row.payment_id,
+                version=row.version,
+                reason=row.reason,
+                body=row.body,
+                topic=row.topic,
+                partition=row.kafka_partition,
+                offset=row.kafka_offset,
+            )
+        for pid, version in conn.execute(
+            sa.select(dead_letters.c.payment_id, dead_letters.c.version).where(
+                dead_letters.c.payment_id.in_(chunk), dead_letters.c.status == "open"
+            )
+        ):
+            snapshot.dead_lettered.setdefault(pid, set()).add(version)
+    return snapshot
+
+
+def _payment_row(row: Any) -> PaymentRow:
+    return PaymentRow(
+        state=PaymentState(
+            payment_id=row.payment_id,
+            merchant_id=row.merchant_id,
+            user_id=row.user_id,
+            method=row.method,
+            currency=row.currency,
+            captured_amount=row.captured_amount,
+            refunded_amount=row.refunded_amount,
+            version=row.version,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        ),
+        store_id=row.store_id,
+        order_ref=row.order_ref,
+        metadata=row.metadata,
+    )
+
+
+def merchant_time_zone(conn: sa.Connection, merchant_id: str) -> str | None:
+    return conn.execute(
+        sa.select(merchants.c.time_zone).where(merchants.c.merchant_id == merchant_id)
+    ).scalar_one_or_none()
+
+
+def write_changes(conn: sa.Connection, changes: Changes, snapshot: Snapshot, now: datetime) -> None:
+    """Write a batch's changes, every multi-row statement sorted by primary key."""
+    upsert(
+        conn,
+        payments,
+        [_payment_values(row) for _, row in sorted(changes.payments.items())],
+        replace=(
+            "merchant_id", "user_id", "store_id", "order_ref", "method", "currency",
+            "captured_amount", "refunded_amount", "status", "version", "metadata",
+            "created_at", "updated_at",
+        ),
+    )  # fmt: skip
+    if changes.refunds:
+        conn.execute(
+            refunds.insert(),
+            [
+                {
+                    "payment_id": r.payment_id,
+                    "version": r.version,
+                    "refund_id": r.refund_id,
+                    "merchant_id": r.merchant_id,
+                    "amount": r.amount,
+                    "currency": r.currency,
+                    "reason": r.reason,
+                    "created_at": r.created_at,
+                }
+                for r in sorted(changes.refunds, key=lambda r: (r.payment_id, r.version))
+            ],
+        )
+    totals = ("payments_count", "payments_amount", "refunds_count", "refunds_amount")
+    upsert(
+        conn,
+        merchant_daily_totals,
+        [
+            {"merchant_id": m, "day": d, "currency": c, **_delta(delta)}
+            for (m, d, c), delta in sorted(changes.daily.items())
+        ],
+        add=totals,
+    )
+    upsert(
+        conn,
+        merchant_hourly_totals,
+        [
+            {"merchant_id": m, "hour": h, "currency": c, **_delta(delta)}
+            for (m, h, c), delta in sorted(changes.hourly.items())
+        ],
+        add=totals,
+    )
+    new_parked = [p for key, p in sorted(changes.parked.items()) if key not in snapshot.parked]
+    if new_parked:
+        conn.execute(
+            parked_events.insert(),
+            [
+                {
+                    "payment_id": p.payment_id,
+                    "version": p.version,
+                    "reason": p.reason,
+                    "body": p.body,
+                    "topic": p.topic,
+                    "kafka_partition": p.partition,
+                    "kafka_offset": p.offset,
+                    "parked_at": now,
+                }
+                for p in new_parked
+            ],
+        )
+    for pid, version in sorted(changes.unparked):
+        conn.execute(
+            parked_events.delete().where(
+                parked_events.c.payment_id == pid, parked_events.c.version == version
+            )
+        )
+    if changes.dead_letters:
+        conn.execute(
+            dead_letters.insert(),
+            [
+                {
+                    "payment_id": d.payment_id,
+                    "version": d.version,
+                    "topic": d.topic,
+                    "kafka_partition": d.partition,
+                    "kafka_offset": d.offset,
+                    "raw_key": d.raw_key,
+                    "raw_value": d.raw_value,
+                    "headers": d.headers,
+                    "reason": d.reason,
+                    "status": d.status,
+                    "created_at": now,
+                    "resolved_at": now if d.status != "open" else None,
+                }
+                for d in changes.dead_letters
+            ],
+        )
+    for pid, version in sorted(changes.resolved):
+        conn.execute(
+            dead_letters.update()
+            .where(
+                dead_letters.c.payment_id == pid,
+                dead_letters.c.version == version,
+                dead_letters.c.status == "open",
+            )
+            .values(status="resolved", resolved_at=now)
+        )
+
+
+def _payment_values(row: PaymentRow) -> dict[str, Any]:
+    s = row.state
+    return {
+        "payment_id": s.payment_id,
+        "merchant_id": s.merchant_id,
+        "user_id": s.user_id,
+        "store_id": row.store_id,
+        "order_ref": row.order_ref,
+        "method": s.method,
+        "currency": s.currency,
+        "captured_amount": s.captured_amount,
+        "refunded_amount": s.refunded_amount,
+        "status": s.status,
+        "version": s.version,
+        "metadata": row.metadata,
+        "created_at": s.created_at,
+        "updated_at": s.updated_at,
+    }
+
+
+def _delta(delta: Any) -> dict[str, int]:
+    return {
+        "payments_count": delta.payments_count,
+        "payments_amount": delta.payments_amount,
+        "refunds_count": delta.refunds_count,
+        "refunds_amount": delta.refunds_amount,
+    }

@@ -1,0 +1,240 @@
+"""Helpers for tests of the whole pipeline: write store -> relay -> broker -> projector -> read DB.
+
+The central check is ``assert_read_side_matches``: the read database equals the fold of the
+write store, payment by payment, and every merchant's daily and hourly totals equal the sums
+of the events they count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Protocol
+from zoneinfo import ZoneInfo
+
+import orjson
+import sqlalchemy as sa
+from aiokafka import AIOKafkaProducer
+from sqlalchemy.engine import Engine
+
+from command_service import handlers
+from command_service.schemas import CreatePayment, CreateRefund
+from kessai.events import (
+    PaymentCaptured,
+    PaymentRefunded,
+    event_to_json,
+    kafka_headers,
+    kafka_key,
+    parse_event,
+)
+from kessai.ledger import PaymentState, fold
+from kessai.schema.read import merchant_daily_totals, merchant_hourly_totals, payments
+from kessai.schema.write import events
+
+TOKYO = ZoneInfo("Asia/Tokyo")
+Event = PaymentCaptured | PaymentRefunded
+
+
+class Runnable(Protocol):
+    def run(self, stop: asyncio.Event | None = None) -> Awaitable[None]: ...
+
+
+@contextlib.asynccontextmanager
+async def running(*components: Runnable) -> AsyncIterator[list[asyncio.Task[None]]]:
+    """Run components (relays, projectors) as tasks; stop them cleanly on exit."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(c.run(stop)) for c in components]
+    try:
+        yield tasks
+    finally:
+        stop.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                raise result
+
+
+async def wait_until(
+    check: Callable[[], bool], *, within: float = 60.0, tasks: Sequence[asyncio.Task[None]] = ()
+) -> None:
+    """Poll ``check`` (run in a thread: it may query a database) until true, or fail."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not await asyncio.to_thread(check):
+        for task in tasks:
+            if task.done():
+                task.result()
+                raise AssertionError("a component stopped before the condition was met")
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {within} s")
+        await asyncio.sleep(0.1)
+
+
+@dataclass
+class Traffic:
+    payment_ids: list[uuid.UUID]
+    events: int
+
+
+def make_traffic(
+    engine: Engine,
+    *,
+    payments_count: int,
+    refund_share: float = 0.3,
+    merchants: int = 5,
+    seed: int = 7,
+) -> Traffic:
+    """Payments and refunds through the real command handlers, with a skewed merchant mix:
+    merchant m0 takes a third of the traffic."""
+    rng = random.Random(seed)
+
+    def policy(key: str) -> handlers.WritePolicy:
+        return handlers.WritePolicy(
+            client_id="test",
+            idempotency_key=key,
+            retention=timedelta(hours=1),
+            shards=8,
+            max_attempts=30,
+        )
+
+    ids: list[uuid.UUID] = []
+    count = 0
+    for i in range(payments_count):
+        merchant = "m0" if rng.random() < 1 / 3 else f"m{rng.randrange(1, merchants)}"
+        outcome = handlers.capture_payment(
+            engine=engine,
+            policy=policy(f"p-{seed}-{i}"),
+            command=CreatePayment(
+                merchant_id=merchant,
+                user_id=f"u{rng.randrange(50)}",
+                amount=rng.randrange(100, 10_000),
+                method=rng.choice(["balance", "card"]),
+            ),
+            device_id=None,
+        )
+        pid = uuid.UUID(orjson.loads(outcome.body)["payment_id"])
+        ids.append(pid)
+        count += 1
+        if rng.random() < refund_share:
+            handlers.refund_payment(
+                engine=engine,
+                policy=policy(f"r-{seed}-{i}"),
+                payment_id=pid,
+                command=CreateRefund(amount=rng.randrange(1, 100)),
+            )
+            count += 1
+    return Traffic(ids, count)
+
+
+def write_store_events(engine: Engine) -> list[Event]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(events.c.body).order_by(events.c.payment_id, events.c.version)
+        )
+        return [parse_event(body) for (body,) in rows]
+
+
+def fold_by_payment(all_events: Sequence[Event]) -> dict[uuid.UUID, PaymentState]:
+    grouped: dict[uuid.UUID, list[Event]] = {}
+    for event in sorted(all_events, key=lambda e: (e.payment_id, e.version)):
+        grouped.setdefault(event.payment_id, []).append(event)
+    folded = {pid: fold(evs) for pid, evs in grouped.items()}
+    return {pid: state for pid, state in folded.items() if state is not None}
+
+
+Totals = dict[tuple[str, object, str], tuple[int, int, int, int]]
+
+
+def expected_totals(all_events: Sequence[Event], zone: ZoneInfo = TOKYO) -> tuple[Totals, Totals]:
+    daily: dict[tuple[str, object, str], list[int]] = {}
+    hourly: dict[tuple[str, object, str], list[int]] = {}
+    for e in all_events:
+        local = e.occurred_at.astimezone(zone)
+        hour = local.replace(minute=0, second=0, microsecond=0, tzinfo=None)
+        for table, bucket in ((daily, local.date()), (hourly, hour)):
+            sums = table.setdefault((e.merchant_id, bucket, e.payload.currency), [0, 0, 0, 0])
+            if isinstance(e, PaymentCaptured):
+                sums[0] += 1
+                sums[1] += e.payload.amount
+            else:
+                sums[2] += 1
+                sums[3] += e.payload.amount
+    return (
+        {k: (v[0], v[1], v[2], v[3]) for k, v in daily.items()},
+        {k: (v[0], v[1], v[2], v[3]) for k, v in hourly.items()},
+    )
+
+
+def read_payments(engine: Engine) -> dict[uuid.UUID, tuple[int, int, int, str]]:
+    with engine.connect() as conn:
+        return {
+            row.payment_id: (row.captured_amount, row.refunded_amount, row.version, row.status)
+            for row in conn.execute(sa.select(payments))
+        }
+
+
+def read_totals(engine: Engine) -> tuple[Totals, Totals]:
+    result = []
+    with engine.connect() as conn:
+        for table, bucket in ((merchant_daily_totals, "day"), (merchant_hourly_totals, "hour")):
+            rows = conn.execute(sa.select(table))
+            totals: Totals = {}
+            for row in rows:
+                key_bucket: date | datetime = getattr(row, bucket)
+                totals[(row.merchant_id, key_bucket, row.currency)] = (
+                    int(row.payments_count),
+                    int(row.payments_amount),
+                    int(row.refunds_count),
+                    int(row.refunds_amount),
+                )
+            result.append(totals)
+    return result[0], result[1]
+
+
+def read_side_matches(write_engine: Engine, read_engine: Engine) -> bool:
+    try:
+        assert_read_side_matches(write_engine, read_engine)
+    except AssertionError:
+        return False
+    return True
+
+
+def assert_read_side_matches(write_engine: Engine, read_engine: Engine) -> None:
+    """The read side equals the fold of the write store, exactly."""
+    all_events = write_store_events(write_engine)
+    expected = {
+        pid: (s.captured_amount, s.refunded_amount, s.version, s.status)
+        for pid, s in fold_by_payment(all_events).items()
+    }
+    actual = read_payments(read_engine)
+    assert actual == expected
+    daily, hourly = expected_totals(all_events)
+    actual_daily, actual_hourly = read_totals(read_engine)
+    assert actual_daily == daily
+    assert actual_hourly == hourly
+
+
+async def produce(
+    bootstrap: str,
+    topic: str,
+    items: Sequence[Event | tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
+) -> None:
+    """Put events (or raw (key, value, headers) records) on the topic, in this order."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for item in items:
+            if isinstance(item, tuple):
+                key, value, headers = item
+            else:
+                key = kafka_key(item.payment_id)
+                value = event_to_json(item)
+                headers = kafka_headers(item.event_type, item.schema_version, item.event_id)
+            await producer.send_and_wait(topic, value, key=key, headers=headers)
+    finally:
+        await producer.stop()
