@@ -1,0 +1,80 @@
+"""Opaque keyset cursors: the position of the last row of a page, ``(created_at, payment_id)``.
+
+A cursor is base64url (unpadded) of the compact JSON ``[1, <created_at as integer microseconds
+since the Unix epoch, UTC>, "<payment_id as 32 hex digits>"]``; the leading 1 is the format
+version. It holds no filter and no secret: it only says where the previous page stopped, and
+the query that uses it still selects only the caller's merchant (or user). Anything that does
+not decode to exactly that shape is refused with 400 ``invalid_cursor`` before any SQL runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import orjson
+
+from kessai.errors import ApiError
+
+CURSOR_VERSION = 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_MICROS = int((datetime(9999, 12, 31, tzinfo=UTC) - _EPOCH) / timedelta(microseconds=1))
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a page ended: the next page holds rows strictly after this in the list order
+    (``created_at DESC, payment_id DESC``)."""
+
+    created_at: datetime
+    payment_id: uuid.UUID
+
+
+def encode_cursor(position: Position) -> str:
+    micros = (position.created_at.astimezone(UTC) - _EPOCH) // timedelta(microseconds=1)
+    raw = orjson.dumps([CURSOR_VERSION, micros, position.payment_id.hex])
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def decode_cursor(token: str) -> Position:
+    """The position ``token`` stands for, or ``ApiError(400, "invalid_cursor")``."""
+    if not _TOKEN.match(token):
+        raise _invalid()
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        value = orjson.loads(raw)
+    except (binascii.Error, ValueError):
+        raise _invalid() from None
+    if not (isinstance(value, list) and len(value) == 3):
+        raise _invalid()
+    version, micros, payment_hex = value
+    if (
+        type(version) is not int
+        or version != CURSOR_VERSION
+        or type(micros) is not int
+        or not 0 <= micros <= _MAX_MICROS
+        or not isinstance(payment_hex, str)
+        or not _HEX32.match(payment_hex)
+    ):
+        raise _invalid()
+    position = Position(
+        created_at=_EPOCH + timedelta(microseconds=micros), payment_id=uuid.UUID(hex=payment_hex)
+    )
+    # Only the exact spelling this module writes: no padding, spacing or re-encoding variants.
+    if encode_cursor(position) != token:
+        raise _invalid()
+    return position
+
+
+def _invalid() -> ApiError:
+    return ApiError(
+        400,
+        "invalid_cursor",
+        "The cursor is not one this API handed out; start again without a cursor.",
+    )

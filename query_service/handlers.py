@@ -1,0 +1,200 @@
+"""The query handlers: each runs in a worker thread and reads inside one read-only transaction
+it owns (opened and ended here, never committed: there is nothing to commit).
+
+They return plain dicts in the shapes of ``query_service.schemas``; the routes add freshness and
+send them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from query_service import repository
+from query_service.cursor import Position
+from query_service.repository import TOTALS_COLUMNS, Condition
+from query_service.time_range import Bucket, BucketKey, Granularity
+
+
+def payment_dict(row: sa.Row[Any]) -> dict[str, Any]:
+    return {
+        "payment_id": row.payment_id,
+        "merchant_id": row.merchant_id,
+        "user_id": row.user_id,
+        "store_id": row.store_id,
+        "order_ref": row.order_ref,
+        "method": row.method,
+        "currency": row.currency,
+        "captured_amount": row.captured_amount,
+        "refunded_amount": row.refunded_amount,
+        "status": row.status,
+        "version": row.version,
+        "metadata": orjson.loads(row.metadata),
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+    }
+
+
+def _refund_dict(row: sa.Row[Any]) -> dict[str, Any]:
+    return {
+        "refund_id": row.refund_id,
+        "payment_id": row.payment_id,
+        "merchant_id": row.merchant_id,
+        "version": row.version,
+        "amount": row.amount,
+        "currency": row.currency,
+        "reason": row.reason,
+        "created_at": row.created_at,
+    }
+
+
+def payment_detail(*, engine: Engine, payment_id: uuid.UUID) -> dict[str, Any] | None:
+    """The payment and its refunds, read in one snapshot; ``None`` if it is not projected."""
+    with engine.connect() as conn:
+        row = repository.payment(conn, payment_id)
+        if row is None:
+            return None
+        refund_rows = repository.refunds_of(conn, payment_id)
+    return {**payment_dict(row), "refunds": [_refund_dict(r) for r in refund_rows]}
+
+
+def position_of(row: sa.Row[Any]) -> Position:
+    return Position(created_at=row.created_at, payment_id=row.payment_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[dict[str, Any]]
+    next_position: Position | None
+    """Where the next page starts; ``None`` when this page is the last."""
+
+
+def payments_page(
+    *, engine: Engine, where: Sequence[Condition], limit: int, after: Position | None
+) -> Page:
+    """One page of payments, newest first. Reads one row more than ``limit`` to know whether
+    another page follows, so the last page never hands out a cursor to an empty one."""
+    with engine.connect() as conn:
+        rows = repository.payments_page(conn, where, after_position=after, limit=limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(
+        items=[payment_dict(r) for r in rows],
+        next_position=position_of(rows[-1]) if more and rows else None,
+    )
+
+
+def count_matching(*, engine: Engine, where: Sequence[Condition], cap: int) -> int:
+    with engine.connect() as conn:
+        return repository.count_up_to(conn, where, cap)
+
+
+def export_rows(
+    *, engine: Engine, where: Sequence[Condition], after: Position | None, size: int
+) -> Sequence[sa.Row[Any]]:
+    """One chunk of an export: its own short transaction, so a long download holds no
+    connection and no snapshot between chunks."""
+    with engine.connect() as conn:
+        return repository.payments_page(conn, where, after_position=after, limit=size)
+
+
+def ping(*, engine: Engine) -> None:
+    """Fails unless the read database answers and holds the read model."""
+    with engine.connect() as conn:
+        repository.probe(conn)
+
+
+def merchant_time_zone(*, engine: Engine, merchant_id: str) -> str | None:
+    with engine.connect() as conn:
+        return repository.merchant_time_zone(conn, merchant_id)
+
+
+def read_as_of(*, engine: Engine, topic: str) -> datetime | None:
+    """How fresh the read side is: per partition, the later of its last applied event and the
+    last moment the projector was at its end; then the oldest partition. ``None`` when no
+    partition has either (nothing was ever projected)."""
+    with engine.connect() as conn:
+        positions = repository.projector_positions(conn, topic)
+    per_partition = [
+        max(stamps)
+        for stamps in ([s for s in pair if s is not None] for pair in positions)
+        if stamps
+    ]
+    return min(per_partition) if per_partition else None
+
+
+def _zero() -> dict[str, int]:
+    return dict.fromkeys(TOTALS_COLUMNS, 0)
+
+
+def _with_net(totals: dict[str, int]) -> dict[str, int]:
+    return {**totals, "net_amount": totals["payments_amount"] - totals["refunds_amount"]}
+
+
+def _bucket_start(key: BucketKey, zone: ZoneInfo) -> datetime:
+    if isinstance(key, datetime):
+        return key.replace(tzinfo=zone)
+    return datetime.combine(key, time(), tzinfo=zone)
+
+
+def bucket_end(last: Bucket, granularity: Granularity, zone: ZoneInfo) -> datetime:
+    """The first instant after ``last``, in the merchant's time zone."""
+    if granularity == "day":
+        assert isinstance(last.key, date)
+        return datetime.combine(last.key + timedelta(days=1), time(), tzinfo=zone)
+    return (last.start.astimezone(UTC) + timedelta(hours=1)).astimezone(zone)
+
+
+def merchant_summary(
+    *,
+    engine: Engine,
+    merchant_id: str,
+    zone: ZoneInfo,
+    granularity: Granularity,
+    buckets: Sequence[Bucket],
+) -> dict[str, Any]:
+    """Totals per currency over ``buckets``, each with its zero-filled series."""
+    with engine.connect() as conn:
+        rows = repository.totals(
+            conn,
+            merchant_id,
+            granularity=granularity,
+            first=buckets[0].key,
+            last=buckets[-1].key,
+        )
+    starts: dict[BucketKey, datetime] = {b.key: b.start for b in buckets}
+    by_currency: dict[str, dict[BucketKey, dict[str, int]]] = {}
+    for row in rows:
+        # A bucket the walk did not produce (a DST corner) is still counted, never dropped.
+        starts.setdefault(row.bucket, _bucket_start(row.bucket, zone))
+        by_currency.setdefault(row.currency, {})[row.bucket] = {
+            c: int(getattr(row, c)) for c in TOTALS_COLUMNS
+        }
+    keys = sorted(starts, key=lambda k: starts[k])
+    currencies = []
+    for currency in sorted(by_currency):
+        filled = by_currency[currency]
+        series = []
+        overall = _zero()
+        for key in keys:
+            totals = filled.get(key) or _zero()
+            for c in TOTALS_COLUMNS:
+                overall[c] += totals[c]
+            series.append({"bucket": key, "start": starts[key], **_with_net(totals)})
+        currencies.append({"currency": currency, **_with_net(overall), "buckets": series})
+    return {
+        "merchant_id": merchant_id,
+        "time_zone": zone.key,
+        "granularity": granularity,
+        "from": buckets[0].start,
+        "to": bucket_end(buckets[-1], granularity, zone),
+        "currencies": currencies,
+    }

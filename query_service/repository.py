@@ -1,0 +1,165 @@
+"""SQL of the query API: reads of the read database, nothing else.
+
+Every list is ordered ``created_at DESC, payment_id DESC`` and paged by keyset on that pair,
+served by ``ix_payments_merchant_id_created_at_payment_id`` (a merchant's payments) or
+``ix_payments_user_id_created_at_payment_id`` (a user's); summaries are one range scan of a
+totals table's primary key ``(merchant_id, bucket, currency)``. Nothing here begins or commits:
+the handler owns the (read-only) transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import date, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from kessai.schema.read import (
+    merchant_daily_totals,
+    merchant_hourly_totals,
+    merchants,
+    payments,
+    projector_offsets,
+    refunds,
+)
+from query_service.cursor import Position
+
+Condition = sa.ColumnElement[bool]
+
+TOTALS_COLUMNS = ("payments_count", "payments_amount", "refunds_count", "refunds_amount")
+
+
+def payment(conn: sa.Connection, payment_id: uuid.UUID) -> sa.Row[Any] | None:
+    return conn.execute(sa.select(payments).where(payments.c.payment_id == payment_id)).first()
+
+
+def refunds_of(conn: sa.Connection, payment_id: uuid.UUID) -> Sequence[sa.Row[Any]]:
+    """A payment's refunds in the order they happened (a primary-key prefix scan)."""
+    return conn.execute(
+        sa.select(refunds).where(refunds.c.payment_id == payment_id).order_by(refunds.c.version)
+    ).all()
+
+
+def probe(conn: sa.Connection) -> None:
+    conn.execute(sa.select(sa.literal(1)).select_from(payments).limit(1)).all()
+
+
+def merchant_time_zone(conn: sa.Connection, merchant_id: str) -> str | None:
+    return conn.execute(
+        sa.select(merchants.c.time_zone).where(merchants.c.merchant_id == merchant_id)
+    ).scalar_one_or_none()
+
+
+def projector_positions(
+    conn: sa.Connection, topic: str
+) -> Sequence[tuple[datetime | None, datetime | None]]:
+    """``(last_event_at, caught_up_at)`` of every partition the projector has stored."""
+    rows = conn.execute(
+        sa.select(projector_offsets.c.last_event_at, projector_offsets.c.caught_up_at).where(
+            projector_offsets.c.topic == topic
+        )
+    )
+    return [(last, caught) for last, caught in rows]
+
+
+def merchant_payments_where(
+    merchant_id: str,
+    *,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    status: str | None = None,
+    method: str | None = None,
+    user_id: str | None = None,
+    store_id: str | None = None,
+    min_amount: int | None = None,
+    max_amount: int | None = None,
+) -> list[Condition]:
+    """Conditions selecting a merchant's payments: the merchant, then optional filters.
+
+    ``start`` / ``end`` bound ``created_at`` as ``[start, end)`` and narrow the index range;
+    the other filters are checked on the rows the index yields.
+    """
+    c = payments.c
+    where: list[Condition] = [c.merchant_id == merchant_id]
+    if start is not None:
+        where.append(c.created_at >= start)
+    if end is not None:
+        where.append(c.created_at < end)
+    if status is not None:
+        where.append(c.status == status)
+    if method is not None:
+        where.append(c.method == method)
+    if user_id is not None:
+        where.append(c.user_id == user_id)
+    if store_id is not None:
+        where.append(c.store_id == store_id)
+    if min_amount is not None:
+        where.append(c.captured_amount >= min_amount)
+    if max_amount is not None:
+        where.append(c.captured_amount <= max_amount)
+    return where
+
+
+def user_payments_where(user_id: str) -> list[Condition]:
+    return [payments.c.user_id == user_id]
+
+
+def after(position: Position) -> Condition:
+    """Rows strictly after ``position`` in the list order.
+
+    Spelled ``created_at <= t AND (created_at < t OR payment_id < id)`` rather than as a row
+    value or a plain OR: the first term bounds the index range scan on every engine, and the
+    second only filters the few rows that share ``t``.
+    """
+    return sa.and_(
+        payments.c.created_at <= position.created_at,
+        sa.or_(
+            payments.c.created_at < position.created_at,
+            payments.c.payment_id < position.payment_id,
+        ),
+    )
+
+
+def payments_page(
+    conn: sa.Connection,
+    where: Sequence[Condition],
+    *,
+    after_position: Position | None,
+    limit: int,
+) -> Sequence[sa.Row[Any]]:
+    """Up to ``limit`` payments matching ``where``, newest first, after ``after_position``."""
+    conditions = list(where)
+    if after_position is not None:
+        conditions.append(after(after_position))
+    return conn.execute(
+        sa.select(payments)
+        .where(*conditions)
+        .order_by(payments.c.created_at.desc(), payments.c.payment_id.desc())
+        .limit(limit)
+    ).all()
+
+
+def count_up_to(conn: sa.Connection, where: Sequence[Condition], cap: int) -> int:
+    """How many payments match, counting no further than ``cap``: the cost stays bounded."""
+    matching = sa.select(sa.literal(1)).select_from(payments).where(*where).limit(cap).subquery()
+    return int(conn.execute(sa.select(sa.func.count()).select_from(matching)).scalar_one())
+
+
+def totals(
+    conn: sa.Connection,
+    merchant_id: str,
+    *,
+    granularity: str,
+    first: date | datetime,
+    last: date | datetime,
+) -> Sequence[sa.Row[Any]]:
+    """A merchant's totals rows for buckets ``first`` to ``last`` (inclusive), in key order."""
+    table = merchant_daily_totals if granularity == "day" else merchant_hourly_totals
+    bucket = table.c.day if granularity == "day" else table.c.hour
+    return conn.execute(
+        sa.select(bucket.label("bucket"), table.c.currency, *(table.c[c] for c in TOTALS_COLUMNS))
+        .where(table.c.merchant_id == merchant_id, bucket >= first, bucket <= last)
+        .order_by(bucket, table.c.currency)
+    ).all()

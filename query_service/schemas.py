@@ -1,0 +1,108 @@
+"""API schemas of the query service (responses), distinct from the read tables they come from.
+
+Handlers build plain dicts in these shapes and the routes send them as orjson bytes; the models
+document them in OpenAPI. Amounts are integers in the currency's minor unit.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+PaymentStatus = Literal["captured", "partially_refunded", "refunded"]
+PaymentMethod = Literal["balance", "card"]
+
+
+class Freshness(BaseModel):
+    as_of: datetime | None = Field(
+        description="The read side reflects every event recorded up to this instant (UTC); "
+        "null when nothing was ever projected."
+    )
+    lag_seconds: float | None = Field(
+        description="Seconds between `as_of` and the moment of the response; null with `as_of`."
+    )
+
+
+class PaymentOut(BaseModel):
+    payment_id: uuid.UUID
+    merchant_id: str
+    user_id: str
+    store_id: str | None
+    order_ref: str | None
+    method: PaymentMethod
+    currency: str
+    captured_amount: int = Field(description="Captured amount in minor units.")
+    refunded_amount: int = Field(description="Total refunded so far, in minor units.")
+    status: PaymentStatus
+    version: int = Field(description="How many events the payment has had (1 + refunds).")
+    metadata: dict[str, str]
+    created_at: datetime = Field(description="When the payment was captured (UTC).")
+    updated_at: datetime = Field(description="When its last event happened (UTC).")
+
+
+class RefundOut(BaseModel):
+    refund_id: uuid.UUID
+    payment_id: uuid.UUID
+    merchant_id: str
+    version: int = Field(description="The payment's version this refund made.")
+    amount: int = Field(description="This refund's amount in minor units.")
+    currency: str
+    reason: str | None
+    created_at: datetime
+
+
+class PaymentDetailOut(PaymentOut, Freshness):
+    refunds: list[RefundOut] = Field(description="The payment's refunds, oldest first.")
+
+
+class PaymentPageOut(Freshness):
+    items: list[PaymentOut] = Field(description="Newest first (`created_at`, then `payment_id`).")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page."
+    )
+
+
+class TotalsOut(BaseModel):
+    payments_count: int
+    payments_amount: int
+    refunds_count: int
+    refunds_amount: int
+    net_amount: int = Field(description="payments_amount - refunds_amount.")
+
+
+class BucketOut(TotalsOut):
+    bucket: date | datetime = Field(
+        description="The local date (day) or the naive local start of the hour (hour)."
+    )
+    start: datetime = Field(description="The bucket's first instant, with the merchant's offset.")
+
+
+class CurrencySummaryOut(TotalsOut):
+    currency: str
+    buckets: list[BucketOut] = Field(
+        description="Every bucket of the range, oldest first; buckets without activity are zero."
+    )
+
+
+class SummaryOut(Freshness):
+    merchant_id: str
+    time_zone: str = Field(description="The merchant's time zone that buckets are local to.")
+    granularity: Literal["day", "hour"]
+    from_: datetime = Field(alias="from", description="Start of the first bucket.")
+    to: datetime = Field(description="End of the last bucket (exclusive).")
+    currencies: list[CurrencySummaryOut] = Field(
+        description="One entry per currency with activity in the range; none: an empty list."
+    )
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict[str, object]
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
