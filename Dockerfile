@@ -28,5 +28,5 @@ ENV KESSAI_HOME=/home/kessai/.kessai \
     KESSAI_COMMAND_API_HOST=0.0.0.0 \
     KESSAI_COMMAND_API_PORT=8000
 
-EXPOSE 8000
+EXPOSE 8000 8001
 CMD ["kessai", "command-api"]

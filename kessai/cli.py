@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from kessai.settings import Settings
+
+if TYPE_CHECKING:
+    from kessai.broker import EmbeddedBroker
 
 app = typer.Typer(
     help="kessai: a CQRS payment ledger. Settings come from KESSAI_* environment variables.",
@@ -73,6 +78,84 @@ def relay() -> None:
 
 
 @app.command()
+def projector() -> None:
+    """Apply the payments topic to the read database until stopped."""
+    from projector.service import main as projector_main
+
+    projector_main()
+
+
+dead_letters_app = typer.Typer(help="Records the projector could not apply.", no_args_is_help=True)
+app.add_typer(dead_letters_app, name="dead-letters")
+
+
+@dead_letters_app.command("list")
+def dead_letters_list(
+    all_: Annotated[bool, typer.Option("--all", help="Resolved ones too.")] = False,
+    limit: Annotated[int, typer.Option(min=1)] = 100,
+) -> None:
+    """List dead letters (open ones unless --all)."""
+    from kessai.db import create_db_engine
+    from projector.dead_letters import list_dead_letters
+
+    engine = create_db_engine(Settings().resolved_read_db_url(), pool_size=1, write=False)
+    try:
+        letters = list_dead_letters(engine, status=None if all_ else "open", limit=limit)
+    finally:
+        engine.dispose()
+    table = Table("id", "partition/offset", "status", "version", "reason")
+    table.add_column("payment", no_wrap=True)
+    for d in letters:
+        table.add_row(
+            str(d.dead_letter_id),
+            f"{d.partition}/{d.offset}",
+            d.status,
+            str(d.version or "-"),
+            d.reason,
+            str(d.payment_id or "-"),
+        )
+    console.print(table)
+    console.print(f"{len(letters)} dead letter(s)")
+
+
+@dead_letters_app.command("retry")
+def dead_letters_retry(
+    ids: Annotated[list[int] | None, typer.Argument(help="Dead letter ids.")] = None,
+    all_open: Annotated[bool, typer.Option("--all", help="Every open dead letter.")] = False,
+) -> None:
+    """Apply dead letters again through the projector's path; exit 1 if any still fails."""
+    from kessai.db import create_db_engine
+    from projector.dead_letters import list_dead_letters, retry_dead_letter
+
+    settings = Settings()
+    engine = create_db_engine(settings.resolved_read_db_url(), pool_size=1)
+    failed = 0
+    try:
+        targets = list(ids or [])
+        if all_open:
+            targets += [d.dead_letter_id for d in list_dead_letters(engine, limit=100_000)]
+        if not targets:
+            console.print("nothing to retry: give ids or --all")
+            raise typer.Exit(2)
+        for dead_letter_id in targets:
+            try:
+                outcome = retry_dead_letter(
+                    engine, dead_letter_id, default_zone=settings.default_merchant_time_zone
+                )
+            except LookupError as exc:
+                console.print(f"[red]{exc}[/red]")
+                failed += 1
+                continue
+            mark = "[green]resolved[/green]" if outcome.resolved else "[red]still failing[/red]"
+            console.print(f"{dead_letter_id}: {mark}: {outcome.reason}")
+            failed += 0 if outcome.resolved else 1
+    finally:
+        engine.dispose()
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def broker(
     port: Annotated[int | None, typer.Option(help="Default: KESSAI_EMBEDDED_BROKER_PORT.")] = None,
 ) -> None:
@@ -81,10 +164,15 @@ def broker(
 
     settings = Settings()
     embedded = EmbeddedBroker(port or settings.embedded_broker_port)
-    embedded.start()
-    console.print(f"embedded broker listening on {embedded.bootstrap} (memory only)")
-    _wait_for_signal()
-    embedded.stop()
+    with _stop_on_signals():
+        try:
+            embedded.start()
+            console.print(f"embedded broker listening on {embedded.bootstrap} (memory only)")
+            _wait_for_exit({})
+        except _StopRequested:
+            pass
+        finally:
+            embedded.stop()
 
 
 @app.command()
@@ -93,23 +181,51 @@ def up() -> None:
 
     Migrates first. Without KESSAI_KAFKA_BOOTSTRAP the embedded broker is started too.
     """
-    from kessai.broker import EmbeddedBroker, ensure_topic
-    from kessai.migrate import upgrade
-
     settings = Settings()
-    home = settings.home.resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "KESSAI_HOME": str(home)}
-    embedded: EmbeddedBroker | None = None
-    children: dict[str, subprocess.Popen[bytes]] = {}
-    rows: list[tuple[str, str]] = []
-    try:
+    system = _System(settings)
+    exited: str | None = None
+    with _stop_on_signals():
+        try:
+            system.start()
+            console.print("Ctrl-C stops everything.")
+            exited = _wait_for_exit(system.children)
+        except _StopRequested:
+            pass
+        finally:
+            # A second Ctrl-C must not cut the clean-up short.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            system.stop()
+            console.print("stopped")
+    if exited:
+        console.print(f"[red]{exited} exited unexpectedly; everything was stopped[/red]")
+        raise typer.Exit(1)
+
+
+class _System:
+    """The processes of ``kessai up``: the embedded broker and one child per component."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.home = settings.home.resolve()
+        self.env = {**os.environ, "KESSAI_HOME": str(self.home)}
+        self.embedded: EmbeddedBroker | None = None
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self) -> None:
+        from kessai.broker import EmbeddedBroker, ensure_topic
+        from kessai.migrate import upgrade
+
+        settings, home = self.settings, self.home
+        home.mkdir(parents=True, exist_ok=True)
+        rows: list[tuple[str, str]] = []
         if settings.uses_embedded_broker:
-            embedded = EmbeddedBroker(settings.embedded_broker_port, log_path=home / "broker.log")
-            embedded.start()
-            env["KESSAI_KAFKA_BOOTSTRAP"] = embedded.bootstrap
-            rows.append(("broker (embedded, memory only)", embedded.bootstrap))
-        bootstrap = env.get("KESSAI_KAFKA_BOOTSTRAP") or settings.resolved_kafka_bootstrap()
+            self.embedded = EmbeddedBroker(
+                settings.embedded_broker_port, log_path=home / "broker.log"
+            )
+            self.embedded.start()
+            self.env["KESSAI_KAFKA_BOOTSTRAP"] = self.embedded.bootstrap
+            rows.append(("broker (embedded, memory only)", self.embedded.bootstrap))
+        bootstrap = self.env.get("KESSAI_KAFKA_BOOTSTRAP") or settings.resolved_kafka_bootstrap()
         asyncio.run(
             ensure_topic(
                 bootstrap,
@@ -123,29 +239,34 @@ def up() -> None:
         rows.append(("write store", _redact(settings.resolved_write_db_url())))
         rows.append(("read database", _redact(settings.resolved_read_db_url())))
 
-        api_url = f"http://{settings.command_api_host}:{settings.command_api_port}"
-        children["command-api"] = _spawn(["command_service"], env, home / "command-api.log")
-        children["relay"] = _spawn(["command_service.relay"], env, home / "relay.log")
-        _wait_http(f"{api_url}/healthz", children["command-api"])
-        rows.append(("command API", f"{api_url}  (docs: {api_url}/docs)"))
-        rows.append(("relay", f"outbox -> {bootstrap} topic {settings.topic}"))
-        rows.append(("logs", str(home)))
-
+        command_url = f"http://{settings.command_api_host}:{settings.command_api_port}"
+        query_url = f"http://{settings.query_api_host}:{settings.query_api_port}"
+        for name, module in (
+            ("command-api", "command_service"),
+            ("relay", "command_service.relay"),
+            ("projector", "projector"),
+            ("query-api", "query_service"),
+        ):
+            self.children[name] = _spawn([module], self.env, home / f"{name}.log")
+        _wait_http(f"{command_url}/healthz", self.children["command-api"])
+        _wait_http(f"{query_url}/healthz", self.children["query-api"])
+        rows += [
+            ("command API", f"{command_url}  (docs: {command_url}/docs)"),
+            ("relay", f"outbox -> {bootstrap} topic {settings.topic}"),
+            ("projector", f"{settings.topic} -> read database"),
+            ("query API", f"{query_url}  (docs: {query_url}/docs)"),
+            ("logs", str(home)),
+        ]
         table = Table(title="kessai is up", show_header=False)
         for name, where in rows:
             table.add_row(name, where)
         console.print(table)
-        console.print("Ctrl-C stops everything.")
-        exited = _wait_for_signal(children)
-        if exited:
-            console.print(f"[red]{exited} exited unexpectedly; stopping everything[/red]")
-            raise typer.Exit(1)
-    finally:
-        for name, child in reversed(children.items()):
+
+    def stop(self) -> None:
+        for name, child in reversed(self.children.items()):
             _stop(name, child)
-        if embedded is not None:
-            embedded.stop()
-        console.print("stopped")
+        if self.embedded is not None:
+            self.embedded.stop()
 
 
 def _spawn(module: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -185,31 +306,67 @@ def _wait_http(url: str, child: subprocess.Popen[bytes], timeout: float = 30.0) 
             time.sleep(0.1)
 
 
-def _wait_for_signal(children: dict[str, subprocess.Popen[bytes]] | None = None) -> str | None:
-    """Block until SIGINT/SIGTERM (returns None) or a child exits (returns its name)."""
-    stopping = False
+class _StopRequested(Exception):
+    """SIGINT or SIGTERM arrived: stop everything cleanly."""
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into ``_StopRequested`` wherever the main thread is, so a stop
+    during start-up cleans up what was already started."""
 
     def on_signal(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        raise _StopRequested
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not stopping:
-            for name, child in (children or {}).items():
-                if child.poll() is not None:
-                    return name
-            time.sleep(0.2)
-        return None
+        yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _wait_for_exit(children: dict[str, subprocess.Popen[bytes]]) -> str:
+    """Block until a child exits (returns its name); a signal interrupts with _StopRequested."""
+    while True:
+        for name, child in children.items():
+            if child.poll() is not None:
+                return name
+        time.sleep(0.2)
 
 
 def _redact(url: str) -> str:
     import sqlalchemy as sa
 
     return sa.make_url(url).render_as_string(hide_password=True)
+
+
+def run_query_api(host: str | None = None, port: int | None = None, workers: int = 1) -> None:
+    import uvicorn
+
+    from kessai.runtime import configure_logging
+
+    configure_logging()
+    settings = Settings()
+    uvicorn.run(
+        "query_service.app:create_app",
+        factory=True,
+        host=host or settings.query_api_host,
+        port=port or settings.query_api_port,
+        workers=workers,
+        access_log=False,
+        log_level="warning",
+    )
+
+
+@app.command("query-api")
+def query_api(
+    host: Annotated[str | None, typer.Option(help="Default: KESSAI_QUERY_API_HOST.")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: KESSAI_QUERY_API_PORT.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
+) -> None:
+    """Serve the query API (the merchant dashboard's reads, from the read database)."""
+    run_query_api(host, port, workers)
 
 
 def main() -> None:
