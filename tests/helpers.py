@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from datetime import datetime
 from typing import Any
 
+import httpx
 import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from sqlalchemy.engine import Engine
 
-from kessai.schema.write import events, idempotency_keys, outbox
+from kessai.events import parse_event
+from kessai.schema.write import events, idempotency_keys, outbox, relay_leases
 
 _keys = itertools.count()
 
@@ -105,3 +109,128 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {within} s")
         await asyncio.sleep(interval)
+
+
+async def create_payments(
+    api: httpx.AsyncClient, count: int, *, refunded: int = 0, concurrency: int = 4
+) -> dict[uuid.UUID, int]:
+    """Create ``count`` payments of 1000 through the API, ``concurrency`` requests at a time;
+    the first ``refunded`` of them then get one or two refunds of 100 (alternately), one after
+    the other. Every request must answer 201. Returns payment id -> its number of events."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        async with gate:
+            response = await api.post(path, json=body, headers={"Idempotency-Key": new_key()})
+        assert response.status_code == 201, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def one(index: int) -> tuple[uuid.UUID, int]:
+        created = await post("/v1/payments", payment_body(amount=1000))
+        payment_id = uuid.UUID(created["payment_id"])
+        refunds = (1 + index % 2) if index < refunded else 0
+        for _ in range(refunds):
+            await post(f"/v1/payments/{payment_id}/refunds", {"amount": 100, "reason": "test"})
+        return payment_id, 1 + refunds
+
+    return dict(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+def published_event(record: ConsumerRecord[bytes, bytes]) -> tuple[uuid.UUID, int]:
+    """(payment_id, version) of a record read from the topic; checks the key matches."""
+    assert record.value is not None
+    event = parse_event(record.value)
+    assert record.key == str(event.payment_id).encode(), "key is not the payment id"
+    return event.payment_id, event.version
+
+
+def assert_delivered_in_order(
+    engine: Engine,
+    *logs: Sequence[ConsumerRecord[bytes, bytes]],
+    exactly_once: bool = False,
+    may_repeat: Collection[tuple[uuid.UUID, int]] | None = None,
+) -> Counter[tuple[uuid.UUID, int]]:
+    """Every event of the write store is on the topic and nothing else is; all of a payment's
+    events are in one partition, where the first copy of each version comes in version order.
+
+    ``logs`` are what was read from each incarnation of the broker, oldest first (a restarted
+    embedded broker is a new, empty log that continues the old one). Copies: none at all with
+    ``exactly_once``; only of the events in ``may_repeat`` if given; otherwise any (at least
+    once). Returns the number of copies of each event.
+    """
+    stored = Counter(stored_events(engine))
+    assert stored, "the write store holds no events"
+    assert max(stored.values()) == 1
+    copies: Counter[tuple[uuid.UUID, int]] = Counter()
+    partition_of: dict[uuid.UUID, set[int]] = {}
+    first_seen: dict[uuid.UUID, list[int]] = {}
+    for log in logs:
+        for record in sorted(log, key=lambda r: (r.partition, r.offset)):
+            payment_id, version = published_event(record)
+            partition_of.setdefault(payment_id, set()).add(record.partition)
+            if (payment_id, version) not in copies:
+                first_seen.setdefault(payment_id, []).append(version)
+            copies[payment_id, version] += 1
+
+    missing = stored.keys() - copies.keys()
+    assert not missing, f"{len(missing)} stored events never reached the topic, e.g. {min(missing)}"
+    unknown = copies.keys() - stored.keys()
+    assert not unknown, f"{len(unknown)} events on the topic are not in the write store"
+    split = {p: parts for p, parts in partition_of.items() if len(parts) > 1}
+    assert not split, f"{len(split)} payments have events in several partitions"
+    out_of_order = {
+        p: versions for p, versions in first_seen.items() if versions != sorted(versions)
+    }
+    assert not out_of_order, (
+        f"{len(out_of_order)} payments' events reached the topic out of version order, "
+        f"e.g. {next(iter(out_of_order.items()))}"
+    )
+    repeated = {event for event, n in copies.items() if n > 1}
+    if exactly_once:
+        assert not repeated, f"{len(repeated)} events were published more than once"
+    if may_repeat is not None:
+        unexpected = repeated - set(may_repeat)
+        assert not unexpected, f"{len(unexpected)} events were published twice for no reason"
+    return copies
+
+
+async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """The end offset of each partition of ``topic``, as the broker reports it.
+
+    The embedded broker creates the topic (4 partitions) if it does not exist yet, and reports
+    the base offset of a partition's last record batch + 1: with batches of several records
+    that is less than the real end, so use it as a lower bound or a "has anything changed"
+    signal, never as a record count."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=10_000
+    )
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            await consumer.topics()
+            partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        ends = await consumer.end_offsets(tps) if tps else {}
+        return {tp.partition: offset for tp, offset in ends.items()}
+    finally:
+        await consumer.stop()
+
+
+def unpublished_events(engine: Engine) -> set[tuple[uuid.UUID, int]]:
+    """(payment_id, version) of every event still in the outbox."""
+    with engine.connect() as conn:
+        return {
+            (row.payment_id, row.version)
+            for row in conn.execute(sa.select(outbox.c.payment_id, outbox.c.version))
+        }
+
+
+def lease_table(engine: Engine) -> dict[int, tuple[str | None, datetime | None]]:
+    """shard -> (owner, expires_at) of the relay leases."""
+    with engine.connect() as conn:
+        return {
+            row.shard: (row.owner, row.expires_at)
+            for row in conn.execute(sa.select(relay_leases)).all()
+        }
