@@ -1,4 +1,5 @@
-"""``kessai up`` on the embedded defaults, driven over real HTTP like a newcomer would.
+"""``kessai up``, driven over real HTTP like a newcomer would: on the embedded defaults, and
+with both databases on MySQL.
 
 Starts the real command (broker, migrations, command API, relay as separate processes), creates
 a payment and a refund with an HTTP client, reads the events back from the embedded broker,
@@ -25,6 +26,7 @@ from kessai.broker import free_port, port_is_open
 from kessai.events import PaymentCaptured, PaymentRefunded, parse_event
 from kessai.settings import DEFAULT_TOPIC
 from tests.helpers import consume_all, new_key, payment_body
+from tests.integration.read_model import create_mysql_database, drop_mysql_database
 
 
 class RunningSystem:
@@ -41,8 +43,23 @@ class RunningSystem:
         return f"127.0.0.1:{self.broker_port}"
 
 
+@pytest.fixture(params=["sqlite", "mysql"])
+def database_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """Nothing (the embedded default: SQLite files), or both databases on fresh MySQL ones."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    server = request.getfixturevalue("mysql_server")
+    (write_url, write_db), (read_url, read_db) = (create_mysql_database(server) for _ in "wr")
+    try:
+        yield {"KESSAI_WRITE_DB_URL": write_url, "KESSAI_READ_DB_URL": read_url}
+    finally:
+        drop_mysql_database(server, write_db)
+        drop_mysql_database(server, read_db)
+
+
 @pytest.fixture
-def system(tmp_path: Path) -> Iterator[RunningSystem]:
+def system(database_env: dict[str, str], tmp_path: Path) -> Iterator[RunningSystem]:
     api_port, query_port, broker_port = free_port(), free_port(), free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("KESSAI_")},
@@ -51,6 +68,7 @@ def system(tmp_path: Path) -> Iterator[RunningSystem]:
         "KESSAI_QUERY_API_PORT": str(query_port),
         "KESSAI_EMBEDDED_BROKER_PORT": str(broker_port),
     }
+    env.update(database_env)
     log = (tmp_path / "up.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "kessai.cli", "up"],

@@ -404,30 +404,32 @@ async def test_paging_1000_payments_returns_each_once_in_order(
         assert {i["merchant_id"] for i in items} == {merchant}
 
 
-async def test_paging_while_payments_are_projected_skips_and_repeats_none(
+async def test_paging_10000_payments_while_more_are_projected_skips_and_repeats_none(
     api: httpx.AsyncClient, writer: Engine
 ) -> None:
     base = datetime(2026, 11, 1, tzinfo=UTC)
     existing = [
         captured(at=base + timedelta(seconds=10 * (i // 2)), merchant_id="shop-a")
-        for i in range(120)
+        for i in range(10_000)
     ]
-    project(writer, existing)
+    for start in range(0, len(existing), 2_000):
+        project(writer, existing[start : start + 2_000])
     arrived: list[PaymentCaptured] = []
 
     def project_more(page: int) -> None:
         late = [
             captured(at=utcnow(), merchant_id="shop-a"),  # newer than all: before the cursor
             captured(at=base + timedelta(seconds=3 * page), merchant_id="shop-a"),
-            captured(at=base + timedelta(seconds=600 - 7 * page), merchant_id="shop-a"),
+            captured(at=base + timedelta(seconds=50_000 - 2_000 * page), merchant_id="shop-a"),
             captured(at=base - timedelta(days=1), merchant_id="shop-a"),  # older than all
         ]
         arrived.extend(late)
         project(writer, late)
 
-    items, _ = await page_through(
-        api, "/v1/merchants/shop-a/payments", limit=25, between=project_more
+    items, pages = await page_through(
+        api, "/v1/merchants/shop-a/payments", limit=500, between=project_more
     )
+    assert pages >= 20
     seen = [i["payment_id"] for i in items]
     assert len(seen) == len(set(seen)), "a payment was returned twice"
     assert {str(e.payment_id) for e in existing} <= set(seen), "a payment was skipped"
