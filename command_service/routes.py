@@ -19,8 +19,8 @@ from fastapi import APIRouter, Header, Path, Request
 from starlette.responses import Response
 
 from command_service import handlers
-from command_service.schemas import CreatePayment, CreateRefund, ErrorOut, PaymentOut, RefundOut
-from kessai.errors import ApiError
+from command_service.schemas import CreatePayment, CreateRefund, PaymentOut, RefundOut
+from kessai.errors import ApiError, ErrorOut
 from kessai.http import JSONResponse
 from kessai.observability import metrics_response
 

@@ -92,13 +92,3 @@ class RefundOut(BaseModel):
     reason: str | None
     version: int
     created_at: datetime
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    details: dict[str, object]
-
-
-class ErrorOut(BaseModel):
-    error: ErrorDetail

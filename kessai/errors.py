@@ -14,10 +14,23 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable, for programs: e.g. `refund_exceeds_captured`.")
+    message: str = Field(description="For people.")
+    details: dict[str, object] = Field(description="What a client needs to act on the error.")
+
+
+class ErrorOut(BaseModel):
+    """The body of every error response, for the OpenAPI documentation."""
+
+    error: ErrorDetail
 
 
 class ApiError(Exception):

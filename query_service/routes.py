@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine
 from starlette.responses import Response, StreamingResponse
 
 from kessai.clock import utcnow
-from kessai.errors import ApiError
+from kessai.errors import ApiError, ErrorOut
 from kessai.http import JSONResponse
 from kessai.money import MAX_AMOUNT
 from kessai.observability import metrics_response
@@ -33,7 +33,6 @@ from query_service import export, handlers, repository, time_range
 from query_service.cache import CachedSummary, FreshnessCache, SummaryCache, ZoneCache
 from query_service.cursor import Position, decode_cursor, encode_cursor
 from query_service.schemas import (
-    ErrorOut,
     PaymentDetailOut,
     PaymentMethod,
     PaymentPageOut,

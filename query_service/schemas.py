@@ -96,13 +96,3 @@ class SummaryOut(Freshness):
     currencies: list[CurrencySummaryOut] = Field(
         description="One entry per currency with activity in the range; none: an empty list."
     )
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    details: dict[str, object]
-
-
-class ErrorOut(BaseModel):
-    error: ErrorDetail
