@@ -110,6 +110,10 @@ class Projector:
         self._consumer: AIOKafkaConsumer | None = None
         self._zones: dict[str, ZoneInfo] = {}
         self._last_idle_check = 0.0
+        self._seek_lock = asyncio.Lock()
+        # Assigned partitions to seek to their stored offsets before anything else is applied
+        # (a seek failed in the rebalance listener, or a batch of theirs was refused).
+        self._unsought: set[TopicPartition] = set()
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -144,6 +148,9 @@ class Projector:
                 records = [
                     _record(r) for tp in sorted(batch, key=lambda t: t.partition) for r in batch[tp]
                 ]
+                if self._unsought:
+                    await self._retry_unsought(consumer)
+                    continue  # what was fetched before the seek may start at the wrong offset
                 if records:
                     await self._apply(records)
                 await self._idle_checks()
@@ -173,12 +180,12 @@ class Projector:
             log.warning(
                 "partitions %s moved on under this consumer; re-seeking", sorted(partitions)
             )
-            await self._seek_to_stored([TopicPartition(self.topic, p) for p in partitions])
+            self._unsought.update(TopicPartition(self.topic, p) for p in partitions)
             return
         except sa.exc.OperationalError:
             # The read DB is unreachable or deadlocked: nothing was applied. Re-read the batch.
             log.warning("read DB failed; the batch will be fetched again", exc_info=True)
-            await self._seek_to_stored([TopicPartition(self.topic, p) for p in partitions])
+            self._unsought.update(TopicPartition(self.topic, p) for p in partitions)
             await asyncio.sleep(0.5)
             return
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
@@ -249,14 +256,37 @@ class Projector:
 
     async def on_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         mine = [tp for tp in assigned if tp.topic == self.topic]
-        if mine:
+        if not mine:
+            return
+        try:
             await self._seek_to_stored(mine)
+        except Exception:
+            # Never let the listener fail: aiokafka would keep the assignment unsought. The
+            # batch loop seeks these partitions before it applies anything of theirs.
+            log.exception("seeking assigned partitions failed; will retry from the loop")
+            for tp in mine:
+                self.expected.pop(tp.partition, None)
+            self._unsought.update(mine)
 
     def on_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         for tp in revoked:
             self.expected.pop(tp.partition, None)
 
+    async def _retry_unsought(self, consumer: AIOKafkaConsumer) -> None:
+        self._unsought &= consumer.assignment()
+        try:
+            await self._seek_to_stored(list(self._unsought))
+        except Exception:
+            log.exception("seeking assigned partitions failed again; retrying in a second")
+            await asyncio.sleep(1)
+
     async def _seek_to_stored(self, tps: Sequence[TopicPartition]) -> None:
+        # The rebalance listener and the loop's reset check may both get here at once.
+        async with self._seek_lock:
+            await self._seek_to_stored_locked(tps)
+            self._unsought.difference_update(tps)
+
+    async def _seek_to_stored_locked(self, tps: Sequence[TopicPartition]) -> None:
         consumer = self._consumer
         assert consumer is not None
         stored = await anyio.to_thread.run_sync(self._read_offsets, [tp.partition for tp in tps])
@@ -275,8 +305,9 @@ class Projector:
                     row.next_offset,
                 )
                 self.metrics.log_resets.inc()
-                position = begins[tp]
-                await anyio.to_thread.run_sync(self._rewind, tp.partition, row, position)
+                position = await anyio.to_thread.run_sync(
+                    self._rewind, tp.partition, row, begins[tp]
+                )
                 self.expected[tp.partition] = position
             else:
                 position = row.next_offset
@@ -316,17 +347,20 @@ class Projector:
         with self.engine.begin() as conn:
             return repository.lock_offsets(conn, self.topic, partitions)
 
-    def _rewind(self, partition: int, row: OffsetRow, position: int) -> None:
+    def _rewind(self, partition: int, row: OffsetRow, position: int) -> int:
+        """Store ``position`` for a reset partition; returns the stored position, which is
+        another consumer's if it moved the row first (its batches verified their own)."""
         with self.engine.begin() as conn:
             current = repository.lock_offsets(conn, self.topic, [partition]).get(partition)
             if current is None or current.next_offset != row.next_offset:
-                raise StaleAssignment(partition)
+                return current.next_offset if current is not None else position
             repository.save_offsets(
                 conn,
                 self.topic,
                 {partition: OffsetRow(position, None, row.last_event_at, row.caught_up_at)},
                 utcnow(),
             )
+        return position
 
     async def _idle_checks(self) -> None:
         """Once a second: lag metrics, log resets while assigned, and the caught-up stamp."""
