@@ -21,6 +21,7 @@ from kessai.settings import Settings
 
 if TYPE_CHECKING:
     from kessai.broker import EmbeddedBroker
+    from reconciler.service import RunResult
 
 app = typer.Typer(
     help="kessai: a CQRS payment ledger. Settings come from KESSAI_* environment variables.",
@@ -153,6 +154,161 @@ def dead_letters_retry(
         engine.dispose()
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def reconcile(
+    full: Annotated[
+        bool, typer.Option("--full", help="Check every payment, not only what changed.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report only: re-publish and rewrite nothing.")
+    ] = False,
+    every: Annotated[
+        str | None,
+        typer.Option(help="Repeat on this interval (30s, 5m, 1h) until SIGINT/SIGTERM."),
+    ] = None,
+    history: Annotated[
+        bool, typer.Option("--history", help="Show recent runs instead of running.")
+    ] = False,
+    limit: Annotated[int, typer.Option(min=1, help="Runs shown by --history.")] = 20,
+) -> None:
+    """Compare the write store with the read database and repair the read side.
+
+    Exit code 0: consistent (after repair); 1: drift remains; 2: could not run.
+    """
+    from reconciler.service import parse_interval
+
+    interval: float | None = None
+    if every is not None:
+        try:
+            interval = parse_interval(every)
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from None
+    settings = Settings()
+    if history:
+        raise typer.Exit(_reconcile_history(settings, limit))
+    raise typer.Exit(_reconcile(settings, full=full, dry_run=dry_run, interval=interval))
+
+
+def _reconcile_history(settings: Settings, limit: int) -> int:
+    import sqlalchemy as sa
+
+    from kessai.db import create_db_engine
+    from reconciler.compare import time_of
+    from reconciler.records import recent_runs
+
+    engine = create_db_engine(settings.resolved_read_db_url(), pool_size=1, write=False)
+    try:
+        runs = recent_runs(engine, limit)
+    except sa.exc.SQLAlchemyError as exc:
+        console.print(f"[red]cannot read the run history: {exc}[/red]")
+        return 2
+    finally:
+        engine.dispose()
+    table = Table(
+        "run", "started (UTC)", "seconds", "mode", "dry run", "checked", "findings", "repaired",
+        "outcome", "watermark to (UTC)", "error", title="reconciliation runs",
+    )  # fmt: skip
+    for r in runs:
+        seconds = f"{(r.finished_at - r.started_at).total_seconds():.1f}" if r.finished_at else "-"
+        table.add_row(
+            str(r.run_id),
+            r.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+            seconds,
+            r.mode,
+            "yes" if r.dry_run else "no",
+            str(r.payments_checked),
+            str(r.findings_count),
+            str(r.repaired_count),
+            r.outcome or "running",
+            time_of(r.watermark_to),
+            (r.error or "")[:80],
+        )
+    console.print(table)
+    return 0
+
+
+def _reconcile(settings: Settings, *, full: bool, dry_run: bool, interval: float | None) -> int:
+    from kessai.db import create_db_engine
+    from reconciler.service import Reconciler
+
+    write_engine = create_db_engine(settings.resolved_write_db_url(), pool_size=2, write=False)
+    read_engine = create_db_engine(settings.resolved_read_db_url(), pool_size=2)
+    reconciler = Reconciler(write_engine=write_engine, read_engine=read_engine, settings=settings)
+
+    async def once() -> RunResult:
+        if not console.is_terminal:
+            return await reconciler.run(full=full, dry_run=dry_run)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("payments checked", total=None)
+
+            def on_progress(done: int, total: int | None) -> None:
+                bar.update(task, completed=done, total=total)
+
+            return await reconciler.run(full=full, dry_run=dry_run, progress=on_progress)
+
+    async def scheduled(seconds: float) -> int:
+        from kessai.runtime import stop_on_signals
+
+        stop = stop_on_signals()
+        console.print(f"reconciling every {seconds:g} s; Ctrl-C stops")
+        return await reconciler.run_every(
+            seconds, stop, full=full, dry_run=dry_run, on_result=_print_reconcile_result
+        )
+
+    try:
+        if interval is not None:
+            return asyncio.run(scheduled(interval))
+        result = asyncio.run(once())
+        _print_reconcile_result(result)
+        return result.exit_code
+    finally:
+        write_engine.dispose()
+        read_engine.dispose()
+
+
+def _print_reconcile_result(result: RunResult) -> None:
+    import orjson
+
+    from reconciler.compare import time_of
+
+    if result.findings:
+        findings = Table("kind", "payment / merchant", "repaired", "details", title="findings")
+        for f in result.findings[:50]:
+            findings.add_row(
+                f.kind,
+                str(f.payment_id or f.merchant_id or "-"),
+                "yes" if f.repaired else "no",
+                orjson.dumps(f.details or {}, default=str).decode()[:120],
+            )
+        console.print(findings)
+        if len(result.findings) > 50:
+            console.print(f"... and {len(result.findings) - 50} more (see the run's findings)")
+    colour = {"consistent": "green", "drift": "yellow"}.get(result.outcome, "red")
+    summary = Table(title="reconciliation", show_header=False)
+    summary.add_row("run", str(result.run_id or "-"))
+    summary.add_row("mode", result.mode + (" (dry run)" if result.dry_run else ""))
+    summary.add_row("payments checked", str(result.payments_checked))
+    summary.add_row("findings", str(len(result.findings)))
+    summary.add_row("repaired", str(result.repaired_count))
+    summary.add_row(
+        "watermark (UTC)", f"{time_of(result.watermark_from)} -> {time_of(result.watermark_to)}"
+    )
+    summary.add_row("outcome", f"[{colour}]{result.outcome}[/{colour}]")
+    if result.error:
+        summary.add_row("error", result.error)
+    console.print(summary)
 
 
 @app.command()

@@ -79,6 +79,30 @@ class Settings(BaseSettings):
     default_merchant_time_zone: str = Field(
         "Asia/Tokyo", description="Time zone of merchant days unless the merchant has its own."
     )
+    reconcile_safety_margin_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="An incremental reconciliation re-checks events this much older than its "
+        "watermark (commit latency, clock skew).",
+    )
+    reconcile_outbox_stuck_seconds: float = Field(
+        300.0, gt=0, description="An outbox row older than this is reported as a stuck relay."
+    )
+    reconcile_verify_timeout_seconds: float = Field(
+        60.0, gt=0, description="How long a repair waits for the projector to fix the read side."
+    )
+    reconcile_confirm_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="A difference is confirmed by a second look this much later (projector lag "
+        "is not drift).",
+    )
+    reconcile_lock_seconds: float = Field(
+        300.0, gt=0, description="How long a run's lock lasts unless renewed (one run at a time)."
+    )
+    reconcile_chunk_size: int = Field(
+        500, ge=1, le=10_000, description="Payments compared per bulk query."
+    )
 
     @field_validator(
         "write_db_url", "read_db_url", "query_db_url", "kafka_bootstrap", "redis_url", mode="before"

@@ -19,6 +19,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from kessai import offsets
 from kessai.clock import utcnow
 from kessai.schema.read import dead_letters
 from projector import repository
@@ -76,7 +77,7 @@ def retry_dead_letter(engine: Engine, dead_letter_id: int, *, default_zone: str)
             raise LookupError(f"no dead letter {dead_letter_id}")
         if letter.status != "open":
             return RetryOutcome(dead_letter_id, True, f"already {letter.status}")
-        repository.lock_offsets(conn, letter.topic, [letter.kafka_partition])
+        offsets.lock_offsets(conn, letter.topic, [letter.kafka_partition])
         record = Record(
             topic=letter.topic,
             partition=letter.kafka_partition,

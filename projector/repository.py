@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -22,7 +21,6 @@ from kessai.schema.read import (
     merchants,
     parked_events,
     payments,
-    projector_offsets,
     refunds,
 )
 from projector.apply import Changes, Parked, PaymentRow, Snapshot
@@ -34,59 +32,6 @@ CHUNK = 500
 def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterable[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-@dataclass(frozen=True, slots=True)
-class OffsetRow:
-    next_offset: int
-    last_event_id: str | None
-    last_event_at: datetime | None
-    caught_up_at: datetime | None
-
-
-def lock_offsets(
-    conn: sa.Connection, topic: str, partitions: Iterable[int]
-) -> dict[int, OffsetRow]:
-    """The stored positions of ``partitions``, locked until the transaction ends (MySQL), so
-    two consumers that both believe they own a partition cannot both apply its records."""
-    rows = conn.execute(
-        sa.select(
-            projector_offsets.c.kafka_partition,
-            projector_offsets.c.next_offset,
-            projector_offsets.c.last_event_id,
-            projector_offsets.c.last_event_at,
-            projector_offsets.c.caught_up_at,
-        )
-        .where(
-            projector_offsets.c.topic == topic,
-            projector_offsets.c.kafka_partition.in_(sorted(partitions)),
-        )
-        .order_by(projector_offsets.c.kafka_partition)
-        .with_for_update()
-    )
-    return {p: OffsetRow(n, event_id, last, caught) for p, n, event_id, last, caught in rows}
-
-
-def save_offsets(
-    conn: sa.Connection, topic: str, offsets: dict[int, OffsetRow], now: datetime
-) -> None:
-    upsert(
-        conn,
-        projector_offsets,
-        [
-            {
-                "topic": topic,
-                "kafka_partition": p,
-                "next_offset": row.next_offset,
-                "last_event_id": row.last_event_id,
-                "last_event_at": row.last_event_at,
-                "caught_up_at": row.caught_up_at,
-                "updated_at": now,
-            }
-            for p, row in sorted(offsets.items())
-        ],
-        replace=("next_offset", "last_event_id", "last_event_at", "caught_up_at", "updated_at"),
-    )
 
 
 def load_snapshot(conn: sa.Connection, payment_ids: set[uuid.UUID]) -> Snapshot:

@@ -38,12 +38,12 @@ from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy.engine import Engine
 
+from kessai import offsets
 from kessai.broker import ensure_topic
 from kessai.clock import utcnow
 from kessai.settings import Settings
 from projector import repository
 from projector.apply import Record, apply_batch, payment_ids_of
-from projector.repository import OffsetRow
 
 log = logging.getLogger(__name__)
 
@@ -193,13 +193,13 @@ class Projector:
         self.metrics.duplicates.inc(result.duplicates)
         self.metrics.parked.inc(result.parked)
         self.metrics.dead_letters.inc(result.dead_letters)
-        offsets = {}
+        kafka_offsets = {}
         for p in partitions:
             next_offset = _last_offset(records, p) + 1
             self.expected[p] = next_offset
-            offsets[TopicPartition(self.topic, p)] = OffsetAndMetadata(next_offset, "")
+            kafka_offsets[TopicPartition(self.topic, p)] = OffsetAndMetadata(next_offset, "")
         try:
-            await consumer.commit(offsets)
+            await consumer.commit(kafka_offsets)
         except (CommitFailedError, KafkaError):
             # The read DB holds the truth; Kafka's copy is for monitoring tools only.
             log.info("committing offsets to Kafka failed (rebalance?); the read DB has them")
@@ -209,7 +209,7 @@ class Projector:
     ) -> BatchResult:
         now = utcnow()
         with self.engine.begin() as conn:
-            stored = repository.lock_offsets(conn, self.topic, expected)
+            stored = offsets.lock_offsets(conn, self.topic, expected)
             for p, position in expected.items():
                 row = stored.get(p)
                 if (row.next_offset if row is not None else None) != position:
@@ -224,7 +224,7 @@ class Projector:
                 last_event_at = changes.last_event_at.get(p)
                 if previous is not None and previous.last_event_at is not None:
                     last_event_at = max(filter(None, (last_event_at, previous.last_event_at)))
-                new_offsets[p] = OffsetRow(
+                new_offsets[p] = offsets.OffsetRow(
                     next_offset=last.offset + 1,
                     last_event_id=dict(last.headers).get("event_id", b"").decode() or None,
                     last_event_at=last_event_at,
@@ -232,7 +232,7 @@ class Projector:
                     if p in caught_up
                     else (previous.caught_up_at if previous is not None else None),
                 )
-            repository.save_offsets(conn, self.topic, new_offsets, now)
+            offsets.save_offsets(conn, self.topic, new_offsets, now)
         return BatchResult(
             applied=changes.applied,
             duplicates=changes.duplicates,
@@ -314,7 +314,7 @@ class Projector:
                 self.expected[tp.partition] = position
             consumer.seek(tp, position)
 
-    async def _log_matches(self, tp: TopicPartition, row: OffsetRow) -> bool:
+    async def _log_matches(self, tp: TopicPartition, row: offsets.OffsetRow) -> bool:
         """Whether the log still holds, just before the stored offset, the event last applied.
 
         Asked of the record itself rather than of the log's end offset: the embedded broker
@@ -343,21 +343,21 @@ class Projector:
         finally:
             await probe.stop()
 
-    def _read_offsets(self, partitions: list[int]) -> dict[int, OffsetRow]:
+    def _read_offsets(self, partitions: list[int]) -> dict[int, offsets.OffsetRow]:
         with self.engine.begin() as conn:
-            return repository.lock_offsets(conn, self.topic, partitions)
+            return offsets.lock_offsets(conn, self.topic, partitions)
 
-    def _rewind(self, partition: int, row: OffsetRow, position: int) -> int:
+    def _rewind(self, partition: int, row: offsets.OffsetRow, position: int) -> int:
         """Store ``position`` for a reset partition; returns the stored position, which is
         another consumer's if it moved the row first (its batches verified their own)."""
         with self.engine.begin() as conn:
-            current = repository.lock_offsets(conn, self.topic, [partition]).get(partition)
+            current = offsets.lock_offsets(conn, self.topic, [partition]).get(partition)
             if current is None or current.next_offset != row.next_offset:
                 return current.next_offset if current is not None else position
-            repository.save_offsets(
+            offsets.save_offsets(
                 conn,
                 self.topic,
-                {partition: OffsetRow(position, None, row.last_event_at, row.caught_up_at)},
+                {partition: offsets.OffsetRow(position, None, row.last_event_at, row.caught_up_at)},
                 utcnow(),
             )
         return position
@@ -391,15 +391,17 @@ class Projector:
     def _stamp_caught_up(self, positions: dict[int, int | None]) -> None:
         now = utcnow()
         with self.engine.begin() as conn:
-            stored = repository.lock_offsets(conn, self.topic, positions)
+            stored = offsets.lock_offsets(conn, self.topic, positions)
             fresh = {}
             for p, position in positions.items():
                 row = stored.get(p)
                 if position is None and row is None:
-                    fresh[p] = OffsetRow(0, None, None, now)
+                    fresh[p] = offsets.OffsetRow(0, None, None, now)
                 elif row is not None and row.next_offset == position:
-                    fresh[p] = OffsetRow(row.next_offset, row.last_event_id, row.last_event_at, now)
-            repository.save_offsets(conn, self.topic, fresh, now)
+                    fresh[p] = offsets.OffsetRow(
+                        row.next_offset, row.last_event_id, row.last_event_at, now
+                    )
+            offsets.save_offsets(conn, self.topic, fresh, now)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -146,3 +146,56 @@ dead_letters = sa.Table(
     sa.Column("resolved_at", UTCDateTime(), nullable=True),
     sa.Index(None, "payment_id", "status"),
 )
+
+# -- the reconciler's records ----------------------------------------------------------------
+
+reconciliation_runs = sa.Table(
+    "reconciliation_runs",
+    metadata,
+    sa.Column(
+        "run_id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("started_at", UTCDateTime(), nullable=False),
+    sa.Column("finished_at", UTCDateTime(), nullable=True),
+    # "full" or "incremental".
+    sa.Column("mode", sa.String(16), nullable=False),
+    sa.Column("dry_run", sa.Boolean, nullable=False),
+    # UUIDv7 bounds (event_id form): the run checked payments with events at or after
+    # watermark_from minus the safety margin; watermark_to is what the next run starts from.
+    sa.Column("watermark_from", sa.String(36), nullable=True),
+    sa.Column("watermark_to", sa.String(36), nullable=True),
+    sa.Column("payments_checked", sa.BigInteger, nullable=False),
+    sa.Column("findings_count", sa.Integer, nullable=False),
+    sa.Column("repaired_count", sa.Integer, nullable=False),
+    # "consistent", "drift" or "failed"; NULL while the run is in progress.
+    sa.Column("outcome", sa.String(16), nullable=True),
+    sa.Column("error", sa.String(2000), nullable=True),
+)
+
+reconciliation_findings = sa.Table(
+    "reconciliation_findings",
+    metadata,
+    sa.Column("run_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("payment_id", BinaryUUID(), nullable=True),
+    sa.Column("merchant_id", ascii_id(64), nullable=True),
+    sa.Column("details", long_text(), nullable=False),
+    sa.Column("repaired", sa.Boolean, nullable=False),
+)
+
+reconciler_state = sa.Table(
+    "reconciler_state",
+    metadata,
+    # Always 1: a single row.
+    sa.Column("state_id", sa.SmallInteger, primary_key=True, autoincrement=False),
+    # Where the next incremental run starts (UUIDv7 bound, event_id form).
+    sa.Column("watermark", sa.String(36), nullable=True),
+    # One run at a time across instances: the holder and until when.
+    sa.Column("lock_owner", sa.String(128), nullable=True),
+    sa.Column("lock_expires_at", UTCDateTime(), nullable=True),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)

@@ -34,10 +34,11 @@ from kessai.events import (
 )
 from kessai.ids import new_id
 from kessai.migrate import upgrade
+from kessai.offsets import OffsetRow, save_offsets
 from kessai.schema.read import merchants, payments
 from kessai.settings import DEFAULT_TOPIC
 from projector.apply import Changes, Record, apply_batch, payment_ids_of
-from projector.repository import OffsetRow, load_snapshot, save_offsets, write_changes
+from projector.repository import load_snapshot, write_changes
 
 Event = PaymentCaptured | PaymentRefunded
 _offsets = itertools.count()

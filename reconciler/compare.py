@@ -1,0 +1,289 @@
+"""Loading both sides in bulk and comparing a payment's read row with the fold of its events.
+
+The write store is read only by primary key ranges / IN lists (``events`` PK
+``(payment_id, version)``) and by its unique ``event_id`` index (UUIDv7, time-ordered); the
+read database by the payments' and refunds' primary keys. A chunk of payments costs one query
+per side, never one per payment.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+
+from kessai.events import PaymentCaptured, PaymentRefunded, parse_event
+from kessai.ledger import InvariantViolation, PaymentState, fold
+from kessai.schema import read, write
+from reconciler.records import Finding
+
+Event = PaymentCaptured | PaymentRefunded
+EventRow = tuple[uuid.UUID, int, uuid.UUID, str, int, str]
+"""An event to re-publish: (payment_id, version, event_id, event_type, schema_version, body)."""
+SCAN_PAGE = 5_000
+
+
+# -- UUIDv7 watermarks -----------------------------------------------------------------------
+
+
+def bound_at_ms(ms: int) -> uuid.UUID:
+    """The smallest UUIDv7 of millisecond ``ms``: every event id of that ms or later is >= it."""
+    return uuid.UUID(bytes=max(ms, 0).to_bytes(6, "big") + bytes(10))
+
+
+def ms_of(event_id: uuid.UUID) -> int:
+    return int.from_bytes(event_id.bytes[:6], "big")
+
+
+def time_of(watermark: str | None) -> str:
+    """A watermark as a readable UTC time ("-" for none)."""
+    if not watermark:
+        return "-"
+    moment = datetime.fromtimestamp(ms_of(uuid.UUID(watermark)) / 1000, UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def bound_at(moment: datetime) -> uuid.UUID:
+    return bound_at_ms(int(moment.timestamp() * 1000))
+
+
+# -- the write store ---------------------------------------------------------------------------
+
+
+def payments_since(conn: sa.Connection, lower: uuid.UUID) -> set[uuid.UUID]:
+    """Payments with an event whose event_id >= ``lower`` (a range of the unique index)."""
+    found: set[uuid.UUID] = set()
+    cursor = lower
+    first = True
+    while True:
+        condition = write.events.c.event_id >= cursor if first else write.events.c.event_id > cursor
+        rows = conn.execute(
+            sa.select(write.events.c.event_id, write.events.c.payment_id)
+            .where(condition)
+            .order_by(write.events.c.event_id)
+            .limit(SCAN_PAGE)
+        ).all()
+        found.update(pid for _, pid in rows)
+        if len(rows) < SCAN_PAGE:
+            return found
+        cursor, first = rows[-1][0], False
+
+
+def count_payments(conn: sa.Connection) -> int:
+    return int(
+        conn.execute(
+            sa.select(sa.func.count()).select_from(write.events).where(write.events.c.version == 1)
+        ).scalar_one()
+    )
+
+
+def payment_ids_after(conn: sa.Connection, after: uuid.UUID | None, limit: int) -> list[uuid.UUID]:
+    """The next ``limit`` payment ids after ``after``, in primary-key order (a keyset)."""
+    query = sa.select(write.events.c.payment_id).where(write.events.c.version == 1)
+    if after is not None:
+        query = query.where(write.events.c.payment_id > after)
+    return list(conn.execute(query.order_by(write.events.c.payment_id).limit(limit)).scalars())
+
+
+def load_events(conn: sa.Connection, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[Event]]:
+    """The events of ``ids``, in version order (one IN-list query over the primary key)."""
+    events: dict[uuid.UUID, list[Event]] = {}
+    rows = conn.execute(
+        sa.select(write.events.c.payment_id, write.events.c.body)
+        .where(write.events.c.payment_id.in_(sorted(ids)))
+        .order_by(write.events.c.payment_id, write.events.c.version)
+    )
+    for pid, body in rows:
+        events.setdefault(pid, []).append(parse_event(body))
+    return events
+
+
+def load_bodies(conn: sa.Connection, ids: Sequence[uuid.UUID]) -> list[EventRow]:
+    """Rows to re-publish: (payment_id, version, event_id, event_type, schema_version, body)."""
+    e = write.events.c
+    rows = conn.execute(
+        sa.select(e.payment_id, e.version, e.event_id, e.event_type, e.schema_version, e.body)
+        .where(e.payment_id.in_(sorted(ids)))
+        .order_by(e.payment_id, e.version)
+    )
+    return [(pid, int(v), eid, et, int(sv), body) for pid, v, eid, et, sv, body in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxView:
+    in_flight: set[uuid.UUID]
+    stuck_count: int
+    oldest_created_at: datetime | None
+    oldest_event_id: uuid.UUID | None
+
+
+def outbox_view(conn: sa.Connection, stuck_before: datetime) -> OutboxView:
+    """What the relay has not published yet (normally a handful of rows)."""
+    o = write.outbox.c
+    in_flight = set(conn.execute(sa.select(o.payment_id).distinct()).scalars())
+    stuck_count, oldest = conn.execute(
+        sa.select(sa.func.count(), sa.func.min(o.created_at)).where(o.created_at < stuck_before)
+    ).one()
+    oldest_event_id = conn.execute(sa.select(sa.func.min(o.event_id))).scalar_one_or_none()
+    if isinstance(oldest_event_id, bytes):  # aggregates lose the column type
+        oldest_event_id = uuid.UUID(bytes=oldest_event_id)
+    if isinstance(oldest, datetime) and oldest.tzinfo is None:
+        from kessai.clock import as_utc
+
+        oldest = as_utc(oldest)
+    return OutboxView(in_flight, int(stuck_count), oldest, oldest_event_id)
+
+
+def newest_event_id(conn: sa.Connection) -> uuid.UUID | None:
+    value = conn.execute(sa.select(sa.func.max(write.events.c.event_id))).scalar_one_or_none()
+    if isinstance(value, bytes):
+        return uuid.UUID(bytes=value)
+    return value if isinstance(value, uuid.UUID) else None
+
+
+# -- the read database -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPayment:
+    merchant_id: str
+    captured_amount: int
+    refunded_amount: int
+    version: int
+    status: str
+    refunds: tuple[tuple[int, int], ...]
+    """(version, amount) of the payment's refund rows."""
+
+
+def load_read(conn: sa.Connection, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, ReadPayment]:
+    p, r = read.payments.c, read.refunds.c
+    ordered = sorted(ids)
+    refunds: dict[uuid.UUID, list[tuple[int, int]]] = {}
+    for pid, version, amount in conn.execute(
+        sa.select(r.payment_id, r.version, r.amount)
+        .where(r.payment_id.in_(ordered))
+        .order_by(r.payment_id, r.version)
+    ):
+        refunds.setdefault(pid, []).append((int(version), int(amount)))
+    return {
+        row.payment_id: ReadPayment(
+            merchant_id=row.merchant_id,
+            captured_amount=int(row.captured_amount),
+            refunded_amount=int(row.refunded_amount),
+            version=int(row.version),
+            status=row.status,
+            refunds=tuple(refunds.get(row.payment_id, ())),
+        )
+        for row in conn.execute(
+            sa.select(
+                p.payment_id,
+                p.merchant_id,
+                p.captured_amount,
+                p.refunded_amount,
+                p.version,
+                p.status,
+            ).where(p.payment_id.in_(ordered))
+        )
+    }
+
+
+def parked_and_dead_letters(
+    conn: sa.Connection,
+) -> tuple[list[tuple[uuid.UUID, int, str]], list[tuple[int, uuid.UUID | None, int | None, str]]]:
+    """Every parked event and every open dead letter (normally none: these are problems)."""
+    pe, dl = read.parked_events.c, read.dead_letters.c
+    parked = [
+        (pid, int(version), reason)
+        for pid, version, reason in conn.execute(
+            sa.select(pe.payment_id, pe.version, pe.reason).order_by(pe.payment_id, pe.version)
+        )
+    ]
+    letters = [
+        (int(i), pid, version, reason)
+        for i, pid, version, reason in conn.execute(
+            sa.select(dl.dead_letter_id, dl.payment_id, dl.version, dl.reason)
+            .where(dl.status == "open")
+            .order_by(dl.dead_letter_id)
+        )
+    ]
+    return parked, letters
+
+
+# -- comparing ---------------------------------------------------------------------------------
+
+
+def _shape(state: PaymentState) -> dict[str, object]:
+    return {
+        "captured_amount": state.captured_amount,
+        "refunded_amount": state.refunded_amount,
+        "version": state.version,
+        "status": state.status,
+    }
+
+
+def _read_shape(row: ReadPayment) -> dict[str, object]:
+    return {
+        "captured_amount": row.captured_amount,
+        "refunded_amount": row.refunded_amount,
+        "version": row.version,
+        "status": row.status,
+    }
+
+
+def _refunds_of(events: Iterable[Event]) -> tuple[tuple[int, int], ...]:
+    return tuple((e.version, e.payload.amount) for e in events if isinstance(e, PaymentRefunded))
+
+
+def compare(
+    payment_id: uuid.UUID, events: Sequence[Event], row: ReadPayment | None
+) -> Finding | None:
+    """A finding if the read side does not equal the fold of ``events``.
+
+    ``details["reset"]`` says how it is repaired: a row that is only behind (it equals the fold
+    of a prefix of the events) is brought forward by re-publishing; a row that is wrong at its
+    own version must first be removed, or the projector would skip the re-published events as
+    duplicates.
+    """
+    try:
+        state = fold(events)
+    except InvariantViolation as exc:
+        return Finding(
+            kind="invalid_write_history",
+            payment_id=payment_id,
+            details={"error": str(exc)},
+        )
+    if state is None:
+        return None
+    if row is None:
+        return Finding(
+            kind="missing",
+            payment_id=payment_id,
+            merchant_id=state.merchant_id,
+            details={"expected": _shape(state), "reset": False},
+        )
+    expected = (_shape(state), _refunds_of(events))
+    if (_read_shape(row), row.refunds) == expected:
+        return None
+    behind = False
+    if 1 <= row.version < state.version:
+        prefix = events[: row.version]
+        prefix_state = fold(prefix)
+        behind = prefix_state is not None and (_read_shape(row), row.refunds) == (
+            _shape(prefix_state),
+            _refunds_of(prefix),
+        )
+    return Finding(
+        kind="mismatch",
+        payment_id=payment_id,
+        merchant_id=state.merchant_id,
+        details={
+            "expected": _shape(state),
+            "actual": _read_shape(row),
+            "expected_refunds": len(expected[1]),
+            "actual_refunds": len(row.refunds),
+            "reset": not behind,
+        },
+    )
