@@ -357,6 +357,9 @@ def up() -> None:
         raise typer.Exit(1)
 
 
+RECONCILE_EVERY = "5m"
+
+
 class _System:
     """The processes of ``kessai up``: the embedded broker and one child per component."""
 
@@ -398,12 +401,13 @@ class _System:
         command_url = f"http://{settings.command_api_host}:{settings.command_api_port}"
         query_url = f"http://{settings.query_api_host}:{settings.query_api_port}"
         for name, module in (
-            ("command-api", "command_service"),
-            ("relay", "command_service.relay"),
-            ("projector", "projector"),
-            ("query-api", "query_service"),
+            ("command-api", ["command_service"]),
+            ("relay", ["command_service.relay"]),
+            ("projector", ["projector"]),
+            ("query-api", ["query_service"]),
+            ("reconciler", ["reconciler", "--every", RECONCILE_EVERY]),
         ):
-            self.children[name] = _spawn([module], self.env, home / f"{name}.log")
+            self.children[name] = _spawn(module, self.env, home / f"{name}.log")
         _wait_http(f"{command_url}/healthz", self.children["command-api"])
         _wait_http(f"{query_url}/healthz", self.children["query-api"])
         rows += [
@@ -411,6 +415,7 @@ class _System:
             ("relay", f"outbox -> {bootstrap} topic {settings.topic}"),
             ("projector", f"{settings.topic} -> read database"),
             ("query API", f"{query_url}  (docs: {query_url}/docs)"),
+            ("reconciler", f"every {RECONCILE_EVERY} (kessai reconcile --history)"),
             ("logs", str(home)),
         ]
         table = Table(title="kessai is up", show_header=False)
