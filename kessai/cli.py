@@ -42,21 +42,32 @@ def migrate() -> None:
     console.print("write store and read database are at the newest schema")
 
 
-def run_command_api(host: str | None = None, port: int | None = None, workers: int = 1) -> None:
+def _serve(factory: str, host: str, port: int, workers: int) -> None:
+    """Serve an app factory (``module:create_app``) with uvicorn; each worker builds its
+    app from the same KESSAI_* settings."""
     import uvicorn
 
     from kessai.runtime import configure_logging
 
     configure_logging()
-    settings = Settings()
     uvicorn.run(
-        "command_service.app:create_app",
+        factory,
         factory=True,
-        host=host or settings.command_api_host,
-        port=port or settings.command_api_port,
+        host=host,
+        port=port,
         workers=workers,
         access_log=False,
         log_level="warning",
+    )
+
+
+def run_command_api(host: str | None = None, port: int | None = None, workers: int = 1) -> None:
+    settings = Settings()
+    _serve(
+        "command_service.app:create_app",
+        host or settings.command_api_host,
+        port or settings.command_api_port,
+        workers,
     )
 
 
@@ -503,20 +514,12 @@ def _redact(url: str) -> str:
 
 
 def run_query_api(host: str | None = None, port: int | None = None, workers: int = 1) -> None:
-    import uvicorn
-
-    from kessai.runtime import configure_logging
-
-    configure_logging()
     settings = Settings()
-    uvicorn.run(
+    _serve(
         "query_service.app:create_app",
-        factory=True,
-        host=host or settings.query_api_host,
-        port=port or settings.query_api_port,
-        workers=workers,
-        access_log=False,
-        log_level="warning",
+        host or settings.query_api_host,
+        port or settings.query_api_port,
+        workers,
     )
 
 
