@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 
 from kessai.events import PaymentCaptured, PaymentRefunded, parse_event
+from kessai.ids import timestamp_ms
 from kessai.ledger import InvariantViolation, PaymentState, fold
 from kessai.schema import read, write
 from reconciler.records import Finding
@@ -34,15 +35,11 @@ def bound_at_ms(ms: int) -> uuid.UUID:
     return uuid.UUID(bytes=max(ms, 0).to_bytes(6, "big") + bytes(10))
 
 
-def ms_of(event_id: uuid.UUID) -> int:
-    return int.from_bytes(event_id.bytes[:6], "big")
-
-
 def time_of(watermark: str | None) -> str:
     """A watermark as a readable UTC time ("-" for none)."""
     if not watermark:
         return "-"
-    moment = datetime.fromtimestamp(ms_of(uuid.UUID(watermark)) / 1000, UTC)
+    moment = datetime.fromtimestamp(timestamp_ms(uuid.UUID(watermark)) / 1000, UTC)
     return moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 

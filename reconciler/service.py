@@ -34,6 +34,7 @@ from sqlalchemy.engine import Engine
 
 from kessai.broker import BrokerUnavailable
 from kessai.clock import utcnow
+from kessai.ids import timestamp_ms
 from kessai.schema import read
 from kessai.settings import Settings
 from reconciler import compare, records, totals
@@ -138,8 +139,10 @@ class Reconciler:
             result.outcome = "failed"
             result.error = repr(exc)
         finally:
-            with contextlib.suppress(*FAILURES):
-                if result.run_id is not None:
+            # Recording the run and releasing the lock are independent: a failure to record
+            # must not keep the lock held or lose the watermark.
+            if result.run_id is not None:
+                try:
                     await asyncio.to_thread(
                         records.finish_run,
                         self.read,
@@ -150,9 +153,14 @@ class Reconciler:
                         findings=result.findings,
                         error=result.error,
                     )
+                except FAILURES:
+                    log.exception("could not record the end of run %s", result.run_id)
+            try:
                 await asyncio.to_thread(
                     records.release_lock, self.read, self.owner, watermark=new_watermark
                 )
+            except FAILURES:
+                log.exception("could not release the reconciler lock; it lapses by itself")
         return result
 
     async def _record_failure(self, result: RunResult) -> None:
@@ -241,7 +249,7 @@ class Reconciler:
             lower = compare.bound_at_ms(0)
             if watermark is not None:
                 margin_ms = int(s.reconcile_safety_margin_seconds * 1000)
-                lower = compare.bound_at_ms(compare.ms_of(uuid.UUID(watermark)) - margin_ms)
+                lower = compare.bound_at_ms(timestamp_ms(uuid.UUID(watermark)) - margin_ms)
             ids = await asyncio.to_thread(
                 self._in_write, lambda c: compare.payments_since(c, lower)
             )
