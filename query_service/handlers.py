@@ -198,3 +198,41 @@ def merchant_summary(
         "to": bucket_end(buckets[-1], granularity, zone),
         "currencies": currencies,
     }
+
+
+def reconciliation_runs(*, engine: Engine, before: int | None, limit: int) -> dict[str, Any]:
+    """Recorded reconciliation runs (newest first) with their findings."""
+    with engine.connect() as conn:
+        runs = repository.reconciliation_runs_page(conn, before=before, limit=limit)
+        findings = repository.reconciliation_findings_of(conn, [r.run_id for r in runs])
+    by_run: dict[int, list[dict[str, Any]]] = {}
+    for f in findings:
+        by_run.setdefault(f.run_id, []).append(
+            {
+                "kind": f.kind,
+                "payment_id": f.payment_id,
+                "merchant_id": f.merchant_id,
+                "details": orjson.loads(f.details),
+                "repaired": bool(f.repaired),
+            }
+        )
+    items = [
+        {
+            "run_id": r.run_id,
+            "started_at": r.started_at,
+            "finished_at": r.finished_at,
+            "mode": r.mode,
+            "dry_run": bool(r.dry_run),
+            "watermark_from": r.watermark_from,
+            "watermark_to": r.watermark_to,
+            "payments_checked": int(r.payments_checked),
+            "findings_count": int(r.findings_count),
+            "repaired_count": int(r.repaired_count),
+            "outcome": r.outcome,
+            "error": r.error,
+            "findings": by_run.get(r.run_id, []),
+        }
+        for r in runs
+    ]
+    next_before = runs[-1].run_id if len(runs) == limit else None
+    return {"items": items, "next_before": next_before}

@@ -22,6 +22,8 @@ from kessai.schema.read import (
     merchants,
     payments,
     projector_offsets,
+    reconciliation_findings,
+    reconciliation_runs,
     refunds,
 )
 from query_service.cursor import Position
@@ -162,4 +164,27 @@ def totals(
         sa.select(bucket.label("bucket"), table.c.currency, *(table.c[c] for c in TOTALS_COLUMNS))
         .where(table.c.merchant_id == merchant_id, bucket >= first, bucket <= last)
         .order_by(bucket, table.c.currency)
+    ).all()
+
+
+def reconciliation_runs_page(
+    conn: sa.Connection, *, before: int | None, limit: int
+) -> Sequence[sa.Row[Any]]:
+    """Recorded reconciliation runs, newest first, keyset-paged on the run id."""
+    query = sa.select(reconciliation_runs).order_by(reconciliation_runs.c.run_id.desc())
+    if before is not None:
+        query = query.where(reconciliation_runs.c.run_id < before)
+    return conn.execute(query.limit(limit)).all()
+
+
+def reconciliation_findings_of(
+    conn: sa.Connection, run_ids: Sequence[int]
+) -> Sequence[sa.Row[Any]]:
+    """The findings of some runs (a primary-key prefix scan per run)."""
+    if not run_ids:
+        return []
+    return conn.execute(
+        sa.select(reconciliation_findings)
+        .where(reconciliation_findings.c.run_id.in_(run_ids))
+        .order_by(reconciliation_findings.c.run_id, reconciliation_findings.c.seq)
     ).all()

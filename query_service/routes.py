@@ -37,6 +37,7 @@ from query_service.schemas import (
     PaymentMethod,
     PaymentPageOut,
     PaymentStatus,
+    ReconciliationRunsOut,
     SummaryOut,
 )
 from query_service.time_range import Bound, Granularity
@@ -430,6 +431,29 @@ async def list_user_payments(
     merchant's list (`next_cursor` until null; 400 `invalid_cursor` for a foreign cursor)."""
     after = decode_cursor(cursor) if cursor is not None else None
     return await _page(resources, repository.user_payments_where(user_id), limit, after)
+
+
+@router.get(
+    "/v1/admin/reconciliation/runs",
+    response_model=ReconciliationRunsOut,
+    responses=_DATA_ERRORS,
+    summary="Recorded reconciliation runs and their findings",
+)
+async def reconciliation_runs(
+    *,
+    resources: ResourcesDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Runs per page.")] = 20,
+    before: Annotated[
+        int | None, Query(ge=1, description="`next_before` of the previous page.")
+    ] = None,
+) -> Response:
+    """What `kessai reconcile` found and repaired, run by run, newest first (as
+    `kessai reconcile --history`). An operator's route: it will need the admin scope once API
+    keys exist."""
+    body = await resources.run(
+        lambda: handlers.reconciliation_runs(engine=resources.engine, before=before, limit=limit)
+    )
+    return JSONResponse(body)
 
 
 @router.get("/healthz", summary="The process is alive")

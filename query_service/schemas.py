@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import date, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -96,3 +96,34 @@ class SummaryOut(Freshness):
     currencies: list[CurrencySummaryOut] = Field(
         description="One entry per currency with activity in the range; none: an empty list."
     )
+
+
+class ReconciliationFindingOut(BaseModel):
+    kind: str = Field(description="missing, mismatch, parked, dead_letter, stuck_outbox, totals...")
+    payment_id: uuid.UUID | None
+    merchant_id: str | None
+    details: dict[str, Any]
+    repaired: bool
+
+
+class ReconciliationRunOut(BaseModel):
+    run_id: int
+    started_at: datetime
+    finished_at: datetime | None
+    mode: Literal["full", "incremental"]
+    dry_run: bool
+    watermark_from: str | None
+    watermark_to: str | None
+    payments_checked: int
+    findings_count: int
+    repaired_count: int
+    outcome: Literal["consistent", "drift", "failed"] | None = Field(
+        description="None while the run is in progress."
+    )
+    error: str | None
+    findings: list[ReconciliationFindingOut]
+
+
+class ReconciliationRunsOut(BaseModel):
+    items: list[ReconciliationRunOut]
+    next_before: int | None = Field(description="Pass as `before` for the next (older) page.")

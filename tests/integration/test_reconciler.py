@@ -11,6 +11,7 @@ import uuid
 from datetime import date, timedelta
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 import sqlalchemy as sa
@@ -35,6 +36,7 @@ from kessai.schema.read import (
 from kessai.schema.write import outbox
 from kessai.settings import Settings
 from projector.service import Projector
+from query_service.app import create_app as create_query_app
 from reconciler import records
 from reconciler.service import Reconciler, RunResult, parse_interval
 from tests.pipeline import (
@@ -447,3 +449,47 @@ def test_cli_exits_2_when_the_read_database_is_unreachable(
     result = CliRunner().invoke(app, ["reconcile"])
     assert result.exit_code == 2, result.output
     assert "cannot reach the read database" in result.output
+
+
+async def test_runs_and_findings_are_readable_on_the_query_api(
+    rsettings: Settings, write_engine: Engine, read_engine: Engine, reconciler: Reconciler
+) -> None:
+    traffic = await asyncio.to_thread(make_traffic, write_engine, payments_count=10, seed=21)
+    await project(rsettings, write_engine, read_engine)
+    clean = await reconciler.run()
+    with read_engine.begin() as conn:
+        conn.execute(payments.delete().where(payments.c.payment_id == traffic.payment_ids[0]))
+    found = await reconciler.run(full=True, dry_run=True)
+    assert found.exit_code == 1
+
+    app = create_query_app(rsettings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://q") as q,
+    ):
+        first = await q.get("/v1/admin/reconciliation/runs", params={"limit": 1})
+        assert first.status_code == 200, first.text
+        page = first.json()
+        (newest,) = page["items"]
+        assert (newest["run_id"], newest["mode"], newest["dry_run"]) == (
+            found.run_id,
+            "full",
+            True,
+        )
+        assert (newest["outcome"], newest["findings_count"]) == ("drift", len(found.findings))
+        missing = [f for f in newest["findings"] if f["kind"] == "missing"]
+        assert [f["payment_id"] for f in missing] == [str(traffic.payment_ids[0])]
+        assert not missing[0]["repaired"]
+
+        older = await q.get(
+            "/v1/admin/reconciliation/runs", params={"limit": 1, "before": page["next_before"]}
+        )
+        (oldest,) = older.json()["items"]
+        assert (oldest["run_id"], oldest["outcome"], oldest["findings"]) == (
+            clean.run_id,
+            "consistent",
+            [],
+        )
+        bad = await q.get("/v1/admin/reconciliation/runs", params={"limit": 0})
+        assert bad.status_code == 422
+        assert bad.json()["error"]["code"] == "validation_error"
