@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from collections.abc import Callable
 from typing import Any
+
+import pymysql
+import sqlalchemy as sa
 
 BACKEND_ENV = "KESSAI_TEST_BACKEND"
 MYSQL_URL_ENV = "KESSAI_TEST_MYSQL_URL"
@@ -113,10 +117,7 @@ def _start_mysql_container() -> tuple[str, Stop]:
 
 
 def _local_mysql() -> tuple[str, Stop]:
-    import pymysql
-    from sqlalchemy.engine import make_url
-
-    url = make_url(os.environ.get(MYSQL_URL_ENV) or DEFAULT_LOCAL_MYSQL_URL)
+    url = sa.make_url(os.environ.get(MYSQL_URL_ENV) or DEFAULT_LOCAL_MYSQL_URL)
     try:
         pymysql.connect(
             host=url.host or "127.0.0.1",
@@ -156,3 +157,27 @@ def _remove_quietly(container: Any) -> None:
     """Remove a container that failed to start, without masking the original error."""
     with contextlib.suppress(Exception):
         container.stop()
+
+
+# -- test databases on a MySQL server --------------------------------------------------------
+
+
+def server_connection(server_url: str) -> pymysql.connections.Connection[Any]:
+    url = sa.make_url(server_url)
+    return pymysql.connect(
+        host=url.host, port=url.port or 3306, user=url.username, password=url.password or ""
+    )
+
+
+def create_mysql_database(server_url: str) -> tuple[str, str]:
+    """A new empty database on the server: its URL and its name."""
+    name = f"kessai_t_{uuid.uuid4().hex[:12]}"
+    with server_connection(server_url) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    url = sa.make_url(server_url).set(database=name)
+    return url.render_as_string(hide_password=False), name
+
+
+def drop_mysql_database(server_url: str, name: str) -> None:
+    with server_connection(server_url) as conn, conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name}")

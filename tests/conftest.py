@@ -12,9 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
-import pymysql
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from command_service.app import create_app
@@ -48,30 +46,6 @@ def kafka_bootstrap() -> Iterator[str]:
         yield broker.bootstrap
 
 
-def _create_mysql_database(server_url: str) -> tuple[str, str]:
-    url = sa.make_url(server_url)
-    name = f"kessai_t_{uuid.uuid4().hex[:12]}"
-    with (
-        pymysql.connect(
-            host=url.host, port=url.port or 3306, user=url.username, password=url.password or ""
-        ) as conn,
-        conn.cursor() as cur,
-    ):
-        cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    return url.set(database=name).render_as_string(hide_password=False), name
-
-
-def _drop_mysql_database(server_url: str, name: str) -> None:
-    url = sa.make_url(server_url)
-    with (
-        pymysql.connect(
-            host=url.host, port=url.port or 3306, user=url.username, password=url.password or ""
-        ) as conn,
-        conn.cursor() as cur,
-    ):
-        cur.execute(f"DROP DATABASE IF EXISTS {name}")
-
-
 @pytest.fixture(params=["sqlite", "mysql"])
 def backend(request: pytest.FixtureRequest) -> str:
     """The database backend of a test: every database test runs on both."""
@@ -87,12 +61,12 @@ def _migrated_database(
         yield url
         return
     server = request.getfixturevalue("mysql_server")
-    url, name = _create_mysql_database(server)
+    url, name = backends.create_mysql_database(server)
     try:
         upgrade(tree, url)
         yield url
     finally:
-        _drop_mysql_database(server, name)
+        backends.drop_mysql_database(server, name)
 
 
 @pytest.fixture

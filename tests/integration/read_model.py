@@ -18,8 +18,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
-import pymysql
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from kessai.clock import utcnow
@@ -39,38 +37,18 @@ from kessai.schema.read import merchants, payments
 from kessai.settings import DEFAULT_TOPIC
 from projector.apply import Changes, Record, apply_batch, payment_ids_of
 from projector.repository import load_snapshot, write_changes
+from tests.backends import create_mysql_database, drop_mysql_database, server_connection
 
 Event = PaymentCaptured | PaymentRefunded
 _offsets = itertools.count()
 
 
-# -- databases -------------------------------------------------------------------------------
-
-
-def _server_connection(server_url: str) -> pymysql.connections.Connection[Any]:
-    url = sa.make_url(server_url)
-    return pymysql.connect(
-        host=url.host, port=url.port or 3306, user=url.username, password=url.password or ""
-    )
-
-
-def create_mysql_database(server_url: str) -> tuple[str, str]:
-    """A new empty database on the server: its URL and its name."""
-    name = f"kessai_t_{uuid.uuid4().hex[:12]}"
-    with _server_connection(server_url) as conn, conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    url = sa.make_url(server_url).set(database=name)
-    return url.render_as_string(hide_password=False), name
-
-
-def drop_mysql_database(server_url: str, name: str) -> None:
-    with _server_connection(server_url) as conn, conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+# -- databases (the MySQL helpers live in tests.backends) ------------------------------------------
 
 
 def server_execute(server_url: str, *statements: str) -> None:
     """Run administrative statements (users, grants) as the server's test user."""
-    with _server_connection(server_url) as conn, conn.cursor() as cur:
+    with server_connection(server_url) as conn, conn.cursor() as cur:
         for statement in statements:
             cur.execute(statement)
 
