@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import signal
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from sqlalchemy.engine import Engine
 
+from kessai.broker import EmbeddedBroker, free_port
 from kessai.events import parse_event
 from kessai.schema.write import events, idempotency_keys, outbox, relay_leases
 
@@ -234,3 +238,53 @@ def lease_table(engine: Engine) -> dict[int, tuple[str | None, datetime | None]]
             row.shard: (row.owner, row.expires_at)
             for row in conn.execute(sa.select(relay_leases)).all()
         }
+
+
+@contextlib.contextmanager
+def own_broker(tmp_path: Path, name: str = "broker") -> Iterator[EmbeddedBroker]:
+    """A broker of this test alone, on a free port, stopped (or already killed) at the end."""
+    broker = EmbeddedBroker(free_port(), log_path=tmp_path / f"{name}.log")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        if broker.process is not None and broker.process.poll() is None:
+            broker.process.send_signal(signal.SIGCONT)  # in case a test froze it
+        broker.stop()
+
+
+def restart_on_same_port(broker: EmbeddedBroker) -> None:
+    """Start ``broker`` again after a kill: same address, a new and empty cluster."""
+    assert broker.process is not None
+    assert broker.process.poll() is not None, "the broker still runs"
+    broker.stop()  # closes the log file of the killed process
+    broker.start()
+
+
+async def log_ends(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    """The real end offset of each partition: the high watermark of a fetch. (The embedded
+    broker's ListOffsets answer is only a lower bound, see ``end_offsets``.)"""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        request_timeout_ms=10_000,
+        max_partition_fetch_bytes=1024,
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends: dict[int, int] = {}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while len(ends) < len(tps):
+            assert loop.time() < deadline, f"no high watermark for {topic} after 15 s"
+            await consumer.getmany(*tps, timeout_ms=200, max_records=1)
+            for tp in tps:
+                end = consumer.highwater(tp)
+                if end is not None:
+                    ends[tp.partition] = end
+        return ends
+    finally:
+        await consumer.stop()

@@ -86,11 +86,13 @@ def make_traffic(
     *,
     payments_count: int,
     refund_share: float = 0.3,
+    second_refund_share: float = 0.0,
     merchants: int = 5,
     seed: int = 7,
 ) -> Traffic:
     """Payments and refunds through the real command handlers, with a skewed merchant mix:
-    merchant m0 takes a third of the traffic."""
+    merchant m0 takes a third of the traffic. A refunded payment gets a second refund (a
+    version 3) with probability ``second_refund_share``."""
     rng = random.Random(seed)
 
     def policy(key: str) -> handlers.WritePolicy:
@@ -128,6 +130,15 @@ def make_traffic(
                 command=CreateRefund(amount=rng.randrange(1, 100)),
             )
             count += 1
+            if second_refund_share and rng.random() < second_refund_share:
+                # At most 99 + 1 refunded of at least 100 captured: never refused.
+                handlers.refund_payment(
+                    engine=engine,
+                    policy=policy(f"r2-{seed}-{i}"),
+                    payment_id=pid,
+                    command=CreateRefund(amount=1),
+                )
+                count += 1
     return Traffic(ids, count)
 
 

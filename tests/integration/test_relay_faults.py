@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 from command_service import outbox as outbox_sql
 from command_service.relay import Relay
 from command_service.repository import shard_of
-from kessai.broker import EmbeddedBroker, ensure_topic, free_port
+from kessai.broker import EmbeddedBroker, ensure_topic
 from kessai.clock import utcnow
 from kessai.db import create_db_engine
 from kessai.schema.write import relay_leases
@@ -48,7 +48,9 @@ from tests.helpers import (
     end_offsets,
     eventually,
     lease_table,
+    own_broker,
     published_event,
+    restart_on_same_port,
     stored_events,
     unpublished_events,
 )
@@ -72,27 +74,6 @@ def reader(settings: Settings) -> Iterator[Engine]:
     engine = create_db_engine(settings.resolved_write_db_url(), pool_size=2, write=False)
     yield engine
     engine.dispose()
-
-
-@contextlib.contextmanager
-def own_broker(tmp_path: Path, name: str = "broker") -> Iterator[EmbeddedBroker]:
-    """A broker of this test alone, on a free port, stopped (or already killed) at the end."""
-    broker = EmbeddedBroker(free_port(), log_path=tmp_path / f"{name}.log")
-    broker.start()
-    try:
-        yield broker
-    finally:
-        if broker.process is not None and broker.process.poll() is None:
-            broker.process.send_signal(signal.SIGCONT)  # in case a test froze it
-        broker.stop()
-
-
-def restart_on_same_port(broker: EmbeddedBroker) -> None:
-    """Start ``broker`` again after a kill: same address, a new and empty cluster."""
-    assert broker.process is not None
-    assert broker.process.poll() is not None, "the broker still runs"
-    broker.stop()  # closes the log file of the killed process
-    broker.start()
 
 
 class RunningRelay:
