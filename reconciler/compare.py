@@ -284,3 +284,114 @@ def compare(
             "reset": not behind,
         },
     )
+
+
+# -- read rows with nothing behind them --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Orphan:
+    """A read row (a payment, or refund rows alone) whose payment has no event in the write
+    store: money the dashboard shows that was never taken."""
+
+    payment_id: uuid.UUID
+    merchant_id: str
+    captured_amount: int
+    refunded_amount: int
+    version: int | None
+    moments: tuple[datetime, ...]
+    """When the row and its refund rows were created: the totals buckets they counted in."""
+
+
+def read_payment_ids(
+    conn: sa.Connection, *, lower: uuid.UUID | None, after: uuid.UUID | None, limit: int
+) -> list[uuid.UUID]:
+    """A keyset page of read payment ids at or above ``lower`` (payment ids are UUIDv7 too, so
+    an incremental run reads only the part of the primary key written since its watermark)."""
+    p = read.payments.c
+    query = sa.select(p.payment_id)
+    if lower is not None:
+        query = query.where(p.payment_id >= lower)
+    if after is not None:
+        query = query.where(p.payment_id > after)
+    return list(conn.execute(query.order_by(p.payment_id).limit(limit)).scalars())
+
+
+def refunds_without_payment(conn: sa.Connection, lower: uuid.UUID | None) -> set[uuid.UUID]:
+    """Payments with refund rows and no payment row (the projector never writes those)."""
+    r, p = read.refunds.c, read.payments.c
+    query = (
+        sa.select(r.payment_id)
+        .distinct()
+        .select_from(
+            read.refunds.outerjoin(read.payments, read.payments.c.payment_id == r.payment_id)
+        )
+        .where(p.payment_id.is_(None))
+    )
+    if lower is not None:
+        query = query.where(r.payment_id >= lower)
+    return set(conn.execute(query).scalars())
+
+
+def known_payments(conn: sa.Connection, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of ``ids`` the write store has an event for (primary key lookups)."""
+    e = write.events.c
+    return set(
+        conn.execute(
+            sa.select(e.payment_id).where(e.payment_id.in_(sorted(ids)), e.version == 1)
+        ).scalars()
+    )
+
+
+def load_orphans(conn: sa.Connection, ids: Sequence[uuid.UUID]) -> list[Orphan]:
+    p, r = read.payments.c, read.refunds.c
+    ordered = sorted(ids)
+    refunds: dict[uuid.UUID, list[tuple[str, int, datetime]]] = {}
+    for pid, merchant_id, amount, created_at in conn.execute(
+        sa.select(r.payment_id, r.merchant_id, r.amount, r.created_at).where(
+            r.payment_id.in_(ordered)
+        )
+    ):
+        refunds.setdefault(pid, []).append((merchant_id, int(amount), created_at))
+    rows = {
+        row.payment_id: row
+        for row in conn.execute(
+            sa.select(
+                p.payment_id,
+                p.merchant_id,
+                p.captured_amount,
+                p.refunded_amount,
+                p.version,
+                p.created_at,
+            ).where(p.payment_id.in_(ordered))
+        )
+    }
+    found = []
+    for pid in ordered:
+        row, its_refunds = rows.get(pid), refunds.get(pid, [])
+        if row is None and not its_refunds:
+            continue
+        moments = tuple(created for _, _, created in its_refunds)
+        if row is not None:
+            found.append(
+                Orphan(
+                    pid,
+                    row.merchant_id,
+                    int(row.captured_amount),
+                    int(row.refunded_amount),
+                    int(row.version),
+                    (row.created_at, *moments),
+                )
+            )
+        else:
+            found.append(
+                Orphan(
+                    pid,
+                    its_refunds[0][0],
+                    0,
+                    sum(amount for _, amount, _ in its_refunds),
+                    None,
+                    moments,
+                )
+            )
+    return found

@@ -229,6 +229,7 @@ class Reconciler:
             result.payments_checked += len(chunk)
 
         chunk_size = s.reconcile_chunk_size
+        lower: uuid.UUID | None = None  # incremental: the part of the id space to look at
         if result.mode == "full":
             total = await asyncio.to_thread(self._in_write, compare.count_payments)
             if progress:
@@ -262,6 +263,15 @@ class Reconciler:
                 await self._renew()
                 if progress:
                     progress(min(start + chunk_size, len(ordered)), len(ordered))
+
+        # Read rows with no payment behind them. Certain at first sight: a read row exists only
+        # after its event committed, so there is no lag to wait out.
+        orphans = await asyncio.to_thread(self._find_orphans, lower)
+        for orphan in orphans:
+            zone = zones.get(orphan.merchant_id, fallback)
+            scope.setdefault(orphan.merchant_id, set()).update(
+                moment.astimezone(zone).date() for moment in orphan.moments
+            )
 
         # A second look: what the projector was merely late with is not drift.
         if (suspects or parked or letters) and s.reconcile_confirm_seconds > 0:
@@ -301,6 +311,22 @@ class Reconciler:
         unresolved: set[uuid.UUID] = set()
         if not result.dry_run:
             findings, unresolved = await self._repair(findings)
+            if orphans:
+                await asyncio.to_thread(self._delete, sorted(o.payment_id for o in orphans))
+        findings += [
+            Finding(
+                kind="orphan",
+                payment_id=o.payment_id,
+                merchant_id=o.merchant_id,
+                details={
+                    "captured_amount": o.captured_amount,
+                    "refunded_amount": o.refunded_amount,
+                    "version": o.version,
+                },
+                repaired=not result.dry_run,
+            )
+            for o in orphans
+        ]
 
         skip = {
             f.merchant_id
@@ -403,10 +429,33 @@ class Reconciler:
         ]
         return repaired, remaining
 
+    def _find_orphans(self, lower: uuid.UUID | None) -> list[compare.Orphan]:
+        """Read payments (and refund rows alone) at or above ``lower`` (None: all) that have no
+        event in the write store."""
+        page = max(self.settings.reconcile_chunk_size, 1)
+        candidates: list[uuid.UUID] = []
+        with self.read.connect() as rconn, self.write.connect() as wconn:
+            after: uuid.UUID | None = None
+            while ids := compare.read_payment_ids(rconn, lower=lower, after=after, limit=page):
+                after = ids[-1]
+                candidates += sorted(set(ids) - compare.known_payments(wconn, ids))
+            alone = sorted(compare.refunds_without_payment(rconn, lower))
+            for start in range(0, len(alone), page):
+                chunk = alone[start : start + page]
+                candidates += sorted(set(chunk) - compare.known_payments(wconn, chunk))
+            orphans: list[compare.Orphan] = []
+            for start in range(0, len(candidates), page):
+                orphans += compare.load_orphans(rconn, candidates[start : start + page])
+        return orphans
+
     def _reset(self, payment_ids: list[uuid.UUID]) -> None:
         """Remove the read rows (payment and refunds) of payments that are wrong at their own
         version, so the re-published events are applied rather than skipped as duplicates. The
         totals they counted are rewritten from the rows afterwards."""
+        self._delete(payment_ids)
+
+    def _delete(self, payment_ids: list[uuid.UUID]) -> None:
+        """Remove read rows (payment and refunds), under the projector's offset locks."""
         with self.read.begin() as conn:
             totals.lock_projector(conn, self.settings.topic)
             for start in range(0, len(payment_ids), self.settings.reconcile_chunk_size):

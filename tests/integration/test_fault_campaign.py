@@ -41,6 +41,7 @@ import projector.apply
 from command_service import outbox as outbox_sql
 from command_service.relay import Relay
 from kessai.cli import app
+from kessai.clock import utcnow
 from kessai.events import PaymentRefunded, parse_event
 from kessai.schema.read import (
     dead_letters,
@@ -55,6 +56,8 @@ from kessai.settings import Settings
 from projector.service import Projector
 from reconciler.service import PAYMENT_KINDS, Reconciler, RunResult
 from tests.helpers import log_ends, own_broker, restart_on_same_port
+from tests.integration.read_model import captured
+from tests.integration.read_model import project as apply_directly
 from tests.pipeline import (
     Traffic,
     assert_read_side_matches,
@@ -250,7 +253,8 @@ def drifted(write: Engine, read: Engine) -> set[uuid.UUID]:
 
 
 def reported(result: RunResult) -> set[uuid.UUID]:
-    return {f.payment_id for f in result.findings if f.kind in PAYMENT_KINDS and f.payment_id}
+    kinds = PAYMENT_KINDS | {"orphan"}
+    return {f.payment_id for f in result.findings if f.kind in kinds and f.payment_id}
 
 
 async def reconcile_and_check(
@@ -476,12 +480,15 @@ async def test_read_rows_deleted_and_altered_behind_the_projectors_back(
                 .where(merchant_daily_totals.c.merchant_id == "m0")
                 .values(payments_amount=merchant_daily_totals.c.payments_amount + 7)
             )
+        # A payment the write store never took, applied to the read side with its totals.
+        invented = captured(at=utcnow(), merchant_id="m0", amount=9_999)
+        apply_directly(read_engine, [invented])
         await traffic
         await at_rest(csettings, write_engine, read_engine, alive=[relay, proj])
         result = await reconcile_and_check(csettings, write_engine, read_engine, expect_drift=True)
-    assert {*deleted, *altered, with_refunds[9]} <= reported(result)
+    assert {*deleted, *altered, with_refunds[9], invented.payment_id} <= reported(result)
     kinds = {f.kind for f in result.findings}
-    assert {"missing", "mismatch", "daily_totals"} <= kinds
+    assert {"missing", "mismatch", "orphan", "daily_totals"} <= kinds
     assert any(f.kind == "daily_totals" and f.merchant_id == "m0" for f in result.findings)
 
 

@@ -23,6 +23,8 @@ from command_service.relay import Relay
 from command_service.schemas import CreatePayment, CreateRefund
 from kessai.broker import free_port
 from kessai.cli import app
+from kessai.clock import utcnow
+from kessai.ids import new_id
 from kessai.schema.read import (
     merchant_daily_totals,
     merchant_hourly_totals,
@@ -39,6 +41,8 @@ from projector.service import Projector
 from query_service.app import create_app as create_query_app
 from reconciler import records
 from reconciler.service import Reconciler, RunResult, parse_interval
+from tests.integration.read_model import captured, refunded
+from tests.integration.read_model import project as apply_directly
 from tests.pipeline import (
     assert_read_side_matches,
     make_traffic,
@@ -213,6 +217,46 @@ async def test_a_version_never_delivered_is_a_parked_gap_that_gets_filled(
     assert (mismatch.details or {})["reset"] is False  # only behind: re-publishing fills it
     assert all(f.repaired for f in result.findings)
     assert count(read_engine, parked_events) == 0
+    assert_read_side_matches(write_engine, read_engine)
+
+
+async def test_read_rows_with_no_payment_behind_them_are_found_and_removed(
+    rsettings: Settings, write_engine: Engine, read_engine: Engine, reconciler: Reconciler
+) -> None:
+    await asyncio.to_thread(make_traffic, write_engine, payments_count=20, seed=18)
+    await project(rsettings, write_engine, read_engine)
+    # A payment and its refund the read side shows, counted in m0's totals, that the write store
+    # never took (a bug, or a hand-made row); and refund rows of a payment with no row at all.
+    now = utcnow()
+    invented = captured(at=now, merchant_id="m0", amount=5_000)
+    apply_directly(read_engine, [invented, refunded(invented, at=now, amount=700)])
+    stray = new_id()
+    with read_engine.begin() as conn:
+        conn.execute(
+            refunds.insert().values(
+                payment_id=stray, version=2, refund_id=new_id(), merchant_id="m1", amount=300,
+                currency="JPY", reason=None, created_at=now,
+            )
+        )  # fmt: skip
+    before = (read_payments(read_engine), read_totals(read_engine))
+
+    dry = await reconciler.run(dry_run=True)
+    assert kinds(dry) == {"orphan": 2}
+    assert {f.payment_id for f in dry.findings} == {invented.payment_id, stray}
+    assert not any(f.repaired for f in dry.findings)
+    assert dry.exit_code == 1
+    assert (read_payments(read_engine), read_totals(read_engine)) == before
+
+    result = await reconciler.run()
+    found = kinds(result)
+    assert found.pop("orphan") == 2
+    assert set(found) <= {"daily_totals", "hourly_totals"}
+    assert found  # m0's totals counted the invented payment until they were rewritten
+    orphan = next(f for f in result.findings if f.payment_id == invented.payment_id)
+    assert (orphan.merchant_id, (orphan.details or {})["captured_amount"]) == ("m0", 5_000)
+    assert all(f.repaired for f in result.findings)
+    assert result.exit_code == 0
+    assert count(read_engine, refunds, refunds.c.payment_id.in_([invented.payment_id, stray])) == 0
     assert_read_side_matches(write_engine, read_engine)
 
 
