@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -9,19 +12,26 @@ import anyio
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from command_service.acquirer import Acquirer
+from command_service.admission import Admission
 from command_service.metrics import OutboxCollector
 from command_service.routes import router
+from kessai.auth import Authenticator, RequireApiKey
 from kessai.db import create_db_engine
 from kessai.errors import install_error_handlers
-from kessai.http import BodySizeLimit, JSONResponse
+from kessai.http import BodySizeLimit, JSONResponse, SecurityHeaders
 from kessai.observability import HttpMetrics
+from kessai.ratelimit import RateLimitByIp, RateLimitByKey, RateLimiter
 from kessai.settings import Settings
 
 DB_POOL_SIZE = 16
 
+log = logging.getLogger(__name__)
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    keys_db_url = settings.resolved_keys_db_url()  # outside development: refuse to start
     registry = CollectorRegistry()
 
     @asynccontextmanager
@@ -34,12 +44,44 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.in_flight = set()
         # At most as many handlers in threads as the pool has connections (pool + overflow).
         app.state.db_limiter = anyio.CapacityLimiter(DB_POOL_SIZE * 2)
+        # Admission settings are read in the background over a connection of their own (on
+        # SQLite a write engine's connections would take the write lock just to read them).
+        admission_engine = create_db_engine(
+            settings.resolved_write_db_url(), pool_size=1, write=False
+        )
+        admission = Admission.from_settings(settings, admission_engine)
+        await admission.reload()
+        app.state.admission = admission
+        # One HTTP client for the card acquirer (pooled connections, breaker state).
+        acquirer = await Acquirer.start(settings)
+        if acquirer is None:
+            log.warning(
+                "KESSAI_ACQUIRER_URL is unset: card payments are refused "
+                "(503 acquirer_unavailable); balance payments are not affected"
+            )
+        else:
+            registry.register(acquirer.collector)
+        app.state.acquirer = acquirer
         app.state.metrics_registry = registry
+        keys_engine = create_db_engine(keys_db_url, pool_size=2, write=False)
+        app.state.authenticator = Authenticator(
+            keys_engine, cache_seconds=settings.auth_cache_seconds
+        )
+        refresh = asyncio.create_task(admission.refresh_forever())
         try:
             yield
         finally:
+            refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresh
+            admission_engine.dispose()
+            app.state.authenticator = None
             registry.unregister(collector)
+            if acquirer is not None:
+                registry.unregister(acquirer.collector)
+                await acquirer.aclose()
             engine.dispose()
+            keys_engine.dispose()
 
     app = FastAPI(
         title="kessai command API",
@@ -51,6 +93,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(router)
+    rate_limiter = RateLimiter.for_service(settings, registry, "command")
+    app.state.rate_limiter = rate_limiter
+    # Outermost first: body size, metrics, per-IP limit, API key, per-key limit, routes.
+    app.add_middleware(RateLimitByKey, limiter=rate_limiter)
+    app.add_middleware(
+        RequireApiKey, authenticator=lambda: getattr(app.state, "authenticator", None)
+    )
+    app.add_middleware(RateLimitByIp, limiter=rate_limiter)
     app.add_middleware(HttpMetrics, registry=registry, service="command")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders, max_header_bytes=settings.max_header_bytes)
     return app

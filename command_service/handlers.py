@@ -74,10 +74,17 @@ Work = Callable[
 ]
 
 
+def _canonical(request: dict[str, Any]) -> str:
+    """The normalized request as stored with its idempotency record and compared on reuse."""
+    return orjson.dumps(request, option=orjson.OPT_SORT_KEYS).decode()
+
+
 def _run_idempotent(
     *, engine: Engine, policy: WritePolicy, request: dict[str, Any], work: Work
 ) -> Outcome:
-    request_json = orjson.dumps(request, option=orjson.OPT_SORT_KEYS).decode()
+    """Run ``work`` in a transaction that also records its answer under the idempotency key.
+    ``work`` may return no events: the answer alone is then recorded (a card decline)."""
+    request_json = _canonical(request)
 
     def attempt() -> Outcome:
         now = utcnow()
@@ -132,15 +139,75 @@ def _key_reused(original: dict[str, Any], request: dict[str, Any]) -> ApiError:
     )
 
 
-def capture_payment(
-    *, engine: Engine, policy: WritePolicy, command: CreatePayment, device_id: str | None
-) -> Outcome:
-    """Record a captured payment: one ``PaymentCaptured`` event, version 1."""
-    request = {
+def _payment_request(command: CreatePayment, device_id: str | None) -> dict[str, Any]:
+    return {
         "operation": "create_payment",
         "device_id": device_id,
         **command.model_dump(mode="json"),
     }
+
+
+def payment_request_json(command: CreatePayment, device_id: str | None) -> str:
+    """The normalized form of a payment request: equal for requests that are the same."""
+    return _canonical(_payment_request(command, device_id))
+
+
+def stored_payment_answer(
+    *, engine: Engine, policy: WritePolicy, command: CreatePayment, device_id: str | None
+) -> Outcome | None:
+    """The recorded answer to this payment request under its idempotency key, if any.
+
+    Read before a card payment calls the acquirer, in a short read of its own (no transaction
+    is held across the call): a completed request is replayed without a second authorization,
+    a key used for another request is ``422 idempotency_key_reused``. ``None``: not answered
+    yet (or expired); ``capture_payment`` checks again in its own transaction."""
+    request = _payment_request(command, device_id)
+    with engine.connect() as conn:
+        record = repository.get_idempotency(conn, policy.client_id, policy.idempotency_key)
+    if record is None or record.expires_at <= utcnow():
+        return None
+    if record.request != _canonical(request):
+        raise _key_reused(orjson.loads(record.request), request)
+    return Outcome(record.response_status, record.response_body.encode(), True)
+
+
+def decline_payment(
+    *,
+    engine: Engine,
+    policy: WritePolicy,
+    command: CreatePayment,
+    device_id: str | None,
+    authorization_id: str,
+) -> Outcome:
+    """Record the acquirer's decline of a card payment as the request's answer: ``402
+    card_declined``, replayed for the same key, and no event (nothing was captured)."""
+    body = {
+        "error": {
+            "code": "card_declined",
+            "message": "The card issuer declined the payment; nothing was captured.",
+            "details": {"authorization_id": authorization_id},
+        }
+    }
+
+    def work(_conn: sa.Connection) -> tuple[int, dict[str, Any], list[Any]]:
+        return 402, body, []
+
+    return _run_idempotent(
+        engine=engine, policy=policy, request=_payment_request(command, device_id), work=work
+    )
+
+
+def capture_payment(
+    *,
+    engine: Engine,
+    policy: WritePolicy,
+    command: CreatePayment,
+    device_id: str | None,
+    authorization_id: str | None = None,
+) -> Outcome:
+    """Record a captured payment: one ``PaymentCaptured`` event, version 1, carrying the
+    acquirer's ``authorization_id`` for a card payment that was authorized."""
+    request = _payment_request(command, device_id)
 
     def work(_conn: sa.Connection) -> tuple[int, dict[str, Any], list[Any]]:
         now = utcnow()
@@ -160,6 +227,7 @@ def capture_payment(
                 order_ref=command.order_ref,
                 metadata=command.metadata,
                 device_id=device_id,
+                authorization_id=authorization_id,
             ),
         )
         body = PaymentOut(

@@ -37,6 +37,8 @@ def append_events(
 ) -> None:
     """Append events and their outbox rows. A duplicate (payment_id, version) raises
     ``IntegrityError``: that is the optimistic-concurrency check."""
+    if not new_events:  # a recorded answer without events (a declined card payment)
+        return
     event_rows = []
     outbox_rows = []
     for event in new_events:

@@ -11,29 +11,38 @@ import re
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import anyio.to_thread
 import sqlalchemy as sa
-from fastapi import APIRouter, Header, Path, Request
+from fastapi import APIRouter, Depends, Header, Path, Request
 from starlette.responses import Response
 
 from command_service import handlers
+from command_service.acquirer import (
+    Acquirer,
+    AcquirerUnavailable,
+    Authorization,
+    AuthorizationRequest,
+    acquirer_key,
+)
+from command_service.admission import Admission, AdmissionPolicy, store_policy
 from command_service.schemas import CreatePayment, CreateRefund, PaymentOut, RefundOut
+from kessai.auth import ADMIN, PAYMENTS_WRITE, needs, principal_of
 from kessai.errors import ApiError, ErrorOut
 from kessai.http import JSONResponse
 from kessai.observability import metrics_response
 
 router = APIRouter()
 
-ANONYMOUS_CLIENT = "anonymous"
-"""Until API keys exist every caller is this one client; idempotency keys are scoped to it."""
-
 _KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
 _DEVICE_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")
 
 _ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorOut, "description": "Missing or malformed Idempotency-Key, bad JSON."},
+    401: {"model": ErrorOut, "description": "`unauthorized`: no valid API key."},
+    403: {"model": ErrorOut, "description": "`forbidden`: the key lacks `payments:write`."},
+    429: {"model": ErrorOut, "description": "`rate_limited`: see `Retry-After`."},
     409: {"model": ErrorOut, "description": "Idempotency-Key in flight, or a conflict."},
     413: {"model": ErrorOut, "description": "Body over the size limit."},
     422: {"model": ErrorOut, "description": "Invalid body, or a key reused for another body."},
@@ -64,9 +73,18 @@ def _device_id(value: str | None) -> str | None:
     return value
 
 
+async def _admission(
+    request: Request,
+    x_device_id: Annotated[str | None, Header(alias="X-Device-Id")] = None,
+) -> None:
+    """Device-group admission control (``command_service/admission.py``), when it is on."""
+    admission: Admission = request.app.state.admission
+    await admission.check(request, _device_id(x_device_id))
+
+
 async def _run(request: Request, key: str, call: Callable[[], handlers.Outcome]) -> Response:
     state = request.app.state
-    scope = (ANONYMOUS_CLIENT, key)
+    scope = (principal_of(request.state).key_id, key)
     if scope in state.in_flight:
         raise ApiError(
             409,
@@ -95,7 +113,8 @@ async def _run(request: Request, key: str, call: Callable[[], handlers.Outcome])
 def _policy(request: Request, key: str) -> handlers.WritePolicy:
     settings = request.app.state.settings
     return handlers.WritePolicy(
-        client_id=ANONYMOUS_CLIENT,
+        # Idempotency keys are scoped to the API key: two backends never collide.
+        client_id=principal_of(request.state).key_id,
         idempotency_key=key,
         retention=timedelta(hours=settings.idempotency_retention_hours),
         shards=settings.outbox_shards,
@@ -103,12 +122,28 @@ def _policy(request: Request, key: str) -> handlers.WritePolicy:
     )
 
 
+_CARD_ERRORS: dict[int | str, dict[str, object]] = {
+    402: {
+        "model": ErrorOut,
+        "description": "`card_declined`: the acquirer declined the card; nothing was captured. "
+        "Recorded: the same key and body get the same answer.",
+    },
+    503: {
+        "model": ErrorOut,
+        "description": "`acquirer_unavailable` (card payments only; `details.reason`, "
+        "`Retry-After`): no answer from the acquirer, nothing was captured. Or "
+        "`write_store_unavailable`.",
+    },
+}
+
+
 @router.post(
     "/v1/payments",
     status_code=201,
     response_model=PaymentOut,
-    responses=_ERRORS,
+    responses={**_ERRORS, **_CARD_ERRORS},
     summary="Capture a payment",
+    dependencies=[Depends(needs(PAYMENTS_WRITE)), Depends(_admission)],
 )
 async def create_payment(
     request: Request,
@@ -117,11 +152,17 @@ async def create_payment(
     x_device_id: Annotated[str | None, Header(alias="X-Device-Id")] = None,
 ) -> Response:
     """Record a captured payment. Repeating the request with the same Idempotency-Key and
-    body returns the original response with `Idempotent-Replayed: true`."""
+    body returns the original response with `Idempotent-Replayed: true`.
+
+    A `card` payment is first authorized with the card acquirer: a decline is
+    402 `card_declined` (recorded and replayed like any answer); no answer is
+    503 `acquirer_unavailable` and captures nothing (retry with the same key)."""
     key = _idempotency_key(idempotency_key)
     device_id = _device_id(x_device_id)
     engine = request.app.state.write_engine
     policy = _policy(request, key)
+    if body.method == "card":
+        return await _card_payment(request, policy, body, device_id)
     return await _run(
         request,
         key,
@@ -131,12 +172,126 @@ async def create_payment(
     )
 
 
+_T = TypeVar("_T")
+
+
+async def _card_payment(
+    request: Request, policy: handlers.WritePolicy, body: CreatePayment, device_id: str | None
+) -> Response:
+    """A card payment: the recorded answer if the key has one; otherwise the acquirer's
+    authorization over HTTP, then the capture with its id (or the recorded decline).
+
+    Only the two short database steps run in worker threads. The acquirer is awaited on the
+    event loop with no transaction open and no thread or connection held, so a hanging
+    acquirer cannot take what balance payments and refunds need."""
+    state = request.app.state
+    engine = state.write_engine
+    scope = (policy.client_id, policy.idempotency_key)
+    if scope in state.in_flight:
+        raise ApiError(
+            409,
+            "idempotency_key_in_flight",
+            "A request with this Idempotency-Key is still being processed; retry later.",
+            headers={"Retry-After": "1"},
+        )
+    state.in_flight.add(scope)
+    try:
+        outcome = await _in_worker(
+            request,
+            lambda: handlers.stored_payment_answer(
+                engine=engine, policy=policy, command=body, device_id=device_id
+            ),
+        )
+        if outcome is None:
+            authorization = await _authorize(state.acquirer, policy, body, device_id)
+            authorization_id = authorization.authorization_id
+            if authorization.approved:
+                outcome = await _in_worker(
+                    request,
+                    lambda: handlers.capture_payment(
+                        engine=engine,
+                        policy=policy,
+                        command=body,
+                        device_id=device_id,
+                        authorization_id=authorization_id,
+                    ),
+                )
+            else:
+                outcome = await _in_worker(
+                    request,
+                    lambda: handlers.decline_payment(
+                        engine=engine,
+                        policy=policy,
+                        command=body,
+                        device_id=device_id,
+                        authorization_id=authorization_id,
+                    ),
+                )
+    finally:
+        state.in_flight.discard(scope)
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
+    return Response(
+        outcome.body, status_code=outcome.status, media_type="application/json", headers=headers
+    )
+
+
+async def _in_worker(request: Request, call: Callable[[], _T]) -> _T:
+    """``call`` in a worker thread behind the database bulkhead; an unreachable store is 503."""
+    try:
+        return await anyio.to_thread.run_sync(call, limiter=request.app.state.db_limiter)
+    except sa.exc.OperationalError as exc:
+        raise ApiError(
+            503,
+            "write_store_unavailable",
+            "The write store is unavailable; retry later.",
+            headers={"Retry-After": "1"},
+        ) from exc
+
+
+async def _authorize(
+    acquirer: Acquirer | None,
+    policy: handlers.WritePolicy,
+    body: CreatePayment,
+    device_id: str | None,
+) -> Authorization:
+    """The acquirer's approval or decline; 503 ``acquirer_unavailable`` without one."""
+    if acquirer is None:
+        raise ApiError(
+            503,
+            "acquirer_unavailable",
+            "Card payments are unavailable: no card acquirer is configured.",
+            {"reason": "not_configured"},
+        )
+    request = AuthorizationRequest(
+        idempotency_key=acquirer_key(
+            policy.client_id,
+            policy.idempotency_key,
+            handlers.payment_request_json(body, device_id),
+        ),
+        amount=body.amount,
+        currency=body.currency,
+        merchant_id=body.merchant_id,
+        reference=body.order_ref,
+    )
+    try:
+        return await acquirer.authorize(request)
+    except AcquirerUnavailable as exc:
+        raise ApiError(
+            503,
+            "acquirer_unavailable",
+            str(exc),
+            {"reason": exc.reason},
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from exc
+
+
 @router.post(
     "/v1/payments/{payment_id}/refunds",
     status_code=201,
     response_model=RefundOut,
     responses={**_ERRORS, 404: {"model": ErrorOut, "description": "No such payment."}},
     summary="Refund part or all of a payment",
+    dependencies=[Depends(needs(PAYMENTS_WRITE))],
 )
 async def create_refund(
     request: Request,
@@ -157,6 +312,52 @@ async def create_refund(
             engine=engine, policy=policy, payment_id=payment_id, command=body
         ),
     )
+
+
+@router.get(
+    "/v1/admin/admission",
+    response_model=AdmissionPolicy,
+    responses={401: _ERRORS[401], 403: {"model": ErrorOut, "description": "Not `admin`."}},
+    summary="Admission control as it applies now",
+    dependencies=[Depends(needs(ADMIN))],
+)
+async def get_admission(request: Request) -> Response:
+    """The policy this process applies (every process re-reads it each second)."""
+    admission: Admission = request.app.state.admission
+    return JSONResponse((await admission.policy()).model_dump())
+
+
+@router.put(
+    "/v1/admin/admission",
+    response_model=AdmissionPolicy,
+    responses={
+        401: _ERRORS[401],
+        403: {"model": ErrorOut, "description": "Not `admin`."},
+        422: _ERRORS[422],
+    },
+    summary="Change admission control live",
+    dependencies=[Depends(needs(ADMIN))],
+)
+async def put_admission(request: Request, body: AdmissionPolicy) -> Response:
+    """Turn device-group admission on or off, or change its share of devices, its window or
+    what happens to requests without `X-Device-Id`. Every command API process applies it
+    within a second; it outlives restarts (it is stored in the write store)."""
+    admission: Admission = request.app.state.admission
+    updated_by = principal_of(request.state).key_id
+    try:
+        await anyio.to_thread.run_sync(
+            lambda: store_policy(request.app.state.write_engine, body, updated_by),
+            limiter=request.app.state.db_limiter,
+        )
+    except sa.exc.OperationalError as exc:
+        raise ApiError(
+            503,
+            "write_store_unavailable",
+            "The write store is unavailable; retry later.",
+            headers={"Retry-After": "1"},
+        ) from exc
+    admission.applied(body)
+    return JSONResponse(body.model_dump())
 
 
 @router.get("/healthz", summary="The process is alive")

@@ -80,6 +80,7 @@ _HTTP_CODES = {
     406: "not_acceptable",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    431: "headers_too_large",
 }
 
 
@@ -119,6 +120,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer to a body it could not even decode (invalid UTF-8, nesting
+            # deeper than the parser recurses): the same code as any other malformed JSON.
+            return error_response(400, "malformed_json", "The request body is not valid JSON.")
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
 

@@ -1,18 +1,19 @@
-"""HTTP plumbing shared by the APIs: JSON responses and a request-body size limit."""
+"""HTTP plumbing shared by the APIs: JSON responses, request size limits, security headers."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import orjson
-from starlette.responses import Response
+from starlette.responses import JSONResponse as StarletteJSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kessai.errors import error_body
 
 
-class JSONResponse(Response):
-    """orjson-encoded JSON (several times faster than the standard library on our bodies)."""
+class JSONResponse(StarletteJSONResponse):
+    """orjson-encoded JSON (several times faster than the standard library on our bodies). A
+    subclass of Starlette's, so that FastAPI documents the routes' response models."""
 
     media_type = "application/json"
 
@@ -99,3 +100,62 @@ class BodySizeLimit:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+    (b"strict-transport-security", b"max-age=63072000; includeSubDomains"),
+]
+API_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+DOCS_PATHS = frozenset({"/docs", "/redoc", "/docs/oauth2-redirect"})
+"""The interactive docs load their scripts and styles from a CDN: no API CSP there."""
+
+
+class SecurityHeaders:
+    """Adds the security headers to every response, and refuses requests whose headers add up
+    to more than ``max_header_bytes`` with 431 (the server's own limit may be far higher).
+    Responses are API data or errors: never sniffed, framed, cached or sent as a referrer."""
+
+    def __init__(self, app: ASGIApp, *, max_header_bytes: int) -> None:
+        self.app = app
+        self.max_header_bytes = max_header_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        extra = SECURITY_HEADERS if scope["path"] in DOCS_PATHS else [*SECURITY_HEADERS, API_CSP]
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *((n, v) for n, v in extra if n not in present),
+                ]
+            await send(message)
+
+        size = sum(len(name) + len(value) for name, value in scope["headers"])
+        if size > self.max_header_bytes:
+            body = error_body(
+                "headers_too_large",
+                f"The request headers are larger than {self.max_header_bytes} bytes.",
+                {"max_header_bytes": self.max_header_bytes},
+            )
+            await with_headers(
+                {
+                    "type": "http.response.start",
+                    "status": 431,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, with_headers)

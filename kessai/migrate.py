@@ -10,7 +10,7 @@ from alembic.config import Config
 
 import migrations
 
-Tree = Literal["write", "read"]
+Tree = Literal["write", "read", "keys"]
 
 
 def alembic_config(tree: Tree, url: str) -> Config:

@@ -6,13 +6,19 @@ files under ``KESSAI_HOME``; an unset Kafka bootstrap means the embedded broker.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_TOPIC = "kessai.payments.v1"
 EMBEDDED_BROKER_PORT = 9092
+
+
+class MissingKeyStore(RuntimeError):
+    """A service outside development mode has no key store configured."""
 
 
 class Settings(BaseSettings):
@@ -21,11 +27,26 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KESSAI_", extra="ignore")
 
     home: Path = Field(Path(".kessai"), description="Where embedded files (SQLite, logs) live.")
+    environment: Literal["development", "production"] = Field(
+        "development",
+        description="production: no embedded defaults for secrets; the APIs refuse to start "
+        "without KESSAI_KEYS_DB_URL.",
+    )
     write_db_url: str | None = Field(
         None, description="SQLAlchemy URL of the write store; unset: SQLite in KESSAI_HOME."
     )
     read_db_url: str | None = Field(
         None, description="SQLAlchemy URL of the read database; unset: SQLite in KESSAI_HOME."
+    )
+    keys_db_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the key store (API keys); unset: SQLite in KESSAI_HOME, "
+        "development only.",
+    )
+    auth_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How long a key lookup is cached; a revoked key stops working within this.",
     )
     kafka_bootstrap: str | None = Field(
         None, description="Kafka bootstrap servers; unset: the embedded broker."
@@ -42,8 +63,71 @@ class Settings(BaseSettings):
         24, ge=1, description="How long an Idempotency-Key is remembered after its request."
     )
     max_body_bytes: int = Field(64 * 1024, ge=1024)
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="Requests whose headers add up to more get 431."
+    )
     refund_max_attempts: int = Field(
         30, ge=1, description="Optimistic-concurrency attempts before a refund gives up (409)."
+    )
+
+    acquirer_url: str | None = Field(
+        None,
+        description="Base URL of the card acquirer (POST {url}/authorizations); unset: card "
+        "payments are refused with 503 acquirer_unavailable.",
+    )
+    acquirer_timeout_ms: int = Field(
+        2_000,
+        ge=10,
+        le=60_000,
+        description="Hard limit of one acquirer call (connect, send, read the answer); waiting "
+        "for a bulkhead slot is limited to the same time.",
+    )
+    acquirer_max_concurrency: int = Field(
+        32, ge=1, le=1_000, description="Most acquirer calls in flight at once (the bulkhead)."
+    )
+    acquirer_max_attempts: int = Field(
+        2,
+        ge=1,
+        le=5,
+        description="Attempts of one authorization (same Idempotency-Key) on timeouts, "
+        "connection errors and 5xx.",
+    )
+    acquirer_breaker_failures: int = Field(
+        5, ge=1, description="Consecutive failed acquirer calls that open the circuit breaker."
+    )
+    acquirer_breaker_reset_seconds: float = Field(
+        10.0, gt=0, description="How long the breaker stays open before one probe call."
+    )
+
+    admission_enabled: bool = Field(
+        False, description="Device-group admission control on POST /v1/payments."
+    )
+    admission_percent: float = Field(
+        100.0, ge=0, le=100, description="Share of devices admitted in each window."
+    )
+    admission_window_seconds: int = Field(
+        300, ge=10, le=86_400, description="How long a device stays admitted (or refused)."
+    )
+    admission_without_device: Literal["admit", "refuse"] = Field(
+        "admit", description="What admission control does with requests without X-Device-Id."
+    )
+    admission_allow_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="API key ids that bypass admission control."
+    )
+    admission_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Client IPs or networks that bypass admission control."
+    )
+
+    rate_limit_per_ip: str = Field(
+        "2000/second", description="Requests per client IP on either API (before the key)."
+    )
+    rate_limit_writes: str = Field(
+        "2000/second", description="Requests per API key on the command API."
+    )
+    rate_limit_reads: str = Field("50/second", description="Requests per API key on the query API.")
+    rate_limit_expensive: str = Field(
+        "10/minute",
+        description="CSV exports and summaries over more than 31 days, per API key.",
     )
 
     outbox_shards: int = Field(
@@ -105,11 +189,45 @@ class Settings(BaseSettings):
     )
 
     @field_validator(
-        "write_db_url", "read_db_url", "query_db_url", "kafka_bootstrap", "redis_url", mode="before"
+        "write_db_url",
+        "read_db_url",
+        "query_db_url",
+        "keys_db_url",
+        "acquirer_url",
+        "kafka_bootstrap",
+        "redis_url",
+        mode="before",
     )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("admission_allow_keys", "admission_allow_ips", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("admission_allow_ips")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
+        return value
+
+    @field_validator(
+        "rate_limit_per_ip", "rate_limit_writes", "rate_limit_reads", "rate_limit_expensive"
+    )
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError(f"not a rate limit: {value!r} (use e.g. 100/second)") from None
+        return value
 
     def resolved_write_db_url(self) -> str:
         return self.write_db_url or f"sqlite:///{(self.home / 'write.db').resolve()}"
@@ -119,6 +237,18 @@ class Settings(BaseSettings):
 
     def resolved_query_db_url(self) -> str:
         return self.query_db_url or self.resolved_read_db_url()
+
+    def resolved_keys_db_url(self) -> str:
+        """The key store's URL. Outside development there is no default: a service that
+        would otherwise check keys against an empty local file refuses to start."""
+        if self.keys_db_url:
+            return self.keys_db_url
+        if self.environment != "development":
+            raise MissingKeyStore(
+                "KESSAI_KEYS_DB_URL is not set: outside development the APIs need a key store "
+                "(see README, API keys)."
+            )
+        return f"sqlite:///{(self.home / 'keys.db').resolve()}"
 
     def resolved_kafka_bootstrap(self) -> str:
         return self.kafka_bootstrap or f"127.0.0.1:{self.embedded_broker_port}"

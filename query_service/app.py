@@ -19,9 +19,11 @@ from prometheus_client import CollectorRegistry, Counter
 from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.responses import Response
 
+from kessai.auth import Authenticator, RequireApiKey
 from kessai.errors import error_response, install_error_handlers
-from kessai.http import BodySizeLimit, JSONResponse
+from kessai.http import BodySizeLimit, JSONResponse, SecurityHeaders
 from kessai.observability import HttpMetrics
+from kessai.ratelimit import RateLimitByIp, RateLimitByKey, RateLimiter
 from kessai.settings import Settings
 from query_service import handlers
 from query_service.cache import FreshnessCache, SummaryCache, ZoneCache
@@ -39,6 +41,7 @@ REDIS_MAX_CONNECTIONS = 32
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    keys_db_url = settings.resolved_keys_db_url()  # outside development: refuse to start
     registry = CollectorRegistry()
     summary_cache_lookups = Counter(
         "kessai_query_summary_cache_total",
@@ -93,12 +96,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 on_lookup=lambda result: summary_cache_lookups.labels(result).inc(),
             ),
         )
+        keys_engine = create_read_only_engine(keys_db_url, pool_size=2)
+        app.state.authenticator = Authenticator(
+            keys_engine, cache_seconds=settings.auth_cache_seconds
+        )
         try:
             yield
         finally:
+            app.state.authenticator = None
             if redis is not None:
                 await redis.aclose()
             engine.dispose()
+            keys_engine.dispose()
 
     app = FastAPI(
         title="kessai query API",
@@ -123,6 +132,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     app.include_router(router)
+    rate_limiter = RateLimiter.for_service(settings, registry, "query")
+    app.state.rate_limiter = rate_limiter
+    # Outermost first: body size, metrics, per-IP limit, API key, per-key limit, routes.
+    app.add_middleware(RateLimitByKey, limiter=rate_limiter)
+    app.add_middleware(
+        RequireApiKey, authenticator=lambda: getattr(app.state, "authenticator", None)
+    )
+    app.add_middleware(RateLimitByIp, limiter=rate_limiter)
     app.add_middleware(HttpMetrics, registry=registry, service="query")
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders, max_header_bytes=settings.max_header_bytes)
     return app

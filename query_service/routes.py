@@ -23,11 +23,13 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from sqlalchemy.engine import Engine
 from starlette.responses import Response, StreamingResponse
 
+from kessai.auth import ADMIN, USERS_READ, needs, principal_of
 from kessai.clock import utcnow
 from kessai.errors import ApiError, ErrorOut
 from kessai.http import JSONResponse
 from kessai.money import MAX_AMOUNT
 from kessai.observability import metrics_response
+from kessai.ratelimit import RateLimiter
 from kessai.settings import Settings
 from query_service import export, handlers, repository, time_range
 from query_service.cache import CachedSummary, FreshnessCache, SummaryCache, ZoneCache
@@ -53,7 +55,9 @@ EXPORT_CHUNK_ROWS = 1_000
 
 _ONE_MICROSECOND = timedelta(microseconds=1)
 _DATA_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "`unauthorized`: no valid API key."},
     422: {"model": ErrorOut, "description": "Invalid path or query parameters."},
+    429: {"model": ErrorOut, "description": "`rate_limited`: see `Retry-After`."},
     503: {"model": ErrorOut, "description": "The read database does not answer."},
 }
 _LIST_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -111,6 +115,36 @@ ToQuery = Annotated[
         description=f"End: a datetime is exclusive, a date includes its whole day. {_BOUND_HELP}",
     ),
 ]
+
+
+# -- who may read what -----------------------------------------------------------------------
+
+
+def _merchant_not_found(merchant_id: str) -> ApiError:
+    return ApiError(404, "merchant_not_found", "No such merchant.", {"merchant_id": merchant_id})
+
+
+def _merchant_reader(request: Request, merchant_id: MerchantIdPath) -> None:
+    """The key reads this merchant; otherwise 404, the answer for a merchant that does not
+    exist, so that a key learns nothing about merchants that are not its own."""
+    if not principal_of(request.state).reads_merchant(merchant_id):
+        raise _merchant_not_found(merchant_id)
+
+
+_MERCHANT_ROUTE: dict[str, Any] = {"dependencies": [Depends(_merchant_reader)]}
+_MERCHANT_404 = {"model": ErrorOut, "description": "`merchant_not_found`: not this key's."}
+_USERS_ROUTE: dict[str, Any] = {"dependencies": [Depends(needs(USERS_READ))]}
+_ADMIN_ROUTE: dict[str, Any] = {"dependencies": [Depends(needs(ADMIN))]}
+_FORBIDDEN = {"model": ErrorOut, "description": "`forbidden`: the key lacks the scope."}
+
+
+EXPENSIVE_RANGE = timedelta(days=31)
+
+
+async def _expensive(request: Request) -> None:
+    """Count an expensive read against the key's tighter limit (429 beyond it)."""
+    limiter: RateLimiter = request.app.state.rate_limiter
+    await limiter.check_expensive(principal_of(request.state))
 
 
 # -- freshness -------------------------------------------------------------------------------
@@ -221,17 +255,19 @@ async def _page(
     summary="One payment with its refunds",
 )
 async def get_payment(
-    *, payment_id: Annotated[uuid.UUID, Path()], resources: ResourcesDep
+    *, payment_id: Annotated[uuid.UUID, Path()], resources: ResourcesDep, request: Request
 ) -> Response:
     """The payment as the read side knows it, with its refunds (oldest first).
 
     404 `payment_not_found` also covers a payment captured moments ago that the projector has
-    not reached yet: the freshness headers on the 404 say how far it has got."""
+    not reached yet (the freshness headers on the 404 say how far it has got), and a payment
+    of a merchant the key does not read."""
     as_of = await resources.freshness.as_of()
     body = await resources.run(
         lambda: handlers.payment_detail(engine=resources.engine, payment_id=payment_id)
     )
-    if body is None:
+    if body is None or not principal_of(request.state).reads_merchant(body["merchant_id"]):
+        # Another merchant's payment is answered exactly as one that does not exist.
         _, headers = _freshness(as_of)
         raise ApiError(
             404,
@@ -246,8 +282,9 @@ async def get_payment(
 @router.get(
     "/v1/merchants/{merchant_id}/payments",
     response_model=PaymentPageOut,
-    responses=_LIST_ERRORS,
+    responses={**_LIST_ERRORS, 404: _MERCHANT_404},
     summary="A merchant's payments, newest first",
+    **_MERCHANT_ROUTE,
 )
 async def list_merchant_payments(
     *,
@@ -290,17 +327,25 @@ async def list_merchant_payments(
             "model": ErrorOut,
             "description": "Invalid parameters, or `csv_too_large`: more rows than the cap.",
         },
+        404: _MERCHANT_404,
     },
     summary="A merchant's payments as a CSV download",
+    **_MERCHANT_ROUTE,
 )
 async def export_merchant_payments(
-    *, merchant_id: MerchantIdPath, filters: FiltersDep, resources: ResourcesDep
+    *,
+    merchant_id: MerchantIdPath,
+    filters: FiltersDep,
+    resources: ResourcesDep,
+    request: Request,
 ) -> Response:
     """The same payments as the list with the same filters, as one CSV file (UTF-8, RFC 4180
     quoting), streamed in chunks so its size does not matter to memory.
 
     At most `KESSAI_CSV_MAX_ROWS` rows: a bigger export is refused up front with 422
-    `csv_too_large` (narrow the range). Freshness is in the headers only."""
+    `csv_too_large` (narrow the range). Freshness is in the headers only. Exports count
+    against the key's tighter `KESSAI_RATE_LIMIT_EXPENSIVE` limit."""
+    await _expensive(request)
     where = await _merchant_where(resources, merchant_id, filters)
     cap = resources.settings.csv_max_rows
     matching = await resources.run(
@@ -353,8 +398,10 @@ async def _csv_chunks(
     responses={
         **_DATA_ERRORS,
         422: {"model": ErrorOut, "description": "Invalid parameters, or `range_too_large`."},
+        404: _MERCHANT_404,
     },
     summary="A merchant's totals by day or hour",
+    **_MERCHANT_ROUTE,
 )
 async def merchant_summary(
     *,
@@ -363,6 +410,7 @@ async def merchant_summary(
     to: ToQuery = None,
     granularity: Annotated[Literal["day", "hour"], Query()] = "day",
     resources: ResourcesDep,
+    request: Request,
 ) -> Response:
     """Payments and refunds per currency over a range, with a series of buckets.
 
@@ -376,7 +424,8 @@ async def merchant_summary(
     Range: `from` / `to` as for the payment list. Without both: the merchant's current day
     (served from a cache for a couple of seconds; its `as_of` is that of the cached answer, so
     `lag_seconds` stays honest). With only `to`: the day it ends in. With only `from`: up to the
-    end of the current day. At most 366 days or 744 hours: beyond, 422 `range_too_large`."""
+    end of the current day. At most 366 days or 744 hours: beyond, 422 `range_too_large`.
+    Ranges over 31 days count against the key's tighter `KESSAI_RATE_LIMIT_EXPENSIVE` limit."""
     from_bound = time_range.parse_bound(from_, "query.from")
     to_bound = time_range.parse_bound(to, "query.to")
     zone = await resources.zones.zone_of(merchant_id)
@@ -410,6 +459,8 @@ async def merchant_summary(
         start, _ = time_range.day_of(end - _ONE_MICROSECOND, zone)
     if start >= end:
         raise time_range.validation_error("query.to", "must be after `from`")
+    if end - start > EXPENSIVE_RANGE:
+        await _expensive(request)
     summary = await compute(time_range.buckets(start, end, zone, g))
     return _data_response(summary.body, summary.as_of)
 
@@ -417,8 +468,9 @@ async def merchant_summary(
 @router.get(
     "/v1/users/{user_id}/payments",
     response_model=PaymentPageOut,
-    responses=_LIST_ERRORS,
+    responses={**_LIST_ERRORS, 403: _FORBIDDEN},
     summary="A user's own payment history, newest first",
+    **_USERS_ROUTE,
 )
 async def list_user_payments(
     *,
@@ -436,8 +488,9 @@ async def list_user_payments(
 @router.get(
     "/v1/admin/reconciliation/runs",
     response_model=ReconciliationRunsOut,
-    responses=_DATA_ERRORS,
+    responses={**_DATA_ERRORS, 403: _FORBIDDEN},
     summary="Recorded reconciliation runs and their findings",
+    **_ADMIN_ROUTE,
 )
 async def reconciliation_runs(
     *,
@@ -448,8 +501,7 @@ async def reconciliation_runs(
     ] = None,
 ) -> Response:
     """What `kessai reconcile` found and repaired, run by run, newest first (as
-    `kessai reconcile --history`). An operator's route: it will need the admin scope once API
-    keys exist."""
+    `kessai reconcile --history`). Needs the `admin` scope."""
     body = await resources.run(
         lambda: handlers.reconciliation_runs(engine=resources.engine, before=before, limit=limit)
     )

@@ -16,11 +16,13 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from command_service.app import create_app
+from kessai.auth import PAYMENTS_WRITE
 from kessai.broker import EmbeddedBroker, free_port
 from kessai.db import create_db_engine
 from kessai.migrate import Tree, upgrade
 from kessai.settings import Settings
 from tests import backends
+from tests.helpers import UNLIMITED, api_key, bearer
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -101,6 +103,11 @@ def settings(write_db_url: str, kafka_bootstrap: str, topic: str, tmp_path: Path
         relay_lease_seconds=3.0,
         relay_retry_max_backoff_ms=300,
         kafka_request_timeout_ms=5_000,
+        # Tests drive the APIs far faster than any one client should: limits are tested alone.
+        rate_limit_per_ip=UNLIMITED,
+        rate_limit_writes=UNLIMITED,
+        rate_limit_reads=UNLIMITED,
+        rate_limit_expensive=UNLIMITED,
     )
 
 
@@ -126,12 +133,16 @@ def write_engine(settings: Settings) -> Iterator[Engine]:
 
 @pytest.fixture
 async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The command API in process (real app, real database) behind an HTTP client."""
+    """The command API in process (real app, real database) behind an HTTP client that sends
+    a key with the ``payments:write`` scope."""
     app = create_app(settings)
+    key = api_key(settings, PAYMENTS_WRITE)
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://command.test"
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://command.test",
+            headers=bearer(key),
         ) as client,
     ):
         yield client

@@ -19,11 +19,18 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from sqlalchemy.engine import Engine
 
+from kessai.auth import create_key
 from kessai.broker import EmbeddedBroker, free_port
+from kessai.db import create_db_engine
 from kessai.events import parse_event
+from kessai.migrate import upgrade
 from kessai.schema.write import events, idempotency_keys, outbox, relay_leases
+from kessai.settings import Settings
 
 _keys = itertools.count()
+
+UNLIMITED = "1000000/second"
+"""A rate limit no test reaches: tests drive the APIs far faster than any one client should."""
 
 
 def new_key(prefix: str = "key") -> str:
@@ -288,3 +295,18 @@ async def log_ends(bootstrap: str, topic: str, partitions: int) -> dict[int, int
         return ends
     finally:
         await consumer.stop()
+
+
+def api_key(settings: Settings, *scopes: str, name: str = "test") -> str:
+    """A new API key with ``scopes`` in the key store of ``settings`` (migrated first)."""
+    url = settings.resolved_keys_db_url()
+    upgrade("keys", url)
+    engine = create_db_engine(url, pool_size=1)
+    try:
+        return create_key(engine, scopes, name)[1]
+    finally:
+        engine.dispose()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

@@ -74,3 +74,17 @@ relay_leases = sa.Table(
     sa.Column("owner", sa.String(128), nullable=True),
     sa.Column("expires_at", UTCDateTime(), nullable=True),
 )
+
+admission_settings = sa.Table(
+    "admission_settings",
+    metadata,
+    # One row (setting_id = 1) once an operator changed them live; none: the KESSAI_ADMISSION_*
+    # settings apply.
+    sa.Column("setting_id", sa.SmallInteger, primary_key=True, autoincrement=False),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("percent", sa.Float, nullable=False),
+    sa.Column("window_seconds", sa.Integer, nullable=False),
+    sa.Column("without_device", sa.String(16), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_by", sa.String(64), nullable=False),
+)

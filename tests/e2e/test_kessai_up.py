@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 import os
 import signal
 import subprocess
@@ -31,12 +32,22 @@ from tests.integration.read_model import create_mysql_database, drop_mysql_datab
 
 class RunningSystem:
     def __init__(
-        self, process: subprocess.Popen[bytes], api: str, query: str, broker_port: int
+        self,
+        process: subprocess.Popen[bytes],
+        api: str,
+        query: str,
+        broker_port: int,
+        keys: dict[str, str],
     ) -> None:
         self.process = process
         self.api = api
         self.query = query
         self.broker_port = broker_port
+        self.keys = keys
+        """The development keys ``kessai up`` wrote to $KESSAI_HOME/dev-keys.json."""
+
+    def auth(self, label: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[label]}"}
 
     @property
     def bootstrap(self) -> str:
@@ -93,7 +104,8 @@ def system(database_env: dict[str, str], tmp_path: Path) -> Iterator[RunningSyst
                 pass
             assert time.monotonic() < deadline, "kessai up did not become ready in 60 s"
             time.sleep(0.2)
-        yield RunningSystem(process, api, f"http://127.0.0.1:{query_port}", broker_port)
+        keys = json.loads((tmp_path / "home" / "dev-keys.json").read_text())
+        yield RunningSystem(process, api, f"http://127.0.0.1:{query_port}", broker_port, keys)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -106,7 +118,9 @@ def system(database_env: dict[str, str], tmp_path: Path) -> Iterator[RunningSyst
 
 
 async def test_payment_over_http_reaches_the_topic(system: RunningSystem) -> None:
-    async with httpx.AsyncClient(base_url=system.api, timeout=10) as client:
+    async with httpx.AsyncClient(
+        base_url=system.api, timeout=10, headers=system.auth("payments")
+    ) as client:
         created = await client.post(
             "/v1/payments",
             json=payment_body(merchant_id="shop-42", amount=1200),
@@ -141,11 +155,23 @@ async def test_payment_over_http_reaches_the_topic(system: RunningSystem) -> Non
 async def test_a_payment_and_its_refund_reach_the_merchant_dashboard(
     system: RunningSystem,
 ) -> None:
-    merchant = "shop-dash"
+    merchant = "shop-1"  # one of the merchants the development merchant key reads
     async with (
-        httpx.AsyncClient(base_url=system.api, timeout=10) as command,
-        httpx.AsyncClient(base_url=system.query, timeout=10) as query,
+        httpx.AsyncClient(
+            base_url=system.api, timeout=10, headers=system.auth("payments")
+        ) as command,
+        httpx.AsyncClient(
+            base_url=system.query, timeout=10, headers=system.auth("merchant")
+        ) as query,
     ):
+        # Keys are checked: none is 401, another merchant is as absent as one never seen.
+        anonymous = await query.get(
+            f"/v1/merchants/{merchant}/payments", headers={"Authorization": ""}
+        )
+        assert anonymous.status_code == 401
+        foreign = await query.get("/v1/merchants/shop-9/payments")
+        assert (foreign.status_code, foreign.json()["error"]["code"]) == (404, "merchant_not_found")
+
         created = await command.post(
             "/v1/payments",
             json=payment_body(merchant_id=merchant, amount=1500, store_id='store, "A"'),

@@ -24,11 +24,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import Engine
 
 from command_service.app import create_app
-from command_service.routes import ANONYMOUS_CLIENT
+from kessai.auth import PAYMENTS_WRITE
 from kessai.clock import utcnow
 from kessai.schema.write import idempotency_keys
 from kessai.settings import Settings
-from tests.helpers import count_rows, new_key, payment_body, stored_events
+from tests.helpers import api_key, bearer, count_rows, new_key, payment_body, stored_events
 
 PAYMENTS = "/v1/payments"
 
@@ -87,7 +87,9 @@ async def app_and_api(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://command.test"
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://command.test",
+            headers=bearer(api_key(settings, PAYMENTS_WRITE)),
         ) as client,
     ):
         yield app, client
@@ -325,7 +327,6 @@ async def test_expired_key_is_forgotten(api: httpx.AsyncClient, write_engine: En
         moved = conn.execute(
             idempotency_keys.update()
             .where(
-                idempotency_keys.c.client_id == ANONYMOUS_CLIENT,
                 idempotency_keys.c.idempotency_key == key,
             )
             .values(expires_at=utcnow() - timedelta(seconds=1))
@@ -429,7 +430,7 @@ async def test_same_key_while_first_is_in_flight_gets_409_at_once(
         with write_store_blocked(url):
             first = asyncio.create_task(post())
             tasks.append(first)
-            await wait_until(lambda: (ANONYMOUS_CLIENT, key) in app.state.in_flight)
+            await wait_until(lambda: key in {k for _, k in app.state.in_flight})
             if sa.make_url(url).get_backend_name() == "mysql":
                 await wait_until(lambda: mysql_waiters(url) >= 1)  # really held in MySQL
 
@@ -450,7 +451,7 @@ async def test_same_key_while_first_is_in_flight_gets_409_at_once(
             await asyncio.wait(tasks, timeout=30)
 
     assert response.status_code == 201, response.text
-    assert (ANONYMOUS_CLIENT, key) not in app.state.in_flight
+    assert key not in {k for _, k in app.state.in_flight}
     retry = await api.post(PAYMENTS, json=payment_body(), headers=headers)
     assert retry.status_code == 201
     assert retry.headers["Idempotent-Replayed"] == "true"
@@ -688,7 +689,7 @@ MALFORMED_PAYMENTS = [
         b'{"merchant_id":"m","user_id":"u","method":"card","amount":' + b"9" * 5000 + b"}",
         JSON,
         400,
-        "bad_request",
+        "malformed_json",
         None,
         id="int-of-5000-digits",
     ),
@@ -831,7 +832,7 @@ MALFORMED_PAYMENTS = [
         {"body"},
         id="text-plain",
     ),
-    pytest.param(_DEEP, JSON, 400, "bad_request", None, id="nested-10000-levels"),
+    pytest.param(_DEEP, JSON, 400, "malformed_json", None, id="nested-10000-levels"),
 ]
 
 

@@ -29,6 +29,7 @@ from fastapi import FastAPI
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from kessai.auth import ADMIN, USERS_READ, merchant_scope
 from kessai.broker import free_port
 from kessai.clock import utcnow
 from kessai.db import create_db_engine
@@ -38,6 +39,7 @@ from kessai.settings import DEFAULT_TOPIC, Settings
 from query_service import export
 from query_service.app import create_app
 from query_service.cursor import encode_cursor
+from tests.helpers import UNLIMITED, api_key, bearer
 from tests.integration.read_model import (
     captured,
     insert_payment_rows,
@@ -100,19 +102,35 @@ def query_settings(url: str, tmp_path: Path, **overrides: Any) -> Settings:
         "summary_cache_seconds": 2.0,
         "csv_max_rows": 1_000_000,
         "default_merchant_time_zone": "Asia/Tokyo",
+        "rate_limit_per_ip": UNLIMITED,
+        "rate_limit_reads": UNLIMITED,
+        "rate_limit_expensive": UNLIMITED,
     }
     values.update(overrides)
     return Settings(**values)
 
 
+TEST_MERCHANTS = (
+    "shop-a", "shop-b", "shop-0", "shop-big", "shop-hot", "shop-ny", "shop-nobody", "x",
+    *(f"m-{i:02d}" for i in range(40)),
+)  # fmt: skip
+"""The merchants these tests read; the test key reads all of them (and users, and admin)."""
+
+
 @contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    """The query API in process (real app, real database) behind an HTTP client."""
+async def running(
+    settings: Settings, *, merchants: Sequence[str] = TEST_MERCHANTS
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The query API in process (real app, real database) behind an HTTP client whose key
+    reads ``merchants``, users' histories and the admin routes."""
     app = create_app(settings)
+    key = api_key(settings, *(merchant_scope(m) for m in merchants), USERS_READ, ADMIN)
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://query.test"
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://query.test",
+            headers=bearer(key),
         ) as client,
     ):
         yield app, client
@@ -758,7 +776,7 @@ async def test_csv_export_over_the_row_cap_is_refused_up_front(
         assert len(list(csv.reader(io.StringIO(response.text, newline="")))) == 1 + 5
 
 
-async def stream_get(app: FastAPI, path: str) -> tuple[int, int, int]:
+async def stream_get(app: FastAPI, path: str, key: str) -> tuple[int, int, int]:
     """Call the app's ASGI interface directly and discard the body as it arrives (an HTTP
     client would buffer it). Returns the status, the number of body chunks and of lines."""
     status = 0
@@ -794,7 +812,7 @@ async def stream_get(app: FastAPI, path: str) -> tuple[int, int, int]:
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", b"query.test")],
+        "headers": [(b"host", b"query.test"), (b"authorization", f"Bearer {key}".encode())],
         "client": ("127.0.0.1", 40000),
         "server": ("query.test", 80),
     }
@@ -822,11 +840,15 @@ async def test_sqlite_csv_export_of_100k_rows_streams_in_flat_memory(
                 for i in range(rows_total)
             ],
         )
-    async with running(query_settings(sqlite_read_db_url, tmp_path)) as (app, _):
+    settings = query_settings(sqlite_read_db_url, tmp_path)
+    key = api_key(settings, merchant_scope("shop-big"))
+    async with running(settings) as (app, _):
         tracemalloc.start()
         try:
             tracemalloc.reset_peak()
-            status, chunks, lines = await stream_get(app, "/v1/merchants/shop-big/payments.csv")
+            status, chunks, lines = await stream_get(
+                app, "/v1/merchants/shop-big/payments.csv", key
+            )
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
@@ -963,7 +985,7 @@ async def test_the_summary_cache_lives_in_redis_when_configured(
     client_redis = redis.asyncio.Redis.from_url(REDIS_URL)
     key = f"kessai:summary:{merchant}:day:{now.astimezone(TOKYO).date().isoformat()}"
     try:
-        async with running(settings) as (_, first):
+        async with running(settings, merchants=[merchant]) as (_, first):
             computed = (await first.get(f"/v1/merchants/{merchant}/summary")).json()
         assert computed["currencies"][0]["payments_amount"] == 900
         assert await client_redis.exists(key)
@@ -972,7 +994,7 @@ async def test_the_summary_cache_lives_in_redis_when_configured(
         project(writer, [captured(at=now, merchant_id=merchant, amount=1)])
         write_offsets(writer, {0: (utcnow(), None)})
         # Another process (a second worker or replica) answers from Redis: no totals query.
-        async with running(settings) as (app, second):
+        async with running(settings, merchants=[merchant]) as (app, second):
             log = StatementLog(app.state.read_engine)
             served = (await second.get(f"/v1/merchants/{merchant}/summary")).json()
             log.close()

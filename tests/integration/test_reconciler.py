@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from command_service import handlers
 from command_service.relay import Relay
 from command_service.schemas import CreatePayment, CreateRefund
+from kessai.auth import ADMIN
 from kessai.broker import free_port
 from kessai.cli import app
 from kessai.clock import utcnow
@@ -41,6 +42,7 @@ from projector.service import Projector
 from query_service.app import create_app as create_query_app
 from reconciler import records
 from reconciler.service import Reconciler, RunResult, parse_interval
+from tests.helpers import api_key, bearer
 from tests.integration.read_model import captured, refunded
 from tests.integration.read_model import project as apply_directly
 from tests.pipeline import (
@@ -509,7 +511,11 @@ async def test_runs_and_findings_are_readable_on_the_query_api(
     app = create_query_app(rsettings)
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://q") as q,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://q",
+            headers=bearer(api_key(rsettings, ADMIN)),
+        ) as q,
     ):
         first = await q.get("/v1/admin/reconciliation/runs", params={"limit": 1})
         assert first.status_code == 200, first.text

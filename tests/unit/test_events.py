@@ -77,6 +77,11 @@ SAMPLES: dict[str, list[PaymentCaptured | PaymentRefunded]] = {
                 amount=MAX_AMOUNT, currency="KWD", user_id="u", method="balance"
             )
         ),
+        captured(
+            payload=PaymentCapturedPayload(
+                amount=1200, currency="JPY", user_id="u", method="card", authorization_id="a_1"
+            )
+        ),
     ],
     "PaymentRefunded": [
         refunded(),
@@ -123,6 +128,39 @@ def test_json_form_carries_the_envelope() -> None:
     assert data["version"] == 2
     assert data["payload"]["refunded_amount"] == 300
     assert datetime.fromisoformat(data["occurred_at"].replace("Z", "+00:00")) == AT
+
+
+def test_authorization_id_is_written_only_when_there_is_one() -> None:
+    """Events without it (balance payments, card payments from before authorizations) keep
+    their exact JSON form, so readers that predate the field still read them."""
+    without = as_dict(captured())
+    assert "authorization_id" not in without["payload"]
+    assert parse_event(orjson.dumps(without)).payload.authorization_id is None
+    authorized = captured(payload=captured().payload.model_copy(update={"authorization_id": "x"}))
+    assert as_dict(authorized)["payload"]["authorization_id"] == "x"
+
+
+def test_an_event_recorded_before_authorizations_reads_and_keeps_its_bytes() -> None:
+    old = (
+        b'{"event_id":"0190c0de-1234-7abc-8def-000000000001","schema_version":1,'
+        b'"payment_id":"0190c0de-1234-7abc-8def-0123456789ab","version":1,'
+        b'"merchant_id":"merchant-1","occurred_at":"2026-11-24T09:30:15.123456Z",'
+        b'"recorded_at":"2026-11-24T09:30:15.123456Z","event_type":"PaymentCaptured",'
+        b'"payload":{"amount":1000,"currency":"JPY","user_id":"user-1","method":"card",'
+        b'"store_id":null,"order_ref":null,"metadata":{},"device_id":null}}'
+    )
+    event = parse_event(old)
+    assert isinstance(event, PaymentCaptured)
+    assert event.payload.authorization_id is None
+    assert event_to_json(event) == old
+
+
+@pytest.mark.parametrize("value", ["", "a b", "x" * 129, "caf\u00e9", 7])
+def test_malformed_authorization_id_is_rejected(value: object) -> None:
+    data = as_dict(captured())
+    data["payload"]["authorization_id"] = value
+    with pytest.raises(ValidationError):
+        parse_event(orjson.dumps(data))
 
 
 def test_other_timezones_parse_to_the_same_instant() -> None:
