@@ -33,7 +33,6 @@ import asyncio
 import hashlib
 import logging
 import math
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +47,13 @@ from prometheus_client.registry import Collector
 from purgatory import AsyncCircuitBreakerFactory
 from purgatory.domain.model import HALF_OPENED, OPENED, OpenedState
 from pydantic import BaseModel, ConfigDict, ValidationError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from kessai.events import AuthorizationId
 from kessai.settings import Settings
@@ -211,22 +217,21 @@ class Acquirer:
 
     async def authorize(self, request: AuthorizationRequest) -> Authorization:
         """The acquirer's answer, or ``AcquirerUnavailable``. Never holds a thread."""
-        attempt = 1
-        while True:
-            try:
-                return await self._attempt(request)
-            except _CallFailed as exc:
-                log.warning(
-                    "acquirer call %d/%d failed: %s: %s",
-                    attempt,
-                    self._max_attempts,
-                    exc.reason,
-                    exc,
-                )
-                if not exc.retryable or attempt >= self._max_attempts:
-                    raise AcquirerUnavailable(exc.reason) from exc
-            await asyncio.sleep(0.05 * 2**attempt * random.uniform(0.5, 1.0))
-            attempt += 1
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda exc: isinstance(exc, _CallFailed) and exc.retryable),
+            stop=stop_after_attempt(self._max_attempts),
+            wait=wait_random_exponential(multiplier=0.05, max=1.0),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._attempt(request)
+        except _CallFailed as exc:
+            log.warning("acquirer call failed: %s: %s", exc.reason, exc)
+            raise AcquirerUnavailable(exc.reason) from exc
+        raise AssertionError("unreachable: AsyncRetrying returns or raises")  # pragma: no cover
 
     async def _attempt(self, request: AuthorizationRequest) -> Authorization:
         self._refuse_if_open()  # fail fast, without waiting for a slot
@@ -318,3 +323,8 @@ class _AcquirerCollector(Collector):
         )
         yield from acquirer._latency.collect()
         yield from acquirer._rejected.collect()
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    log.warning("acquirer call %d failed, retrying (same key): %r", state.attempt_number, exc)

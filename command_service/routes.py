@@ -7,9 +7,10 @@ threads). Same-key requests that overlap within this process are refused at once
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Annotated, TypeVar
 
@@ -82,32 +83,39 @@ async def _admission(
     await admission.check(request, _device_id(x_device_id))
 
 
-async def _run(request: Request, key: str, call: Callable[[], handlers.Outcome]) -> Response:
-    state = request.app.state
-    scope = (principal_of(request.state).key_id, key)
-    if scope in state.in_flight:
+@contextlib.contextmanager
+def _claimed(request: Request, policy: handlers.WritePolicy) -> Iterator[None]:
+    """This process handles the (API key, Idempotency-Key) pair alone while the block runs; a
+    second request with the same pair meanwhile is refused at once."""
+    in_flight: set[tuple[str, str]] = request.app.state.in_flight
+    scope = (policy.client_id, policy.idempotency_key)
+    if scope in in_flight:
         raise ApiError(
             409,
             "idempotency_key_in_flight",
             "A request with this Idempotency-Key is still being processed; retry later.",
             headers={"Retry-After": "1"},
         )
-    state.in_flight.add(scope)
+    in_flight.add(scope)
     try:
-        outcome = await anyio.to_thread.run_sync(call, limiter=state.db_limiter)
-    except sa.exc.OperationalError as exc:
-        raise ApiError(
-            503,
-            "write_store_unavailable",
-            "The write store is unavailable; retry later.",
-            headers={"Retry-After": "1"},
-        ) from exc
+        yield
     finally:
-        state.in_flight.discard(scope)
+        in_flight.discard(scope)
+
+
+def _respond(outcome: handlers.Outcome) -> Response:
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
     return Response(
         outcome.body, status_code=outcome.status, media_type="application/json", headers=headers
     )
+
+
+async def _run(
+    request: Request, policy: handlers.WritePolicy, call: Callable[[], handlers.Outcome]
+) -> Response:
+    with _claimed(request, policy):
+        outcome = await _in_worker(request, call)
+    return _respond(outcome)
 
 
 def _policy(request: Request, key: str) -> handlers.WritePolicy:
@@ -165,7 +173,7 @@ async def create_payment(
         return await _card_payment(request, policy, body, device_id)
     return await _run(
         request,
-        key,
+        policy,
         lambda: handlers.capture_payment(
             engine=engine, policy=policy, command=body, device_id=device_id
         ),
@@ -186,16 +194,7 @@ async def _card_payment(
     acquirer cannot take what balance payments and refunds need."""
     state = request.app.state
     engine = state.write_engine
-    scope = (policy.client_id, policy.idempotency_key)
-    if scope in state.in_flight:
-        raise ApiError(
-            409,
-            "idempotency_key_in_flight",
-            "A request with this Idempotency-Key is still being processed; retry later.",
-            headers={"Retry-After": "1"},
-        )
-    state.in_flight.add(scope)
-    try:
+    with _claimed(request, policy):
         outcome = await _in_worker(
             request,
             lambda: handlers.stored_payment_answer(
@@ -205,34 +204,19 @@ async def _card_payment(
         if outcome is None:
             authorization = await _authorize(state.acquirer, policy, body, device_id)
             authorization_id = authorization.authorization_id
-            if authorization.approved:
-                outcome = await _in_worker(
-                    request,
-                    lambda: handlers.capture_payment(
-                        engine=engine,
-                        policy=policy,
-                        command=body,
-                        device_id=device_id,
-                        authorization_id=authorization_id,
-                    ),
-                )
-            else:
-                outcome = await _in_worker(
-                    request,
-                    lambda: handlers.decline_payment(
-                        engine=engine,
-                        policy=policy,
-                        command=body,
-                        device_id=device_id,
-                        authorization_id=authorization_id,
-                    ),
-                )
-    finally:
-        state.in_flight.discard(scope)
-    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
-    return Response(
-        outcome.body, status_code=outcome.status, media_type="application/json", headers=headers
-    )
+            approved = authorization.approved
+            record = handlers.capture_payment if approved else handlers.decline_payment
+            outcome = await _in_worker(
+                request,
+                lambda: record(
+                    engine=engine,
+                    policy=policy,
+                    command=body,
+                    device_id=device_id,
+                    authorization_id=authorization_id,
+                ),
+            )
+    return _respond(outcome)
 
 
 async def _in_worker(request: Request, call: Callable[[], _T]) -> _T:
@@ -307,7 +291,7 @@ async def create_refund(
     policy = _policy(request, key)
     return await _run(
         request,
-        key,
+        policy,
         lambda: handlers.refund_payment(
             engine=engine, policy=policy, payment_id=payment_id, command=body
         ),
