@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from command_service.acquirer import Acquirer
 from command_service.admission import Admission
+from command_service.batching import GroupCommitter
 from command_service.metrics import OutboxCollector
 from command_service.routes import router
 from kessai.auth import Authenticator, RequireApiKey
@@ -67,10 +68,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.authenticator = Authenticator(
             keys_engine, cache_seconds=settings.auth_cache_seconds
         )
+        # Group commit: concurrent payments and refunds share one write-store transaction.
+        committer: GroupCommitter | None = None
+        if settings.group_commit:
+            committer = GroupCommitter(
+                engine=engine,
+                limiter=app.state.db_limiter,
+                max_batch=settings.group_commit_max_batch,
+                max_delay_seconds=settings.group_commit_max_delay_ms / 1000,
+                registry=registry,
+            )
+            committer.start()
+        app.state.group_committer = committer
         refresh = asyncio.create_task(admission.refresh_forever())
         try:
             yield
         finally:
+            if committer is not None:
+                await committer.aclose()
             refresh.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresh

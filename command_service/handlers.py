@@ -1,5 +1,10 @@
 """The command handlers: each runs one write-store transaction that it begins and commits.
 
+Each request is a ``WriteCommand`` (``capture_command``, ``decline_command``,
+``refund_command``): its normalized request and a pure ``decide`` step. ``run_alone`` records
+one command in a transaction of its own; the group commit (``command_service/batching.py``)
+records many in one, deciding each with the same ``decide``.
+
 A handler either commits everything (events, outbox rows, the idempotency record) or nothing.
 Write conflicts (a concurrent refund took the next version; another process finished the same
 idempotency key first; a deadlock) roll the transaction back and run it again from the top,
@@ -12,7 +17,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -37,7 +42,7 @@ from kessai.events import (
     PaymentRefundedPayload,
 )
 from kessai.ids import new_id
-from kessai.ledger import fold
+from kessai.ledger import PaymentState, fold
 
 _MYSQL_RETRYABLE = {1205, 1213}  # lock wait timeout, deadlock
 
@@ -69,9 +74,10 @@ class Outcome:
     replayed: bool
 
 
-Work = Callable[
-    [sa.Connection], tuple[int, dict[str, Any], list[PaymentCaptured | PaymentRefunded]]
-]
+Decision = tuple[int, dict[str, Any], list[PaymentCaptured | PaymentRefunded]]
+"""The answer to a request (status, body) and the events it appends."""
+
+Work = Callable[[sa.Connection], Decision]
 
 
 def _canonical(request: dict[str, Any]) -> str:
@@ -127,6 +133,18 @@ def _run_idempotent(
         ) from exc
 
 
+def recorded_answer(
+    record: repository.IdempotencyRecord | None, command: WriteCommand, now: datetime
+) -> Outcome | None:
+    """The stored answer that a live record under the command's key gives it (a replay), or
+    ``None`` without one; a record of another request is ``422 idempotency_key_reused``."""
+    if record is None or record.expires_at <= now:
+        return None
+    if record.request == command.request_json:
+        return Outcome(record.response_status, record.response_body.encode(), True)
+    raise _key_reused(orjson.loads(record.request), command.request)
+
+
 def _key_reused(original: dict[str, Any], request: dict[str, Any]) -> ApiError:
     fields = sorted(
         k for k in original.keys() | request.keys() if original.get(k) != request.get(k)
@@ -171,15 +189,40 @@ def stored_payment_answer(
     return Outcome(record.response_status, record.response_body.encode(), True)
 
 
-def decline_payment(
-    *,
-    engine: Engine,
-    policy: WritePolicy,
-    command: CreatePayment,
-    device_id: str | None,
-    authorization_id: str,
-) -> Outcome:
-    """Record the acquirer's decline of a card payment as the request's answer: ``402
+@dataclass(frozen=True, slots=True)
+class WriteCommand:
+    """One write request, ready to be decided against the state of the payment it touches.
+
+    ``decide`` touches no database: given the folded state of ``payment_id`` (``None`` for a
+    new payment, or a refund of a payment that does not exist), it returns the answer and the
+    events to append, or raises ``ApiError`` for a refusal. The single-request transaction
+    (``run_alone``) and the group commit (``command_service/batching.py``) both use it, so a
+    request is decided the same way whichever path records it."""
+
+    policy: WritePolicy
+    request: dict[str, Any]
+    request_json: str
+    payment_id: uuid.UUID | None
+    decide: Callable[[PaymentState | None], Decision]
+
+
+def run_alone(*, engine: Engine, command: WriteCommand) -> Outcome:
+    """Record ``command`` in a transaction of its own (with the write-conflict retries)."""
+    payment_id = command.payment_id
+
+    def work(conn: sa.Connection) -> Decision:
+        state = (
+            None if payment_id is None else fold(repository.load_payment_events(conn, payment_id))
+        )
+        return command.decide(state)
+
+    return _run_idempotent(engine=engine, policy=command.policy, request=command.request, work=work)
+
+
+def decline_command(
+    *, policy: WritePolicy, command: CreatePayment, device_id: str | None, authorization_id: str
+) -> WriteCommand:
+    """The acquirer's decline of a card payment as the request's answer: ``402
     card_declined``, replayed for the same key, and no event (nothing was captured)."""
     body = {
         "error": {
@@ -189,27 +232,41 @@ def decline_payment(
         }
     }
 
-    def work(_conn: sa.Connection) -> tuple[int, dict[str, Any], list[Any]]:
+    def decide(_state: PaymentState | None) -> Decision:
         return 402, body, []
 
-    return _run_idempotent(
-        engine=engine, policy=policy, request=_payment_request(command, device_id), work=work
-    )
+    request = _payment_request(command, device_id)
+    return WriteCommand(policy, request, _canonical(request), None, decide)
 
 
-def capture_payment(
+def decline_payment(
     *,
     engine: Engine,
     policy: WritePolicy,
     command: CreatePayment,
     device_id: str | None,
-    authorization_id: str | None = None,
+    authorization_id: str,
 ) -> Outcome:
-    """Record a captured payment: one ``PaymentCaptured`` event, version 1, carrying the
-    acquirer's ``authorization_id`` for a card payment that was authorized."""
-    request = _payment_request(command, device_id)
+    """Record the acquirer's decline of a card payment (``decline_command``)."""
+    return run_alone(
+        engine=engine,
+        command=decline_command(
+            policy=policy, command=command, device_id=device_id, authorization_id=authorization_id
+        ),
+    )
 
-    def work(_conn: sa.Connection) -> tuple[int, dict[str, Any], list[Any]]:
+
+def capture_command(
+    *,
+    policy: WritePolicy,
+    command: CreatePayment,
+    device_id: str | None,
+    authorization_id: str | None = None,
+) -> WriteCommand:
+    """A captured payment: one ``PaymentCaptured`` event, version 1, carrying the
+    acquirer's ``authorization_id`` for a card payment that was authorized."""
+
+    def decide(_state: PaymentState | None) -> Decision:
         now = utcnow()
         event = PaymentCaptured(
             event_id=new_id(),
@@ -247,25 +304,39 @@ def capture_payment(
         ).model_dump(mode="json")
         return 201, body, [event]
 
-    return _run_idempotent(engine=engine, policy=policy, request=request, work=work)
+    request = _payment_request(command, device_id)
+    return WriteCommand(policy, request, _canonical(request), None, decide)
 
 
-def refund_payment(
-    *, engine: Engine, policy: WritePolicy, payment_id: uuid.UUID, command: CreateRefund
+def capture_payment(
+    *,
+    engine: Engine,
+    policy: WritePolicy,
+    command: CreatePayment,
+    device_id: str | None,
+    authorization_id: str | None = None,
 ) -> Outcome:
-    """Refund part of a payment: one ``PaymentRefunded`` event at the next version.
+    """Record a captured payment (``capture_command``) in a transaction of its own."""
+    return run_alone(
+        engine=engine,
+        command=capture_command(
+            policy=policy, command=command, device_id=device_id, authorization_id=authorization_id
+        ),
+    )
 
-    Reads the payment's events by primary key and folds them; the insert of version n+1
-    collides with any concurrent refund that took n+1 first, and the attempt is run again.
-    """
+
+def refund_command(
+    *, policy: WritePolicy, payment_id: uuid.UUID, command: CreateRefund
+) -> WriteCommand:
+    """Refund part of a payment: one ``PaymentRefunded`` event at the next version of the
+    payment's folded state; 404 without a payment, 409 beyond what is left to refund."""
     request = {
         "operation": "refund_payment",
         "payment_id": str(payment_id),
         **command.model_dump(mode="json"),
     }
 
-    def work(conn: sa.Connection) -> tuple[int, dict[str, Any], list[Any]]:
-        state = fold(repository.load_payment_events(conn, payment_id))
+    def decide(state: PaymentState | None) -> Decision:
         if state is None:
             raise ApiError(
                 404,
@@ -315,4 +386,18 @@ def refund_payment(
         ).model_dump(mode="json")
         return 201, body, [event]
 
-    return _run_idempotent(engine=engine, policy=policy, request=request, work=work)
+    return WriteCommand(policy, request, _canonical(request), payment_id, decide)
+
+
+def refund_payment(
+    *, engine: Engine, policy: WritePolicy, payment_id: uuid.UUID, command: CreateRefund
+) -> Outcome:
+    """Refund part of a payment (``refund_command``) in a transaction of its own.
+
+    Reads the payment's events by primary key and folds them; the insert of version n+1
+    collides with any concurrent refund that took n+1 first, and the attempt is run again.
+    """
+    return run_alone(
+        engine=engine,
+        command=refund_command(policy=policy, payment_id=payment_id, command=command),
+    )

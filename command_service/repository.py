@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -27,6 +28,23 @@ def load_payment_events(
         sa.select(events.c.body).where(events.c.payment_id == payment_id).order_by(events.c.version)
     )
     return [parse_event(body) for (body,) in rows]
+
+
+def load_events_of_payments(
+    conn: sa.Connection, payment_ids: Collection[uuid.UUID]
+) -> dict[uuid.UUID, list[PaymentCaptured | PaymentRefunded]]:
+    """The events of several payments, each in version order, in one primary-key read."""
+    found: dict[uuid.UUID, list[PaymentCaptured | PaymentRefunded]] = {}
+    if not payment_ids:
+        return found
+    rows = conn.execute(
+        sa.select(events.c.payment_id, events.c.body)
+        .where(events.c.payment_id.in_(sorted(payment_ids)))
+        .order_by(events.c.payment_id, events.c.version)
+    )
+    for payment_id, body in rows:
+        found.setdefault(payment_id, []).append(parse_event(body))
+    return found
 
 
 def append_events(
@@ -96,6 +114,50 @@ def get_idempotency(conn: sa.Connection, client_id: str, key: str) -> Idempotenc
         )
     ).first()
     return None if row is None else IdempotencyRecord(*row)
+
+
+def get_idempotency_many(
+    conn: sa.Connection, scopes: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], IdempotencyRecord]:
+    """The records of several (client_id, idempotency_key) pairs, in one primary-key read."""
+    if not scopes:
+        return {}
+    rows = conn.execute(
+        sa.select(
+            idempotency_keys.c.client_id,
+            idempotency_keys.c.idempotency_key,
+            idempotency_keys.c.request,
+            idempotency_keys.c.response_status,
+            idempotency_keys.c.response_body,
+            idempotency_keys.c.expires_at,
+        ).where(
+            sa.tuple_(idempotency_keys.c.client_id, idempotency_keys.c.idempotency_key).in_(
+                sorted(scopes)
+            )
+        )
+    )
+    return {(row[0], row[1]): IdempotencyRecord(*row[2:]) for row in rows}
+
+
+def delete_idempotency_many(conn: sa.Connection, scopes: Collection[tuple[str, str]]) -> None:
+    if scopes:
+        conn.execute(
+            idempotency_keys.delete().where(
+                sa.tuple_(idempotency_keys.c.client_id, idempotency_keys.c.idempotency_key).in_(
+                    sorted(scopes)
+                )
+            )
+        )
+
+
+def save_idempotency_many(conn: sa.Connection, records: Sequence[dict[str, Any]]) -> None:
+    """Insert idempotency records (rows of ``idempotency_keys``) in one multi-row INSERT, in
+    primary-key order. A key that another transaction holds raises ``IntegrityError``."""
+    if records:
+        conn.execute(
+            idempotency_keys.insert(),
+            sorted(records, key=lambda r: (r["client_id"], r["idempotency_key"])),
+        )
 
 
 def delete_idempotency(conn: sa.Connection, client_id: str, key: str) -> None:

@@ -1,8 +1,11 @@
-"""Routes of the command API: parse, check the Idempotency-Key, hand off to a handler.
+"""Routes of the command API: parse, check the Idempotency-Key, hand off the write.
 
-Handlers block on the database, so they run in worker threads behind a capacity limiter sized
-to the connection pool (a bulkhead: a slow database queues requests here instead of exhausting
-threads). Same-key requests that overlap within this process are refused at once with 409.
+A write is a ``handlers.WriteCommand``, recorded with the writes of concurrent requests by the
+group committer (``command_service/batching.py``), or alone with group commit off (or when its
+batch failed as a whole). Database work blocks, so it runs in worker threads behind a capacity
+limiter sized to the connection pool (a bulkhead: a slow database queues requests here instead
+of exhausting threads). Same-key requests that overlap within this process are refused at once
+with 409.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from command_service.acquirer import (
     acquirer_key,
 )
 from command_service.admission import Admission, AdmissionPolicy, store_policy
+from command_service.batching import GroupCommitter
 from command_service.schemas import CreatePayment, CreateRefund, PaymentOut, RefundOut
 from kessai.auth import ADMIN, PAYMENTS_WRITE, needs, principal_of
 from kessai.errors import ApiError, ErrorOut
@@ -110,12 +114,23 @@ def _respond(outcome: handlers.Outcome) -> Response:
     )
 
 
-async def _run(
-    request: Request, policy: handlers.WritePolicy, call: Callable[[], handlers.Outcome]
-) -> Response:
-    with _claimed(request, policy):
-        outcome = await _in_worker(request, call)
+async def _run(request: Request, command: handlers.WriteCommand) -> Response:
+    with _claimed(request, command.policy):
+        outcome = await _record(request, command)
     return _respond(outcome)
+
+
+async def _record(request: Request, command: handlers.WriteCommand) -> handlers.Outcome:
+    """Record ``command``: in a group commit with concurrent requests when group commit is on
+    (``command_service/batching.py``), else (or when its batch failed as a whole) in a
+    transaction of its own."""
+    committer: GroupCommitter | None = request.app.state.group_committer
+    if committer is not None:
+        outcome = await committer.submit(command)
+        if outcome is not None:
+            return outcome
+    engine = request.app.state.write_engine
+    return await _in_worker(request, lambda: handlers.run_alone(engine=engine, command=command))
 
 
 def _policy(request: Request, key: str) -> handlers.WritePolicy:
@@ -167,16 +182,11 @@ async def create_payment(
     503 `acquirer_unavailable` and captures nothing (retry with the same key)."""
     key = _idempotency_key(idempotency_key)
     device_id = _device_id(x_device_id)
-    engine = request.app.state.write_engine
     policy = _policy(request, key)
     if body.method == "card":
         return await _card_payment(request, policy, body, device_id)
     return await _run(
-        request,
-        policy,
-        lambda: handlers.capture_payment(
-            engine=engine, policy=policy, command=body, device_id=device_id
-        ),
+        request, handlers.capture_command(policy=policy, command=body, device_id=device_id)
     )
 
 
@@ -203,17 +213,16 @@ async def _card_payment(
         )
         if outcome is None:
             authorization = await _authorize(state.acquirer, policy, body, device_id)
-            authorization_id = authorization.authorization_id
-            approved = authorization.approved
-            record = handlers.capture_payment if approved else handlers.decline_payment
-            outcome = await _in_worker(
+            record = (
+                handlers.capture_command if authorization.approved else handlers.decline_command
+            )
+            outcome = await _record(
                 request,
-                lambda: record(
-                    engine=engine,
+                record(
                     policy=policy,
                     command=body,
                     device_id=device_id,
-                    authorization_id=authorization_id,
+                    authorization_id=authorization.authorization_id,
                 ),
             )
     return _respond(outcome)
@@ -287,14 +296,9 @@ async def create_refund(
     even under concurrent refunds: a refund that would is refused with
     409 `refund_exceeds_captured`."""
     key = _idempotency_key(idempotency_key)
-    engine = request.app.state.write_engine
     policy = _policy(request, key)
     return await _run(
-        request,
-        policy,
-        lambda: handlers.refund_payment(
-            engine=engine, policy=policy, payment_id=payment_id, command=body
-        ),
+        request, handlers.refund_command(policy=policy, payment_id=payment_id, command=body)
     )
 
 

@@ -69,6 +69,20 @@ class Settings(BaseSettings):
     refund_max_attempts: int = Field(
         30, ge=1, description="Optimistic-concurrency attempts before a refund gives up (409)."
     )
+    group_commit: bool = Field(
+        True,
+        description="Coalesce concurrent payment and refund writes into one write-store "
+        "transaction (command_service/batching.py); off: one transaction per request.",
+    )
+    group_commit_max_batch: int = Field(
+        128, ge=1, le=1_000, description="Most requests recorded in one group commit."
+    )
+    group_commit_max_delay_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1_000,
+        description="Longest a request waits for batch-mates before its batch is committed.",
+    )
 
     acquirer_url: str | None = Field(
         None,
