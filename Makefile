@@ -2,17 +2,18 @@
 
 PY ?= python3
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-TYPED_PACKAGES := kessai command_service query_service projector reconciler
+TYPED_PACKAGES := kessai command_service query_service projector reconciler bench
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
-.PHONY: help venv run test services lint clean
+.PHONY: help venv run test services lint bench clean
 
 help:
 	@echo 'make venv      create .venv and install the project with its dev extras'
@@ -20,6 +21,7 @@ help:
 	@echo 'make test      bring up MariaDB/Redis, then run pytest (extra args: PYTEST_ARGS=...)'
 	@echo 'make services  bring up MariaDB (127.0.0.1:3306) and Redis (127.0.0.1:6379)'
 	@echo 'make lint      ruff check, ruff format --check, mypy'
+	@echo 'make bench     reconciler benchmark on the local MariaDB (BENCH_ARGS=--events 20000 ...)'
 	@echo 'make clean     remove .venv, .kessai and caches'
 
 venv: $(STAMP)
@@ -46,6 +48,10 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy $(TYPED_PACKAGES)
+
+# Needs MariaDB/MySQL at 127.0.0.1:3306 (make services); see docs/BENCHMARKS.md.
+bench: venv services
+	$(BIN)/python -m bench.reconciler $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .kessai .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -2,7 +2,9 @@
 
 A run: take the lock (one run at a time across instances), pick the payments to check (those
 with events at or after the watermark minus the safety margin; ``full``: all), compare them in
-chunks with the read side (fold of the write store's events vs. the read row and its refunds),
+chunks with the read side (fold of the write store's events vs. the read row and its refunds;
+first by fingerprints both databases compute, then payment by payment only where those differ:
+see ``reconciler.compare``),
 look at parked events, open dead letters and the outbox, confirm what differs with a second
 look (projector lag is not drift), repair (unless ``dry_run``): reset rows that are wrong at
 their own version, re-publish every event of each affected payment, wait until the projector
@@ -35,7 +37,7 @@ from sqlalchemy.engine import Engine
 from kessai.broker import BrokerUnavailable
 from kessai.clock import utcnow
 from kessai.ids import timestamp_ms
-from kessai.schema import read
+from kessai.schema import read, write
 from kessai.settings import Settings
 from reconciler import compare, records, totals
 from reconciler.compare import Event
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 EXIT_CONSISTENT, EXIT_DRIFT, EXIT_FAILED = 0, 1, 2
 PAYMENT_KINDS = {"missing", "mismatch", "parked", "dead_letter"}
+CHUNKS_IN_FLIGHT = 2
 T = TypeVar("T")
 ProgressCallback = Callable[[int, int | None], None]
 # What makes a run "failed" (exit 2) rather than a crash. LockHeld mid-run: the lock lapsed
@@ -213,60 +216,104 @@ class Reconciler:
         fallback = ZoneInfo(s.default_merchant_time_zone)
         scope: dict[str, set[date]] = {}
 
-        def note_days(events: Iterable[Event]) -> None:
-            for e in events:
-                zone = zones.get(e.merchant_id, fallback)
-                scope.setdefault(e.merchant_id, set()).add(e.occurred_at.astimezone(zone).date())
+        def note_hours(hours: Iterable[tuple[str, str]]) -> None:
+            for merchant_id, hour in hours:
+                zone = zones.get(merchant_id, fallback)
+                scope.setdefault(merchant_id, set()).update(compare.local_days(hour, zone))
 
         suspects: dict[uuid.UUID, Finding] = {}
+        # Two blocks in flight, and the orphan scan alongside: while one waits for a database,
+        # another is worked on. SQLite: one thing at a time (its transactions lock the file,
+        # and two threads each holding one database while waiting for the other deadlock).
+        parallel = "sqlite" not in (self.write.dialect.name, self.read.dialect.name)
+        in_flight_at_most = CHUNKS_IN_FLIGHT if parallel else 1
+        checking: set[asyncio.Task[None]] = set()
 
-        async def check(chunk: Sequence[uuid.UUID]) -> None:
-            chunk = [pid for pid in chunk if pid not in outbox.in_flight]
-            if not chunk:
-                return
-            found = await asyncio.to_thread(self._compare_chunk, chunk, note_days)
+        in_flight = {pid.bytes for pid in outbox.in_flight}
+
+        async def checked(chunk: list[bytes], key_range: bool | None) -> None:
+            found, hours = await asyncio.to_thread(self._check_chunk, chunk, key_range)
+            note_hours(hours)
             suspects.update(found)
-            result.payments_checked += len(chunk)
 
-        chunk_size = s.reconcile_chunk_size
+        async def check(chunk: Sequence[bytes], *, whole_range: bool = False) -> None:
+            """``chunk``: sorted payment keys (``compare.key_of``). ``whole_range``: it is every
+            write-store payment from its first to its last key (a keyset page), so it is a key
+            range unless something was left out."""
+            kept = [key for key in chunk if key not in in_flight]
+            if not kept:
+                return
+            result.payments_checked += len(kept)
+            key_range = (len(kept) == len(chunk)) if whole_range else None
+            while len(checking) >= in_flight_at_most:
+                done, _ = await asyncio.wait(checking, return_when=asyncio.FIRST_COMPLETED)
+                checking.difference_update(done)
+                for task in done:
+                    task.result()
+            checking.add(asyncio.create_task(checked(kept, key_range)))
+
+        async def all_checked() -> None:
+            while checking:
+                done, _ = await asyncio.wait(checking, return_when=asyncio.FIRST_COMPLETED)
+                checking.difference_update(done)
+                for task in done:
+                    task.result()
+
+        block = max(s.reconcile_chunk_size, compare.FINGERPRINT_PAGE)
         lower: uuid.UUID | None = None  # incremental: the part of the id space to look at
-        if result.mode == "full":
-            total = await asyncio.to_thread(self._in_write, compare.count_payments)
-            if progress:
-                progress(0, total)
-            done = 0
-            after: uuid.UUID | None = None
-            while True:
-                chunk = await asyncio.to_thread(self._next_ids, after, chunk_size)
-                if not chunk:
-                    break
-                after = chunk[-1]
-                await check(chunk)
-                done += len(chunk)
-                await self._renew()
-                if progress:
-                    progress(done, total)
-        else:
+        if result.mode == "incremental":
             lower = compare.bound_at_ms(0)
             if watermark is not None:
                 margin_ms = int(s.reconcile_safety_margin_seconds * 1000)
                 lower = compare.bound_at_ms(timestamp_ms(uuid.UUID(watermark)) - margin_ms)
-            ids = await asyncio.to_thread(
-                self._in_write, lambda c: compare.payments_since(c, lower)
-            )
-            ids |= flagged
-            ordered = sorted(ids)
-            if progress:
-                progress(0, len(ordered))
-            for start in range(0, len(ordered), chunk_size):
-                await check(ordered[start : start + chunk_size])
-                await self._renew()
+        # Read rows with no payment behind them, looked for while the payments are compared.
+        # Certain at first sight: a read row exists only after its event committed, so there
+        # is no lag to wait out.
+        looking: asyncio.Task[list[compare.Orphan]] | None = None
+        if parallel:
+            looking = asyncio.create_task(asyncio.to_thread(self._find_orphans, lower))
+        try:
+            if result.mode == "full":
+                total = await asyncio.to_thread(self._in_write, compare.count_payments)
                 if progress:
-                    progress(min(start + chunk_size, len(ordered)), len(ordered))
-
-        # Read rows with no payment behind them. Certain at first sight: a read row exists only
-        # after its event committed, so there is no lag to wait out.
-        orphans = await asyncio.to_thread(self._find_orphans, lower)
+                    progress(0, total)
+                done = 0
+                after: bytes | None = None
+                while True:
+                    chunk = await asyncio.to_thread(self._next_keys, after, block)
+                    if not chunk:
+                        break
+                    after = chunk[-1]
+                    await check(chunk, whole_range=True)
+                    done += len(chunk)
+                    await self._renew()
+                    if progress:
+                        progress(done, total)
+            else:
+                since = lower or compare.bound_at_ms(0)
+                keys = await asyncio.to_thread(
+                    self._in_write, lambda c: compare.payment_keys_since(c, since)
+                )
+                keys |= {pid.bytes for pid in flagged}
+                ordered = sorted(keys)
+                if progress:
+                    progress(0, len(ordered))
+                for start in range(0, len(ordered), block):
+                    await check(ordered[start : start + block])
+                    await self._renew()
+                    if progress:
+                        progress(min(start + block, len(ordered)), len(ordered))
+            await all_checked()
+        finally:
+            for task in checking:
+                task.cancel()
+            if looking is not None and not looking.done():
+                with contextlib.suppress(BaseException):
+                    await looking
+        if looking is not None:
+            orphans = looking.result()
+        else:
+            orphans = await asyncio.to_thread(self._find_orphans, lower)
         for orphan in orphans:
             zone = zones.get(orphan.merchant_id, fallback)
             scope.setdefault(orphan.merchant_id, set()).update(
@@ -354,9 +401,40 @@ class Reconciler:
         with self.read.connect() as conn:
             return fn(conn)
 
-    def _next_ids(self, after: uuid.UUID | None, limit: int) -> list[uuid.UUID]:
+    def _next_keys(self, after: bytes | None, limit: int) -> list[bytes]:
         with self.write.connect() as conn:
-            return compare.payment_ids_after(conn, after, limit)
+            return compare.payment_keys_after(conn, after, limit)
+
+    def _check_chunk(
+        self, chunk: Sequence[bytes], key_range: bool | None
+    ) -> tuple[dict[uuid.UUID, Finding], list[tuple[str, str]]]:
+        """Fingerprints of the chunk on both sides; payment by payment only if they differ.
+        ``chunk`` is sorted and distinct; ``key_range`` None: find out. Also returns the
+        (merchant, UTC hour) of the chunk's events: where their totals are."""
+        with self.write.connect() as wconn, self.read.connect() as rconn:
+            if key_range is None:
+                key_range = compare.is_key_range(wconn, chunk)
+            expected = compare.write_fingerprint(wconn, chunk, key_range=key_range)
+            hours = compare.hours_touched(wconn, chunk, key_range=key_range)
+            actual = compare.read_fingerprint(rconn, chunk, key_range=key_range)
+            if actual == expected:
+                return {}, hours
+            size = self.settings.reconcile_chunk_size
+            if len(chunk) <= size:
+                ids = _ids(chunk)
+                events, rows = compare.load_events(wconn, ids), compare.load_read(rconn, ids)
+                return _compare_loaded(ids, events, rows, None), hours
+            found: dict[uuid.UUID, Finding] = {}
+            for start in range(0, len(chunk), size):
+                # The pieces of a key range are key ranges too.
+                piece = chunk[start : start + size]
+                expected = compare.write_fingerprint(wconn, piece, key_range=key_range)
+                actual = compare.read_fingerprint(rconn, piece, key_range=key_range)
+                if actual != expected:
+                    ids = _ids(piece)
+                    events, rows = compare.load_events(wconn, ids), compare.load_read(rconn, ids)
+                    found.update(_compare_loaded(ids, events, rows, None))
+            return found, hours
 
     def _compare_chunk(
         self,
@@ -369,15 +447,7 @@ class Reconciler:
             events = compare.load_events(wconn, chunk)
         with self.read.connect() as rconn:
             rows = compare.load_read(rconn, chunk)
-        found: dict[uuid.UUID, Finding] = {}
-        for pid in chunk:
-            evs = events.get(pid, [])
-            if note_days is not None:
-                note_days(evs)
-            finding = compare.compare(pid, evs, rows.get(pid))
-            if finding is not None:
-                found[pid] = finding
-        return found
+        return _compare_loaded(chunk, events, rows, note_days)
 
     async def _renew(self) -> None:
         if time.monotonic() - self._renewed < self.settings.reconcile_lock_seconds / 3:
@@ -433,9 +503,26 @@ class Reconciler:
         """Read payments (and refund rows alone) at or above ``lower`` (None: all) that have no
         event in the write store."""
         page = max(self.settings.reconcile_chunk_size, 1)
+        # Fingerprinted pages are cheap: larger ones, fewer round trips.
+        fingerprinted = max(page, compare.FINGERPRINT_PAGE)
         candidates: list[uuid.UUID] = []
         with self.read.connect() as rconn, self.write.connect() as wconn:
             after: uuid.UUID | None = None
+            # Pages whose ids fingerprint the same on both sides hold no orphan: skipped
+            # without reading their ids.
+            while page > 1 and (
+                last := compare.read_page_end(rconn, lower=lower, after=after, size=fingerprinted)
+            ):
+                same = compare.ids_fingerprint(
+                    rconn, read.payments, lower=lower, after=after, last=last
+                ) == compare.ids_fingerprint(
+                    wconn, write.events, lower=lower, after=after, last=last
+                )
+                if not same:
+                    candidates += compare.unknown_between(
+                        rconn, wconn, lower=lower, after=after, last=last
+                    )
+                after = last
             while ids := compare.read_payment_ids(rconn, lower=lower, after=after, limit=page):
                 after = ids[-1]
                 candidates += sorted(set(ids) - compare.known_payments(wconn, ids))
@@ -529,6 +616,28 @@ class Reconciler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_seconds)
         return code
+
+
+def _ids(keys: Sequence[bytes]) -> list[uuid.UUID]:
+    return [uuid.UUID(bytes=key) for key in keys]
+
+
+def _compare_loaded(
+    chunk: Sequence[uuid.UUID],
+    events: dict[uuid.UUID, list[Event]],
+    rows: dict[uuid.UUID, compare.ReadPayment],
+    note_days: Callable[[Iterable[Event]], None] | None,
+) -> dict[uuid.UUID, Finding]:
+    """Payment by payment: the fold of each payment's events against its read rows."""
+    found: dict[uuid.UUID, Finding] = {}
+    for pid in chunk:
+        evs = events.get(pid, [])
+        if note_days is not None:
+            note_days(evs)
+        finding = compare.compare(pid, evs, rows.get(pid))
+        if finding is not None:
+            found[pid] = finding
+    return found
 
 
 def _bodies(conn: sa.Connection, ids: list[uuid.UUID], chunk: int) -> list[compare.EventRow]:
