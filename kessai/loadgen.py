@@ -1,0 +1,391 @@
+"""A load generator for the command API: campaign traffic for demos and load tests.
+
+``kessai loadgen`` (and ``bench/writes.py``) drive ``POST /v1/payments`` and refunds over
+``connections`` keep-alive HTTP/1.1 connections, closed-loop (each connection sends its next
+request when the previous one is answered) or open-loop at ``rate`` requests/s (requests are
+scheduled at fixed times and their latency counts from when they were due, so a slow server
+is not hidden by the client waiting for it). The traffic looks like a cashback campaign:
+
+- merchants follow a Zipf-like distribution with one merchant taking ``hot_share`` (30%);
+- ``refund_share`` (3%) of requests refund part of a payment accepted earlier in the run;
+- ``retry_share`` (1%) repeat an earlier, answered payment request with the same
+  Idempotency-Key and body (a client retry: kessai must replay it, not record it twice);
+- every payment carries ``X-Device-Id`` (one device per user), so admission control applies.
+
+The client is a minimal HTTP/1.1 client on asyncio streams (keep-alive, one request at a time
+per connection, no pipelining). httpx.AsyncClient is the bottleneck at this concurrency:
+against a bare FastAPI POST endpoint (``bench/bare_app.py``, one uvicorn worker) on a 2-core
+machine, 64 connections and 4,000 requests, httpx managed 160-210 requests/s while using a
+whole core (16-22 s of client CPU), and this client 3,200-5,500 requests/s with 0.3-0.4 s of
+client CPU. aiohttp is not a dependency of kessai; the requests here are all alike (small
+JSON, ``Content-Length`` answers), so a few lines of stream handling are enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import random
+import ssl
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+__all__ = ["Mix", "Result", "Run", "merchant_weights", "run", "run_sync"]
+
+
+@dataclass(frozen=True, slots=True)
+class Mix:
+    """What the traffic looks like."""
+
+    merchants: int = 1_000
+    hot_share: float = 0.30
+    """Share of payments going to the busiest merchant (``m00000``)."""
+    refund_share: float = 0.03
+    retry_share: float = 0.01
+    users: int = 100_000
+    seed: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Where and how hard."""
+
+    url: str
+    api_key: str
+    connections: int = 64
+    requests: int | None = None
+    """Stop after this many requests (retries and refunds included)..."""
+    duration: float | None = None
+    """... or after this many seconds, whichever comes first (at least one of them)."""
+    rate: float | None = None
+    """Open loop at this many requests/s; None: as fast as the connections go."""
+    timeout: float = 30.0
+
+
+def merchant_id(rank: int) -> str:
+    return f"m{rank:05d}"
+
+
+def merchant_weights(mix: Mix) -> list[float]:
+    """Cumulative weights: merchant 0 holds ``hot_share``, the others a Zipf tail (s = 1)."""
+    if mix.merchants == 1:
+        return [1.0]
+    tail = [1.0 / rank for rank in range(1, mix.merchants)]
+    scale = (1.0 - mix.hot_share) / sum(tail)
+    cumulative, running = [], 0.0
+    for w in (mix.hot_share, *(t * scale for t in tail)):
+        running += w
+        cumulative.append(running)
+    return cumulative
+
+
+@dataclass(slots=True)
+class Result:
+    sent: int = 0
+    by_status: Counter[int] = field(default_factory=Counter)
+    by_kind: dict[str, Counter[int]] = field(default_factory=dict)
+    """kind (payment, refund, retry) -> status -> count."""
+    connection_errors: int = 0
+    payments: int = 0
+    """Payments recorded (201, not replayed)."""
+    refunds: int = 0
+    """Refunds recorded (201, not replayed)."""
+    replayed: int = 0
+    """Answers with ``Idempotent-Replayed: true``."""
+    per_merchant: Counter[str] = field(default_factory=Counter)
+    """Recorded payments per merchant."""
+    latencies: list[float] = field(default_factory=list)
+    """Seconds, of every answered request."""
+    elapsed: float = 0.0
+    client_cpu_seconds: float = 0.0
+
+    @property
+    def accepted(self) -> int:
+        return self.payments + self.refunds
+
+    @property
+    def accepted_per_second(self) -> float:
+        return self.accepted / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def answered_per_second(self) -> float:
+        return len(self.latencies) / self.elapsed if self.elapsed > 0 else 0.0
+
+    def percentile(self, q: float) -> float:
+        """Latency (seconds) at quantile ``q`` (0-1), nearest rank; 0 without answers."""
+        if not self.latencies:
+            return 0.0
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "sent": self.sent,
+            "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
+            "by_kind": {
+                kind: {str(k): v for k, v in sorted(c.items())}
+                for kind, c in sorted(self.by_kind.items())
+            },
+            "connection_errors": self.connection_errors,
+            "payments": self.payments,
+            "refunds": self.refunds,
+            "replayed": self.replayed,
+            "elapsed_seconds": round(self.elapsed, 3),
+            "accepted_per_second": round(self.accepted_per_second, 1),
+            "latency_ms": {
+                "p50": round(self.percentile(0.50) * 1000, 2),
+                "p90": round(self.percentile(0.90) * 1000, 2),
+                "p99": round(self.percentile(0.99) * 1000, 2),
+                "max": round(max(self.latencies, default=0.0) * 1000, 2),
+            },
+            "client_cpu_seconds": round(self.client_cpu_seconds, 2),
+        }
+
+
+class HttpError(Exception):
+    """The connection broke or the answer was not HTTP/1.1 as expected."""
+
+
+@dataclass(slots=True)
+class Answer:
+    status: int
+    replayed: bool
+    body: bytes
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; one request at a time."""
+
+    def __init__(self, host: str, port: int, tls: bool, timeout: float) -> None:
+        self.host, self.port, self.tls, self.timeout = host, port, tls, timeout
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        context = ssl.create_default_context() if self.tls else None
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port, ssl=context)
+        return self.reader, self.writer
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def request(self, head: bytes, body: bytes) -> Answer:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._exchange(head, body)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+            self.close()
+            raise HttpError(repr(exc)) from exc
+
+    async def _exchange(self, head: bytes, body: bytes) -> Answer:
+        if self.reader is None or self.writer is None:
+            reader, writer = await self._open()
+        else:
+            reader, writer = self.reader, self.writer
+        writer.write(head + body)
+        await writer.drain()
+        raw = await reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        length = 0
+        chunked = close = replayed = False
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            name = name.strip().lower()
+            value = value.strip()
+            if name == "content-length":
+                length = int(value)
+            elif name == "transfer-encoding":
+                chunked = "chunked" in value.lower()
+            elif name == "connection":
+                close = value.lower() == "close"
+            elif name == "idempotent-replayed":
+                replayed = value.lower() == "true"
+        if chunked:
+            parts = []
+            while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                parts.append(await reader.readexactly(size + 2))
+            await reader.readuntil(b"\r\n")  # no trailers are expected
+            content = b"".join(p[:-2] for p in parts)
+        else:
+            content = await reader.readexactly(length)
+        if close:
+            self.close()
+        return Answer(status, replayed, content)
+
+
+@dataclass(slots=True)
+class _Sent:
+    key: str
+    body: bytes
+    device: str
+
+
+class _Traffic:
+    """Decides each request; shared by every connection (one event loop, no locks needed)."""
+
+    def __init__(self, run: Run, mix: Mix) -> None:
+        self.mix = mix
+        self.rng = random.Random(mix.seed)
+        self.cumulative = merchant_weights(mix)
+        self.prefix = f"lg-{uuid.uuid4().hex[:12]}"
+        self.issued = 0
+        self.refundable: list[tuple[str, int]] = []
+        """(payment_id, amount) of recorded payments not refunded yet."""
+        self.answered: deque[_Sent] = deque(maxlen=1_000)
+        """Payment requests already answered with 201: candidates for a client retry."""
+        parts = urlsplit(run.url)
+        self.base_path = parts.path.rstrip("/")
+        host = parts.netloc
+        self.common = (
+            f"Host: {host}\r\nAuthorization: Bearer {run.api_key}\r\n"
+            "Content-Type: application/json\r\nUser-Agent: kessai-loadgen\r\n"
+        )
+
+    def _head(self, path: str, key: str, length: int, device: str | None) -> bytes:
+        extra = f"X-Device-Id: {device}\r\n" if device else ""
+        return (
+            f"POST {self.base_path}{path} HTTP/1.1\r\n{self.common}Idempotency-Key: {key}\r\n"
+            f"{extra}Content-Length: {length}\r\n\r\n"
+        ).encode()
+
+    def next(self) -> tuple[str, bytes, bytes, _Sent | None]:
+        """(kind, head, body, what to remember if it is a new payment)."""
+        n = self.issued
+        self.issued += 1
+        roll = self.rng.random()
+        if roll < self.mix.refund_share and self.refundable:
+            i = self.rng.randrange(len(self.refundable))
+            self.refundable[i], self.refundable[-1] = self.refundable[-1], self.refundable[i]
+            payment_id, amount = self.refundable.pop()
+            body = orjson.dumps({"amount": self.rng.randint(1, amount), "reason": "cancelled"})
+            key = f"{self.prefix}-r{n}"
+            return (
+                "refund",
+                self._head(f"/v1/payments/{payment_id}/refunds", key, len(body), None),
+                body,
+                None,
+            )
+        if roll < self.mix.refund_share + self.mix.retry_share and self.answered:
+            sent = self.answered[self.rng.randrange(len(self.answered))]
+            head = self._head("/v1/payments", sent.key, len(sent.body), sent.device)
+            return "retry", head, sent.body, None
+        rank = bisect.bisect_left(self.cumulative, self.rng.random() * self.cumulative[-1])
+        user = self.rng.randrange(self.mix.users)
+        body = orjson.dumps(
+            {
+                "merchant_id": merchant_id(min(rank, self.mix.merchants - 1)),
+                "user_id": f"u{user}",
+                "amount": self.rng.randint(100, 50_000),
+                "currency": "JPY",
+                "method": "balance",
+                "order_ref": f"order-{n}",
+            }
+        )
+        key = f"{self.prefix}-p{n}"
+        device = f"dev-{user}"
+        return (
+            "payment",
+            self._head("/v1/payments", key, len(body), device),
+            body,
+            _Sent(key, body, device),
+        )
+
+
+Progress = Callable[[Result, float], None]
+"""Called about twice a second with the result so far and the seconds elapsed."""
+
+
+async def run(plan: Run, mix: Mix = Mix(), progress: Progress | None = None) -> Result:
+    """Drive the command API at ``plan.url``; return what happened."""
+    if plan.requests is None and plan.duration is None:
+        raise ValueError("give a number of requests, a duration, or both")
+    parts = urlsplit(plan.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {plan.url}")
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    traffic = _Traffic(plan, mix)
+    result = Result()
+    budget = plan.requests
+    start = time.perf_counter()
+    cpu = time.process_time()
+    deadline = start + plan.duration if plan.duration is not None else float("inf")
+
+    async def connection() -> None:
+        conn = Connection(parts.hostname or "", port, tls, plan.timeout)
+        try:
+            while True:
+                if budget is not None and traffic.issued >= budget:
+                    return
+                if time.perf_counter() >= deadline:
+                    return
+                due = None
+                if plan.rate is not None:
+                    due = start + traffic.issued / plan.rate
+                kind, head, body, remember = traffic.next()
+                if due is not None:
+                    if due >= deadline:
+                        return
+                    delay = due - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                began = due if due is not None else time.perf_counter()
+                result.sent += 1
+                try:
+                    answer = await conn.request(head, body)
+                except HttpError:
+                    result.connection_errors += 1
+                    await asyncio.sleep(0.05)  # a server that is down is not hammered
+                    continue
+                result.latencies.append(time.perf_counter() - began)
+                result.by_status[answer.status] += 1
+                result.by_kind.setdefault(kind, Counter())[answer.status] += 1
+                if answer.replayed:
+                    result.replayed += 1
+                elif answer.status == 201 and kind == "refund":
+                    result.refunds += 1
+                elif answer.status == 201 and kind == "payment":
+                    result.payments += 1
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        created = orjson.loads(answer.body)
+                        traffic.refundable.append((created["payment_id"], created["amount"]))
+                        result.per_merchant[created["merchant_id"]] += 1
+                    if remember is not None:
+                        traffic.answered.append(remember)
+        finally:
+            conn.close()
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            result.elapsed = time.perf_counter() - start
+            if progress is not None:
+                progress(result, result.elapsed)
+
+    reporter = asyncio.create_task(report())
+    try:
+        await asyncio.gather(*(connection() for _ in range(plan.connections)))
+    finally:
+        reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter
+    result.elapsed = time.perf_counter() - start
+    result.client_cpu_seconds = time.process_time() - cpu
+    if progress is not None:
+        progress(result, result.elapsed)
+    return result
+
+
+def run_sync(plan: Run, mix: Mix = Mix(), progress: Progress | None = None) -> Result:
+    return asyncio.run(run(plan, mix, progress))
