@@ -332,18 +332,9 @@ async def put_admission(request: Request, body: AdmissionPolicy) -> Response:
     within a second; it outlives restarts (it is stored in the write store)."""
     admission: Admission = request.app.state.admission
     updated_by = principal_of(request.state).key_id
-    try:
-        await anyio.to_thread.run_sync(
-            lambda: store_policy(request.app.state.write_engine, body, updated_by),
-            limiter=request.app.state.db_limiter,
-        )
-    except sa.exc.OperationalError as exc:
-        raise ApiError(
-            503,
-            "write_store_unavailable",
-            "The write store is unavailable; retry later.",
-            headers={"Retry-After": "1"},
-        ) from exc
+    await _in_worker(
+        request, lambda: store_policy(request.app.state.write_engine, body, updated_by)
+    )
     admission.applied(body)
     return JSONResponse(body.model_dump())
 

@@ -84,18 +84,24 @@ class BodySizeLimit:
             f"The request body is larger than {self.max_bytes} bytes.",
             {"max_bytes": self.max_bytes},
         )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_and_close(send, 413, body)
+
+
+async def send_and_close(send: Send, status: int, body: bytes) -> None:
+    """Answer with a JSON error ``body`` and close the connection (the rest of the request is
+    not read)."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 class _BodyTooLarge(Exception):
@@ -145,17 +151,6 @@ class SecurityHeaders:
                 f"The request headers are larger than {self.max_header_bytes} bytes.",
                 {"max_header_bytes": self.max_header_bytes},
             )
-            await with_headers(
-                {
-                    "type": "http.response.start",
-                    "status": 431,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                        (b"connection", b"close"),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await send_and_close(with_headers, 431, body)
             return
         await self.app(scope, receive, with_headers)
