@@ -17,12 +17,11 @@ from command_service.admission import Admission
 from command_service.batching import GroupCommitter
 from command_service.metrics import OutboxCollector
 from command_service.routes import router
-from kessai.auth import Authenticator, RequireApiKey
+from kessai.auth import Authenticator
 from kessai.db import create_db_engine
+from kessai.edge import install_edge
 from kessai.errors import install_error_handlers
-from kessai.http import BodySizeLimit, JSONResponse, SecurityHeaders
-from kessai.observability import HttpMetrics
-from kessai.ratelimit import RateLimitByIp, RateLimitByKey, RateLimiter
+from kessai.http import JSONResponse
 from kessai.settings import Settings
 
 DB_POOL_SIZE = 16
@@ -108,15 +107,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(router)
-    rate_limiter = RateLimiter.for_service(settings, registry, "command")
-    app.state.rate_limiter = rate_limiter
-    # Outermost first: body size, metrics, per-IP limit, API key, per-key limit, routes.
-    app.add_middleware(RateLimitByKey, limiter=rate_limiter)
-    app.add_middleware(
-        RequireApiKey, authenticator=lambda: getattr(app.state, "authenticator", None)
-    )
-    app.add_middleware(RateLimitByIp, limiter=rate_limiter)
-    app.add_middleware(HttpMetrics, registry=registry, service="command")
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(SecurityHeaders, max_header_bytes=settings.max_header_bytes)
+    install_edge(app, settings, registry, "command")
     return app

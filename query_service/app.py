@@ -19,11 +19,10 @@ from prometheus_client import CollectorRegistry, Counter
 from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.responses import Response
 
-from kessai.auth import Authenticator, RequireApiKey
+from kessai.auth import Authenticator
+from kessai.edge import install_edge
 from kessai.errors import error_response, install_error_handlers
-from kessai.http import BodySizeLimit, JSONResponse, SecurityHeaders
-from kessai.observability import HttpMetrics
-from kessai.ratelimit import RateLimitByIp, RateLimitByKey, RateLimiter
+from kessai.http import JSONResponse
 from kessai.settings import Settings
 from query_service import handlers
 from query_service.cache import FreshnessCache, SummaryCache, ZoneCache
@@ -132,15 +131,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     app.include_router(router)
-    rate_limiter = RateLimiter.for_service(settings, registry, "query")
-    app.state.rate_limiter = rate_limiter
-    # Outermost first: body size, metrics, per-IP limit, API key, per-key limit, routes.
-    app.add_middleware(RateLimitByKey, limiter=rate_limiter)
-    app.add_middleware(
-        RequireApiKey, authenticator=lambda: getattr(app.state, "authenticator", None)
-    )
-    app.add_middleware(RateLimitByIp, limiter=rate_limiter)
-    app.add_middleware(HttpMetrics, registry=registry, service="query")
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(SecurityHeaders, max_header_bytes=settings.max_header_bytes)
+    install_edge(app, settings, registry, "query")
     return app
