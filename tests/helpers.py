@@ -122,6 +122,18 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+async def until_true(
+    check: Callable[[], bool], *, within: float = 10.0, interval: float = 0.01
+) -> None:
+    """Like ``eventually`` for a plain (non-async, quick) ``check`` of in-process state."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {within} s")
+        await asyncio.sleep(interval)
+
+
 async def create_payments(
     api: httpx.AsyncClient, count: int, *, refunded: int = 0, concurrency: int = 4
 ) -> dict[uuid.UUID, int]:

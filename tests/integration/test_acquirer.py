@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -31,7 +31,7 @@ from kessai.auth import PAYMENTS_WRITE
 from kessai.events import PaymentCaptured, parse_event
 from kessai.schema.write import events
 from kessai.settings import Settings
-from tests.helpers import api_key, bearer, count_rows, new_key, payment_body
+from tests.helpers import api_key, bearer, count_rows, new_key, payment_body, until_true
 
 PAYMENTS = "/v1/payments"
 TIMEOUT_S = 0.3  # KESSAI_ACQUIRER_TIMEOUT_MS of these tests
@@ -283,13 +283,6 @@ async def breaker_state(api: httpx.AsyncClient) -> str:
     return states[0]
 
 
-async def wait_until(check: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 # --- authorization before capture ------------------------------------------------------------
 
 
@@ -491,7 +484,7 @@ async def _breaker_scenario(
     # Half-open against a hanging acquirer: one probe goes through, the others fail at once;
     # the probe's timeout opens the breaker again.
     acquirer.hang()
-    await wait_until(lambda: app.state.acquirer.breaker_state == "half_open")
+    await until_true(lambda: app.state.acquirer.breaker_state == "half_open")
     assert await breaker_state(api) == "half_open"
     keys = [new_key("probe") for _ in range(5)]
     probes = await asyncio.gather(*(pay(api, card_body(k), k) for k in keys))
@@ -502,7 +495,7 @@ async def _breaker_scenario(
 
     # The acquirer recovers: the next probe succeeds and closes the breaker.
     acquirer.recover()
-    await wait_until(lambda: app.state.acquirer.breaker_state == "half_open")
+    await until_true(lambda: app.state.acquirer.breaker_state == "half_open")
     key = new_key("recovered")
     assert (await pay(api, card_body(key), key)).status_code == 201
     assert await breaker_state(api) == "closed"
@@ -565,7 +558,7 @@ async def test_a_hanging_acquirer_leaves_balance_payments_and_workers_alone(
         try:
             # The bulkhead is full of hanging calls, eight more card payments wait for a
             # slot, and not one of them holds a worker thread (or a database connection).
-            await wait_until(
+            await until_true(
                 lambda: acquirer_client.in_flight == 4 and limiter.borrowed_tokens == 0
             )
             during = await balance_latencies(api, 30)

@@ -9,9 +9,8 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -28,7 +27,15 @@ from kessai.auth import PAYMENTS_WRITE
 from kessai.clock import utcnow
 from kessai.schema.write import idempotency_keys
 from kessai.settings import Settings
-from tests.helpers import api_key, bearer, count_rows, new_key, payment_body, stored_events
+from tests.helpers import (
+    api_key,
+    bearer,
+    count_rows,
+    new_key,
+    payment_body,
+    stored_events,
+    until_true,
+)
 
 PAYMENTS = "/v1/payments"
 
@@ -407,13 +414,6 @@ def mysql_waiters(url: str) -> int:
         return int(row[0])
 
 
-async def wait_until(check: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_same_key_while_first_is_in_flight_gets_409_at_once(
     app_and_api: tuple[FastAPI, httpx.AsyncClient], settings: Settings, write_engine: Engine
 ) -> None:
@@ -430,9 +430,9 @@ async def test_same_key_while_first_is_in_flight_gets_409_at_once(
         with write_store_blocked(url):
             first = asyncio.create_task(post())
             tasks.append(first)
-            await wait_until(lambda: key in {k for _, k in app.state.in_flight})
+            await until_true(lambda: key in {k for _, k in app.state.in_flight})
             if sa.make_url(url).get_backend_name() == "mysql":
-                await wait_until(lambda: mysql_waiters(url) >= 1)  # really held in MySQL
+                await until_true(lambda: mysql_waiters(url) >= 1)  # really held in MySQL
 
             second_task = asyncio.create_task(post())
             tasks.append(second_task)
