@@ -20,11 +20,12 @@ no query, and a revoked key stops working within that time.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -191,10 +192,27 @@ class Authenticator:
         self._cache: TTLCache[str, KeyRecord | None] | None = (
             TTLCache(maxsize=100_000, ttl=cache_seconds) if cache_seconds > 0 else None
         )
+        self._pending: dict[str, asyncio.Future[KeyRecord | None]] = {}
 
     async def _record(self, key_id: str) -> KeyRecord | None:
         if self._cache is not None and key_id in self._cache:
             return self._cache[key_id]
+        # One lookup per key at a time: when a busy key's cache entry expires, the requests
+        # that arrive meanwhile wait for that lookup instead of each asking the key store.
+        pending = self._pending.get(key_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        task = asyncio.ensure_future(self._fetch(key_id))
+        self._pending[key_id] = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._pending.pop(key_id, None)
+            else:  # this request was cancelled; the lookup finishes for the others
+                task.add_done_callback(lambda _: self._pending.pop(key_id, None))
+
+    async def _fetch(self, key_id: str) -> KeyRecord | None:
         try:
             record = await anyio.to_thread.run_sync(
                 lookup, self.engine, key_id, limiter=self.limiter
@@ -278,11 +296,12 @@ def principal_of(state: Any) -> Principal:
     return principal
 
 
-def needs(scope: str) -> Callable[[Request], Principal]:
+def needs(scope: str) -> Callable[[Request], Awaitable[Principal]]:
     """A route dependency: the caller's key holds ``scope``, else 403 ``forbidden``. (Runs
-    before the body's validation errors are reported.)"""
+    before the body's validation errors are reported.) A coroutine although it never awaits:
+    FastAPI runs a plain function dependency in a worker thread, a thread hop per request."""
 
-    def dependency(request: Request) -> Principal:
+    async def dependency(request: Request) -> Principal:
         principal = principal_of(request.state)
         if not principal.has(scope):
             raise forbidden(scope)

@@ -82,7 +82,9 @@ class Resources:
         return await anyio.to_thread.run_sync(call, limiter=self.limiter)
 
 
-def _resources(request: Request) -> Resources:
+# The dependencies are coroutines although none awaits: FastAPI runs a plain function
+# dependency in a worker thread, a thread hop per request.
+async def _resources(request: Request) -> Resources:
     resources: Resources = request.app.state.resources
     return resources
 
@@ -124,7 +126,7 @@ def _merchant_not_found(merchant_id: str) -> ApiError:
     return ApiError(404, "merchant_not_found", "No such merchant.", {"merchant_id": merchant_id})
 
 
-def _merchant_reader(request: Request, merchant_id: MerchantIdPath) -> None:
+async def _merchant_reader(request: Request, merchant_id: MerchantIdPath) -> None:
     """The key reads this merchant; otherwise 404, the answer for a merchant that does not
     exist, so that a key learns nothing about merchants that are not its own."""
     if not principal_of(request.state).reads_merchant(merchant_id):
@@ -181,7 +183,7 @@ class PaymentFilters:
     max_amount: int | None
 
 
-def _payment_filters(
+async def _payment_filters(
     from_: FromQuery = None,
     to: ToQuery = None,
     status: Annotated[PaymentStatus | None, Query()] = None,

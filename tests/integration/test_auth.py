@@ -9,6 +9,7 @@ kept; outside development the APIs do not start without a key store.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -193,6 +194,38 @@ async def test_a_revoked_key_stops_working_within_the_cache_time(
     async for client in client_of(create_command_app(cached), headers=bearer(key)):
         refused = await client.post("/v1/payments", json=body, headers={"Idempotency-Key": "k3"})
         assert refused.status_code == 401
+
+
+async def test_concurrent_requests_of_an_uncached_key_look_it_up_once(
+    auth_settings: Settings,
+) -> None:
+    """When a busy key is not (or no longer) cached, the requests that arrive together wait
+    for one key-store lookup instead of each running one; all of them are served."""
+    cached = auth_settings.model_copy(update={"auth_cache_seconds": 60})
+    key = api_key(cached, PAYMENTS_WRITE)
+    app = create_command_app(cached)
+    lookups: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "api_keys" in statement:
+            lookups.append(statement)
+
+    async for client in client_of(app, headers=bearer(key)):
+        engine = app.state.authenticator.engine
+        sa.event.listen(engine, "before_cursor_execute", count)
+        try:
+            answers = await asyncio.gather(
+                *(
+                    client.post(
+                        "/v1/payments", json=payment_body(), headers={"Idempotency-Key": f"c{i}"}
+                    )
+                    for i in range(20)
+                )
+            )
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", count)
+        assert [a.status_code for a in answers] == [201] * 20
+        assert len(lookups) == 1
 
 
 def test_outside_development_the_apis_refuse_to_start_without_a_key_store(
