@@ -26,6 +26,7 @@ client shows (see the client's note in ``kessai/loadgen.py``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -38,7 +39,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -49,6 +50,7 @@ from rich.console import Console
 from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bench.lag import PROBE_MERCHANT, AppliedCounter, Pipeline, Prober, Probes
 from bench.reconciler import (
     DEFAULT_DB_URL,
     connect,
@@ -60,7 +62,7 @@ from bench.reconciler import (
     server_pid,
 )
 from kessai import loadgen
-from kessai.auth import PAYMENTS_WRITE, create_key
+from kessai.auth import PAYMENTS_WRITE, create_key, merchant_scope
 from kessai.broker import free_port
 from kessai.db import create_db_engine
 from kessai.migrate import upgrade
@@ -71,8 +73,10 @@ TARGETS = {
     "kessai_vs_bare": 0.70,
     "p99_ms": 50.0,
     "rss_mib": 200.0,
+    "lag_p99_ms": 1000.0,
 }
-"""create-payment >= 70% of the bare POST rate; p99 < 50 ms at 64 connections; RSS < 200 MB."""
+"""create-payment >= 70% of the bare POST rate; p99 < 50 ms at 64 connections; RSS < 200 MB;
+end-to-end lag p99 < 1 s."""
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -173,6 +177,17 @@ def served(argv: list[str], env: dict[str, str], port: int, log: Path) -> Iterat
 # -- measuring ---------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class EndToEnd:
+    """What ``drive`` needs to measure the read side behind the command API."""
+
+    pipeline: Pipeline
+    read_key: str
+    counter: AppliedCounter
+    write_payments: Callable[[], int]
+    """Payments in the write store now."""
+
+
 def drive(
     server: Served,
     key: str,
@@ -184,8 +199,15 @@ def drive(
     mysqld: int | None,
     progress: Progress,
     label: str,
+    profile: Path | None = None,
+    e2e: EndToEnd | None = None,
 ) -> dict[str, Any]:
-    """Warm up, then run the load generator against ``server``; the figures of the run."""
+    """Warm up, then run the load generator against ``server``; the figures of the run.
+
+    With ``profile``, py-spy samples the server's processes during the measured seconds. With
+    ``e2e``, probes time how long payments take to show on the query API meanwhile, and the
+    read side's progress is sampled (``bench/lag.py``).
+    """
     mix = loadgen.Mix(seed=seed)
     task = progress.add_task(f"{label}: warming up", total=None)
 
@@ -204,17 +226,42 @@ def drive(
                 loadgen.Mix(seed=seed + 1),
             )
         server_cpu, db_cpu = server.cpu(), process_cpu(mysqld)
-        result = loadgen.run_sync(
-            loadgen.Run(server.url, key, connections=connections, duration=seconds),
-            mix,
-            on_progress,
+        plan = loadgen.Run(server.url, key, connections=connections, duration=seconds)
+        prober = (
+            None if e2e is None else Prober(server.url, key, e2e.pipeline.query_url, e2e.read_key)
         )
+
+        async def load() -> tuple[loadgen.Result, Probes | None]:
+            if prober is None:
+                return await loadgen.run(plan, mix, on_progress), None
+            return await asyncio.gather(loadgen.run(plan, mix, on_progress), prober.run(seconds))
+
+        started = time.perf_counter()
+        with sampling(server, profile, seconds):
+            result, probes = asyncio.run(load())
+        ended = started + result.elapsed
         server_cpu = server.cpu() - server_cpu
         db_after = process_cpu(mysqld)
         memory = server.memory()
+        if e2e is not None:
+            progress.update(task, description=f"{label}: waiting for the read side")
+            applied = e2e.counter.count_at(ended) - e2e.counter.count_at(started)
+            recorded = e2e.write_payments()
+            caught_up = e2e.counter.wait_for(recorded, timeout=300)
     finally:
         progress.remove_task(task)
     summary = result.summary()
+    if e2e is not None and probes is not None:
+        summary["end_to_end"] = {
+            **probes.summary(),
+            "applied_per_second": round(applied / result.elapsed, 1),
+            "applied_vs_accepted_payments": round(applied / (result.payments + probes.sent), 3)
+            if result.payments
+            else None,
+            "payments_in_write_store": recorded,
+            "caught_up_seconds_after_load": None if caught_up is None else round(caught_up, 2),
+            "memory": {name: p.memory() for name, p in e2e.pipeline.processes.items()},
+        }
     ok = sum(v for k, v in result.by_status.items() if 200 <= k < 300)
     summary["ok_per_second"] = round(ok / result.elapsed, 1) if result.elapsed else 0.0
     summary["server_cpu_seconds"] = round(server_cpu, 2)
@@ -228,6 +275,39 @@ def drive(
         else None
     )
     return summary
+
+
+def scalar_of(server_url: str, database: str, sql: str) -> int:
+    with connect(server_url, database) as conn, conn.cursor() as cursor:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+        return int(row[0]) if row else 0
+
+
+@contextlib.contextmanager
+def sampling(server: Served, path: Path | None, seconds: float) -> Iterator[None]:
+    """py-spy over the server and its workers while the block runs (``--profile``).
+
+    The format follows the suffix: ``.svg`` flame graph, ``.json`` speedscope, anything else
+    collapsed stacks (one line per stack, the form to grep and sum).
+    """
+    if path is None:
+        yield
+        return
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
+    fmt = {".svg": "flamegraph", ".json": "speedscope"}.get(path.suffix, "raw")
+    argv = [str(spy), "record", "--pid", str(server.process.pid), "--subprocesses", "--gil"]
+    argv += ["--rate", "200", "--format", fmt, "--output", str(path), "--nonblocking"]
+    argv += ["--duration", str(max(1, round(seconds)))]
+    recorder = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        _, err = recorder.communicate(timeout=seconds + 60)
+        if recorder.returncode != 0:
+            console.print(f"py-spy failed: {err.decode(errors='replace')[-500:]}")
 
 
 def raw_inserts(
@@ -310,12 +390,25 @@ def main(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the figures here as JSON.")
     ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(help="py-spy profile of the kessai API's measured run (.svg, .json, raw)."),
+    ] = None,
+    end_to_end: Annotated[
+        bool,
+        typer.Option(
+            "--end-to-end/--api-only",
+            help="Run relay, broker, projector and query API too, and measure applied/s and "
+            "the lag until payments show on the query API; or the command API alone.",
+        ),
+    ] = True,
 ) -> None:
     """Benchmark POST /v1/payments against a bare FastAPI endpoint and raw inserts."""
     signal.signal(signal.SIGTERM, _interrupt)
     name = f"kessai_bench_{uuid.uuid4().hex[:10]}"
-    write_db, keys_db = f"{name}_w", f"{name}_k"
+    write_db, keys_db, read_db = f"{name}_w", f"{name}_k", f"{name}_r"
     write_url, keys_url = database_url(db_url, write_db), database_url(db_url, keys_db)
+    read_url = database_url(db_url, read_db)
     report: dict[str, Any] = {
         "machine": machine(db_url),
         "settings": {
@@ -325,6 +418,7 @@ def main(
             "workers": workers,
             "seed": seed,
             "mix": dataclasses.asdict(loadgen.Mix(seed=seed)),
+            "end_to_end": end_to_end,
         },
         "targets": TARGETS,
     }
@@ -332,14 +426,16 @@ def main(
     created: list[str] = []
     home = Path(tempfile.mkdtemp(prefix="kessai-bench-writes-"))
     try:
-        for db in (write_db, keys_db):
+        for db in (write_db, keys_db, read_db):
             create_database(db_url, db)
             created.append(db)
         upgrade("write", write_url)
         upgrade("keys", keys_url)
+        upgrade("read", read_url)
         engine = create_db_engine(keys_url, pool_size=1)
         try:
             key = create_key(engine, [PAYMENTS_WRITE], "bench.writes")[1]
+            read_key = create_key(engine, [merchant_scope(PROBE_MERCHANT)], "bench.writes")[1]
         finally:
             engine.dispose()
         env = {k: v for k, v in os.environ.items() if not k.startswith("KESSAI_")}
@@ -348,9 +444,10 @@ def main(
                 "KESSAI_HOME": str(home),
                 "KESSAI_WRITE_DB_URL": write_url,
                 "KESSAI_KEYS_DB_URL": keys_url,
-                "KESSAI_READ_DB_URL": f"sqlite:///{home / 'read.db'}",
+                "KESSAI_READ_DB_URL": read_url,
                 "KESSAI_RATE_LIMIT_PER_IP": UNLIMITED,
                 "KESSAI_RATE_LIMIT_WRITES": UNLIMITED,
+                "KESSAI_RATE_LIMIT_READS": UNLIMITED,
                 "KESSAI_LOG_LEVEL": "WARNING",
             }
         )
@@ -373,8 +470,25 @@ def main(
             port = free_port()
             argv = [sys.executable, "-m", "kessai.cli", "command-api", "--host", "127.0.0.1"]
             argv += ["--port", str(port), "--workers", str(workers)]
-            with served(argv, env, port, home / "command-api.log") as api:
-                report["kessai"] = measure(api, key, label="kessai")
+            with contextlib.ExitStack() as stack:
+                e2e = None
+                if end_to_end:
+                    task = progress.add_task("starting broker, relay, projector, query API")
+                    pipeline = stack.enter_context(Pipeline.running(env, home, served))
+                    counter = stack.enter_context(AppliedCounter(db_url, read_db))
+                    e2e = EndToEnd(
+                        pipeline,
+                        read_key,
+                        counter,
+                        lambda: scalar_of(
+                            db_url,
+                            write_db,
+                            "SELECT COUNT(*) FROM events WHERE event_type = 'PaymentCaptured'",
+                        ),
+                    )
+                    progress.remove_task(task)
+                api = stack.enter_context(served(argv, env, port, home / "command-api.log"))
+                report["kessai"] = measure(api, key, label="kessai", profile=profile, e2e=e2e)
             port = free_port()
             argv = [sys.executable, "-m", "uvicorn", "bench.bare_app:create_app", "--factory"]
             argv += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
@@ -502,6 +616,40 @@ def show(report: dict[str, Any]) -> None:
         "(no target)",
         "",
     )
+    e2e = k.get("end_to_end")
+    if e2e is not None:
+        lag = e2e["lag_ms"]["p99"]
+        targets.add_row(
+            f"end-to-end lag p99 ({e2e['seen']} probes; p50 {e2e['lag_ms']['p50']} ms)",
+            "-" if lag is None else f"{lag:,.0f} ms",
+            f"< {TARGETS['lag_p99_ms']:,.0f} ms",
+            met(
+                lag is not None
+                and lag < TARGETS["lag_p99_ms"]
+                and not e2e["not_seen_within_timeout"]
+            ),
+        )
+        targets.add_row(
+            "applied/s (read side) / accepted payments/s",
+            f"{e2e['applied_per_second']:,.0f}/s = {e2e['applied_vs_accepted_payments']}",
+            "keeps pace",
+            "",
+        )
+        caught = e2e["caught_up_seconds_after_load"]
+        targets.add_row(
+            "read side caught up after the load stopped",
+            "not within 300 s" if caught is None else f"{caught:.1f} s",
+            "",
+            "",
+        )
+        for name, memory in e2e["memory"].items():
+            peak = memory["peak_rss_mib_max"]
+            targets.add_row(
+                f"peak RSS of {name}",
+                f"{peak:.0f} MiB",
+                f"< {TARGETS['rss_mib']:g} MB",
+                met(peak < TARGETS["rss_mib"]),
+            )
     console.print(targets)
 
 
