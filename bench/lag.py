@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from bench.reconciler import connect
+from bench.stores import Stores
 from kessai import loadgen
 from kessai.broker import EmbeddedBroker, ensure_topic, free_port
 from kessai.settings import Settings
@@ -206,8 +206,8 @@ class Prober:
 class AppliedCounter:
     """Counts the read database's payments every ``every`` seconds in a thread."""
 
-    def __init__(self, server_url: str, read_db: str, every: float = 0.25) -> None:
-        self.server_url, self.read_db, self.every = server_url, read_db, every
+    def __init__(self, stores: Stores, read_db: str, every: float = 0.25) -> None:
+        self.stores, self.read_db, self.every = stores, read_db, every
         self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="applied-counter", daemon=True)
@@ -221,7 +221,7 @@ class AppliedCounter:
         self._thread.join()
 
     def _run(self) -> None:
-        with connect(self.server_url, self.read_db) as conn, conn.cursor() as cursor:
+        with self.stores.cursor(self.read_db) as (conn, cursor):
             while not self._stop.is_set():
                 cursor.execute("SELECT COUNT(*) FROM payments")
                 row = cursor.fetchone()

@@ -672,7 +672,8 @@ def scalar(url: str, sql: str) -> int:
 # -- the machine -------------------------------------------------------------------------------
 
 
-def machine(server_url: str) -> dict[str, object]:
+def machine(server_url: str | None) -> dict[str, object]:
+    """The machine, and the database server at ``server_url`` (None: no server)."""
     info: dict[str, object] = {
         "cores": os.cpu_count(),
         "cpu_model": None,
@@ -690,9 +691,13 @@ def machine(server_url: str) -> dict[str, object]:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 info["ram_gib"] = round(int(line.split()[1]) / 1024 / 1024, 1)
-    with connect(server_url) as conn, conn.cursor() as cur:
-        cur.execute("SELECT VERSION(), @@innodb_buffer_pool_size, @@innodb_flush_log_at_trx_commit")
-        version, pool, flush = cur.fetchone() or (None, None, None)
+    version = pool = flush = None
+    if server_url is not None:
+        with connect(server_url) as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT VERSION(), @@innodb_buffer_pool_size, @@innodb_flush_log_at_trx_commit"
+            )
+            version, pool, flush = cur.fetchone() or (None, None, None)
     info["database"] = version
     info["innodb_buffer_pool_mib"] = None if pool is None else int(pool) // (1024 * 1024)
     info["innodb_flush_log_at_trx_commit"] = None if flush is None else int(flush)

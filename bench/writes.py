@@ -1,23 +1,29 @@
 """How many payments the command API takes, against what the same server and database do bare.
 
 ``python -m bench.writes [--connections 64] [--seconds 10] [--workers 2]
-[--db-url mysql+pymysql://root@127.0.0.1:3306] [--json out.json]``
+[--db-url mysql+pymysql://root@127.0.0.1:3306 | --db-url sqlite] [--api-only]
+[--json out.json] [--profile out.txt]``
 
-1. Creates fresh databases on the server (write store and key store,
-   ``kessai_bench_<hex>_w`` / ``_k``), migrates them, creates a ``payments:write`` key.
-2. Serves the real command API (``kessai command-api --workers N``, uvicorn, group commit as
+1. Creates fresh databases (write store, read database and key store, ``kessai_bench_<hex>_w``
+   / ``_r`` / ``_k`` on the server, or SQLite files with ``--db-url sqlite``: the embedded
+   default), migrates them, creates a ``payments:write`` key.
+2. Unless ``--api-only``: starts a private embedded broker, the relay, the projector and the
+   query API over those databases (``bench/lag.py``).
+3. Serves the real command API (``kessai command-api --workers N``, uvicorn, group commit as
    configured, rate limits out of the way) in a subprocess, and drives it with the load
    generator (``kessai/loadgen.py``): ``--connections`` keep-alive connections for
    ``--seconds`` after ``--warmup`` seconds, campaign traffic (Zipf merchants, one with 30% of
    the payments, 3% refunds, 1% client retries with the same Idempotency-Key and body, device
    ids). Figures: answers/s, accepted/s (payments and refunds recorded), latency p50/p90/p99,
    CPU of this process (the client), of the API processes and of the database server, and the
-   peak RSS of every API process (``VmHWM``).
-3. Baselines in the same run, on the same machine: a bare FastAPI app with the same body
+   peak RSS of every API process (``VmHWM``). With the pipeline: the end-to-end lag of probe
+   payments until the query API shows them (p50/p99), applied/s on the read side, the time
+   the read side needs to catch up after the load, the peak RSS of every service.
+4. Baselines in the same run, on the same machine: a bare FastAPI app with the same body
    models and no database (``bench/bare_app.py``), served and driven identically; and raw
-   single-row ``INSERT`` + ``COMMIT`` from ``--connections`` threads (pymysql) into a table of
-   the same database for ``--seconds``.
-4. Prints the figures, their ratios to the baselines and the targets, and the machine; writes
+   single-row ``INSERT`` + ``COMMIT`` from ``--connections`` threads into a table of the same
+   database for ``--seconds``.
+5. Prints the figures, their ratios to the baselines and the targets, and the machine; writes
    them as JSON with ``--json``; drops the databases, also on failure and Ctrl-C.
 
 Client and servers share the machine's cores: the client's CPU is reported so a saturated
@@ -51,16 +57,8 @@ from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench.lag import PROBE_MERCHANT, AppliedCounter, Pipeline, Prober, Probes
-from bench.reconciler import (
-    DEFAULT_DB_URL,
-    connect,
-    create_database,
-    database_url,
-    drop_database,
-    machine,
-    process_cpu,
-    server_pid,
-)
+from bench.reconciler import DEFAULT_DB_URL, process_cpu
+from bench.stores import Stores
 from kessai import loadgen
 from kessai.auth import PAYMENTS_WRITE, create_key, merchant_scope
 from kessai.broker import free_port
@@ -277,8 +275,8 @@ def drive(
     return summary
 
 
-def scalar_of(server_url: str, database: str, sql: str) -> int:
-    with connect(server_url, database) as conn, conn.cursor() as cursor:
+def scalar_of(stores: Stores, database: str, sql: str) -> int:
+    with stores.cursor(database) as (_, cursor):
         cursor.execute(sql)
         row = cursor.fetchone()
         return int(row[0]) if row else 0
@@ -311,15 +309,26 @@ def sampling(server: Served, path: Path | None, seconds: float) -> Iterator[None
 
 
 def raw_inserts(
-    server_url: str, database: str, *, connections: int, seconds: float, mysqld: int | None
+    stores: Stores, database: str, *, connections: int, seconds: float, mysqld: int | None
 ) -> dict[str, Any]:
     """Single-row INSERT + COMMIT from ``connections`` threads for ``seconds``."""
-    with connect(server_url, database) as conn, conn.cursor() as cur:
+    with stores.cursor(database) as (conn, cur):
         cur.execute(
-            "CREATE TABLE bench_inserts (id BIGINT AUTO_INCREMENT PRIMARY KEY,"
+            "CREATE TABLE bench_inserts (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " merchant_id VARCHAR(64) NOT NULL, amount BIGINT NOT NULL,"
+            " body VARCHAR(1024) NOT NULL, created_at TEXT NOT NULL)"
+            if stores.sqlite
+            else "CREATE TABLE bench_inserts (id BIGINT AUTO_INCREMENT PRIMARY KEY,"
             " merchant_id VARCHAR(64) NOT NULL, amount BIGINT NOT NULL,"
             " body VARCHAR(1024) NOT NULL, created_at DATETIME(6) NOT NULL)"
         )
+        conn.commit()
+    p = stores.param
+    now_sql = "strftime('%Y-%m-%d %H:%M:%f', 'now')" if stores.sqlite else "NOW(6)"
+    insert = (
+        "INSERT INTO bench_inserts (merchant_id, amount, body, created_at)"
+        f" VALUES ({p}, {p}, {p}, {now_sql})"
+    )
     body = orjson.dumps(
         {"merchant_id": "m00000", "user_id": "u1", "amount": 1200, "method": "balance"}
     ).decode()
@@ -330,14 +339,10 @@ def raw_inserts(
 
     def work(mine: list[float]) -> None:
         try:
-            with connect(server_url, database) as c, c.cursor() as cursor:
+            with stores.cursor(database) as (c, cursor):
                 start_line.wait()
                 while (now := time.perf_counter()) < stop_at[0]:
-                    cursor.execute(
-                        "INSERT INTO bench_inserts (merchant_id, amount, body, created_at)"
-                        " VALUES (%s, %s, %s, NOW(6))",
-                        ("m00000", 1200, body),
-                    )
+                    cursor.execute(insert, ("m00000", 1200, body))
                     c.commit()
                     mine.append(time.perf_counter() - now)
         except BaseException as exc:
@@ -384,7 +389,11 @@ def main(
     warmup: Annotated[float, typer.Option(min=0, help="Unmeasured seconds first.")] = 2.0,
     workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 2,
     db_url: Annotated[
-        str, typer.Option(help="Server URL (no database); the bench creates its databases.")
+        str,
+        typer.Option(
+            help="Server URL (no database; the bench creates its databases), or 'sqlite' for "
+            "the embedded default (SQLite files)."
+        ),
     ] = DEFAULT_DB_URL,
     seed: Annotated[int, typer.Option(help="Seed of the request mix.")] = 1,
     json_path: Annotated[
@@ -407,10 +416,11 @@ def main(
     signal.signal(signal.SIGTERM, _interrupt)
     name = f"kessai_bench_{uuid.uuid4().hex[:10]}"
     write_db, keys_db, read_db = f"{name}_w", f"{name}_k", f"{name}_r"
-    write_url, keys_url = database_url(db_url, write_db), database_url(db_url, keys_db)
-    read_url = database_url(db_url, read_db)
+    home = Path(tempfile.mkdtemp(prefix="kessai-bench-writes-"))
+    stores = Stores(db_url, home)
+    write_url, keys_url, read_url = (stores.url(db) for db in (write_db, keys_db, read_db))
     report: dict[str, Any] = {
-        "machine": machine(db_url),
+        "machine": stores.machine(),
         "settings": {
             "connections": connections,
             "seconds": seconds,
@@ -422,12 +432,11 @@ def main(
         },
         "targets": TARGETS,
     }
-    mysqld = server_pid(db_url)
+    mysqld = stores.server_pid()
     created: list[str] = []
-    home = Path(tempfile.mkdtemp(prefix="kessai-bench-writes-"))
     try:
         for db in (write_db, keys_db, read_db):
-            create_database(db_url, db)
+            stores.create(db)
             created.append(db)
         upgrade("write", write_url)
         upgrade("keys", keys_url)
@@ -475,13 +484,13 @@ def main(
                 if end_to_end:
                     task = progress.add_task("starting broker, relay, projector, query API")
                     pipeline = stack.enter_context(Pipeline.running(env, home, served))
-                    counter = stack.enter_context(AppliedCounter(db_url, read_db))
+                    counter = stack.enter_context(AppliedCounter(stores, read_db))
                     e2e = EndToEnd(
                         pipeline,
                         read_key,
                         counter,
                         lambda: scalar_of(
-                            db_url,
+                            stores,
                             write_db,
                             "SELECT COUNT(*) FROM events WHERE event_type = 'PaymentCaptured'",
                         ),
@@ -497,7 +506,7 @@ def main(
                 report["bare_fastapi"] = measure(bare, key, label="bare FastAPI")
             task = progress.add_task(f"raw inserts: {seconds:g} s", total=None)
             report["raw_inserts"] = raw_inserts(
-                db_url, write_db, connections=connections, seconds=seconds, mysqld=mysqld
+                stores, write_db, connections=connections, seconds=seconds, mysqld=mysqld
             )
             progress.remove_task(task)
         k, b, r = report["kessai"], report["bare_fastapi"], report["raw_inserts"]
@@ -519,7 +528,7 @@ def main(
     finally:
         for db in created:
             with contextlib.suppress(Exception):
-                drop_database(db_url, db)
+                stores.drop(db)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -535,7 +544,9 @@ def show(report: dict[str, Any]) -> None:
     about.add_row("Python", str(m["python"]))
     about.add_row(
         "database",
-        f"{m['database']} (buffer pool {m['innodb_buffer_pool_mib']} MiB, "
+        str(m["database"])
+        if m["innodb_buffer_pool_mib"] is None
+        else f"{m['database']} (buffer pool {m['innodb_buffer_pool_mib']} MiB, "
         f"innodb_flush_log_at_trx_commit={m['innodb_flush_log_at_trx_commit']})",
     )
     about.add_row("load average", f"{m['load_average']} before, {m['load_average_after']} after")

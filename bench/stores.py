@@ -1,0 +1,85 @@
+"""Where a benchmark's databases live: the embedded default or a MySQL/MariaDB server.
+
+``--db-url sqlite`` runs a benchmark on the embedded default (SQLite files in the bench's
+temporary ``KESSAI_HOME``, as ``kessai up`` uses without settings); a server URL without a
+database (``mysql+pymysql://root@127.0.0.1:3306``) runs it on that server, one fresh database
+per name, dropped at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.reconciler import (
+    connect,
+    create_database,
+    database_url,
+    drop_database,
+    machine,
+    server_pid,
+)
+
+SQLITE = "sqlite"
+
+
+class Stores:
+    def __init__(self, db_url: str, home: Path) -> None:
+        self.db_url = db_url
+        self.home = home
+        self.sqlite = db_url == SQLITE or db_url.startswith("sqlite")
+
+    def url(self, name: str) -> str:
+        if self.sqlite:
+            return f"sqlite:///{self.home / f'{name}.db'}"
+        return database_url(self.db_url, name)
+
+    def create(self, name: str) -> None:
+        if not self.sqlite:  # a SQLite file is created by its first migration
+            create_database(self.db_url, name)
+
+    def drop(self, name: str) -> None:
+        if not self.sqlite:  # the files go with the bench's temporary home
+            drop_database(self.db_url, name)
+
+    def connect(self, name: str) -> Any:
+        """A DB-API connection (``%s`` parameters on a server, ``?`` on SQLite: see
+        ``param``), transactions committed explicitly."""
+        if not self.sqlite:
+            return connect(self.db_url, name)
+        conn = sqlite3.connect(self.home / f"{name}.db", timeout=30, check_same_thread=False)
+        # The pragmas of the project's own SQLite engines (kessai/db.py).
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=30000"):
+            conn.execute(f"PRAGMA {pragma}")
+        return conn
+
+    @contextlib.contextmanager
+    def cursor(self, name: str) -> Iterator[tuple[Any, Any]]:
+        """``(connection, cursor)`` on database ``name``, both closed after the block."""
+        conn = self.connect(name)
+        try:
+            cursor = conn.cursor()
+            try:
+                yield conn, cursor
+            finally:
+                cursor.close()
+        finally:
+            conn.close()
+
+    @property
+    def param(self) -> str:
+        return "?" if self.sqlite else "%s"
+
+    def server_pid(self) -> int | None:
+        """The database server's process (None on SQLite: it runs inside the services)."""
+        return None if self.sqlite else server_pid(self.db_url)
+
+    def machine(self) -> dict[str, object]:
+        if not self.sqlite:
+            return machine(self.db_url)
+        info = machine(None)
+        info["database"] = f"SQLite {sqlite3.sqlite_version} (WAL, synchronous=FULL)"
+        return info
