@@ -256,10 +256,12 @@ class Projector:
 
     async def on_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         mine = [tp for tp in assigned if tp.topic == self.topic]
+        log.info("assigned partitions %s", sorted(tp.partition for tp in mine))
         if not mine:
             return
         try:
             await self._seek_to_stored(mine)
+            log.info("assigned partitions sought to their stored offsets")
         except Exception:
             # Never let the listener fail: aiokafka would keep the assignment unsought. The
             # batch loop seeks these partitions before it applies anything of theirs.
@@ -269,6 +271,7 @@ class Projector:
             self._unsought.update(mine)
 
     def on_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        log.info("revoked partitions %s", sorted(tp.partition for tp in revoked))
         for tp in revoked:
             self.expected.pop(tp.partition, None)
 

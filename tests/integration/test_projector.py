@@ -224,7 +224,11 @@ async def test_projector_killed_mid_batch_and_restarted_leaves_totals_exact(
             first.kill()
     second = start()
     try:
-        await wait_until(lambda: read_side_matches(write_engine, read_engine), within=120)
+        try:
+            await wait_until(lambda: read_side_matches(write_engine, read_engine), within=120)
+        except AssertionError as exc:  # say what the projectors did (assignments, seeks)
+            log = (tmp_path / "projector.log").read_text(errors="replace")
+            raise AssertionError(f"{exc}; projector log:\n{log[-6000:]}") from exc
     finally:
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=30) == 0
