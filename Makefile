@@ -21,7 +21,7 @@ help:
 	@echo 'make test      bring up MariaDB/Redis, then run pytest (extra args: PYTEST_ARGS=...)'
 	@echo 'make services  bring up MariaDB (127.0.0.1:3306) and Redis (127.0.0.1:6379)'
 	@echo 'make lint      ruff check, ruff format --check, mypy'
-	@echo 'make bench     reconciler benchmark on the local MariaDB (BENCH_ARGS=--events 20000 ...)'
+	@echo 'make bench     the benchmark suite on the local MariaDB (BENCH_ARGS=--size full, --db-url sqlite ...)'
 	@echo 'make clean     remove .venv, .kessai and caches'
 
 venv: $(STAMP)
@@ -51,7 +51,7 @@ lint: venv
 
 # Needs MariaDB/MySQL at 127.0.0.1:3306 (make services); see docs/BENCHMARKS.md.
 bench: venv services
-	$(BIN)/python -m bench.reconciler $(BENCH_ARGS)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .kessai .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -1,0 +1,272 @@
+"""The whole benchmark suite in one command: ``python -m bench`` (``make bench``).
+
+``python -m bench [--size quick|full] [--db-url URL | --db-url sqlite] [--out DIR]
+[--only writes --only queries ...]``
+
+Runs each benchmark of ``bench/`` in its own process, one after the other (they would
+otherwise measure each other), each writing its JSON into ``--out``; then prints one table of
+the headline figures against the targets and writes them to ``DIR/suite.json``. Every figure
+is a ratio to a baseline measured in the same run as well as an absolute number; each
+benchmark prints its own full table as it goes. ``--size quick`` (a few minutes) checks that
+everything runs; ``--size full`` gives the figures of ``docs/BENCHMARKS.md`` (about an hour
+with the 1,000,000-row data sets; queries at 10,000,000 payments are a separate run, see there).
+
+``--db-url sqlite`` runs on the embedded default (SQLite files, the embedded broker): the
+benchmarks that need a MySQL/MariaDB server for their bulk loading or baselines (projector,
+queries, reconciler) say so and are skipped, and the exit code says the suite was partial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bench.reconciler import DEFAULT_DB_URL
+
+console = Console(width=None if sys.stdout.isatty() else 120)
+
+SIZES: dict[str, dict[str, list[str]]] = {
+    "quick": {
+        "writes": ["--seconds", "5", "--warmup", "1"],
+        "projector": ["--events", "20000"],
+        "queries": ["--payments", "20000", "--seconds", "2", "--warmup", "0.5"],
+        "reconciler": ["--events", "20000"],
+    },
+    "full": {
+        "writes": ["--seconds", "10", "--warmup", "2"],
+        "projector": ["--events", "1000000"],
+        "queries": ["--payments", "1000000"],
+        "reconciler": ["--events", "1000000"],
+    },
+}
+SERVER_ONLY = {"projector", "queries", "reconciler"}
+"""Benchmarks whose loaders and baselines talk to a MySQL/MariaDB server directly."""
+
+
+Row = tuple[str, str, str, bool | None]
+"""(figure, measured, target, met: None when the figure has no target)."""
+
+
+def _get(data: Any, *path: str | int) -> Any:
+    for step in path:
+        if isinstance(data, dict) and isinstance(step, str):
+            data = data.get(step)
+        elif isinstance(data, list) and isinstance(step, int) and -len(data) <= step < len(data):
+            data = data[step]
+        else:
+            return None
+    return data
+
+
+def _num(value: Any, fmt: str = ",.0f", unit: str = "") -> str:
+    return "-" if value is None else f"{value:{fmt}}{unit}"
+
+
+def writes_rows(r: dict[str, Any]) -> list[Row]:
+    ratio = _get(r, "ratios", "kessai_vs_bare")
+    p99 = _get(r, "kessai", "latency_ms", "p99")
+    lag = _get(r, "kessai", "end_to_end", "lag_ms", "p99")
+    rows: list[Row] = [
+        (
+            "writes: create-payment / bare FastAPI POST",
+            f"{_num(ratio, '.2f')} ({_num(_get(r, 'kessai', 'ok_per_second'))}/s)",
+            ">= 0.70",
+            ratio is not None and ratio >= 0.70,
+        ),
+        (
+            f"writes: p99 at {_get(r, 'settings', 'connections')} connections",
+            _num(p99, ".1f", " ms"),
+            "< 50 ms",
+            p99 is not None and p99 < 50,
+        ),
+    ]
+    if lag is not None or _get(r, "kessai", "end_to_end") is not None:
+        rows.append(
+            (
+                "writes: end-to-end lag p99 (until the query API shows it)",
+                _num(lag, ",.0f", " ms"),
+                "< 1,000 ms",
+                lag is not None and lag < 1000,
+            )
+        )
+    peaks = [("command API", _get(r, "kessai", "memory", "peak_rss_mib_max"))]
+    for name, memory in (_get(r, "kessai", "end_to_end", "memory") or {}).items():
+        peaks.append((name, _get(memory, "peak_rss_mib_max")))
+    for name, peak in peaks:
+        rows.append(
+            (
+                f"peak RSS: {name}",
+                _num(peak, ".0f", " MiB"),
+                "< 200 MB",
+                peak is not None and peak < 190.7,
+            )
+        )
+    return rows
+
+
+def projector_rows(r: dict[str, Any]) -> list[Row]:
+    ratio = _get(r, "ratio")
+    rss = _get(r, "projector", "peak_rss_mib")
+    rate = _get(r, "figures", 1, "events_per_second")
+    return [
+        (
+            "projector: applied events/s / raw batched upserts",
+            f"{_num(ratio, '.2f')} ({_num(rate)}/s)",
+            ">= 0.80",
+            ratio is not None and ratio >= 0.80,
+        ),
+        (
+            "peak RSS: projector",
+            _num(rss, ".0f", " MiB"),
+            "< 200 MB",
+            rss is not None and rss < 190.7,
+        ),
+    ]
+
+
+def queries_rows(r: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    payments = _get(r, "data", "payments") or _get(r, "settings", "payments")
+    for key, target in (("summary", 20.0), ("list", 30.0)):
+        p99 = _get(r, "headline", key, "p99_ms")
+        rows.append(
+            (
+                f"queries: {key} p99 at {_num(payments)} payments",
+                _num(p99, ".1f", " ms"),
+                f"< {target:g} ms (at 10,000,000)",
+                None if p99 is None else p99 < target,
+            )
+        )
+    rss = _get(r, "memory", "peak_rss_mib_max")
+    rows.append(
+        (
+            "peak RSS: query API",
+            _num(rss, ".0f", " MiB"),
+            "< 200 MB",
+            rss is not None and rss < 190.7,
+        )
+    )
+    return rows
+
+
+def reconciler_rows(r: dict[str, Any]) -> list[Row]:
+    figures = _get(r, "figures") or []
+    incremental = next(
+        (f for f in figures if str(f.get("name", "")).startswith("incremental")), None
+    )
+    seconds = _get(incremental, "seconds")
+    events = _get(r, "data", "events") or _get(incremental, "events")
+    return [
+        (
+            f"reconciler: incremental, {_num(events)} new events",
+            f"{_num(seconds, '.1f', ' s')} "
+            f"({_num(_get(incremental, 'ratio'), '.2f')} x reading them)",
+            "< 30 s (at 1,000,000)",
+            None if seconds is None else seconds < 30,
+        )
+    ]
+
+
+HEADLINES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "writes": writes_rows,
+    "projector": projector_rows,
+    "queries": queries_rows,
+    "reconciler": reconciler_rows,
+}
+
+
+def main(
+    size: Annotated[
+        str, typer.Option(help="quick (minutes) or full (the documented sizes).")
+    ] = "quick",
+    db_url: Annotated[
+        str,
+        typer.Option(help="Server URL (no database), or 'sqlite' for the embedded default."),
+    ] = DEFAULT_DB_URL,
+    out: Annotated[Path, typer.Option(help="Directory for the JSON of every benchmark.")] = Path(
+        "bench-results"
+    ),
+    only: Annotated[
+        list[str] | None, typer.Option(help="Run only these benchmarks (repeat).")
+    ] = None,
+) -> None:
+    """Run every benchmark, then print the headline figures against the targets."""
+    if size not in SIZES:
+        raise typer.BadParameter(f"--size must be one of {', '.join(SIZES)}")
+    names = [n for n in SIZES[size] if not only or n in only]
+    sqlite = db_url == "sqlite" or db_url.startswith("sqlite")
+    out.mkdir(parents=True, exist_ok=True)
+    outcome: dict[str, Any] = {"size": size, "db_url": db_url, "benchmarks": {}}
+    rows: list[Row] = []
+    failed = skipped = False
+    for name in names:
+        if sqlite and name in SERVER_ONLY:
+            console.print(
+                f"[yellow]{name}: needs a MySQL/MariaDB server; skipped on SQLite[/yellow]"
+            )
+            outcome["benchmarks"][name] = {"status": "skipped: needs a MySQL/MariaDB server"}
+            skipped = True
+            continue
+        path = out / f"{name}.json"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        argv = [sys.executable, "-m", f"bench.{name}", *SIZES[size][name]]
+        argv += ["--db-url", db_url, "--json", str(path)]
+        console.rule(f"bench.{name}")
+        started = time.perf_counter()
+        code = subprocess.call(argv)
+        seconds = round(time.perf_counter() - started, 1)
+        if code != 0 or not path.exists():
+            console.print(f"[red]{name} failed (exit code {code})[/red]")
+            outcome["benchmarks"][name] = {
+                "status": f"failed: exit code {code}",
+                "seconds": seconds,
+            }
+            failed = True
+            continue
+        report = orjson.loads(path.read_bytes())
+        mine = HEADLINES[name](report)
+        rows += mine
+        outcome["benchmarks"][name] = {
+            "status": "ok",
+            "seconds": seconds,
+            "json": str(path),
+            "headlines": [
+                {"figure": f, "measured": m, "target": t, "met": ok} for f, m, t, ok in mine
+            ],
+        }
+    table = Table(title=f"kessai benchmark suite ({size}, {'SQLite' if sqlite else db_url})")
+    for column in ("figure", "measured", "target", "met"):
+        table.add_column(column)
+    for figure, measured, target, met in rows:
+        table.add_row(
+            figure,
+            measured,
+            target,
+            "" if met is None else "[green]yes[/green]" if met else "[red]no[/red]",
+        )
+    console.print(table)
+    (out / "suite.json").write_bytes(orjson.dumps(outcome, option=orjson.OPT_INDENT_2))
+    console.print(f"figures written to {out}/")
+    if failed:
+        raise typer.Exit(1)
+    if skipped:
+        raise typer.Exit(2)
+
+
+def cli() -> None:
+    typer.run(main)
+
+
+if __name__ == "__main__":
+    cli()
