@@ -42,8 +42,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.write_engine = engine
         app.state.in_flight = set()
-        # At most as many handlers in threads as the pool has connections (pool + overflow).
-        app.state.db_limiter = anyio.CapacityLimiter(DB_POOL_SIZE * 2)
+        # At most as many handlers in threads as the pool keeps connections: the pool's
+        # overflow connections are opened and closed per checkout (a PyMySQL connect costs
+        # ~23 ms of CPU here, most of it building a TLS context), so a bulkhead wider than the
+        # pool churns connections under load (py-spy under bench.queries saw it).
+        app.state.db_limiter = anyio.CapacityLimiter(DB_POOL_SIZE)
         # Admission settings are read in the background over a connection of their own (on
         # SQLite a write engine's connections would take the write lock just to read them).
         admission_engine = create_db_engine(

@@ -188,7 +188,8 @@ class Authenticator:
         limiter: anyio.CapacityLimiter | None = None,
     ) -> None:
         self.engine = engine
-        self.limiter = limiter or anyio.CapacityLimiter(4)
+        # As many lookups at once as the key store's pool keeps connections (2, in both APIs).
+        self.limiter = limiter or anyio.CapacityLimiter(2)
         self._cache: TTLCache[str, KeyRecord | None] | None = (
             TTLCache(maxsize=100_000, ttl=cache_seconds) if cache_seconds > 0 else None
         )

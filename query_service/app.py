@@ -52,8 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_read_only_engine(settings.resolved_query_db_url(), pool_size=DB_POOL_SIZE)
-        # At most as many reads in threads as the pool has connections (pool + overflow).
-        limiter = anyio.CapacityLimiter(DB_POOL_SIZE * 2)
+        # At most as many reads in threads as the pool keeps connections: overflow connections
+        # are opened and closed per checkout (see command_service/app.py).
+        limiter = anyio.CapacityLimiter(DB_POOL_SIZE)
         redis = (
             Redis.from_pool(
                 BlockingConnectionPool.from_url(
