@@ -48,6 +48,9 @@ from projector.apply import Record, apply_batch, payment_ids_of
 log = logging.getLogger(__name__)
 
 IDLE_CHECK_SECONDS = 1.0
+STALL_SECONDS = 15.0
+"""A partition whose position has not moved for this long while the log holds records past
+it (or that never got a fetch answer) is sought again."""
 
 
 class StaleAssignment(RuntimeError):
@@ -111,6 +114,8 @@ class Projector:
         self._zones: dict[str, ZoneInfo] = {}
         self._last_idle_check = 0.0
         self._seek_lock = asyncio.Lock()
+        # Per partition: the position last seen by the idle check and since when.
+        self._progress: dict[int, tuple[int | None, float]] = {}
         # Assigned partitions to seek to their stored offsets before anything else is applied
         # (a seek failed in the rebalance listener, or a batch of theirs was refused).
         self._unsought: set[TopicPartition] = set()
@@ -273,6 +278,7 @@ class Projector:
     def on_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         log.info("revoked partitions %s", sorted(tp.partition for tp in revoked))
         for tp in revoked:
+            self._progress.pop(tp.partition, None)
             self.expected.pop(tp.partition, None)
 
     async def _retry_unsought(self, consumer: AIOKafkaConsumer) -> None:
@@ -374,12 +380,27 @@ class Projector:
         self._last_idle_check = now
         tps = [tp for tp in consumer.assignment() if tp.partition in self.expected]
         at_end = []
+        stalled = []
         for tp in tps:
             # The high watermark of the last fetch response; not end_offsets() (see above).
             end = consumer.highwater(tp)
-            if end is None:
+            position = None if end is None else await consumer.position(tp)
+            seen, since = self._progress.setdefault(tp.partition, (position, now))
+            if seen != position or (end is not None and position == end):
+                self._progress[tp.partition] = (position, now)
+            elif now - since > STALL_SECONDS:
+                log.warning(
+                    "partition %d: no progress for %.0f s at position %s (log end %s); "
+                    "seeking it again",
+                    tp.partition,
+                    now - since,
+                    position,
+                    end,
+                )
+                self._progress[tp.partition] = (position, now)
+                stalled.append(tp)
+            if end is None or position is None:
                 continue
-            position = await consumer.position(tp)
             self.metrics.lag.labels(str(tp.partition)).set(max(end - position, 0))
             if position > end:
                 self.metrics.log_resets.inc()
@@ -387,6 +408,8 @@ class Projector:
                 await self._seek_to_stored([tp])
             elif position == end and self.expected.get(tp.partition) == position:
                 at_end.append(tp.partition)
+        if stalled:
+            await self._seek_to_stored(stalled)
         if at_end:
             positions = {p: self.expected.get(p) for p in at_end}
             await anyio.to_thread.run_sync(self._stamp_caught_up, positions)

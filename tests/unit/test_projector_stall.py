@@ -1,0 +1,77 @@
+"""The projector's stall watchdog (``Projector._idle_checks``), with a stand-in consumer.
+
+A partition whose position stays put while the log holds records past it, or that never
+gets a fetch answer, is sought again to its stored offsets after ``STALL_SECONDS``; a
+partition at the end of its log, or moving, is left alone. (The broker-level cause was seen
+once in CI, and not reproduced since: a restarted projector that was assigned its partitions
+and sought them, then received nothing.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import sqlalchemy as sa
+from aiokafka import TopicPartition
+
+from kessai.settings import Settings
+from projector import service
+from projector.service import Projector
+
+
+class Consumer:
+    def __init__(self, positions: dict[int, int], highwaters: dict[int, int | None]) -> None:
+        self.positions, self.highwaters = positions, highwaters
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition("payments", p) for p in self.positions}
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.highwaters[tp.partition]
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.positions[tp.partition]
+
+
+@pytest.fixture
+def projector(monkeypatch: pytest.MonkeyPatch) -> tuple[Projector, list[list[int]], list[float]]:
+    clock = [1000.0]
+    monkeypatch.setattr(service.time, "monotonic", lambda: clock[0])
+    projector = Projector(engine=sa.create_engine("sqlite://"), settings=Settings(topic="payments"))
+    sought: list[list[int]] = []
+
+    async def seek(tps: Sequence[TopicPartition]) -> None:
+        sought.append(sorted(tp.partition for tp in tps))
+
+    monkeypatch.setattr(projector, "_seek_to_stored", seek)
+    monkeypatch.setattr(projector, "_stamp_caught_up", lambda positions: None)
+    return projector, sought, clock
+
+
+async def advance(projector: Projector, clock: list[float], seconds: float) -> None:
+    """Run the once-a-second check every second for ``seconds``."""
+    for _ in range(int(seconds)):
+        clock[0] += 1.0
+        await projector._idle_checks()
+
+
+async def test_a_partition_that_stays_behind_its_log_end_is_sought_again(
+    projector: tuple[Projector, list[list[int]], list[float]],
+) -> None:
+    p, sought, clock = projector
+    # 0: stuck behind its log end; 1: never got a fetch answer; 2: at its log end; 3: moving.
+    consumer = Consumer({0: 5, 1: 0, 2: 9, 3: 0}, {0: 40, 1: None, 2: 9, 3: 50})
+    p._consumer = consumer  # type: ignore[assignment]
+    p.expected = {0: 5, 1: 0, 2: 9, 3: 0}
+    for _ in range(int(service.STALL_SECONDS) - 1):
+        consumer.positions[3] += 1
+        await advance(p, clock, 1)
+    assert sought == []
+    for _ in range(3):
+        consumer.positions[3] += 1
+        await advance(p, clock, 1)
+    assert sought == [[0, 1]]
+    # Sought once, not on every check after that: the clock of each starts again.
+    await advance(p, clock, 5)
+    assert sought == [[0, 1]]
