@@ -136,18 +136,21 @@ def projector_rows(r: dict[str, Any]) -> list[Row]:
 
 def queries_rows(r: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
-    payments = _get(r, "data", "payments") or _get(r, "settings", "payments")
-    for key, target in (("summary", 20.0), ("list", 30.0)):
-        p99 = _get(r, "headline", key, "p99_ms")
+    payments = _get(r, "data", "payments")
+    runs = [run for run in _get(r, "runs") or [] if run.get("group") in ("summary", "list")]
+    for group, target in (("summary", 20.0), ("list", 30.0)):
+        mine = [run for run in runs if run["group"] == group]
+        worst = max(mine, key=lambda run: run["latency_ms"]["p99"], default=None)
+        p99 = _get(worst, "latency_ms", "p99")
         rows.append(
             (
-                f"queries: {key} p99 at {_num(payments)} payments",
-                _num(p99, ".1f", " ms"),
+                f"queries: {group} p99, worst kind, at {_num(payments)} payments",
+                f"{_num(p99, '.1f', ' ms')} ({_get(worst, 'name')})",
                 f"< {target:g} ms (at 10,000,000)",
                 None if p99 is None else p99 < target,
             )
         )
-    rss = _get(r, "memory", "peak_rss_mib_max")
+    rss = _get(r, "memory", "query_api", "peak_rss_mib_max")
     rows.append(
         (
             "peak RSS: query API",

@@ -1,12 +1,19 @@
-"""The baseline of ``bench/writes.py``: a bare FastAPI POST endpoint with the command API's
-body model (``CreatePayment``), no database, no authentication. Served like the real API:
-``uvicorn bench.bare_app:create_app --factory``."""
+"""The baselines of ``bench/writes.py`` and ``bench/queries.py``: bare FastAPI endpoints, no
+database, no authentication. Served like the real APIs:
+``uvicorn bench.bare_app:create_app --factory``.
+
+- ``POST /v1/payments`` (and refunds): the command API's body models (``CreatePayment``);
+- ``GET /v1/bare/merchants/{merchant_id}?items=N``: a JSON body shaped like a page of the query
+  API's payment list with ``items`` payments (0-500; 50 is the size of a default page, a few
+  make a body the size of a summary), built and serialized per request."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
-from fastapi import FastAPI, Header
+import orjson
+from fastapi import FastAPI, Header, Path, Query
 from starlette.responses import Response
 
 from command_service.schemas import CreatePayment, CreateRefund
@@ -37,5 +44,37 @@ def create_app() -> FastAPI:
             f'"amount":{body.amount},"status":"partially_refunded"}}'
         )
         return Response(content, status_code=201, media_type="application/json")
+
+    @app.get("/v1/bare/merchants/{merchant_id}")
+    async def bare_page(
+        merchant_id: str = Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$"),
+        items: int = Query(50, ge=0, le=500),
+    ) -> Response:
+        now = datetime.now(UTC)
+        body: dict[str, object] = {
+            "items": [
+                {
+                    "payment_id": str(uuid.uuid4()),
+                    "merchant_id": merchant_id,
+                    "user_id": f"u{n}",
+                    "store_id": None,
+                    "order_ref": f"order-{n}",
+                    "method": "balance",
+                    "currency": "JPY",
+                    "captured_amount": 1200 + n,
+                    "refunded_amount": 0,
+                    "status": "captured",
+                    "version": 1,
+                    "metadata": {},
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for n in range(items)
+            ],
+            "next_cursor": None,
+            "as_of": now,
+            "lag_seconds": 0.0,
+        }
+        return Response(orjson.dumps(body), media_type="application/json")
 
     return app
