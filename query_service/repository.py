@@ -133,14 +133,39 @@ def payments_page(
 ) -> Sequence[sa.Row[Any]]:
     """Up to ``limit`` payments matching ``where``, newest first, after ``after_position``."""
     conditions = list(where)
+    query = sa.select(payments)
     if after_position is not None:
         conditions.append(after(after_position))
+        index = _list_index(where)
+        if index is not None:
+            # MariaDB reads a page after a cursor with ``ref`` on the merchant (or user)
+            # alone, walking back from the newest row: page k read ~50·k rows (the 1,001st
+            # page of a merchant with 300,000 payments: 50,052 rows, 76 ms). Forced to this
+            # index it takes the range that starts at the cursor (52 rows). Measured with
+            # ANALYZE under bench.queries; the plain form is fine on SQLite.
+            query = query.with_hint(payments, f"FORCE INDEX ({index})", "mysql")
     return conn.execute(
-        sa.select(payments)
-        .where(*conditions)
+        query.where(*conditions)
         .order_by(payments.c.created_at.desc(), payments.c.payment_id.desc())
         .limit(limit)
     ).all()
+
+
+def _index_led_by(column: str) -> str | None:
+    for index in payments.indexes:
+        if index.name and [c.name for c in index.columns] == [column, "created_at", "payment_id"]:
+            return str(index.name)
+    return None
+
+
+_LIST_INDEXES = {column: _index_led_by(column) for column in ("merchant_id", "user_id")}
+
+
+def _list_index(where: Sequence[Condition]) -> str | None:
+    """The list index a page of ``where`` walks: its first condition is the merchant's or the
+    user's equality (``merchant_payments_where``, ``user_payments_where``)."""
+    column = getattr(getattr(where[0], "left", None), "key", None) if where else None
+    return _LIST_INDEXES.get(column) if isinstance(column, str) else None
 
 
 def count_up_to(conn: sa.Connection, where: Sequence[Condition], cap: int) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
+import orjson
 import pymysql
 import pytest
 import redis.asyncio
@@ -37,8 +38,9 @@ from kessai.events import PaymentCaptured
 from kessai.schema.read import payments
 from kessai.settings import DEFAULT_TOPIC, Settings
 from query_service import export
+from query_service import repository as query_repository
 from query_service.app import create_app
-from query_service.cursor import encode_cursor
+from query_service.cursor import Position, encode_cursor
 from tests.helpers import UNLIMITED, api_key, bearer
 from tests.integration.read_model import (
     captured,
@@ -857,6 +859,73 @@ async def test_sqlite_csv_export_of_100k_rows_streams_in_flat_memory(
     assert chunks > 50, "the body was not streamed in chunks"
     # The whole file is about 20 MB; rows held at once are one chunk of 1,000.
     assert peak < 15 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB"
+
+
+def test_mysql_a_page_after_a_cursor_reads_from_the_cursor_not_from_the_newest_row(
+    mysql_read_db_url: str,
+) -> None:
+    """A deep page costs what the first page costs: the statement sent for it (captured as it
+    runs) reads about one page of index entries (MariaDB's ANALYZE), not every newer row."""
+    rows_total, depth = 30_000, 20_000
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    rows = [
+        payment_row(created_at=base + timedelta(seconds=i), merchant_id="shop-big")
+        for i in range(rows_total)
+    ] + [
+        payment_row(created_at=base + timedelta(seconds=i), merchant_id=f"shop-{i % 50}")
+        for i in range(2 * rows_total)
+    ]
+    for engine in _writer(mysql_read_db_url):
+        insert_payment_rows(engine, rows)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE TABLE payments")
+    engine = create_db_engine(mysql_read_db_url, pool_size=1)
+    try:
+        where = query_repository.merchant_payments_where(
+            "shop-big", start=None, end=None, status=None, method=None, user_id=None,
+            store_id=None, min_amount=None, max_amount=None,
+        )  # fmt: skip
+        with engine.connect() as conn:
+            newest_first = query_repository.payments_page(
+                conn, where, after_position=None, limit=depth + 1
+            )
+            cursor = Position(newest_first[-1].created_at, newest_first[-1].payment_id)
+            sent: list[tuple[str, Any]] = []
+
+            def capture(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+                sent.append((statement, params))
+
+            sa.event.listen(engine, "before_cursor_execute", capture)
+            try:
+                page = query_repository.payments_page(conn, where, after_position=cursor, limit=51)
+            finally:
+                sa.event.remove(engine, "before_cursor_execute", capture)
+            ((statement, params),) = sent
+            plan = orjson.loads(
+                conn.exec_driver_sql(f"ANALYZE FORMAT=JSON {statement}", params).scalar_one()
+            )
+    finally:
+        engine.dispose()
+    assert [r.payment_id for r in page] == [
+        r["payment_id"] for r in sorted(rows[:rows_total], key=lambda r: r["created_at"])
+    ][rows_total - depth - 2 : rows_total - depth - 53 : -1]
+    read = _r_rows(plan)
+    assert 0 < read <= 60, f"a page {depth} rows deep read {read} rows"
+
+
+def _r_rows(plan: Any) -> int:
+    """Rows read from ``payments`` in an ``ANALYZE FORMAT=JSON`` plan (wherever it nests the
+    table: under a sort or a limit node, say)."""
+    if isinstance(plan, dict):
+        table = plan.get("table")
+        if isinstance(table, dict) and table.get("table_name") == "payments":
+            return int(table["r_rows"])
+        found = [_r_rows(v) for v in plan.values() if isinstance(v, dict | list)]
+    elif isinstance(plan, list):
+        found = [_r_rows(v) for v in plan]
+    else:
+        return -1
+    return max(found, default=-1)
 
 
 # -- freshness -------------------------------------------------------------------------------
