@@ -17,6 +17,7 @@ from fastapi import FastAPI, Header, Path, Query
 from starlette.responses import Response
 
 from command_service.schemas import CreatePayment, CreateRefund
+from kessai.runtime import freeze_startup_heap
 
 
 def create_app() -> FastAPI:
@@ -77,4 +78,5 @@ def create_app() -> FastAPI:
         }
         return Response(orjson.dumps(body), media_type="application/json")
 
+    freeze_startup_heap()  # served like the real APIs (kessai.runtime)
     return app

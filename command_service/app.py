@@ -22,11 +22,20 @@ from kessai.db import create_db_engine
 from kessai.edge import install_edge
 from kessai.errors import install_error_handlers
 from kessai.http import JSONResponse
+from kessai.runtime import freeze_startup_heap
 from kessai.settings import Settings
 
 DB_POOL_SIZE = 16
 
 log = logging.getLogger(__name__)
+
+
+def create_served_app() -> FastAPI:
+    """The app as ``kessai command-api`` serves it (each uvicorn worker calls this): ``create_app``,
+    then the start-up heap frozen (``kessai.runtime.freeze_startup_heap``)."""
+    app = create_app()
+    freeze_startup_heap()
+    return app
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -267,9 +267,10 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 async def serve(settings: Settings) -> None:
     """Run a relay until SIGINT/SIGTERM."""
     from kessai.db import create_db_engine
-    from kessai.runtime import stop_on_signals
+    from kessai.runtime import freeze_startup_heap, stop_on_signals
 
     engine = create_db_engine(settings.resolved_write_db_url(), pool_size=4)
+    freeze_startup_heap()
     stop = stop_on_signals()
     try:
         log.info(

@@ -67,7 +67,7 @@ def _serve(factory: str, host: str, port: int, workers: int) -> None:
 def run_command_api(host: str | None = None, port: int | None = None, workers: int = 1) -> None:
     settings = Settings()
     _serve(
-        "command_service.app:create_app",
+        "command_service.app:create_served_app",
         host or settings.command_api_host,
         port or settings.command_api_port,
         workers,
@@ -800,7 +800,7 @@ def loadgen(
 def run_query_api(host: str | None = None, port: int | None = None, workers: int = 1) -> None:
     settings = Settings()
     _serve(
-        "query_service.app:create_app",
+        "query_service.app:create_served_app",
         host or settings.query_api_host,
         port or settings.query_api_port,
         workers,

@@ -23,6 +23,7 @@ from kessai.auth import Authenticator
 from kessai.edge import install_edge
 from kessai.errors import error_response, install_error_handlers
 from kessai.http import JSONResponse
+from kessai.runtime import freeze_startup_heap
 from kessai.settings import Settings
 from query_service import handlers
 from query_service.cache import FreshnessCache, SummaryCache, ZoneCache
@@ -36,6 +37,14 @@ REDIS_TIMEOUT_SECONDS = 0.25
 """A cache that answers slower than this is slower than the database it saves: give up on it."""
 REDIS_MAX_CONNECTIONS = 32
 """Bounded, so a burst of requests queues for a Redis connection instead of opening thousands."""
+
+
+def create_served_app() -> FastAPI:
+    """The app as ``kessai query-api`` serves it (each uvicorn worker calls this): ``create_app``,
+    then the start-up heap frozen (``kessai.runtime.freeze_startup_heap``)."""
+    app = create_app()
+    freeze_startup_heap()
+    return app
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
