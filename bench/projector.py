@@ -68,7 +68,6 @@ from zoneinfo import ZoneInfo
 
 import orjson
 import typer
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
@@ -91,13 +90,14 @@ from bench.reconciler import (
     drop_database,
     insert_sql,
     machine,
+    machine_table,
     merchant_zones,
     plan,
     process_cpu,
     server_pid,
 )
 from bench.writes import memory_kib
-from kessai.broker import EmbeddedBroker, ensure_topic, free_port, new_producer
+from kessai.broker import EmbeddedBroker, ensure_topic, free_port, log_ends, new_producer
 from kessai.events import (
     PaymentCaptured,
     PaymentCapturedPayload,
@@ -347,36 +347,6 @@ async def publish(
     finally:
         progress.remove_task(task)
         await producer.stop()
-
-
-async def log_ends(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
-    """The real end offset of each partition: the high watermark of a fetch. (The embedded
-    broker's ListOffsets(latest) answers the base offset of the last record batch plus one.)"""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        request_timeout_ms=10_000,
-        max_partition_fetch_bytes=1024,
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends: dict[int, int] = {}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while len(ends) < len(tps):
-            if loop.time() > deadline:
-                raise RuntimeError(f"no high watermark for {topic} after 30 s")
-            await consumer.getmany(*tps, timeout_ms=200, max_records=1)
-            for tp in tps:
-                end = consumer.highwater(tp)
-                if end is not None:
-                    ends[tp.partition] = end
-        return ends
-    finally:
-        await consumer.stop()
 
 
 # -- the read databases ------------------------------------------------------------------------
@@ -988,17 +958,7 @@ def _figures(report: dict[str, Any], run: Run, events: int) -> list[dict[str, An
 
 def show(report: dict[str, Any]) -> None:
     m, s, d = report["machine"], report["settings"], report["data"]
-    about = Table(title="machine", show_header=False)
-    about.add_row("CPU", f"{m['cpu_model']}, {m['cores']} cores")
-    about.add_row("RAM", f"{m['ram_gib']} GiB")
-    about.add_row("OS", str(m["os"]))
-    about.add_row("Python", str(m["python"]))
-    about.add_row(
-        "database",
-        f"{m['database']} (buffer pool {m['innodb_buffer_pool_mib']} MiB, "
-        f"innodb_flush_log_at_trx_commit={m['innodb_flush_log_at_trx_commit']})",
-    )
-    about.add_row("load average", f"{m['load_average']} before, {m['load_average_after']} after")
+    about = machine_table(m)
     about.add_row(
         "data",
         f"{d['events']:,} events ({d['payments']:,} payments, {d['refunds']:,} refunds, "

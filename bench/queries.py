@@ -77,6 +77,7 @@ from bench.reconciler import (
     database_url,
     drop_database,
     machine,
+    machine_table,
     process_cpu,
     server_pid,
 )
@@ -1299,17 +1300,7 @@ def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def show(report: dict[str, Any]) -> None:
     m, s, d = report["machine"], report["settings"], report["data"]
-    about = Table(title="machine", show_header=False)
-    about.add_row("CPU", f"{m['cpu_model']}, {m['cores']} cores")
-    about.add_row("RAM", f"{m['ram_gib']} GiB")
-    about.add_row("OS", str(m["os"]))
-    about.add_row("Python", str(m["python"]))
-    about.add_row(
-        "database",
-        f"{m['database']} (buffer pool {m['innodb_buffer_pool_mib']} MiB, "
-        f"innodb_flush_log_at_trx_commit={m['innodb_flush_log_at_trx_commit']})",
-    )
-    about.add_row("load average", f"{m['load_average']} before, {m['load_average_after']} after")
+    about = machine_table(m)
     about.add_row(
         "data",
         f"{d['payments']:,} payments ({d['big_merchant_payments']:,} of m00000), "

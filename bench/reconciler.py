@@ -704,6 +704,26 @@ def machine(server_url: str | None) -> dict[str, object]:
     return info
 
 
+def machine_table(m: dict[str, Any]) -> Table:
+    """The machine rows every benchmark prints first; a benchmark adds rows of its own."""
+    about = Table(title="machine", show_header=False)
+    about.add_row("CPU", f"{m['cpu_model']}, {m['cores']} cores")
+    about.add_row("RAM", f"{m['ram_gib']} GiB")
+    about.add_row("OS", str(m["os"]))
+    about.add_row("Python", str(m["python"]))
+    about.add_row(
+        "database",
+        str(m["database"])
+        if m.get("innodb_buffer_pool_mib") is None
+        else f"{m['database']} (buffer pool {m['innodb_buffer_pool_mib']} MiB, "
+        f"innodb_flush_log_at_trx_commit={m['innodb_flush_log_at_trx_commit']})",
+    )
+    about.add_row(
+        "load average", f"{m['load_average']} before, {m.get('load_average_after')} after"
+    )
+    return about
+
+
 # -- the command -------------------------------------------------------------------------------
 
 
@@ -919,19 +939,7 @@ def measure(
 
 def show(report: dict[str, Any]) -> None:
     m = report["machine"]
-    about = Table(title="machine", show_header=False)
-    about.add_row("CPU", f"{m['cpu_model']}, {m['cores']} cores")
-    about.add_row("RAM", f"{m['ram_gib']} GiB")
-    about.add_row("OS", str(m["os"]))
-    about.add_row("Python", str(m["python"]))
-    about.add_row(
-        "database",
-        f"{m['database']} (buffer pool {m['innodb_buffer_pool_mib']} MiB, "
-        f"innodb_flush_log_at_trx_commit={m['innodb_flush_log_at_trx_commit']})",
-    )
-    about.add_row(
-        "load average", f"{m['load_average']} before, {m.get('load_average_after')} after"
-    )
+    about = machine_table(m)
     d = report["data"]
     about.add_row(
         "data",

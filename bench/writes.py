@@ -57,7 +57,7 @@ from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench.lag import PROBE_MERCHANT, AppliedCounter, Pipeline, Prober, Probes
-from bench.reconciler import DEFAULT_DB_URL, process_cpu
+from bench.reconciler import DEFAULT_DB_URL, machine_table, process_cpu
 from bench.stores import Stores
 from kessai import loadgen
 from kessai.auth import PAYMENTS_WRITE, create_key, merchant_scope
@@ -537,19 +537,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def show(report: dict[str, Any]) -> None:
     m, s = report["machine"], report["settings"]
-    about = Table(title="machine", show_header=False)
-    about.add_row("CPU", f"{m['cpu_model']}, {m['cores']} cores")
-    about.add_row("RAM", f"{m['ram_gib']} GiB")
-    about.add_row("OS", str(m["os"]))
-    about.add_row("Python", str(m["python"]))
-    about.add_row(
-        "database",
-        str(m["database"])
-        if m["innodb_buffer_pool_mib"] is None
-        else f"{m['database']} (buffer pool {m['innodb_buffer_pool_mib']} MiB, "
-        f"innodb_flush_log_at_trx_commit={m['innodb_flush_log_at_trx_commit']})",
-    )
-    about.add_row("load average", f"{m['load_average']} before, {m['load_average_after']} after")
+    about = machine_table(m)
     about.add_row(
         "run",
         f"{s['connections']} connections, {s['seconds']:g} s (+{s['warmup_seconds']:g} s "

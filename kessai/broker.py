@@ -9,6 +9,7 @@ or consumer touches it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -189,3 +190,34 @@ def new_producer(bootstrap: str, *, request_timeout_ms: int = 10_000) -> AIOKafk
         linger_ms=0,
         metadata_max_age_ms=30_000,
     )
+
+
+async def log_ends(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    """The real end offset of each partition: the high watermark of a fetch. (The embedded
+    broker answers ListOffsets(latest) with the base offset of the last record batch plus
+    one, a lower bound.) Raises ``BrokerUnavailable`` if a partition gives none in 30 s."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        request_timeout_ms=10_000,
+        max_partition_fetch_bytes=1024,
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends: dict[int, int] = {}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while len(ends) < len(tps):
+            if loop.time() > deadline:
+                raise BrokerUnavailable(f"no high watermark for {topic} after 30 s")
+            await consumer.getmany(*tps, timeout_ms=200, max_records=1)
+            for tp in tps:
+                end = consumer.highwater(tp)
+                if end is not None:
+                    ends[tp.partition] = end
+        return ends
+    finally:
+        await consumer.stop()

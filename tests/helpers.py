@@ -280,35 +280,6 @@ def restart_on_same_port(broker: EmbeddedBroker) -> None:
     broker.start()
 
 
-async def log_ends(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
-    """The real end offset of each partition: the high watermark of a fetch. (The embedded
-    broker's ListOffsets answer is only a lower bound, see ``end_offsets``.)"""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        request_timeout_ms=10_000,
-        max_partition_fetch_bytes=1024,
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends: dict[int, int] = {}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 15
-        while len(ends) < len(tps):
-            assert loop.time() < deadline, f"no high watermark for {topic} after 15 s"
-            await consumer.getmany(*tps, timeout_ms=200, max_records=1)
-            for tp in tps:
-                end = consumer.highwater(tp)
-                if end is not None:
-                    ends[tp.partition] = end
-        return ends
-    finally:
-        await consumer.stop()
-
-
 def api_key(settings: Settings, *scopes: str, name: str = "test") -> str:
     """A new API key with ``scopes`` in the key store of ``settings`` (migrated first)."""
     url = settings.resolved_keys_db_url()

@@ -40,6 +40,7 @@ from typer.testing import CliRunner
 import projector.apply
 from command_service import outbox as outbox_sql
 from command_service.relay import Relay
+from kessai.broker import log_ends
 from kessai.cli import app
 from kessai.clock import utcnow
 from kessai.events import PaymentRefunded, parse_event
@@ -55,7 +56,7 @@ from kessai.schema.write import events, outbox
 from kessai.settings import Settings
 from projector.service import Projector
 from reconciler.service import PAYMENT_KINDS, Reconciler, RunResult
-from tests.helpers import log_ends, own_broker, restart_on_same_port
+from tests.helpers import own_broker, restart_on_same_port
 from tests.integration.read_model import captured
 from tests.integration.read_model import project as apply_directly
 from tests.pipeline import (
