@@ -47,9 +47,10 @@ class Pipeline:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, env: dict[str, str], home: Path, served: Any) -> Iterator[Pipeline]:
-        """``env`` holds the databases' settings; ``served`` is ``bench.writes.served`` (a
-        uvicorn server in a subprocess), passed in to avoid an import cycle."""
+    def running(cls, env: dict[str, str], home: Path) -> Iterator[Pipeline]:
+        """``env`` holds the databases' settings; the services' logs go to ``home``."""
+        from bench.writes import served  # the APIs' process handling; bench.writes imports this
+
         broker = EmbeddedBroker(free_port(), log_path=home / "broker.log")
         broker.start()
         pipeline = cls(broker)

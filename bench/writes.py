@@ -483,7 +483,7 @@ def main(
                 e2e = None
                 if end_to_end:
                     task = progress.add_task("starting broker, relay, projector, query API")
-                    pipeline = stack.enter_context(Pipeline.running(env, home, served))
+                    pipeline = stack.enter_context(Pipeline.running(env, home))
                     counter = stack.enter_context(AppliedCounter(stores, read_db))
                     e2e = EndToEnd(
                         pipeline,
