@@ -163,9 +163,15 @@ _LIST_INDEXES = {column: _index_led_by(column) for column in ("merchant_id", "us
 
 def _list_index(where: Sequence[Condition]) -> str | None:
     """The list index a page of ``where`` walks: its first condition is the merchant's or the
-    user's equality (``merchant_payments_where``, ``user_payments_where``)."""
-    column = getattr(getattr(where[0], "left", None), "key", None) if where else None
-    return _LIST_INDEXES.get(column) if isinstance(column, str) else None
+    user's equality (``merchant_payments_where``, ``user_payments_where``). None when another
+    condition names a user too (a merchant's payments of one user): the user's index may then
+    be the better walk, and the optimizer chooses."""
+    columns = [getattr(getattr(c, "left", None), "key", None) for c in where]
+    if not columns or not isinstance(columns[0], str):
+        return None
+    if columns[0] != "user_id" and "user_id" in columns[1:]:
+        return None
+    return _LIST_INDEXES.get(columns[0])
 
 
 def count_up_to(conn: sa.Connection, where: Sequence[Condition], cap: int) -> int:
