@@ -642,51 +642,24 @@ def explain(read_url: str, settings: Settings, merchants: int) -> list[dict[str,
 
             position, deep_position = position_after(500), position_after(50_000)
             captured.clear()
+
+            def page(merchant: str, after: Position | None, **filters: Any) -> Callable[[], object]:
+                where = repository.merchant_payments_where(merchant, **filters)
+                return lambda: repository.payments_page(
+                    conn, where, after_position=after, limit=PAGE_SIZE + 1
+                )
+
             cases: list[tuple[str, Callable[[], object]]] = [
-                (
-                    "list, first page, big merchant",
-                    lambda: repository.payments_page(
-                        conn,
-                        repository.merchant_payments_where("m00000"),
-                        after_position=None,
-                        limit=PAGE_SIZE + 1,
-                    ),
-                ),
-                (
-                    "list, 11th page (cursor), big merchant",
-                    lambda: repository.payments_page(
-                        conn,
-                        repository.merchant_payments_where("m00000"),
-                        after_position=position,
-                        limit=PAGE_SIZE + 1,
-                    ),
-                ),
+                ("list, first page, big merchant", page("m00000", None)),
+                ("list, 11th page (cursor), big merchant", page("m00000", position)),
                 (
                     "list, 1,001st page (cursor), big merchant (not measured)",
-                    lambda: repository.payments_page(
-                        conn,
-                        repository.merchant_payments_where("m00000"),
-                        after_position=deep_position,
-                        limit=PAGE_SIZE + 1,
-                    ),
+                    page("m00000", deep_position),
                 ),
-                (
-                    f"list, first page, tail merchant {tail}",
-                    lambda: repository.payments_page(
-                        conn,
-                        repository.merchant_payments_where(tail),
-                        after_position=None,
-                        limit=PAGE_SIZE + 1,
-                    ),
-                ),
+                (f"list, first page, tail merchant {tail}", page(tail, None)),
                 (
                     "list, status=refunded filter, big merchant (not measured)",
-                    lambda: repository.payments_page(
-                        conn,
-                        repository.merchant_payments_where("m00000", status="refunded"),
-                        after_position=None,
-                        limit=PAGE_SIZE + 1,
-                    ),
+                    page("m00000", None, status="refunded"),
                 ),
                 (
                     "summary, 30 days by day, big merchant",
