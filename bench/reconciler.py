@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -74,6 +74,9 @@ from kessai.ledger import PaymentState, apply
 from kessai.migrate import upgrade
 from kessai.settings import Settings
 from reconciler.service import Reconciler, RunResult
+
+if TYPE_CHECKING:  # bench.stores imports this module's server helpers
+    from bench.stores import Stores
 
 DEFAULT_DB_URL = "mysql+pymysql://root@127.0.0.1:3306"
 BATCH_PAYMENTS = 2_000
@@ -238,9 +241,24 @@ REFUND_COLUMNS = (
 TOTAL_COLUMNS = ("payments_count", "payments_amount", "refunds_count", "refunds_amount")
 
 
-def insert_sql(table: str, columns: Sequence[str]) -> str:
+def insert_sql(table: str, columns: Sequence[str], param: str = "%s") -> str:
+    """``INSERT`` of one row's values (``param``: ``%s`` for PyMySQL, ``?`` for sqlite3)."""
     names = ", ".join(f"`{c}`" for c in columns)
-    return f"INSERT INTO `{table}` ({names}) VALUES ({', '.join(['%s'] * len(columns))})"
+    return f"INSERT INTO `{table}` ({names}) VALUES ({', '.join([param] * len(columns))})"
+
+
+def sqlite_value(value: Any) -> Any:
+    """A value as SQLAlchemy stores it in SQLite (kessai's own writes): datetimes as
+    ``YYYY-MM-DD HH:MM:SS.ffffff`` text, dates as ``YYYY-MM-DD``; anything else as it is."""
+    if isinstance(value, datetime):
+        return f"{value:%Y-%m-%d %H:%M:%S.%f}"
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
+
+
+def sqlite_rows(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    return [tuple(map(sqlite_value, row)) for row in rows]
 
 
 @dataclass(slots=True)
@@ -374,10 +392,12 @@ def drop_database(server_url: str, name: str) -> None:
 
 class Writer:
     """A thread sending multi-row INSERTs to one database, one transaction per item, so the
-    server inserts while this process builds the next batch."""
+    server inserts while this process builds the next batch (on SQLite: ``executemany`` of the
+    stdlib driver, one transaction per item, in a thread of this process)."""
 
-    def __init__(self, server_url: str, database: str) -> None:
-        self.conn = connect(server_url, database)
+    def __init__(self, stores: Stores, database: str) -> None:
+        self.sqlite = stores.sqlite
+        self.conn = stores.connect(database)
         self.items: queue.Queue[tuple[str, list[tuple[Any, ...]]] | None] = queue.Queue(4)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name=f"writer-{database}", daemon=True)
@@ -394,8 +414,11 @@ class Writer:
             if self.error is not None:
                 continue  # drain: the main thread stops at its next put
             try:
-                with self.conn.cursor() as cur:
-                    cur.executemany(item[0], item[1])
+                cur = self.conn.cursor()
+                try:
+                    cur.executemany(item[0], sqlite_rows(item[1]) if self.sqlite else item[1])
+                finally:
+                    cur.close()
                 self.conn.commit()
             except BaseException as exc:
                 self.error = exc
@@ -408,7 +431,7 @@ class Writer:
             raise RuntimeError(f"loading failed: {self.error!r}") from self.error
 
 
-def load(shape: Shape, server_url: str, write_db: str, read_db: str, progress: Progress) -> int:
+def load(shape: Shape, stores: Stores, write_db: str, read_db: str, progress: Progress) -> int:
     """Load both databases; return the number of payments."""
     settings = Settings()
     default_zone = ZoneInfo(settings.default_merchant_time_zone)
@@ -422,14 +445,15 @@ def load(shape: Shape, server_url: str, write_db: str, read_db: str, progress: P
     planned = plan(shape, end)
     assign_ids(planned)
     progress.update(task, description="loading events", total=shape.events, completed=0)
-    write, read = Writer(server_url, write_db), Writer(server_url, read_db)
+    write, read = Writer(stores, write_db), Writer(stores, read_db)
     totals = Totals()
-    events_sql = insert_sql("events", EVENT_COLUMNS)
-    payments_sql = insert_sql("payments", PAYMENT_COLUMNS)
-    refunds_sql = insert_sql("refunds", REFUND_COLUMNS)
+    p = stores.param
+    events_sql = insert_sql("events", EVENT_COLUMNS, p)
+    payments_sql = insert_sql("payments", PAYMENT_COLUMNS, p)
+    refunds_sql = insert_sql("refunds", REFUND_COLUMNS, p)
     try:
         read.put(
-            insert_sql("merchants", ("merchant_id", "time_zone")),
+            insert_sql("merchants", ("merchant_id", "time_zone"), p),
             sorted(merchant_zones(shape).items()),
         )
         for start in range(0, len(planned), BATCH_PAYMENTS):
@@ -443,7 +467,7 @@ def load(shape: Shape, server_url: str, write_db: str, read_db: str, progress: P
             ("merchant_hourly_totals", "hour", totals.hourly),
         ):
             rows: list[tuple[Any, ...]] = [(*key, *values) for key, values in sorted(sums.items())]
-            sql = insert_sql(table, ("merchant_id", bucket, "currency", *TOTAL_COLUMNS))
+            sql = insert_sql(table, ("merchant_id", bucket, "currency", *TOTAL_COLUMNS), p)
             for first in range(0, len(rows), 5_000):
                 read.put(sql, rows[first : first + 5_000])
     finally:
@@ -510,16 +534,17 @@ def measured(name: str, events: int, mysqld: int | None, figures: list[Figure]) 
 
 
 def keyset_pages(
-    cur: Any, table: str, columns: str, keys: tuple[str, ...]
-) -> Iterator[tuple[tuple[Any, ...], ...]]:
+    cur: Any, table: str, columns: str, keys: tuple[str, ...], param: str = "%s"
+) -> Iterator[Sequence[tuple[Any, ...]]]:
     """Pages of ``SCAN_PAGE`` rows of ``table`` in primary-key order (``keys``, the first
     ``len(keys)`` selected columns), each page one keyset query."""
     first, *rest = keys
+    p = param
     if rest:
         (second,) = rest
-        where = f"{first} > %s OR ({first} = %s AND {second} > %s)"
+        where = f"{first} > {p} OR ({first} = {p} AND {second} > {p})"
     else:
-        where = f"{first} > %s"
+        where = f"{first} > {p}"
     order = ", ".join(keys)
     last: tuple[Any, ...] = (b"", 0)[: len(keys)]
     while True:
@@ -536,23 +561,25 @@ def keyset_pages(
 
 
 def scan(
-    server_url: str, write_db: str, read_db: str, parse: Callable[[str], object] | None = None
+    stores: Stores, write_db: str, read_db: str, parse: Callable[[str], object] | None = None
 ) -> int:
     """Read the events (payment_id, version, body) and the read rows in primary-key pages
-    through the raw driver: what touching the data the reconciler compares costs here."""
+    through the raw driver (PyMySQL, or the stdlib sqlite3): what touching the data the
+    reconciler compares costs here."""
     touched = 0
-    with connect(server_url, write_db) as conn, conn.cursor() as cur:
-        pk = ("payment_id", "version")
-        for rows in keyset_pages(cur, "events", "payment_id, version, body", pk):
+    p = stores.param
+    pk = ("payment_id", "version")
+    with stores.cursor(write_db) as (_, cur):
+        for rows in keyset_pages(cur, "events", "payment_id, version, body", pk, p):
             if parse is not None:
                 for row in rows:
                     parse(row[2])
             touched += len(rows)
-    with connect(server_url, read_db) as conn, conn.cursor() as cur:
+    with stores.cursor(read_db) as (_, cur):
         columns = "payment_id, captured_amount, refunded_amount, version, status"
-        for rows in keyset_pages(cur, "payments", columns, ("payment_id",)):
+        for rows in keyset_pages(cur, "payments", columns, ("payment_id",), p):
             touched += len(rows)
-        for rows in keyset_pages(cur, "refunds", "payment_id, version, amount", pk):
+        for rows in keyset_pages(cur, "refunds", "payment_id, version, amount", pk, p):
             touched += len(rows)
     return touched
 
@@ -616,15 +643,27 @@ def take_drift(read_url: str, count: int, seed: int) -> tuple[list[Any], list[An
     engine = sa.create_engine(read_url)
     try:
         with engine.begin() as conn:
-            ids = [
-                row[0]
-                for row in conn.exec_driver_sql(
-                    f"SELECT payment_id FROM payments ORDER BY RAND({int(seed)}) LIMIT {int(count)}"
-                )
-            ]
+            if conn.dialect.name == "sqlite":  # no seeded RAND(): the same choice in Python
+                every = [
+                    row[0]
+                    for row in conn.exec_driver_sql(
+                        "SELECT payment_id FROM payments ORDER BY payment_id"
+                    )
+                ]
+                ids = random.Random(seed).sample(every, min(count, len(every)))
+                param = "?"
+            else:
+                ids = [
+                    row[0]
+                    for row in conn.exec_driver_sql(
+                        f"SELECT payment_id FROM payments ORDER BY RAND({int(seed)})"
+                        f" LIMIT {int(count)}"
+                    )
+                ]
+                param = "%s"
             if not ids:
                 return [], []
-            marks = ", ".join(["%s"] * len(ids))
+            marks = ", ".join([param] * len(ids))
             payments = list(
                 conn.exec_driver_sql(
                     f"SELECT {', '.join(PAYMENT_COLUMNS)} FROM payments"
@@ -650,12 +689,15 @@ def put_back(read_url: str, payments: list[Any], refunds: list[Any]) -> None:
     engine = sa.create_engine(read_url)
     try:
         with engine.begin() as conn:
+            param = "?" if conn.dialect.name == "sqlite" else "%s"
             for table, columns, rows in (
                 ("payments", PAYMENT_COLUMNS, payments),
                 ("refunds", REFUND_COLUMNS, refunds),
             ):
                 if rows:
-                    conn.exec_driver_sql(insert_sql(table, columns), [tuple(r) for r in rows])
+                    conn.exec_driver_sql(
+                        insert_sql(table, columns, param), [tuple(r) for r in rows]
+                    )
     finally:
         engine.dispose()
 
@@ -730,7 +772,11 @@ def machine_table(m: dict[str, Any]) -> Table:
 def main(
     events: Annotated[int, typer.Option(min=1, help="Events in the write store.")] = 1_000_000,
     db_url: Annotated[
-        str, typer.Option(help="Server URL (no database); two databases are created there.")
+        str,
+        typer.Option(
+            help="Server URL (no database; two databases are created there), or 'sqlite' "
+            "(or sqlite:///DIR) for the embedded default: SQLite files in a temporary directory."
+        ),
     ] = DEFAULT_DB_URL,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the figures here as JSON.")
@@ -756,19 +802,33 @@ def main(
     ] = False,
     reuse: Annotated[
         str | None,
-        typer.Option(help="Measure the databases NAME_w / NAME_r kept by an earlier --keep."),
+        typer.Option(
+            help="Measure the databases NAME_w / NAME_r kept by an earlier --keep (on SQLite: "
+            "DIR/NAME, the files' directory and name as --keep printed them)."
+        ),
     ] = None,
 ) -> None:
     """Benchmark the reconciler: an incremental run over all events and a full audit."""
+    from bench.stores import Stores, temporary_home
+
     # SIGTERM (and SIGINT, even where a shell started this with it ignored) unwinds like
     # Ctrl-C, so the databases are dropped.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    sqlite = Stores(db_url, Path()).sqlite
+    home: Path | None = None
+    if sqlite and reuse is not None:
+        home, reuse = Path(reuse).parent, Path(reuse).name
+    elif sqlite:
+        home = temporary_home(db_url, "kessai-bench-reconciler-")
+    stores = Stores(db_url, home or Path())
     name = reuse or f"kessai_bench_{uuid.uuid4().hex[:10]}"
     write_db, read_db = f"{name}_w", f"{name}_r"
-    write_url, read_url = database_url(db_url, write_db), database_url(db_url, read_db)
+    write_url, read_url = stores.url(write_db), stores.url(read_db)
     shape = Shape(events=events, seed=seed, days=days)
-    report: dict[str, Any] = {"machine": machine(db_url)}
+    report: dict[str, Any] = {"machine": stores.machine()}
+    if home is not None:
+        report["directory"] = str(home)
     created = False
     try:
         with Progress(
@@ -782,11 +842,11 @@ def main(
             started = time.perf_counter()
             if reuse is None:
                 created = True
-                create_database(db_url, write_db)
-                create_database(db_url, read_db)
+                stores.create(write_db)
+                stores.create(read_db)
                 upgrade("write", write_url)
                 upgrade("read", read_url)
-                payments = load(shape, db_url, write_db, read_db, progress)
+                payments = load(shape, stores, write_db, read_db, progress)
                 load_seconds = time.perf_counter() - started
                 report["load"] = {
                     "seconds": round(load_seconds, 2),
@@ -809,7 +869,7 @@ def main(
             report["figures"] = measure(
                 shape=shape,
                 events=events,
-                db_url=db_url,
+                stores=stores,
                 write_db=write_db,
                 read_db=read_db,
                 chunk_size=chunk_size,
@@ -825,8 +885,12 @@ def main(
             json_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
             console.print(f"figures written to {json_path}")
     finally:
-        if keep:
+        if keep and home is not None:
+            console.print(f"kept: --reuse {home / name}  ({write_db}.db, {read_db}.db)")
+        elif keep:
             console.print(f"kept: --reuse {name}  ({write_db}, {read_db})")
+        elif home is not None:
+            shutil.rmtree(home, ignore_errors=True)
         elif created or reuse is not None:
             for db in (write_db, read_db):
                 with contextlib.suppress(Exception):
@@ -841,7 +905,7 @@ def measure(
     *,
     shape: Shape,
     events: int,
-    db_url: str,
+    stores: Stores,
     write_db: str,
     read_db: str,
     chunk_size: int | None,
@@ -851,7 +915,7 @@ def measure(
     progress: Progress,
     report: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    write_url, read_url = database_url(db_url, write_db), database_url(db_url, read_db)
+    write_url, read_url = stores.url(write_db), stores.url(read_db)
     update: dict[str, object] = {
         "write_db_url": write_url,
         "read_db_url": read_url,
@@ -868,7 +932,7 @@ def measure(
         "reconcile_chunk_size": settings.reconcile_chunk_size,
         "reconcile_confirm_seconds": settings.reconcile_confirm_seconds,
     }
-    mysqld = server_pid(db_url)
+    mysqld = stores.server_pid()
     figures: list[Figure] = []
     write_engine = create_db_engine(write_url)
     read_engine = create_db_engine(read_url, write=True)
@@ -878,7 +942,7 @@ def measure(
         task = progress.add_task(name, total=None)
         try:
             with measured(name, events, mysqld, figures):
-                scan(db_url, write_db, read_db, parse)
+                scan(stores, write_db, read_db, parse)
         finally:
             progress.remove_task(task)
 
@@ -966,6 +1030,10 @@ def show(report: dict[str, Any]) -> None:
             _findings(f["findings"]),
         )
     console.print(figures)
+    if str(m["database"]).startswith("SQLite"):
+        console.print(
+            "SQLite runs inside this process: its CPU is in the client CPU column; no server CPU."
+        )
 
 
 def _findings(found: dict[str, int] | None) -> str:

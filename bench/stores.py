@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import sqlalchemy as sa
 
 from bench.reconciler import (
     connect,
@@ -24,6 +27,18 @@ from bench.reconciler import (
 )
 
 SQLITE = "sqlite"
+
+
+def temporary_home(db_url: str, prefix: str) -> Path:
+    """A new temporary directory for a bench's files (its SQLite databases, logs): under DIR
+    with ``--db-url sqlite:///DIR``, else under the system's temporary directory. The bench
+    removes it when it ends."""
+    parent = None
+    if db_url.startswith("sqlite:"):
+        parent = sa.make_url(db_url).database or None
+        if parent:
+            Path(parent).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
 
 
 class Stores:
