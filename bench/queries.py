@@ -2,7 +2,7 @@
 a bare GET endpoint on the same server.
 
 ``python -m bench.queries [--payments 1000000] [--connections 32] [--seconds 5] [--workers 2]
-[--db-url mysql+pymysql://root@127.0.0.1:3306] [--json out.json]``
+[--rate R | --rate-share 0.5] [--db-url mysql+pymysql://root@127.0.0.1:3306] [--json out.json]``
 
 1. Creates a fresh read database and key store on the server (``kessai_bench_<hex>_r`` /
    ``_k``), migrates them with ``kessai.migrate.upgrade``, and creates one API key reading every
@@ -28,10 +28,17 @@ a bare GET endpoint on the same server.
    and after the others), summaries (today through the cache, today without it, 7 and 30 days
    by day, 7 days by hour) and list pages (first pages, then pages following ``next_cursor``),
    each for the big merchant and for random tail merchants.
-5. Prints req/s, latency p50/p90/p99/max per kind, their ratios to the bare baseline, CPU of
-   client, API and database server, the API processes' peak RSS (``VmHWM``), the targets and
-   the machine; writes them as JSON with ``--json``; drops the databases (unless ``--keep``),
-   also on failure and Ctrl-C. ``--reuse NAME`` measures a kept read database again.
+   Right after each kind's closed-loop run, the same kind open-loop at a stated rate
+   (``--rate``, or ``--rate-share`` of the req/s it just reached closed-loop: half by
+   default), requests sent on schedule by ``kessai.loadgen``'s scheduler and their latency
+   counted from when they were due; then the bare endpoint with the kind's body size at the
+   same rate.
+5. Prints req/s, latency p50/p90/p99/max per kind (closed loop: the saturation figures), their
+   ratios to the bare baseline, CPU of client, API and database server, the open-loop
+   latencies beside the bare endpoint's at the same rate, the API processes' peak RSS
+   (``VmHWM``), the targets against the open-loop p99, and the machine; writes them as JSON
+   with ``--json``; drops the databases (unless ``--keep``), also on failure and Ctrl-C.
+   ``--reuse NAME`` measures a kept read database again.
 
 ``--profile FILE --profile-kind KEY`` samples the query API processes with py-spy
 (``pip install py-spy``) during one kind's measured run.
@@ -106,6 +113,10 @@ SMALL_BODY_ITEMS = 3
 """Items of the bare baseline's summary-sized body (about 1.2 KB)."""
 PAGE_SIZE = 50
 """The list's default page size."""
+RATE_SHARE = 0.5
+"""Open loop, by default, at half the rate the kind reached closed-loop in the same run."""
+OPEN_LOOP_REQUESTS = 1_000
+"""Requests an open-loop run aims at (its p99 then rests on the ten slowest or more)."""
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -878,39 +889,38 @@ class Tally:
     client_cpu_seconds: float = 0.0
 
 
-async def closed_loop(
+async def send(
     url: str,
     key: str,
     pickers: list[Picker],
     seconds: float,
+    rate: float | None = None,
     on_progress: Callable[[Tally, float], None] | None = None,
 ) -> Tally:
-    """Each picker drives one keep-alive connection: a request when the previous answered."""
+    """Each picker drives one keep-alive connection (``kessai.loadgen.drive``): closed loop
+    (``rate`` None: a request when the previous one is answered) or open loop at ``rate``
+    requests/s, latency counted from when each request was due."""
     host, port = url.removeprefix("http://").split(":")
     common = f"Host: {host}:{port}\r\nAuthorization: Bearer {key}\r\nUser-Agent: kessai-bench\r\n"
     tally = Tally()
     start, cpu = time.perf_counter(), time.process_time()
-    deadline = start + seconds
 
-    async def connection(picker: Picker) -> None:
-        conn = loadgen.Connection(host, int(port), False, 30.0)
-        try:
-            while time.perf_counter() < deadline:
-                tag, path = picker.next()
-                head = f"GET {path} HTTP/1.1\r\n{common}\r\n".encode()
-                began = time.perf_counter()
-                try:
-                    answer = await conn.request(head, b"")
-                except loadgen.HttpError:
-                    tally.connection_errors += 1
-                    await asyncio.sleep(0.05)
-                    continue
-                tally.latencies.setdefault(tag, []).append(time.perf_counter() - began)
+    def source(picker: Picker) -> Callable[[], loadgen.Request]:
+        def request() -> loadgen.Request:
+            tag, path = picker.next()
+
+            def answered(answer: loadgen.Answer, seconds: float) -> None:
+                tally.latencies.setdefault(tag, []).append(seconds)
                 tally.statuses[answer.status] += 1
                 tally.body_bytes += len(answer.body)
                 picker.answered(tag, answer.status, answer.body)
-        finally:
-            conn.close()
+
+            return loadgen.Request(f"GET {path} HTTP/1.1\r\n{common}\r\n".encode(), b"", answered)
+
+        return request
+
+    def failed() -> None:
+        tally.connection_errors += 1
 
     async def report() -> None:
         while True:
@@ -920,7 +930,8 @@ async def closed_loop(
 
     reporter = asyncio.create_task(report())
     try:
-        await asyncio.gather(*(connection(p) for p in pickers))
+        schedule = loadgen.Schedule(rate, seconds)
+        await loadgen.drive(url, schedule, [source(p) for p in pickers], failed)
     finally:
         reporter.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -996,8 +1007,10 @@ def drive(
     db_url: str,
     progress: Progress,
     profile: Path | None,
+    rate: float | None = None,
 ) -> dict[str, Any]:
-    """Warm up, then drive ``kind`` closed-loop against ``server``; the figures of the run."""
+    """Warm up, then drive ``kind`` against ``server``, closed loop or (``rate``) open loop at
+    that many requests/s; the figures of the run."""
 
     def pickers(salt: int) -> list[Picker]:
         return [
@@ -1005,23 +1018,24 @@ def drive(
             for i in range(connections)
         ]
 
-    task = progress.add_task(f"{kind.name}: warming up", total=None)
+    label = kind.name if rate is None else f"{kind.name} at {rate:,.0f}/s"
+    task = progress.add_task(f"{label}: warming up", total=None)
 
     def on_progress(tally: Tally, elapsed: float) -> None:
         answered = sum(len(v) for v in tally.latencies.values())
         progress.update(
             task,
-            description=f"{kind.name}: {elapsed:4.1f}/{seconds:g} s, "
+            description=f"{label}: {elapsed:4.1f}/{seconds:g} s, "
             f"{answered / elapsed if elapsed else 0:,.0f}/s",
         )
 
     try:
         if warmup > 0:
-            asyncio.run(closed_loop(server.url, key, pickers(seed * 1_000_003), warmup))
+            asyncio.run(send(server.url, key, pickers(seed * 1_000_003), warmup, rate))
         opened = connections_opened(db_url)
         api_cpu, db_cpu = server.cpu(), process_cpu(mysqld)
         with sampling(profile, server.process.pid):
-            tally = asyncio.run(closed_loop(server.url, key, pickers(seed), seconds, on_progress))
+            tally = asyncio.run(send(server.url, key, pickers(seed), seconds, rate, on_progress))
         api_cpu = server.cpu() - api_cpu
         db_after = process_cpu(mysqld)
         opened_after = connections_opened(db_url)
@@ -1035,6 +1049,9 @@ def drive(
         "name": kind.name,
         "group": kind.group,
         "baseline": kind.baseline,
+        "mode": "closed" if rate is None else "open",
+        "rate": rate,
+        "seconds": seconds,
         "answered": answered,
         "elapsed_seconds": round(tally.elapsed, 3),
         "per_second": round(answered / tally.elapsed, 1) if tally.elapsed else 0.0,
@@ -1096,6 +1113,18 @@ def main(
         str | None,
         typer.Option(help="Measure the read database NAME_r kept by an earlier --keep."),
     ] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            min=1, help="Open loop at this many requests/s for every kind (default: --rate-share)."
+        ),
+    ] = None,
+    rate_share: Annotated[
+        float,
+        typer.Option(
+            min=0.01, max=1.0, help="Without --rate: open loop at this share of the kind's req/s."
+        ),
+    ] = RATE_SHARE,
 ) -> None:
     """Benchmark the query API's summaries and list pages against a bare GET endpoint."""
     signal.signal(signal.SIGTERM, _interrupt)
@@ -1118,6 +1147,8 @@ def main(
             "warmup_seconds": warmup,
             "workers": workers,
             "pages_per_walk": pages,
+            "open_loop_rate": rate,
+            "open_loop_rate_share": None if rate is not None else rate_share,
             "seed": seed,
             "summary_cache_seconds": settings.summary_cache_seconds,
             "redis": settings.redis_url is not None and "KESSAI_REDIS_URL" in os.environ,
@@ -1200,37 +1231,45 @@ def main(
                 report["check"] = check(Client(api.url, key), read_url, settings, merchants)
                 progress.remove_task(task)
                 runs: list[dict[str, Any]] = []
+                open_runs: list[dict[str, Any]] = []
+                bare_at: dict[tuple[str, float], dict[str, Any]] = {}
 
-                def measure(kind: Kind) -> None:
+                def measure(kind: Kind, at: float | None = None) -> dict[str, Any]:
                     server = bare if kind.group == "bare" else api
-                    runs.append(
-                        drive(
-                            server,
-                            key,
-                            kind,
-                            merchants=merchants,
-                            settings=settings,
-                            connections=connections,
-                            seconds=seconds,
-                            warmup=warmup,
-                            seed=seed,
-                            mysqld=mysqld,
-                            db_url=db_url,
-                            progress=progress,
-                            profile=profile if kind.key == profile_kind else None,
-                        )
+                    return drive(
+                        server,
+                        key,
+                        kind,
+                        merchants=merchants,
+                        settings=settings,
+                        connections=connections,
+                        seconds=seconds if at is None else open_seconds(seconds, at),
+                        warmup=warmup,
+                        seed=seed,
+                        mysqld=mysqld,
+                        db_url=db_url,
+                        progress=progress,
+                        profile=profile if kind.key == profile_kind and at is None else None,
+                        rate=at,
                     )
 
-                baselines = [k for k in every_kind if k.group == "bare"]
-                for kind in baselines:
-                    measure(kind)
+                baselines = {k.key: k for k in every_kind if k.group == "bare"}
+                for kind in baselines.values():
+                    runs.append(measure(kind))
                 for kind in every_kind:
                     if kind.group != "bare" and (not only or kind.key in only):
-                        measure(kind)
-                for kind in baselines:
-                    measure(kind)
+                        saturated = measure(kind)
+                        runs.append(saturated)
+                        at = rate or stated_rate(saturated["per_second"], rate_share)
+                        mine = measure(kind, at)
+                        if (kind.baseline, at) not in bare_at:
+                            bare_at[kind.baseline, at] = measure(baselines[kind.baseline], at)
+                        open_runs.append(open_loop(mine, bare_at[kind.baseline, at]))
+                for kind in baselines.values():
+                    runs.append(measure(kind))
                 report["memory"] = {"query_api": api.memory(), "bare": bare.memory()}
         report["runs"] = ratios(runs)
+        report["open_loop"] = open_runs
         report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         show(report)
         if json_path is not None:
@@ -1252,6 +1291,38 @@ def main(
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
+
+
+def stated_rate(saturated_per_second: float, share: float) -> float:
+    """The open loop's rate for a kind: ``share`` of the rate it reached closed-loop, rounded
+    to two significant digits (a rate worth stating), at least 1 request/s."""
+    raw = max(1.0, saturated_per_second * share)
+    digits = len(str(int(raw))) - 2
+    return float(max(1, round(raw, -digits if digits > 0 else 0)))
+
+
+def open_seconds(seconds: float, rate: float) -> float:
+    """How long an open loop runs: ``seconds``, longer (up to three times) when that would
+    give fewer than ``OPEN_LOOP_REQUESTS`` requests, so that the p99 rests on ten or more."""
+    return round(min(3 * seconds, max(seconds, OPEN_LOOP_REQUESTS / rate)), 2)
+
+
+def open_loop(mine: dict[str, Any], bare: dict[str, Any]) -> dict[str, Any]:
+    """A kind's open-loop run beside the bare endpoint's at the same rate."""
+    rate = mine["rate"]
+    bare_p99 = bare["latency_ms"]["p99"]
+    return {
+        "key": mine["key"],
+        "name": mine["name"],
+        "group": mine["group"],
+        "rate": rate,
+        # Every request due was sent; a server that fell behind shows as a lower rate
+        # answered (the run lasted longer than its schedule).
+        "sustained": mine["per_second"] >= 0.95 * rate and bare["per_second"] >= 0.95 * rate,
+        "p99_vs_bare": round(mine["latency_ms"]["p99"] / bare_p99, 2) if bare_p99 else None,
+        "api": mine,
+        "bare": bare,
+    }
 
 
 def ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -1366,24 +1437,72 @@ def show(report: dict[str, Any]) -> None:
                 f"{e['statement_ms']:.2f}",
             )
     console.print(plans)
-    targets = Table(title=f"targets (at {TARGETS['at_payments']:,} payments)")
-    for column in ("kind", "p99 ms", "target", "met"):
-        targets.add_column(column)
-    for r in report["runs"]:
-        if r["group"] == "bare":
-            continue
-        limit = TARGETS["summary_p99_ms"] if r["group"] == "summary" else TARGETS["list_p99_ms"]
-        p99 = r["latency_ms"]["p99"]
-        ok = p99 < limit
+    if report["open_loop"]:
+        console.print(open_loop_table(report))
+    saturated = {r["key"]: r for r in report["runs"]}
+    targets = Table(
+        title=f"targets (at {TARGETS['at_payments']:,} payments): p99 at the stated rate "
+        f"(open loop); p99 at {s['connections']} connections (saturated) for reference"
+    )
+    for column in ("kind", "rate/s", "p99 ms", "target", "met", "saturated p99 ms"):
+        targets.add_column(column, justify="left" if column == "kind" else "right")
+    for o in report["open_loop"]:
+        limit = target_ms(o["group"])
+        p99 = o["api"]["latency_ms"]["p99"]
+        ok = p99 < limit and o["sustained"]
         targets.add_row(
-            r["name"],
+            o["name"],
+            f"{o['rate']:,.0f}",
             f"{p99:.1f}",
             f"< {limit:g} ms",
             "[green]yes[/green]" if ok else "[red]no[/red]",
+            f"{saturated[o['key']]['latency_ms']['p99']:.1f}",
         )
     if d["payments"] != TARGETS["at_payments"]:
         targets.caption = f"measured at {d['payments']:,} payments, not at the target's size"
     console.print(targets)
+
+
+def target_ms(group: str) -> float:
+    return TARGETS["summary_p99_ms"] if group == "summary" else TARGETS["list_p99_ms"]
+
+
+def open_loop_table(report: dict[str, Any]) -> Table:
+    s = report["settings"]
+    how = (
+        f"{s['open_loop_rate']:,.0f} requests/s"
+        if s["open_loop_rate"] is not None
+        else f"{s['open_loop_rate_share']:.0%} of the kind's closed-loop req/s"
+    )
+    table = Table(
+        title=f"open loop at a stated rate ({how}; latency from when each request was due), "
+        "the bare endpoint at the same rate"
+    )
+    for column in (
+        "kind", "rate/s", "ans/s", "p50", "p90", "p99", "max",
+        "bare p50", "bare p99", "p99 x bare", "errors",
+    ):  # fmt: skip
+        table.add_column(
+            column, justify="left" if column == "kind" else "right", no_wrap=column == "kind"
+        )
+    for o in report["open_loop"]:
+        mine, bare = o["api"], o["bare"]
+        lat, base = mine["latency_ms"], bare["latency_ms"]
+        bad = sum(v for k, v in mine["by_status"].items() if not 200 <= int(k) < 300)
+        answered = f"{mine['per_second']:,.0f}"
+        table.add_row(
+            o["name"],
+            f"{o['rate']:,.0f}",
+            answered if o["sustained"] else f"[red]{answered}[/red]",
+            *(f"{lat[q]:.1f}" for q in ("p50", "p90", "p99")),
+            f"{lat['max']:.0f}",
+            f"{base['p50']:.1f}",
+            f"{base['p99']:.1f}",
+            "-" if o["p99_vs_bare"] is None else f"{o['p99_vs_bare']:.1f}",
+            f"{bad + mine['connection_errors']:,}",
+        )
+    table.caption = "ans/s (answered) in red: the server (or the bare one) fell behind the schedule"
+    return table
 
 
 def cli() -> None:

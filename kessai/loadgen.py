@@ -38,7 +38,18 @@ from urllib.parse import urlsplit
 
 import orjson
 
-__all__ = ["Mix", "Result", "Run", "merchant_weights", "run", "run_sync"]
+__all__ = [
+    "Answer",
+    "Mix",
+    "Request",
+    "Result",
+    "Run",
+    "Schedule",
+    "drive",
+    "merchant_weights",
+    "run",
+    "run_sync",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +75,9 @@ class Run:
     requests: int | None = None
     """Stop after this many requests (retries and refunds included)..."""
     duration: float | None = None
-    """... or after this many seconds, whichever comes first (at least one of them)."""
+    """... or after this many seconds, whichever comes first (at least one of them). In open
+    loop every request due within it is sent, however late: a server that cannot keep up
+    makes the run longer, not its latencies shorter."""
     rate: float | None = None
     """Open loop at this many requests/s; None: as fast as the connections go."""
     timeout: float = 30.0
@@ -302,6 +315,88 @@ class _Traffic:
         )
 
 
+class Schedule:
+    """When each request of a run is sent, shared by all its connections (one event loop):
+    closed loop (``rate`` None: a connection sends when its previous request is answered) or
+    open loop (request ``n`` is due at ``start + n / rate``, whichever connection is free
+    takes it, and its latency counts from when it was due, so a slow server is not hidden by
+    the client waiting for it). No request is issued after ``requests`` or, in open loop,
+    due at or after ``duration`` seconds; in closed loop none is sent after ``duration``."""
+
+    def __init__(
+        self, rate: float | None, duration: float | None, requests: int | None = None
+    ) -> None:
+        if rate is not None and rate <= 0:
+            raise ValueError("the rate must be positive")
+        self.rate, self.requests = rate, requests
+        self.start = time.perf_counter()
+        self.deadline = self.start + duration if duration is not None else float("inf")
+        self.issued = 0
+
+    async def next(self) -> float | None:
+        """Wait until the next request is due; when it was due (``time.perf_counter()``,
+        where its latency starts), or None: the run is over."""
+        if self.requests is not None and self.issued >= self.requests:
+            return None
+        now = time.perf_counter()
+        if self.rate is None:
+            if now >= self.deadline:
+                return None
+            self.issued += 1
+            return now
+        due = self.start + self.issued / self.rate
+        if due >= self.deadline:
+            return None
+        self.issued += 1
+        if due > now:
+            await asyncio.sleep(due - now)
+        return due
+
+
+@dataclass(slots=True)
+class Request:
+    """One request to send, and what to do with its answer (and the seconds since it was due)."""
+
+    head: bytes
+    body: bytes
+    answered: Callable[[Answer, float], None]
+
+
+async def drive(
+    url: str,
+    schedule: Schedule,
+    sources: list[Callable[[], Request]],
+    failed: Callable[[], None],
+    request_timeout: float = 30.0,
+) -> None:
+    """One keep-alive connection to ``url`` per source, each asking its source for the next
+    request whenever ``schedule`` says one is due and the connection is free. ``failed`` is
+    called for every request that got no answer (the connection is opened again after
+    50 ms)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url}")
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+
+    async def connection(source: Callable[[], Request]) -> None:
+        conn = Connection(parts.hostname or "", port, tls, request_timeout)
+        try:
+            while (began := await schedule.next()) is not None:
+                request = source()
+                try:
+                    answer = await conn.request(request.head, request.body)
+                except HttpError:
+                    failed()
+                    await asyncio.sleep(0.05)  # a server that is down is not hammered
+                    continue
+                request.answered(answer, time.perf_counter() - began)
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(connection(source) for source in sources))
+
+
 Progress = Callable[[Result, float], None]
 """Called about twice a second with the result so far and the seconds elapsed."""
 
@@ -313,58 +408,37 @@ async def run(plan: Run, mix: Mix = Mix(), progress: Progress | None = None) -> 
     parts = urlsplit(plan.url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {plan.url}")
-    tls = parts.scheme == "https"
-    port = parts.port or (443 if tls else 80)
     traffic = _Traffic(plan, mix)
     result = Result()
-    budget = plan.requests
     start = time.perf_counter()
     cpu = time.process_time()
-    deadline = start + plan.duration if plan.duration is not None else float("inf")
+    schedule = Schedule(plan.rate, plan.duration, plan.requests)
 
-    async def connection() -> None:
-        conn = Connection(parts.hostname or "", port, tls, plan.timeout)
-        try:
-            while True:
-                if budget is not None and traffic.issued >= budget:
-                    return
-                if time.perf_counter() >= deadline:
-                    return
-                due = None
-                if plan.rate is not None:
-                    due = start + traffic.issued / plan.rate
-                kind, head, body, remember = traffic.next()
-                if due is not None:
-                    if due >= deadline:
-                        return
-                    delay = due - time.perf_counter()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                began = due if due is not None else time.perf_counter()
-                result.sent += 1
-                try:
-                    answer = await conn.request(head, body)
-                except HttpError:
-                    result.connection_errors += 1
-                    await asyncio.sleep(0.05)  # a server that is down is not hammered
-                    continue
-                result.latencies.append(time.perf_counter() - began)
-                result.by_status[answer.status] += 1
-                result.by_kind.setdefault(kind, Counter())[answer.status] += 1
-                if answer.replayed:
-                    result.replayed += 1
-                elif answer.status == 201 and kind == "refund":
-                    result.refunds += 1
-                elif answer.status == 201 and kind == "payment":
-                    result.payments += 1
-                    with contextlib.suppress(ValueError, KeyError, TypeError):
-                        created = orjson.loads(answer.body)
-                        traffic.refundable.append((created["payment_id"], created["amount"]))
-                        result.per_merchant[created["merchant_id"]] += 1
-                    if remember is not None:
-                        traffic.answered.append(remember)
-        finally:
-            conn.close()
+    def request() -> Request:
+        kind, head, body, remember = traffic.next()
+        result.sent += 1
+
+        def answered(answer: Answer, seconds: float) -> None:
+            result.latencies.append(seconds)
+            result.by_status[answer.status] += 1
+            result.by_kind.setdefault(kind, Counter())[answer.status] += 1
+            if answer.replayed:
+                result.replayed += 1
+            elif answer.status == 201 and kind == "refund":
+                result.refunds += 1
+            elif answer.status == 201 and kind == "payment":
+                result.payments += 1
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    created = orjson.loads(answer.body)
+                    traffic.refundable.append((created["payment_id"], created["amount"]))
+                    result.per_merchant[created["merchant_id"]] += 1
+                if remember is not None:
+                    traffic.answered.append(remember)
+
+        return Request(head, body, answered)
+
+    def failed() -> None:
+        result.connection_errors += 1
 
     async def report() -> None:
         while True:
@@ -375,7 +449,7 @@ async def run(plan: Run, mix: Mix = Mix(), progress: Progress | None = None) -> 
 
     reporter = asyncio.create_task(report())
     try:
-        await asyncio.gather(*(connection() for _ in range(plan.connections)))
+        await drive(plan.url, schedule, [request] * plan.connections, failed, plan.timeout)
     finally:
         reporter.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -52,6 +52,15 @@ def test_the_queries_bench_answers_what_it_loaded_and_cleans_up(
         assert run["answered"] > 0
         assert set(run["by_status"]) == {"200"}, run
     assert "next page" in runs["list-next-tail"]["latency_ms_by_tag"]
+    # Each kind also open-loop at half its closed-loop rate, beside the bare one at that rate.
+    opened = {o["key"]: o for o in report["open_loop"]}
+    assert set(opened) == {"summary-7d-big", "list-next-tail"}
+    for o in opened.values():
+        assert o["rate"] == bench.stated_rate(runs[o["key"]]["per_second"], bench.RATE_SHARE)
+        for run in (o["api"], o["bare"]):
+            assert (run["mode"], run["rate"]) == ("open", o["rate"])
+            assert run["answered"] > 0, run
+            assert set(run["by_status"]) == {"200"}, run
     assert report["memory"]["query_api"]["peak_rss_mib_max"] > 0
     assert len(report["explain"]) >= 5
     with connect(mysql_server) as conn, conn.cursor() as cur:
