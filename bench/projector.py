@@ -54,7 +54,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -84,18 +83,14 @@ from bench.reconciler import (
     _at,
     _naive,
     assign_ids,
-    connect,
-    create_database,
-    database_url,
-    drop_database,
     insert_sql,
-    machine,
     machine_table,
     merchant_zones,
     plan,
     process_cpu,
-    server_pid,
+    sqlite_rows,
 )
+from bench.stores import Stores, temporary_home
 from bench.writes import memory_kib
 from kessai.broker import EmbeddedBroker, ensure_topic, free_port, log_ends, new_producer
 from kessai.events import (
@@ -370,13 +365,30 @@ def upsert_sql(table: str, columns: Sequence[str], keys: int, *, add: bool = Fal
     return f"{insert_sql(table, columns)} ON DUPLICATE KEY UPDATE {updates}"
 
 
+def sqlite_upsert_sql(table: str, columns: Sequence[str], keys: int, *, add: bool = False) -> str:
+    """The same upsert in SQLite's terms, as ``kessai.db.upsert`` writes it there: ``INSERT
+    ... ON CONFLICT (primary key) DO UPDATE SET c = excluded.c`` (or ``c = t.c + excluded.c``),
+    one row's values per execution of the stdlib driver's ``executemany``."""
+    rest = columns[keys:]
+    updates = ", ".join(
+        f"`{c}` = `{table}`.`{c}` + excluded.`{c}`" if add else f"`{c}` = excluded.`{c}`"
+        for c in rest
+    )
+    conflict = ", ".join(f"`{c}`" for c in columns[:keys])
+    return f"{insert_sql(table, columns, '?')} ON CONFLICT ({conflict}) DO UPDATE SET {updates}"
+
+
+DAILY_COLUMNS = ("merchant_id", "day", "currency", *TOTAL_COLUMNS)
+HOURLY_COLUMNS = ("merchant_id", "hour", "currency", *TOTAL_COLUMNS)
 PAYMENTS_SQL = upsert_sql("payments", PAYMENT_COLUMNS, 1)
 REFUNDS_SQL = upsert_sql("refunds", REFUND_COLUMNS, 2)
-DAILY_SQL = upsert_sql(
-    "merchant_daily_totals", ("merchant_id", "day", "currency", *TOTAL_COLUMNS), 3, add=True
-)
-HOURLY_SQL = upsert_sql(
-    "merchant_hourly_totals", ("merchant_id", "hour", "currency", *TOTAL_COLUMNS), 3, add=True
+DAILY_SQL = upsert_sql("merchant_daily_totals", DAILY_COLUMNS, 3, add=True)
+HOURLY_SQL = upsert_sql("merchant_hourly_totals", HOURLY_COLUMNS, 3, add=True)
+SQLITE_UPSERTS = (
+    sqlite_upsert_sql("payments", PAYMENT_COLUMNS, 1),
+    sqlite_upsert_sql("refunds", REFUND_COLUMNS, 2),
+    sqlite_upsert_sql("merchant_daily_totals", DAILY_COLUMNS, 3, add=True),
+    sqlite_upsert_sql("merchant_hourly_totals", HOURLY_COLUMNS, 3, add=True),
 )
 
 
@@ -413,34 +425,54 @@ def upsert_batches(effects: list[list[Effect]], batch_size: int) -> list[UpsertB
     return batches
 
 
-def new_read_database(server_url: str, name: str, zones: dict[str, str], created: list[str]) -> str:
+def new_read_database(stores: Stores, name: str, zones: dict[str, str], created: list[str]) -> str:
     """A fresh, migrated read database with the merchants of other time zones; its URL."""
-    create_database(server_url, name)
+    stores.create(name)
     created.append(name)
-    url = database_url(server_url, name)
+    url = stores.url(name)
     upgrade("read", url)
-    with connect(server_url, name) as conn, conn.cursor() as cur:
+    with stores.cursor(name) as (conn, cur):
         cur.executemany(
-            insert_sql("merchants", ("merchant_id", "time_zone")), sorted(zones.items())
+            insert_sql("merchants", ("merchant_id", "time_zone"), stores.param),
+            sorted(zones.items()),
         )
         conn.commit()
     return url
 
 
+def sqlite_batches(batches: list[UpsertBatch]) -> list[UpsertBatch]:
+    """The same rows with times and days as SQLite stores them (see ``sqlite_value``)."""
+    return [
+        UpsertBatch(
+            payments=sqlite_rows(b.payments),
+            refunds=sqlite_rows(b.refunds),
+            daily=sqlite_rows(b.daily),
+            hourly=sqlite_rows(b.hourly),
+        )
+        for b in batches
+    ]
+
+
 def raw_upserts(
-    server_url: str, database: str, batches: list[UpsertBatch], mysqld: int | None
+    stores: Stores, database: str, batches: list[UpsertBatch], mysqld: int | None
 ) -> dict[str, Any]:
-    """Every batch's upserts, one transaction per batch, on one connection."""
-    with connect(server_url, database) as conn, conn.cursor() as cur:
-        cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")  # as kessai's
+    """Every batch's upserts, one transaction per batch, on one connection: PyMySQL's
+    multi-row ``ON DUPLICATE KEY UPDATE``, or on SQLite the stdlib driver's ``executemany`` of
+    ``ON CONFLICT DO UPDATE`` (rows converted to SQLite's text times before the clock starts).
+    """
+    statements = (
+        SQLITE_UPSERTS if stores.sqlite else (PAYMENTS_SQL, REFUNDS_SQL, DAILY_SQL, HOURLY_SQL)
+    )
+    if stores.sqlite:
+        batches = sqlite_batches(batches)
+    with stores.cursor(database) as (conn, cur):
+        if not stores.sqlite:
+            cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")  # as kessai's
         conn.commit()
         cpu, server, start = time.process_time(), process_cpu(mysqld), time.perf_counter()
         for batch in batches:
-            for sql, rows in (
-                (PAYMENTS_SQL, batch.payments),
-                (REFUNDS_SQL, batch.refunds),
-                (DAILY_SQL, batch.daily),
-                (HOURLY_SQL, batch.hourly),
+            for sql, rows in zip(
+                statements, (batch.payments, batch.refunds, batch.daily, batch.hourly), strict=True
             ):
                 if rows:
                     cur.executemany(sql, rows)
@@ -464,9 +496,9 @@ def raw_upserts(
     }
 
 
-def read_side(server_url: str, database: str) -> dict[str, Any]:
+def read_side(stores: Stores, database: str) -> dict[str, Any]:
     """What a read database holds, in the terms of ``Expected``."""
-    with connect(server_url, database) as conn, conn.cursor() as cur:
+    with stores.cursor(database) as (_, cur):
         cur.execute(
             "SELECT currency, COUNT(*), SUM(captured_amount), SUM(refunded_amount)"
             " FROM payments GROUP BY currency ORDER BY currency"
@@ -514,8 +546,9 @@ def differences(found: dict[str, Any], expected: Expected) -> list[str]:
     return wrong
 
 
-def row_differences(server_url: str, one: str, other: str) -> dict[str, int]:
-    """Rows of each table that are not exactly the same in both databases (either way)."""
+def row_differences(stores: Stores, one: str, other: str) -> dict[str, int]:
+    """Rows of each table that are not exactly the same in both databases (either way); on
+    SQLite the other file is attached to the first's connection (``IS`` for ``<=>``)."""
     tables = {
         "payments": (("payment_id",), PAYMENT_COLUMNS),
         "refunds": (("payment_id", "version"), REFUND_COLUMNS),
@@ -529,14 +562,19 @@ def row_differences(server_url: str, one: str, other: str) -> dict[str, int]:
         ),
     }
     found = {}
-    with connect(server_url) as conn, conn.cursor() as cur:
+    with stores.cursor(one) as (_, cur):
+        names = {one: f"`{one}`", other: f"`{other}`"}
+        if stores.sqlite:
+            cur.execute("ATTACH DATABASE ? AS other", (str(stores.home / f"{other}.db"),))
+            names = {one: "main", other: "other"}
         for table, (keys, columns) in tables.items():
             on = " AND ".join(f"a.`{k}` = b.`{k}`" for k in keys)
-            same = " AND ".join(f"a.`{c}` <=> b.`{c}`" for c in columns)
+            equal = "IS" if stores.sqlite else "<=>"
+            same = " AND ".join(f"a.`{c}` {equal} b.`{c}`" for c in columns)
             missing = 0
-            for first, second in ((one, other), (other, one)):
+            for first, second in ((names[one], names[other]), (names[other], names[one])):
                 cur.execute(
-                    f"SELECT COUNT(*) FROM `{first}`.`{table}` a LEFT JOIN `{second}`.`{table}` b"
+                    f"SELECT COUNT(*) FROM {first}.`{table}` a LEFT JOIN {second}.`{table}` b"
                     f" ON {on} WHERE b.`{keys[0]}` IS NULL OR NOT ({same})"
                 )
                 missing += int((cur.fetchone() or (0,))[0])
@@ -565,9 +603,10 @@ class Run:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def stored_position(cur: Any, topic: str) -> int:
+def stored_position(cur: Any, topic: str, param: str = "%s") -> int:
     cur.execute(
-        "SELECT COALESCE(SUM(next_offset), 0) FROM projector_offsets WHERE topic = %s", (topic,)
+        f"SELECT COALESCE(SUM(next_offset), 0) FROM projector_offsets WHERE topic = {param}",
+        (topic,),
     )
     return int((cur.fetchone() or (0,))[0])
 
@@ -611,7 +650,7 @@ def sampling(pid: int, path: Path | None) -> Iterator[None]:
 def run_projector(
     *,
     env: dict[str, str],
-    server_url: str,
+    stores: Stores,
     database: str,
     topic: str,
     total: int,
@@ -625,8 +664,11 @@ def run_projector(
     """Start ``kessai projector``, wait until its stored offsets reach ``total``, stop it."""
     run = Run()
     task = progress.add_task("projector: starting", total=total)
-    with connect(server_url, database) as conn, conn.cursor() as cur:
-        conn.autocommit(True)
+    with stores.cursor(database) as (conn, cur):
+        if stores.sqlite:
+            conn.isolation_level = None  # autocommit: every poll sees the latest commit
+        else:
+            conn.autocommit(True)
         server_start = process_cpu(mysqld)
         with log.open("ab") as out:
             started = time.perf_counter()
@@ -641,7 +683,7 @@ def run_projector(
             with sampling(process.pid, profile):
                 first: tuple[float, int, float, float | None] | None = None
                 while True:
-                    position = stored_position(cur, topic)
+                    position = stored_position(cur, topic, stores.param)
                     now = time.perf_counter()
                     if position and first is None:
                         first = (
@@ -701,7 +743,11 @@ def run_projector(
 def main(
     events: Annotated[int, typer.Option(min=1, help="Events preloaded on the topic.")] = 1_000_000,
     db_url: Annotated[
-        str, typer.Option(help="Server URL (no database); the bench creates its databases.")
+        str,
+        typer.Option(
+            help="Server URL (no database; the bench creates its databases), or 'sqlite' (or "
+            "sqlite:///DIR) for the embedded default: SQLite files in a temporary directory."
+        ),
     ] = DEFAULT_DB_URL,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the figures here as JSON.")
@@ -732,8 +778,10 @@ def main(
     name = f"kessai_bench_{uuid.uuid4().hex[:10]}"
     shape = Shape(events=events, seed=seed, days=days)
     zones = merchant_zones(shape)
+    home = temporary_home(db_url, "kessai-bench-projector-")
+    stores = Stores(db_url, home)
     report: dict[str, Any] = {
-        "machine": machine(db_url),
+        "machine": stores.machine(),
         "settings": {
             "events": events,
             "batch_size": batch_size,
@@ -744,10 +792,10 @@ def main(
         },
         "target": TARGET,
         "databases": [f"{name}_{suffix}" for suffix in ("b1", "r", "b2")],
+        "directory": str(home),
     }
-    mysqld = server_pid(db_url)
+    mysqld = stores.server_pid()
     created: list[str] = []
-    home = Path(tempfile.mkdtemp(prefix="kessai-bench-projector-"))
     broker = EmbeddedBroker(free_port(), log_path=home / "broker.log")
     try:
         with Progress(
@@ -797,9 +845,9 @@ def main(
                 task = progress.add_task(label, total=None)
                 try:
                     database = f"{name}_{suffix}"
-                    new_read_database(db_url, database, zones, created)
-                    figures = raw_upserts(db_url, database, batches, mysqld)
-                    wrong = differences(read_side(db_url, database), prepared.expected)
+                    new_read_database(stores, database, zones, created)
+                    figures = raw_upserts(stores, database, batches, mysqld)
+                    wrong = differences(read_side(stores, database), prepared.expected)
                     if wrong:
                         raise RuntimeError(f"{label}: the raw upserts are wrong: {wrong}")
                     return figures
@@ -808,7 +856,7 @@ def main(
 
             report["baseline_before"] = baseline("baseline (before)", "b1")
             read_db = f"{name}_r"
-            read_url = new_read_database(db_url, read_db, zones, created)
+            read_url = new_read_database(stores, read_db, zones, created)
             metrics_port = free_port()
             env = {k: v for k, v in os.environ.items() if not k.startswith("KESSAI_")}
             env.update(
@@ -827,7 +875,7 @@ def main(
             )
             run = run_projector(
                 env=env,
-                server_url=db_url,
+                stores=stores,
                 database=read_db,
                 topic=topic,
                 total=events,
@@ -841,9 +889,9 @@ def main(
             report["broker_peak_rss_mib"] = _mib(memory_kib(_pid(broker), "VmHWM"))
             broker.stop()
             task = progress.add_task("checking the read database", total=None)
-            found = read_side(db_url, read_db)
+            found = read_side(stores, read_db)
             wrong = differences(found, prepared.expected)
-            rows = row_differences(db_url, read_db, f"{name}_b1")
+            rows = row_differences(stores, read_db, f"{name}_b1")
             progress.remove_task(task)
             report["check"] = {
                 "found": found,
@@ -858,8 +906,8 @@ def main(
                 )
             # The last baseline runs with no other database of this run left on the server,
             # as the first did.
-            drop_database(db_url, read_db)
-            drop_database(db_url, f"{name}_b1")
+            stores.drop(read_db)
+            stores.drop(f"{name}_b1")
             report["baseline_after"] = baseline("baseline (after)", "b2")
         report["projector"] = _projector_figures(run, events, batch_size)
         report["figures"] = _figures(report, run, events)
@@ -872,7 +920,7 @@ def main(
         broker.stop()
         for db in created:
             with contextlib.suppress(Exception):
-                drop_database(db_url, db)
+                stores.drop(db)
         shutil.rmtree(home, ignore_errors=True)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -1000,6 +1048,11 @@ def show(report: dict[str, Any]) -> None:
     console.print(
         "CPU s: the projector process's, or this process's for the raw upserts (the driver "
         "building the statements)."
+        + (
+            " SQLite runs inside those processes: its work is in their CPU; no server CPU."
+            if str(m["database"]).startswith("SQLite")
+            else ""
+        )
     )
     targets = Table(title="the projector against the target")
     for column in ("figure", "measured", "target", "met"):

@@ -57,8 +57,13 @@ class Stores:
             create_database(self.db_url, name)
 
     def drop(self, name: str) -> None:
-        if not self.sqlite:  # the files go with the bench's temporary home
+        """Drop database ``name``; on SQLite, delete its file (and its WAL and shared memory):
+        the rest of the bench's temporary home goes when the bench ends."""
+        if not self.sqlite:
             drop_database(self.db_url, name)
+            return
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            (self.home / f"{name}.db{suffix}").unlink(missing_ok=True)
 
     def connect(self, name: str) -> Any:
         """A DB-API connection (``%s`` parameters on a server, ``?`` on SQLite: see
