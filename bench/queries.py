@@ -54,7 +54,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -80,14 +79,11 @@ from sqlalchemy import event
 from bench.reconciler import (
     DEFAULT_DB_URL,
     connect,
-    create_database,
-    database_url,
     drop_database,
-    machine,
     machine_table,
     process_cpu,
-    server_pid,
 )
+from bench.stores import Stores, temporary_home
 from bench.writes import UNLIMITED, Served, served
 from kessai import loadgen
 from kessai.auth import create_key, merchant_scope
@@ -436,6 +432,10 @@ def load(
 
 
 def counts(read_url: str) -> dict[str, Any]:
+    if read_url.startswith("sqlite"):
+        from bench import queries_sqlite
+
+        return queries_sqlite.counts(read_url)
     engine = sa.create_engine(read_url)
     try:
         with engine.connect() as conn:
@@ -508,6 +508,7 @@ def check(client: Client, read_url: str, settings: Settings, merchants: int) -> 
     """The query API answers what was loaded; raises otherwise. Returns what was compared."""
     engine = sa.create_engine(read_url)
     compared: dict[str, Any] = {"summaries": [], "pages": 0, "walked_payments": 0}
+    p = "?" if engine.dialect.name == "sqlite" else "%s"  # the raw driver's parameters
     try:
         with engine.connect() as conn:
             picks = ["m00000", loadgen.merchant_id(1), loadgen.merchant_id(10)]
@@ -515,18 +516,20 @@ def check(client: Client, read_url: str, settings: Settings, merchants: int) -> 
             for merchant in dict.fromkeys(picks):
                 zone = zone_of(merchant, settings)
                 (first,) = conn.exec_driver_sql(
-                    "SELECT MIN(created_at) FROM payments WHERE merchant_id = %s",
+                    f"SELECT MIN(created_at) FROM payments WHERE merchant_id = {p}",
                     (merchant,),
                 ).one()
                 if first is None:
                     continue
                 today = datetime.now(zone).date()
+                if isinstance(first, str):  # SQLite's text
+                    first = datetime.fromisoformat(first)
                 start = first.replace(tzinfo=UTC).astimezone(zone).date()
                 # Every row: payments of the merchant, refunds of the merchant (all in range).
                 expected: dict[str, dict[str, int]] = {}
                 for currency, n, amount in conn.exec_driver_sql(
                     "SELECT currency, COUNT(*), SUM(captured_amount) FROM payments"
-                    " WHERE merchant_id = %s GROUP BY currency",
+                    f" WHERE merchant_id = {p} GROUP BY currency",
                     (merchant,),
                 ):
                     expected.setdefault(currency, dict.fromkeys(TOTAL_COLUMNS, 0)).update(
@@ -534,7 +537,7 @@ def check(client: Client, read_url: str, settings: Settings, merchants: int) -> 
                     )
                 for currency, n, amount in conn.exec_driver_sql(
                     "SELECT currency, COUNT(*), SUM(amount) FROM refunds"
-                    " WHERE merchant_id = %s GROUP BY currency",
+                    f" WHERE merchant_id = {p} GROUP BY currency",
                     (merchant,),
                 ):
                     expected.setdefault(currency, dict.fromkeys(TOTAL_COLUMNS, 0)).update(
@@ -567,7 +570,7 @@ def check(client: Client, read_url: str, settings: Settings, merchants: int) -> 
                 )
                 # The first page, and the whole walk for merchants of a few thousand payments.
                 rows = conn.exec_driver_sql(
-                    "SELECT payment_id FROM payments WHERE merchant_id = %s"
+                    f"SELECT payment_id FROM payments WHERE merchant_id = {p}"
                     " ORDER BY created_at DESC, payment_id DESC LIMIT 50",
                     (merchant,),
                 ).all()
@@ -625,10 +628,12 @@ def explain(read_url: str, settings: Settings, merchants: int) -> list[dict[str,
     captured from ``query_service.repository`` itself."""
     engine = create_read_only_engine(read_url, pool_size=1)
     captured: list[tuple[str, Any]] = []
+    # SQLite has no ANALYZE of a statement (actual rows and times): its plan only.
+    analyze = "EXPLAIN QUERY PLAN" if engine.dialect.name == "sqlite" else "ANALYZE"
 
     @event.listens_for(engine, "before_cursor_execute")
     def _capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        if not statement.startswith("ANALYZE"):
+        if not statement.startswith(analyze):
             captured.append((statement, parameters))
 
     tail = loadgen.merchant_id(min(merchants - 1, 5))
@@ -704,7 +709,7 @@ def explain(read_url: str, settings: Settings, merchants: int) -> list[dict[str,
                     began = time.perf_counter()
                     conn.exec_driver_sql(statement, parameters).all()
                     timings.append(time.perf_counter() - began)
-                result = conn.exec_driver_sql("ANALYZE " + statement, parameters)
+                result = conn.exec_driver_sql(f"{analyze} {statement}", parameters)
                 columns = list(result.keys())
                 plan = [dict(zip(columns, row, strict=True)) for row in result]
                 for step in plan:
@@ -984,7 +989,10 @@ def sampling(path: Path | None, pid: int) -> Iterator[None]:
 
 
 def connections_opened(server_url: str) -> int | None:
-    """The database server's count of connections opened so far (every client's)."""
+    """The database server's count of connections opened so far (every client's); None on
+    SQLite (no server)."""
+    if server_url.startswith("sqlite"):
+        return None
     with contextlib.suppress(Exception), connect(server_url) as conn, conn.cursor() as cur:
         cur.execute("SHOW GLOBAL STATUS LIKE 'Connections'")
         row = cur.fetchone()
@@ -1088,7 +1096,11 @@ def main(
         int, typer.Option(min=2, help="Pages per walk of the list (first page included).")
     ] = 10,
     db_url: Annotated[
-        str, typer.Option(help="Server URL (no database); the bench creates its databases.")
+        str,
+        typer.Option(
+            help="Server URL (no database; the bench creates its databases), or 'sqlite' (or "
+            "sqlite:///DIR) for the embedded default: SQLite files in a temporary directory."
+        ),
     ] = DEFAULT_DB_URL,
     days: Annotated[int, typer.Option(min=1, max=60, help="Days the payments span.")] = 30,
     seed: Annotated[int, typer.Option(help="Seed of the data set and of the requests.")] = 7,
@@ -1131,7 +1143,12 @@ def main(
     signal.signal(signal.SIGINT, _interrupt)
     name = reuse or f"kessai_bench_{uuid.uuid4().hex[:10]}"
     read_db, keys_db = f"{name}_r", f"{name}_k{uuid.uuid4().hex[:6]}"
-    read_url, keys_url = database_url(db_url, read_db), database_url(db_url, keys_db)
+    stores = Stores(db_url, Path())
+    if stores.sqlite and (keep or reuse is not None):
+        raise typer.BadParameter("--keep and --reuse need a server: SQLite files are temporary")
+    home = temporary_home(db_url, "kessai-bench-queries-")
+    stores = Stores(db_url, home)
+    read_url, keys_url = stores.url(read_db), stores.url(keys_db)
     shape = Shape(payments=payments, seed=seed, days=days)
     settings = Settings()
     every_kind = kinds(pages)
@@ -1140,7 +1157,7 @@ def main(
         if key not in known:
             raise typer.BadParameter(f"unknown kind {key!r}: one of {', '.join(sorted(known))}")
     report: dict[str, Any] = {
-        "machine": machine(db_url),
+        "machine": stores.machine(),
         "settings": {
             "connections": connections,
             "seconds": seconds,
@@ -1155,20 +1172,25 @@ def main(
         },
         "targets": TARGETS,
         "databases": [read_db, keys_db],
+        "directory": str(home),
     }
-    mysqld = server_pid(db_url)
+    mysqld = stores.server_pid()
     created: list[str] = []
-    home = Path(tempfile.mkdtemp(prefix="kessai-bench-queries-"))
     try:
         with Progress(
             TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
         ) as progress:
             started = time.perf_counter()
             if reuse is None:
-                create_database(db_url, read_db)
+                stores.create(read_db)
                 created.append(read_db)
                 upgrade("read", read_url)
-                report["load"] = load(shape, db_url, read_db, settings, progress)
+                if stores.sqlite:  # the same rows, computed here: see bench/queries_sqlite.py
+                    from bench import queries_sqlite
+
+                    report["load"] = queries_sqlite.load(shape, stores, read_db, settings, progress)
+                else:
+                    report["load"] = load(shape, db_url, read_db, settings, progress)
                 report["load"]["seconds"] = round(time.perf_counter() - started, 2)
                 console.print(
                     f"loaded {payments:,} payments in {report['load']['seconds']:.1f} s "
@@ -1187,7 +1209,7 @@ def main(
                         f"[yellow]the data ends {behind} ago: today's summaries and the "
                         "newest pages hold less than when it was loaded[/yellow]"
                     )
-            create_database(db_url, keys_db)
+            stores.create(keys_db)
             created.append(keys_db)
             upgrade("keys", keys_url)
             engine = create_db_engine(keys_url, pool_size=1)
@@ -1280,7 +1302,7 @@ def main(
             if keep and db == read_db:
                 continue
             with contextlib.suppress(Exception):
-                drop_database(db_url, db)
+                stores.drop(db)
         if reuse is not None and not keep:
             with contextlib.suppress(Exception):
                 drop_database(db_url, read_db)
@@ -1421,7 +1443,10 @@ def show(report: dict[str, Any]) -> None:
             f"{mem[key]['peak_rss_mib_max']:.0f}",
         )
     console.print(memory)
-    plans = Table(title="ANALYZE of the statements the API issues")
+    sqlite = str(m["database"]).startswith("SQLite")
+    plans = Table(
+        title=f"{'EXPLAIN QUERY PLAN' if sqlite else 'ANALYZE'} of the statements the API issues"
+    )
     for column in ("query", "type", "key", "rows (est.)", "r_rows", "r_filtered", "Extra", "ms"):
         plans.add_column(column)
     for e in report["explain"]:
@@ -1433,7 +1458,7 @@ def show(report: dict[str, Any]) -> None:
                 str(step.get("rows")),
                 str(step.get("r_rows")),
                 str(step.get("r_filtered")),
-                str(step.get("Extra")),
+                str(step.get("detail" if sqlite else "Extra")),
                 f"{e['statement_ms']:.2f}",
             )
     console.print(plans)
