@@ -37,6 +37,14 @@
 5. Prints the figures and the machine, writes them as JSON with ``--json``; stops the broker
    and the projector and drops every database it created, also on failure and Ctrl-C.
 
+``--db-url sqlite`` (or ``sqlite:///DIR``) runs the same on the embedded default: the three
+read databases are SQLite files in a temporary directory (under DIR), deleted where the server's
+are dropped and with the directory at the end; the baseline is the stdlib ``sqlite3`` driver's
+``executemany`` of ``INSERT ... ON CONFLICT (primary key) DO UPDATE`` (the statement
+``kessai.db.upsert`` issues on SQLite), the same rows per batch, one transaction per batch, with
+times converted to SQLite's text form before the clock starts; the row check attaches the
+baseline's file. SQLite runs inside the processes, so there is no server CPU to report.
+
 CPU seconds are read from ``/proc`` (the projector process, this process for the baseline,
 and the MariaDB server, which includes whatever else used it meanwhile); peak RSS is the
 projector's ``VmHWM``. ``--profile FILE`` attaches py-spy (``pip install py-spy``) to the

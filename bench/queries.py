@@ -41,6 +41,13 @@ a bare GET endpoint on the same server.
    with ``--json``; drops the databases (unless ``--keep``), also on failure and Ctrl-C.
    ``--reuse NAME`` measures a kept read database again.
 
+``--db-url sqlite`` (or ``sqlite:///DIR``) runs it on the embedded default: the read database
+and the key store are SQLite files in a temporary directory, removed at the end; the same rows
+are computed in Python and loaded through the stdlib ``sqlite3`` driver
+(``bench/queries_sqlite.py``); SQLite's ``EXPLAIN QUERY PLAN`` stands for ``ANALYZE`` (no
+actual rows or times); there is no database CPU or connection count (SQLite runs inside the
+query API's workers); ``--keep`` and ``--reuse`` need a server.
+
 ``--profile FILE --profile-kind KEY`` samples the query API processes with py-spy
 (``pip install py-spy``) during one kind's measured run.
 """

@@ -21,6 +21,12 @@
    machine, writes them as JSON with ``--json``; drops both databases (unless ``--keep``),
    also on failure and Ctrl-C.
 
+``--db-url sqlite`` (or ``sqlite:///DIR``) runs the same on the embedded default: both
+databases are SQLite files in a temporary directory (under DIR), removed at the end, loaded
+through the stdlib ``sqlite3`` driver's ``executemany`` (one transaction per batch, times in
+SQLite's text form), and the baseline reads them with the same driver; SQLite runs inside this
+process, so there is no server CPU. The drift's rows are drawn in Python (no seeded ``RAND()``).
+
 No broker is involved: the reconciler opens a producer only to repair findings, and a
 consistent state has none (the bench points it at a closed port, so a loader bug fails fast).
 ``--profile FILE`` attaches py-spy (``pip install py-spy``) to this process for one run

@@ -40,7 +40,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -58,7 +57,7 @@ from rich.table import Table
 
 from bench.lag import PROBE_MERCHANT, AppliedCounter, Pipeline, Prober, Probes
 from bench.reconciler import DEFAULT_DB_URL, machine_table, process_cpu
-from bench.stores import Stores
+from bench.stores import Stores, temporary_home
 from kessai import loadgen
 from kessai.auth import PAYMENTS_WRITE, create_key, merchant_scope
 from kessai.broker import free_port
@@ -416,7 +415,7 @@ def main(
     signal.signal(signal.SIGTERM, _interrupt)
     name = f"kessai_bench_{uuid.uuid4().hex[:10]}"
     write_db, keys_db, read_db = f"{name}_w", f"{name}_k", f"{name}_r"
-    home = Path(tempfile.mkdtemp(prefix="kessai-bench-writes-"))
+    home = temporary_home(db_url, "kessai-bench-writes-")
     stores = Stores(db_url, home)
     write_url, keys_url, read_url = (stores.url(db) for db in (write_db, keys_db, read_db))
     report: dict[str, Any] = {

@@ -8,7 +8,9 @@ identifiers as 16-byte binary UUIDs or case-sensitive ASCII strings, so that ``"
 
 from __future__ import annotations
 
+import functools
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -136,30 +138,86 @@ def _tune_sqlite(engine: Engine, *, begin_immediate: bool) -> None:
 def upsert(
     conn: sa.Connection,
     table: sa.Table,
-    rows: list[dict[str, Any]],
+    rows: Sequence[Mapping[str, Any]],
     *,
     replace: tuple[str, ...] = (),
     add: tuple[str, ...] = (),
 ) -> None:
-    """Multi-row insert that, on a primary-key conflict, overwrites the ``replace`` columns and
-    adds to the ``add`` columns. Callers pass rows sorted by primary key: two connections
-    upserting overlapping rows in different orders deadlock on MariaDB."""
+    """``upsert_rows`` for rows given as mappings (every row with the same keys)."""
     if not rows:
         return
-    if conn.dialect.name == "mysql":
-        quote = conn.dialect.identifier_preparer.quote
-        # literal_column, because pymysql's executemany cannot bind column expressions here.
-        updates: dict[str, Any] = {c: sa.literal_column(f"VALUES({quote(c)})") for c in replace}
-        updates.update({c: sa.literal_column(f"{quote(c)} + VALUES({quote(c)})") for c in add})
-        mysql_stmt = mysql.insert(table).on_duplicate_key_update(**updates)
-        conn.execute(mysql_stmt, rows)
-        return
-    from sqlalchemy.dialects import sqlite
-
-    stmt = sqlite.insert(table)
-    set_: dict[str, Any] = {c: stmt.excluded[c] for c in replace}
-    set_.update({c: table.c[c] + stmt.excluded[c] for c in add})
-    conn.execute(
-        stmt.on_conflict_do_update(index_elements=list(table.primary_key.columns), set_=set_),
-        rows,
+    columns = tuple(rows[0])
+    upsert_rows(
+        conn, table, columns, [tuple(r[c] for c in columns) for r in rows], replace=replace, add=add
     )
+
+
+def upsert_rows(
+    conn: sa.Connection,
+    table: sa.Table,
+    columns: tuple[str, ...],
+    rows: Sequence[Sequence[Any]],
+    *,
+    replace: tuple[str, ...] = (),
+    add: tuple[str, ...] = (),
+) -> None:
+    """Multi-row insert of ``rows`` (values in ``columns`` order) that, on a primary-key
+    conflict, overwrites the ``replace`` columns and adds to the ``add`` columns; with neither,
+    a plain insert. Callers pass rows sorted by primary key: two connections upserting
+    overlapping rows in different orders deadlock on MariaDB.
+
+    Values are what the table's column types take (UUIDs, aware datetimes) and go through each
+    type's bind processor, exactly as through SQLAlchemy. The statement itself goes to the
+    driver as text with positional parameters (PyMySQL turns an executemany of it into
+    multi-row INSERTs; sqlite3 runs it per row in C): SQLAlchemy's executemany of a compiled
+    insert spent more client time than the driver itself on a projector batch (per-row
+    parameter dicts and bind processing; see docs/BENCHMARKS.md, "The projector").
+    """
+    if not rows:
+        return
+    sql, processors = _upsert_plan(conn.dialect, table, columns, replace, add)
+    if processors:
+        processed = []
+        for row in rows:
+            values = list(row)
+            for i, process in processors:
+                values[i] = process(values[i])
+            processed.append(tuple(values))
+        rows = processed
+    conn.exec_driver_sql(sql, rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _upsert_plan(
+    dialect: Dialect,
+    table: sa.Table,
+    columns: tuple[str, ...],
+    replace: tuple[str, ...],
+    add: tuple[str, ...],
+) -> tuple[str, list[tuple[int, Callable[[Any], Any]]]]:
+    """The statement's text for this dialect, and the bind processors of the columns that
+    have one (by position)."""
+    quote = dialect.identifier_preparer.quote
+    name = dialect.identifier_preparer.format_table(table)
+    param = "?" if dialect.paramstyle == "qmark" else "%s"
+    sql = (
+        f"INSERT INTO {name} ({', '.join(quote(c) for c in columns)}) "
+        f"VALUES ({', '.join(param for _ in columns)})"
+    )
+    if dialect.name == "mysql":
+        sets = [f"{quote(c)} = VALUES({quote(c)})" for c in replace]
+        sets += [f"{quote(c)} = {quote(c)} + VALUES({quote(c)})" for c in add]
+        if sets:
+            sql += f" ON DUPLICATE KEY UPDATE {', '.join(sets)}"
+    else:
+        sets = [f"{quote(c)} = excluded.{quote(c)}" for c in replace]
+        sets += [f"{quote(c)} = {name}.{quote(c)} + excluded.{quote(c)}" for c in add]
+        if sets:
+            keys = ", ".join(quote(c.name) for c in table.primary_key.columns)
+            sql += f" ON CONFLICT ({keys}) DO UPDATE SET {', '.join(sets)}"
+    processors: list[tuple[int, Callable[[Any], Any]]] = []
+    for i, column in enumerate(columns):
+        process = table.c[column].type.dialect_impl(dialect).bind_processor(dialect)
+        if process is not None:
+            processors.append((i, process))
+    return sql, processors

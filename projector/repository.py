@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
-from kessai.db import upsert
+from kessai.db import upsert_rows
 from kessai.ledger import PaymentState
 from kessai.schema.read import (
     dead_letters,
@@ -23,10 +23,10 @@ from kessai.schema.read import (
     payments,
     refunds,
 )
-from projector.apply import Changes, Parked, PaymentRow, Snapshot
+from projector.apply import Changes, Parked, PaymentRow, Snapshot, TotalsDelta
 
 T = TypeVar("T")
-CHUNK = 500
+CHUNK = 2_000
 
 
 def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterable[Sequence[T]]:
@@ -87,53 +87,50 @@ def merchant_time_zone(conn: sa.Connection, merchant_id: str) -> str | None:
     ).scalar_one_or_none()
 
 
+PAYMENT_COLUMNS = (
+    "payment_id", "merchant_id", "user_id", "store_id", "order_ref", "method", "currency",
+    "captured_amount", "refunded_amount", "status", "version", "metadata", "created_at",
+    "updated_at",
+)  # fmt: skip
+REFUND_COLUMNS = (
+    "payment_id", "version", "refund_id", "merchant_id", "amount", "currency", "reason",
+    "created_at",
+)  # fmt: skip
+TOTALS = ("payments_count", "payments_amount", "refunds_count", "refunds_amount")
+
+
 def write_changes(conn: sa.Connection, changes: Changes, snapshot: Snapshot, now: datetime) -> None:
     """Write a batch's changes, every multi-row statement sorted by primary key."""
-    upsert(
+    upsert_rows(
         conn,
         payments,
+        PAYMENT_COLUMNS,
         [_payment_values(row) for _, row in sorted(changes.payments.items())],
-        replace=(
-            "merchant_id", "user_id", "store_id", "order_ref", "method", "currency",
-            "captured_amount", "refunded_amount", "status", "version", "metadata",
-            "created_at", "updated_at",
-        ),
+        replace=PAYMENT_COLUMNS[1:],
+    )
+    upsert_rows(
+        conn,
+        refunds,
+        REFUND_COLUMNS,
+        [
+            (r.payment_id, r.version, r.refund_id, r.merchant_id, r.amount, r.currency,
+             r.reason, r.created_at)
+            for r in sorted(changes.refunds, key=lambda r: (r.payment_id, r.version))
+        ],
     )  # fmt: skip
-    if changes.refunds:
-        conn.execute(
-            refunds.insert(),
-            [
-                {
-                    "payment_id": r.payment_id,
-                    "version": r.version,
-                    "refund_id": r.refund_id,
-                    "merchant_id": r.merchant_id,
-                    "amount": r.amount,
-                    "currency": r.currency,
-                    "reason": r.reason,
-                    "created_at": r.created_at,
-                }
-                for r in sorted(changes.refunds, key=lambda r: (r.payment_id, r.version))
-            ],
-        )
-    totals = ("payments_count", "payments_amount", "refunds_count", "refunds_amount")
-    upsert(
+    upsert_rows(
         conn,
         merchant_daily_totals,
-        [
-            {"merchant_id": m, "day": d, "currency": c, **_delta(delta)}
-            for (m, d, c), delta in sorted(changes.daily.items())
-        ],
-        add=totals,
+        ("merchant_id", "day", "currency", *TOTALS),
+        [(*key, *_delta(delta)) for key, delta in sorted(changes.daily.items())],
+        add=TOTALS,
     )
-    upsert(
+    upsert_rows(
         conn,
         merchant_hourly_totals,
-        [
-            {"merchant_id": m, "hour": h, "currency": c, **_delta(delta)}
-            for (m, h, c), delta in sorted(changes.hourly.items())
-        ],
-        add=totals,
+        ("merchant_id", "hour", "currency", *TOTALS),
+        [(*key, *_delta(delta)) for key, delta in sorted(changes.hourly.items())],
+        add=TOTALS,
     )
     new_parked = [p for key, p in sorted(changes.parked.items()) if key not in snapshot.parked]
     if new_parked:
@@ -192,30 +189,19 @@ def write_changes(conn: sa.Connection, changes: Changes, snapshot: Snapshot, now
         )
 
 
-def _payment_values(row: PaymentRow) -> dict[str, Any]:
+def _payment_values(row: PaymentRow) -> tuple[Any, ...]:
     s = row.state
-    return {
-        "payment_id": s.payment_id,
-        "merchant_id": s.merchant_id,
-        "user_id": s.user_id,
-        "store_id": row.store_id,
-        "order_ref": row.order_ref,
-        "method": s.method,
-        "currency": s.currency,
-        "captured_amount": s.captured_amount,
-        "refunded_amount": s.refunded_amount,
-        "status": s.status,
-        "version": s.version,
-        "metadata": row.metadata,
-        "created_at": s.created_at,
-        "updated_at": s.updated_at,
-    }
+    return (
+        s.payment_id, s.merchant_id, s.user_id, row.store_id, row.order_ref, s.method,
+        s.currency, s.captured_amount, s.refunded_amount, s.status, s.version, row.metadata,
+        s.created_at, s.updated_at,
+    )  # fmt: skip
 
 
-def _delta(delta: Any) -> dict[str, int]:
-    return {
-        "payments_count": delta.payments_count,
-        "payments_amount": delta.payments_amount,
-        "refunds_count": delta.refunds_count,
-        "refunds_amount": delta.refunds_amount,
-    }
+def _delta(delta: TotalsDelta) -> tuple[int, int, int, int]:
+    return (
+        delta.payments_count,
+        delta.payments_amount,
+        delta.refunds_count,
+        delta.refunds_amount,
+    )
