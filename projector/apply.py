@@ -11,7 +11,9 @@ and open dead letters), ``apply_batch`` decides for each record, in offset order
   ``blocked``; a valid event for version d itself supersedes the dead letter;
 - undecodable, unknown type, newer schema, or breaking a ledger invariant: a dead letter.
 
-The result is a ``Changes`` value the repository writes in one transaction.
+Decoding (``decode_batch``) needs no state, so the batch loop does it for the next batch while
+the current one is in the database. The result is a ``Changes`` value the repository writes in
+one transaction.
 """
 
 from __future__ import annotations
@@ -142,8 +144,11 @@ def _raw_version(value: bytes | None) -> int | None:
     return version if isinstance(version, int) and version >= 1 else None
 
 
-def decode(record: Record) -> Event | DeadLetter:
-    """The record's event, or the dead letter saying why it cannot be one."""
+def decode(record: Record, key_id: uuid.UUID | None = None) -> Event | DeadLetter:
+    """The record's event, or the dead letter saying why it cannot be one. ``key_id``: the
+    record key's payment id, when the caller decoded it already."""
+    if key_id is None:
+        key_id = decode_payment_id(record.key)
     headers = dict(record.headers)
     declared = headers.get("schema_version")
     reason: str | None = None
@@ -160,7 +165,6 @@ def decode(record: Record) -> Event | DeadLetter:
             else:
                 reason = f"undecodable event: {exc}"[:1000]
         else:
-            key_id = decode_payment_id(record.key)
             if key_id is not None and key_id != event.payment_id:
                 reason = "record key does not match the event's payment_id"
             elif event.schema_version > SCHEMA_VERSION:
@@ -168,7 +172,7 @@ def decode(record: Record) -> Event | DeadLetter:
             else:
                 return event
     return DeadLetter(
-        payment_id=decode_payment_id(record.key),
+        payment_id=key_id,
         version=_raw_version(record.value),
         topic=record.topic,
         partition=record.partition,
@@ -177,6 +181,26 @@ def decode(record: Record) -> Event | DeadLetter:
         raw_value=record.value,
         headers=orjson.dumps({k: v.decode("latin-1") for k, v in record.headers}).decode(),
         reason=reason,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    """Consumed records in offset order per partition, each with its decoding."""
+
+    records: list[Record]
+    decoded: list[Event | DeadLetter]
+    payment_ids: set[uuid.UUID]
+    """The payments the batch may touch (by record key): the snapshot to load."""
+
+
+def decode_batch(records: Iterable[Record]) -> DecodedBatch:
+    listed = list(records)
+    keys = [decode_payment_id(r.key) for r in listed]
+    return DecodedBatch(
+        records=listed,
+        decoded=[decode(r, key) for r, key in zip(listed, keys, strict=True)],
+        payment_ids={key for key in keys if key is not None},
     )
 
 
@@ -200,8 +224,7 @@ class _Batch:
         row = self.rows.get(payment_id)
         return row.state.version if row is not None else 0
 
-    def handle(self, record: Record) -> None:
-        decoded = decode(record)
+    def handle(self, record: Record, decoded: Event | DeadLetter) -> None:
         if isinstance(decoded, DeadLetter):
             self.dead_letter(decoded)
             return
@@ -341,19 +364,18 @@ class _Batch:
         self.changes.dead_letters.append(letter)
 
 
-def apply_batch(records: Iterable[Record], snapshot: Snapshot, zone_of: ZoneLookup) -> Changes:
-    """Everything a batch does to the read model; ``records`` in offset order per partition."""
+def apply_batch(
+    records: Iterable[Record] | DecodedBatch, snapshot: Snapshot, zone_of: ZoneLookup
+) -> Changes:
+    """Everything a batch does to the read model; ``records`` in offset order per partition,
+    decoded already or not."""
+    decoded = records if isinstance(records, DecodedBatch) else decode_batch(records)
     batch = _Batch(snapshot, zone_of)
-    for record in records:
-        batch.handle(record)
+    for record, event in zip(decoded.records, decoded.decoded, strict=True):
+        batch.handle(record, event)
     return batch.changes
 
 
 def payment_ids_of(records: Iterable[Record]) -> set[uuid.UUID]:
     """The payments a batch may touch (by record key), to load their snapshot."""
-    ids: set[uuid.UUID] = set()
-    for record in records:
-        pid = decode_payment_id(record.key)
-        if pid is not None:
-            ids.add(pid)
-    return ids
+    return {pid for r in records if (pid := decode_payment_id(r.key)) is not None}

@@ -43,7 +43,7 @@ from kessai.broker import ensure_topic
 from kessai.clock import utcnow
 from kessai.settings import Settings
 from projector import repository
-from projector.apply import Record, apply_batch, payment_ids_of
+from projector.apply import DecodedBatch, Record, apply_batch, decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ class Projector:
         # Assigned partitions to seek to their stored offsets before anything else is applied
         # (a seek failed in the rebalance listener, or a batch of theirs was refused).
         self._unsought: set[TopicPartition] = set()
+        # Seeks so far: records fetched before a seek are never applied after it.
+        self._seeks = 0
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -145,28 +147,51 @@ class Projector:
         consumer.subscribe([self.topic], listener=_Listener(self))
         self._consumer = consumer
         await consumer.start()
+        # One batch is in the database while the loop fetches and decodes the next: those use
+        # the event loop's thread while the batch's thread mostly waits for the database.
+        # Batches still reach the database one after the other, in offset order; the idle
+        # checks (which may seek) run only between them.
+        applying: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
+                seeks = self._seeks
                 batch = await consumer.getmany(
                     timeout_ms=200, max_records=self.settings.projector_batch_size
                 )
                 records = [
                     _record(r) for tp in sorted(batch, key=lambda t: t.partition) for r in batch[tp]
                 ]
+                decoded = decode_batch(records) if records else None
+                if applying is not None:
+                    await applying
+                    applying = None
                 if self._unsought:
                     await self._retry_unsought(consumer)
                     continue  # what was fetched before the seek may start at the wrong offset
-                if records:
-                    await self._apply(records)
                 await self._idle_checks()
+                if decoded is None:
+                    continue
+                if self._seeks != seeks:
+                    # Fetched around a seek: it may start at the wrong offset, and the
+                    # consumer's position has moved past it. Seek again, then re-fetch.
+                    self._unsought.update(
+                        TopicPartition(self.topic, p) for p in {r.partition for r in records}
+                    )
+                    continue
+                applying = asyncio.create_task(self._apply(decoded))
         finally:
+            if applying is not None:
+                # Let the batch in flight commit (or roll back) before the consumer leaves.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(applying)
             self._consumer = None
             with contextlib.suppress(KafkaError, OSError, asyncio.TimeoutError):
                 await asyncio.wait_for(consumer.stop(), timeout=10)
 
-    async def _apply(self, records: list[Record]) -> None:
+    async def _apply(self, batch: DecodedBatch) -> None:
         consumer = self._consumer
         assert consumer is not None
+        records = batch.records
         partitions = {r.partition for r in records}
         if any(p not in self.expected for p in partitions):
             return  # revoked while the batch was fetched; the new owner will apply it
@@ -179,7 +204,7 @@ class Projector:
         started = time.perf_counter()
         try:
             result = await anyio.to_thread.run_sync(
-                self._apply_in_transaction, records, expected, caught_up
+                self._apply_in_transaction, batch, expected, caught_up
             )
         except StaleAssignment:
             log.warning(
@@ -210,8 +235,9 @@ class Projector:
             log.info("committing offsets to Kafka failed (rebalance?); the read DB has them")
 
     def _apply_in_transaction(
-        self, records: list[Record], expected: dict[int, int | None], caught_up: set[int]
+        self, batch: DecodedBatch, expected: dict[int, int | None], caught_up: set[int]
     ) -> BatchResult:
+        records = batch.records
         now = utcnow()
         with self.engine.begin() as conn:
             stored = offsets.lock_offsets(conn, self.topic, expected)
@@ -219,8 +245,8 @@ class Projector:
                 row = stored.get(p)
                 if (row.next_offset if row is not None else None) != position:
                     raise StaleAssignment(p)
-            snapshot = repository.load_snapshot(conn, payment_ids_of(records))
-            changes = apply_batch(records, snapshot, lambda m: self._zone(conn, m))
+            snapshot = repository.load_snapshot(conn, batch.payment_ids)
+            changes = apply_batch(batch, snapshot, lambda m: self._zone(conn, m))
             repository.write_changes(conn, changes, snapshot, now)
             new_offsets = {}
             for p in expected:
@@ -322,6 +348,7 @@ class Projector:
                 position = row.next_offset
                 self.expected[tp.partition] = position
             consumer.seek(tp, position)
+            self._seeks += 1
 
     async def _log_matches(self, tp: TopicPartition, row: offsets.OffsetRow) -> bool:
         """Whether the log still holds, just before the stored offset, the event last applied.
