@@ -631,6 +631,22 @@ def scrape(port: int) -> dict[str, float]:
     return found
 
 
+def settled(port: int, total: int, timeout: float = 10.0) -> dict[str, float]:
+    """The projector's counters once they count every event: it counts a batch after its
+    transaction (offsets included) commits, so the stored offsets reach the end of the log
+    just before the counters do."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = scrape(port)
+        counted = sum(
+            found.get(f"kessai_projector_{name}_total", 0.0)
+            for name in ("events_applied", "duplicates", "parked", "dead_letters")
+        )
+        if counted >= total or time.monotonic() > deadline:
+            return found
+        time.sleep(POLL_SECONDS)
+
+
 @contextlib.contextmanager
 def sampling(pid: int, path: Path | None) -> Iterator[None]:
     """py-spy attached to process ``pid`` while the block runs (all threads, idle included)."""
@@ -719,7 +735,7 @@ def run_projector(
                 cpu = process_cpu(process.pid) or 0.0
                 server_end = process_cpu(mysqld)
                 peak = memory_kib(process.pid, "VmHWM")
-                run.metrics = scrape(metrics_port)
+                run.metrics = settled(metrics_port, total)
         finally:
             progress.remove_task(task)
             if process.poll() is None:

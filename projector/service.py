@@ -165,20 +165,18 @@ class Projector:
                 if applying is not None:
                     await applying
                     applying = None
-                if self._unsought:
+                if not self._unsought:
+                    await self._idle_checks()
+                if self._unsought or self._seeks != seeks:
+                    # Records fetched around a seek, or while partitions wait for one, may start
+                    # at the wrong offset, and the consumer's position has already moved past
+                    # them: never apply them, never drop them without seeking their partitions
+                    # back to the stored offsets (that would skip them).
+                    self._drop(records)
                     await self._retry_unsought(consumer)
-                    continue  # what was fetched before the seek may start at the wrong offset
-                await self._idle_checks()
-                if decoded is None:
                     continue
-                if self._seeks != seeks:
-                    # Fetched around a seek: it may start at the wrong offset, and the
-                    # consumer's position has moved past it. Seek again, then re-fetch.
-                    self._unsought.update(
-                        TopicPartition(self.topic, p) for p in {r.partition for r in records}
-                    )
-                    continue
-                applying = asyncio.create_task(self._apply(decoded))
+                if decoded is not None:
+                    applying = asyncio.create_task(self._apply(decoded))
         finally:
             if applying is not None:
                 # Let the batch in flight commit (or roll back) before the consumer leaves.
@@ -194,7 +192,10 @@ class Projector:
         records = batch.records
         partitions = {r.partition for r in records}
         if any(p not in self.expected for p in partitions):
-            return  # revoked while the batch was fetched; the new owner will apply it
+            # Revoked while the batch was fetched: the new owner applies what is its own; the
+            # partitions still ours are sought back so that nothing fetched here is skipped.
+            self._drop(records)
+            return
         expected = {p: self.expected[p] for p in partitions}
         caught_up = {
             p
@@ -233,6 +234,11 @@ class Projector:
         except (CommitFailedError, KafkaError):
             # The read DB holds the truth; Kafka's copy is for monitoring tools only.
             log.info("committing offsets to Kafka failed (rebalance?); the read DB has them")
+
+    def _drop(self, records: list[Record]) -> None:
+        """Fetched records that will not be applied: their partitions are sought again (to the
+        stored offsets) before anything else of theirs is applied."""
+        self._unsought.update(TopicPartition(self.topic, p) for p in {r.partition for r in records})
 
     def _apply_in_transaction(
         self, batch: DecodedBatch, expected: dict[int, int | None], caught_up: set[int]
@@ -309,6 +315,8 @@ class Projector:
 
     async def _retry_unsought(self, consumer: AIOKafkaConsumer) -> None:
         self._unsought &= consumer.assignment()
+        if not self._unsought:
+            return
         try:
             await self._seek_to_stored(list(self._unsought))
         except Exception:

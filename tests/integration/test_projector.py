@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -23,6 +24,7 @@ from kessai.broker import EmbeddedBroker, free_port
 from kessai.ids import new_id
 from kessai.schema.read import dead_letters, parked_events, payments, projector_offsets
 from kessai.settings import Settings
+from projector.apply import Record
 from projector.service import Projector
 from tests.pipeline import (
     assert_read_side_matches,
@@ -130,6 +132,81 @@ async def test_a_poison_message_is_dead_lettered_while_other_payments_flow(
     assert letter.reason.startswith("undecodable event")
     assert letter.raw_value == b'{"version": 2, "garbage": true}'
     assert (parked.payment_id, parked.version, parked.reason) == (victim, 3, "blocked")
+
+
+async def _published(settings: Settings, write_engine: Engine, payments_count: int) -> None:
+    """Traffic through the real handlers, all of it on the topic before a projector starts,
+    so the projector always has a next batch fetched while one is in the database."""
+    await asyncio.to_thread(make_traffic, write_engine, payments_count=payments_count)
+    async with running(Relay(engine=write_engine, settings=settings)):
+        await wait_until(lambda: _outbox_empty(write_engine), within=60)
+
+
+async def test_seeks_while_the_next_batch_is_fetched_skip_nothing(
+    pipeline_settings: Settings,
+    write_engine: Engine,
+    read_engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = pipeline_settings.model_copy(update={"projector_batch_size": 25})
+    await _published(settings, write_engine, payments_count=400)
+    projector = Projector(engine=read_engine, settings=settings)
+    # Injected: every third pass of the loop seeks one assigned partition to its stored offset
+    # (as a stall, a log reset or a rebalance does), while a fetched batch waits to be applied.
+    idle_checks, drop = projector._idle_checks, projector._drop
+    passes, dropped = [0], [0]
+
+    async def seeking_idle_checks() -> None:
+        passes[0] += 1
+        consumer = projector._consumer
+        if passes[0] % 3 == 0 and consumer is not None and consumer.assignment():
+            assigned = sorted(consumer.assignment(), key=lambda tp: tp.partition)
+            await projector._seek_to_stored([assigned[passes[0] % len(assigned)]])
+        await idle_checks()
+
+    def counted_drop(records: list[Record]) -> None:
+        dropped[0] += len(records)
+        drop(records)
+
+    monkeypatch.setattr(projector, "_idle_checks", seeking_idle_checks)
+    monkeypatch.setattr(projector, "_drop", counted_drop)
+    async with running(projector) as tasks:
+        await wait_until(
+            lambda: read_side_matches(write_engine, read_engine), tasks=tasks, within=90
+        )
+    assert dropped[0] > 0, "no fetched batch was ever dropped: the seeks injected nothing"
+    assert count(read_engine, parked_events) == 0
+
+
+async def test_read_db_failures_while_the_next_batch_is_fetched_lose_nothing(
+    pipeline_settings: Settings,
+    write_engine: Engine,
+    read_engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = pipeline_settings.model_copy(update={"projector_batch_size": 25})
+    await _published(settings, write_engine, payments_count=300)
+    registry = CollectorRegistry()
+    projector = Projector(engine=read_engine, settings=settings, registry=registry)
+    # Injected: every fourth batch transaction fails as an unreachable read DB would, after
+    # the next batch was fetched (and its partitions' positions moved past it).
+    in_transaction, calls = projector._apply_in_transaction, [0]
+
+    def failing(*args: Any) -> Any:
+        calls[0] += 1
+        if calls[0] % 4 == 0:
+            raise sa.exc.OperationalError("injected", None, ConnectionError("read DB gone"))
+        return in_transaction(*args)
+
+    monkeypatch.setattr(projector, "_apply_in_transaction", failing)
+    async with running(projector) as tasks:
+        await wait_until(
+            lambda: read_side_matches(write_engine, read_engine), tasks=tasks, within=120
+        )
+    assert calls[0] >= 8  # at least two failures injected
+    assert metric(registry, "kessai_projector_events_applied_total") == len(
+        write_store_events(write_engine)
+    )
 
 
 @pytest.mark.slow
