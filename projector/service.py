@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +52,11 @@ IDLE_CHECK_SECONDS = 1.0
 STALL_SECONDS = 15.0
 """A partition whose position has not moved for this long while the log holds records past
 it (or that never got a fetch answer) is sought again."""
+BUSY_STALL_SECONDS = 60.0
+"""The same while batches of other partitions are being applied: a consumer behind its log
+serves partitions by turns (aiokafka drains one prefetched partition buffer after another), so
+a partition may wait its turn for more than ``STALL_SECONDS`` (seen at 100,000 preloaded
+events); seeking it would throw its buffer away and send it to the back of the queue."""
 
 
 class StaleAssignment(RuntimeError):
@@ -113,6 +119,7 @@ class Projector:
         self._consumer: AIOKafkaConsumer | None = None
         self._zones: dict[str, ZoneInfo] = {}
         self._last_idle_check = 0.0
+        self._last_applied = -math.inf  # monotonic time of the last batch that applied events
         self._seek_lock = asyncio.Lock()
         # Per partition: the position last seen by the idle check and since when.
         self._progress: dict[int, tuple[int | None, float]] = {}
@@ -220,6 +227,8 @@ class Projector:
             await asyncio.sleep(0.5)
             return
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        if result.applied:
+            self._last_applied = time.monotonic()
         self.metrics.applied.inc(result.applied)
         self.metrics.duplicates.inc(result.duplicates)
         self.metrics.parked.inc(result.parked)
@@ -414,6 +423,7 @@ class Projector:
             return
         self._last_idle_check = now
         tps = [tp for tp in consumer.assignment() if tp.partition in self.expected]
+        busy = now - self._last_applied < STALL_SECONDS
         at_end = []
         stalled = []
         for tp in tps:
@@ -423,7 +433,7 @@ class Projector:
             seen, since = self._progress.setdefault(tp.partition, (position, now))
             if seen != position or (end is not None and position == end):
                 self._progress[tp.partition] = (position, now)
-            elif now - since > STALL_SECONDS:
+            elif now - since > (BUSY_STALL_SECONDS if busy else STALL_SECONDS):
                 log.warning(
                     "partition %d: no progress for %.0f s at position %s (log end %s); "
                     "seeking it again",

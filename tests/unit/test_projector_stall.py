@@ -75,3 +75,29 @@ async def test_a_partition_that_stays_behind_its_log_end_is_sought_again(
     # Sought once, not on every check after that: the clock of each starts again.
     await advance(p, clock, 5)
     assert sought == [[0, 1]]
+
+
+async def test_a_partition_waiting_its_turn_while_others_are_applied_is_left_alone_longer(
+    projector: tuple[Projector, list[list[int]], list[float]],
+) -> None:
+    p, sought, clock = projector
+    # A consumer behind its log: partition 1's turn has not come yet while batches of
+    # partition 0 are applied one after the other.
+    consumer = Consumer({0: 0, 1: 0}, {0: 10**9, 1: 10**9})
+    p._consumer = consumer  # type: ignore[assignment]
+    p.expected = {0: 0, 1: 0}
+
+    async def applying(seconds: float) -> None:
+        for _ in range(int(seconds)):
+            consumer.positions[0] += 2_000
+            p._last_applied = clock[0]
+            await advance(p, clock, 1)
+
+    await applying(service.STALL_SECONDS + 5)
+    assert sought == []
+    await applying(service.BUSY_STALL_SECONDS - service.STALL_SECONDS)
+    assert sought == [[1]]  # still stuck after the longer wait: sought
+    # Partition 0 caught up, nothing is applied any more: the ordinary wait applies again.
+    consumer.highwaters[0] = consumer.positions[0]
+    await advance(p, clock, service.STALL_SECONDS + 2)
+    assert sought == [[1], [1]]
