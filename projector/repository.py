@@ -87,15 +87,9 @@ def merchant_time_zone(conn: sa.Connection, merchant_id: str) -> str | None:
     ).scalar_one_or_none()
 
 
-PAYMENT_COLUMNS = (
-    "payment_id", "merchant_id", "user_id", "store_id", "order_ref", "method", "currency",
-    "captured_amount", "refunded_amount", "status", "version", "metadata", "created_at",
-    "updated_at",
-)  # fmt: skip
-REFUND_COLUMNS = (
-    "payment_id", "version", "refund_id", "merchant_id", "amount", "currency", "reason",
-    "created_at",
-)  # fmt: skip
+# Rows are written as tuples in the tables' own column order (``_payment_values``, refunds).
+PAYMENT_COLUMNS = tuple(c.name for c in payments.columns)
+REFUND_COLUMNS = tuple(c.name for c in refunds.columns)
 TOTALS = ("payments_count", "payments_amount", "refunds_count", "refunds_amount")
 
 
