@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -430,6 +431,7 @@ def main(
             "end_to_end": end_to_end,
         },
         "targets": TARGETS,
+        "directory": str(home),
     }
     mysqld = stores.server_pid()
     created: list[str] = []
@@ -528,6 +530,8 @@ def main(
         for db in created:
             with contextlib.suppress(Exception):
                 stores.drop(db)
+        # The logs too: a failure's message already carries the tail of the log that says why.
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -41,3 +41,4 @@ def test_the_writes_bench_measures_the_whole_pipeline(tmp_path: Path) -> None:
     assert report["bare_fastapi"]["ok_per_second"] > 0
     assert report["raw_inserts"]["inserts"] > 0
     assert report["ratios"]["kessai_vs_bare"] > 0
+    assert not Path(report["directory"]).exists()  # SQLite files and logs removed
