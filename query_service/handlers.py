@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 
 from query_service import repository
 from query_service.cursor import Position
-from query_service.repository import TOTALS_COLUMNS, Condition
+from query_service.repository import Condition
 from query_service.time_range import Bucket, BucketKey, Granularity
 
 
@@ -131,14 +131,6 @@ def read_as_of(*, engine: Engine, topic: str) -> datetime | None:
     return min(per_partition) if per_partition else None
 
 
-def _zero() -> dict[str, int]:
-    return dict.fromkeys(TOTALS_COLUMNS, 0)
-
-
-def _with_net(totals: dict[str, int]) -> dict[str, int]:
-    return {**totals, "net_amount": totals["payments_amount"] - totals["refunds_amount"]}
-
-
 def _bucket_start(key: BucketKey, zone: ZoneInfo) -> datetime:
     if isinstance(key, datetime):
         return key.replace(tzinfo=zone)
@@ -170,26 +162,99 @@ def merchant_summary(
             first=buckets[0].key,
             last=buckets[-1].key,
         )
+    return summary_body(
+        [
+            (
+                r.bucket,
+                r.currency,
+                r.payments_count,
+                r.payments_amount,
+                r.refunds_count,
+                r.refunds_amount,
+            )
+            for r in rows
+        ],
+        merchant_id=merchant_id,
+        zone=zone,
+        granularity=granularity,
+        buckets=buckets,
+    )
+
+
+SummaryRow = tuple[BucketKey, str, int, int, int, int]
+"""(bucket, currency, payments_count, payments_amount, refunds_count, refunds_amount)."""
+
+
+def summary_body(
+    rows: Sequence[SummaryRow],
+    *,
+    merchant_id: str,
+    zone: ZoneInfo,
+    granularity: Granularity,
+    buckets: Sequence[Bucket],
+) -> dict[str, Any]:
+    """The summary's answer from its totals rows, in one pass per currency over the buckets:
+    a dict literal per bucket, sums kept in locals (a 7-day hourly summary has 168 buckets per
+    currency, and building them was most of the request's own work)."""
     starts: dict[BucketKey, datetime] = {b.key: b.start for b in buckets}
-    by_currency: dict[str, dict[BucketKey, dict[str, int]]] = {}
-    for row in rows:
-        # A bucket the walk did not produce (a DST corner) is still counted, never dropped.
-        starts.setdefault(row.bucket, _bucket_start(row.bucket, zone))
-        by_currency.setdefault(row.currency, {})[row.bucket] = {
-            c: int(getattr(row, c)) for c in TOTALS_COLUMNS
-        }
-    keys = sorted(starts, key=lambda k: starts[k])
+    by_currency: dict[str, dict[BucketKey, tuple[int, int, int, int]]] = {}
+    walked = True
+    for bucket, currency, pc, pa, rc, ra in rows:
+        if bucket not in starts:
+            # A bucket the walk did not produce (a DST corner) is still counted, never dropped.
+            starts[bucket] = _bucket_start(bucket, zone)
+            walked = False
+        by_currency.setdefault(currency, {})[bucket] = (int(pc), int(pa), int(rc), int(ra))
+    ordered = list(starts.items())
+    if not walked:
+        ordered.sort(key=lambda item: item[1])
     currencies = []
     for currency in sorted(by_currency):
         filled = by_currency[currency]
         series = []
-        overall = _zero()
-        for key in keys:
-            totals = filled.get(key) or _zero()
-            for c in TOTALS_COLUMNS:
-                overall[c] += totals[c]
-            series.append({"bucket": key, "start": starts[key], **_with_net(totals)})
-        currencies.append({"currency": currency, **_with_net(overall), "buckets": series})
+        total_pc = total_pa = total_rc = total_ra = 0
+        for key, start in ordered:
+            found = filled.get(key)
+            if found is None:
+                series.append(
+                    {
+                        "bucket": key,
+                        "start": start,
+                        "payments_count": 0,
+                        "payments_amount": 0,
+                        "refunds_count": 0,
+                        "refunds_amount": 0,
+                        "net_amount": 0,
+                    }
+                )
+                continue
+            pc, pa, rc, ra = found
+            total_pc += pc
+            total_pa += pa
+            total_rc += rc
+            total_ra += ra
+            series.append(
+                {
+                    "bucket": key,
+                    "start": start,
+                    "payments_count": pc,
+                    "payments_amount": pa,
+                    "refunds_count": rc,
+                    "refunds_amount": ra,
+                    "net_amount": pa - ra,
+                }
+            )
+        currencies.append(
+            {
+                "currency": currency,
+                "payments_count": total_pc,
+                "payments_amount": total_pa,
+                "refunds_count": total_rc,
+                "refunds_amount": total_ra,
+                "net_amount": total_pa - total_ra,
+                "buckets": series,
+            }
+        )
     return {
         "merchant_id": merchant_id,
         "time_zone": zone.key,
