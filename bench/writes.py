@@ -172,6 +172,28 @@ def served(argv: list[str], env: dict[str, str], port: int, log: Path) -> Iterat
         server.stop()
 
 
+def served_env(home: Path, write_url: str, keys_url: str, read_url: str) -> dict[str, str]:
+    """The environment of the served APIs: this process's, without its KESSAI_* settings but
+    the group-commit ones, over the bench's databases, rate limits out of the way."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KESSAI_")}
+    env.update(
+        {
+            "KESSAI_HOME": str(home),
+            "KESSAI_WRITE_DB_URL": write_url,
+            "KESSAI_KEYS_DB_URL": keys_url,
+            "KESSAI_READ_DB_URL": read_url,
+            "KESSAI_RATE_LIMIT_PER_IP": UNLIMITED,
+            "KESSAI_RATE_LIMIT_WRITES": UNLIMITED,
+            "KESSAI_RATE_LIMIT_READS": UNLIMITED,
+            "KESSAI_LOG_LEVEL": "WARNING",
+        }
+    )
+    for setting in ("GROUP_COMMIT", "GROUP_COMMIT_MAX_BATCH", "GROUP_COMMIT_MAX_DELAY_MS"):
+        if f"KESSAI_{setting}" in os.environ:
+            env[f"KESSAI_{setting}"] = os.environ[f"KESSAI_{setting}"]
+    return env
+
+
 # -- measuring ---------------------------------------------------------------------------------
 
 
@@ -448,22 +470,7 @@ def main(
             read_key = create_key(engine, [merchant_scope(PROBE_MERCHANT)], "bench.writes")[1]
         finally:
             engine.dispose()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KESSAI_")}
-        env.update(
-            {
-                "KESSAI_HOME": str(home),
-                "KESSAI_WRITE_DB_URL": write_url,
-                "KESSAI_KEYS_DB_URL": keys_url,
-                "KESSAI_READ_DB_URL": read_url,
-                "KESSAI_RATE_LIMIT_PER_IP": UNLIMITED,
-                "KESSAI_RATE_LIMIT_WRITES": UNLIMITED,
-                "KESSAI_RATE_LIMIT_READS": UNLIMITED,
-                "KESSAI_LOG_LEVEL": "WARNING",
-            }
-        )
-        for setting in ("GROUP_COMMIT", "GROUP_COMMIT_MAX_BATCH", "GROUP_COMMIT_MAX_DELAY_MS"):
-            if f"KESSAI_{setting}" in os.environ:
-                env[f"KESSAI_{setting}"] = os.environ[f"KESSAI_{setting}"]
+        env = served_env(home, write_url, keys_url, read_url)
         report["settings"]["group_commit"] = env.get("KESSAI_GROUP_COMMIT", "true (default)")
         with Progress(
             TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
