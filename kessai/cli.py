@@ -585,8 +585,14 @@ class _System:
             console.print(dev)
 
     def stop(self) -> None:
+        # Every child is asked at once, so a stop takes as long as the slowest child, not the
+        # sum of them (each stops cleanly on its own: the outbox keeps what is unpublished).
+        for child in reversed(self.children.values()):
+            if child.poll() is None:
+                child.terminate()
+        deadline = time.monotonic() + STOP_SECONDS
         for name, child in reversed(self.children.items()):
-            _stop(name, child)
+            _wait_or_kill(name, child, deadline)
         if self.embedded is not None:
             self.embedded.stop()
 
@@ -602,15 +608,17 @@ def _spawn(module: list[str], env: dict[str, str], log_path: Path) -> subprocess
     )
 
 
-def _stop(name: str, child: subprocess.Popen[bytes]) -> None:
-    if child.poll() is None:
-        child.terminate()
-        try:
-            child.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            console.print(f"{name} did not stop in 15 s; killing it")
-            child.kill()
-            child.wait()
+STOP_SECONDS = 15.0
+"""How long `kessai up` lets its children stop cleanly after SIGTERM before killing them."""
+
+
+def _wait_or_kill(name: str, child: subprocess.Popen[bytes], deadline: float) -> None:
+    try:
+        child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+        console.print(f"{name} did not stop in {STOP_SECONDS:.0f} s; killing it")
+        child.kill()
+        child.wait()
 
 
 def _wait_http(url: str, child: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
