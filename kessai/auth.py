@@ -21,10 +21,12 @@ no query, and a revoked key stops working within that time.
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import hmac
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -177,8 +179,15 @@ def verify(record: KeyRecord | None, secret: str) -> bool:
 # -- checking requests ----------------------------------------------------------------------------
 
 
+class _Cache(enum.Enum):
+    MISS = enum.auto()
+    """Not in the key cache (None in it is a cached answer: no such key)."""
+
+
 class Authenticator:
-    """Turns an ``Authorization`` header into a Principal, or a 401."""
+    """Turns an ``Authorization`` header into a Principal, or a 401.
+
+    ``timer`` is the key cache's clock (tests step it to put an expiry where they want)."""
 
     def __init__(
         self,
@@ -186,18 +195,23 @@ class Authenticator:
         *,
         cache_seconds: float,
         limiter: anyio.CapacityLimiter | None = None,
+        timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         # As many lookups at once as the key store's pool keeps connections (2, in both APIs).
         self.limiter = limiter or anyio.CapacityLimiter(2)
         self._cache: TTLCache[str, KeyRecord | None] | None = (
-            TTLCache(maxsize=100_000, ttl=cache_seconds) if cache_seconds > 0 else None
+            TTLCache(maxsize=100_000, ttl=cache_seconds, timer=timer) if cache_seconds > 0 else None
         )
         self._pending: dict[str, asyncio.Future[KeyRecord | None]] = {}
 
     async def _record(self, key_id: str) -> KeyRecord | None:
-        if self._cache is not None and key_id in self._cache:
-            return self._cache[key_id]
+        if self._cache is not None:
+            # One lookup, not "in" then "[]": the entry can expire between the two (a KeyError,
+            # a 500 for a valid key). TTLCache.get reads its clock once for both steps.
+            cached = self._cache.get(key_id, _Cache.MISS)
+            if cached is not _Cache.MISS:
+                return cached
         # One lookup per key at a time: when a busy key's cache entry expires, the requests
         # that arrive meanwhile wait for that lookup instead of each asking the key store.
         pending = self._pending.get(key_id)

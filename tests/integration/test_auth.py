@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
 from command_service.app import create_app as create_command_app
-from kessai.auth import ADMIN, PAYMENTS_WRITE, USERS_READ, merchant_scope
+from kessai.auth import ADMIN, PAYMENTS_WRITE, USERS_READ, Authenticator, merchant_scope
 from kessai.cli import app as cli_app
 from kessai.clock import utcnow
 from kessai.db import create_db_engine
@@ -226,6 +226,38 @@ async def test_concurrent_requests_of_an_uncached_key_look_it_up_once(
             sa.event.remove(engine, "before_cursor_execute", count)
         assert [a.status_code for a in answers] == [201] * 20
         assert len(lookups) == 1
+
+
+class SteppingClock:
+    """A clock that moves ``step`` seconds each time it is read. With a step over half the
+    cache time, an entry that one reading finds fresh has expired by the next reading."""
+
+    def __init__(self, step: float) -> None:
+        self.step = step
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+async def test_a_cached_key_expiring_during_its_lookup_is_still_accepted(
+    auth_settings: Settings,
+) -> None:
+    """A cache entry that expires between "is it cached?" and "give it to me" was a KeyError,
+    a 500 for a valid key (about 2 lookups in 1,000 in a tight loop). The stepping clock puts
+    the expiry exactly there on every lookup; the key store is the real one."""
+    key = api_key(auth_settings, PAYMENTS_WRITE)
+    engine = create_db_engine(auth_settings.resolved_keys_db_url(), pool_size=2)
+    authenticator = Authenticator(engine, cache_seconds=1.0, timer=SteppingClock(0.6))
+    try:
+        for _ in range(5):
+            principals = await asyncio.gather(
+                *(authenticator.authenticate(f"Bearer {key}") for _ in range(20))
+            )
+            assert {p.scopes for p in principals} == {frozenset({PAYMENTS_WRITE})}
+    finally:
+        engine.dispose()
 
 
 def test_outside_development_the_apis_refuse_to_start_without_a_key_store(
