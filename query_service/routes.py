@@ -342,7 +342,9 @@ async def export_merchant_payments(
     request: Request,
 ) -> Response:
     """The same payments as the list with the same filters, as one CSV file (UTF-8, RFC 4180
-    quoting), streamed in chunks so its size does not matter to memory.
+    quoting), streamed in chunks so its size does not matter to memory. A text cell starting
+    with `=`, `+`, `-`, `@`, tab or carriage return gets a leading `'`, so that a spreadsheet
+    shows it rather than running it as a formula.
 
     At most `KESSAI_CSV_MAX_ROWS` rows: a bigger export is refused up front with 422
     `csv_too_large` (narrow the range). Freshness is in the headers only. Exports count

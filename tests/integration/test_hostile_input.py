@@ -3,6 +3,8 @@ or SQL leaks, and security headers are on every response."""
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,10 +14,12 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from kessai.auth import USERS_READ, merchant_scope
+from kessai.clock import utcnow
 from kessai.settings import Settings
 from query_service.app import create_app as create_query_app
 from tests.helpers import api_key, bearer, count_rows, new_key, payment_body
-from tests.integration.read_model import migrated_read_db
+from tests.integration.read_model import captured, migrated_read_db, project
+from tests.pipeline import write_store_events
 
 SQL = "x' OR '1'='1'; DROP TABLE events; --"
 LEAKS = ("Traceback", "sqlalchemy", "pymysql", "SELECT ", "INSERT ", 'File "')
@@ -140,3 +144,56 @@ async def test_hostile_query_parameters_are_refused(query: httpx.AsyncClient) ->
     assert docs.status_code == 200
     assert "Content-Security-Policy" not in docs.headers  # the docs page loads its scripts
     assert docs.headers["X-Content-Type-Options"] == "nosniff"
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What makes a spreadsheet read a cell as a formula (OWASP, CSV injection)."""
+
+
+async def test_csv_export_defuses_text_that_a_spreadsheet_would_run_as_a_formula(
+    api: httpx.AsyncClient, write_engine: Engine, read_engine: Engine, pipeline_settings: Settings
+) -> None:
+    """Text a client sent that starts with =, +, -, @, tab or carriage return is exported with
+    a leading `'`, so a spreadsheet opening the export shows it instead of running it; numbers
+    stay numbers."""
+    sent = [
+        {"store_id": '=HYPERLINK("http://x.example","x")', "order_ref": "+cmd|' /C calc'!A0"},
+        {"user_id": "-2", "store_id": "-2+3+cmd|' /C calc'!A0", "order_ref": "@SUM(1+9)"},
+    ]
+    for fields in sent:
+        body = payment_body(merchant_id="shop-1", amount=1200, **fields)
+        response = await api.post("/v1/payments", json=body, headers={"Idempotency-Key": new_key()})
+        assert response.status_code == 201, response.text
+    # The command API refuses control characters; the event contract does not, so tab and
+    # carriage return are checked with events projected as they are.
+    controls = {"store_id": "\t=1+1", "order_ref": "\r=cmd|' /C calc'!A0"}
+    assert_clean_4xx(
+        await api.post(
+            "/v1/payments",
+            json=payment_body(merchant_id="shop-1", **controls),
+            headers={"Idempotency-Key": new_key()},
+        )
+    )
+    from_outside = captured(at=utcnow(), merchant_id="shop-1", amount=1200, **controls)
+    project(read_engine, [*write_store_events(write_engine), from_outside])
+    hostile = [value for fields in [*sent, controls] for value in fields.values()]
+    assert {value[0] for value in hostile} == set(FORMULA_STARTS)
+
+    key = api_key(pipeline_settings, merchant_scope("shop-1"))
+    app = create_query_app(pipeline_settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://q", headers=bearer(key)
+        ) as query,
+    ):
+        response = await query.get("/v1/merchants/shop-1/payments.csv")
+    assert response.status_code == 200, response.text
+    rows = list(csv.DictReader(io.StringIO(response.text, newline="")))
+    assert len(rows) == 3
+    cells = {cell for row in rows for cell in row.values()}
+    for value in hostile:
+        assert "'" + value in cells, value
+    assert not [cell for cell in cells if cell.startswith(FORMULA_STARTS)]
+    assert [row["captured_amount"] for row in rows] == ["1200"] * 3
+    assert [row["refunded_amount"] for row in rows] == ["0"] * 3
