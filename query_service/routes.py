@@ -505,11 +505,13 @@ async def reconciliation_runs(
     ] = None,
 ) -> Response:
     """What `kessai reconcile` found and repaired, run by run, newest first (as
-    `kessai reconcile --history`). Needs the `admin` scope."""
+    `kessai reconcile --history`). Needs the `admin` scope. Like every answer, it says how
+    fresh the read side is (`as_of`, `lag_seconds`)."""
+    as_of = await resources.freshness.as_of()
     body = await resources.run(
         lambda: handlers.reconciliation_runs(engine=resources.engine, before=before, limit=limit)
     )
-    return JSONResponse(body)
+    return _data_response(body, as_of)
 
 
 @router.get("/healthz", summary="The process is alive")

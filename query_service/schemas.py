@@ -124,6 +124,6 @@ class ReconciliationRunOut(BaseModel):
     findings: list[ReconciliationFindingOut]
 
 
-class ReconciliationRunsOut(BaseModel):
+class ReconciliationRunsOut(Freshness):
     items: list[ReconciliationRunOut]
     next_before: int | None = Field(description="Pass as `before` for the next (older) page.")

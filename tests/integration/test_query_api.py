@@ -936,15 +936,24 @@ async def test_every_data_response_says_how_fresh_it_is(
 ) -> None:
     payment = captured(at=T0, merchant_id="shop-a", user_id="user-1")
     project(writer, [payment])
-    paths = [
-        f"/v1/payments/{payment.payment_id}",
-        "/v1/merchants/shop-a/payments",
-        "/v1/users/user-1/payments",
-        "/v1/merchants/shop-a/summary",
-        "/v1/merchants/shop-a/summary?from=2026-11-25&to=2026-11-25",
+    routes = [
+        ("/v1/payments/{payment_id}", f"/v1/payments/{payment.payment_id}"),
+        ("/v1/merchants/{merchant_id}/payments", "/v1/merchants/shop-a/payments"),
+        ("/v1/users/{user_id}/payments", "/v1/users/user-1/payments"),
+        ("/v1/merchants/{merchant_id}/summary", "/v1/merchants/shop-a/summary"),
+        (
+            "/v1/merchants/{merchant_id}/summary",
+            "/v1/merchants/shop-a/summary?from=2026-11-25&to=2026-11-25",
+        ),
+        ("/v1/admin/reconciliation/runs", "/v1/admin/reconciliation/runs"),
     ]
+    paths = [path for _, path in routes]
     settings = query_settings(read_db_url, tmp_path)
     async with running(settings) as (_, client):
+        # Every route but the probes is covered (a new one must be added here).
+        documented = set((await client.get("/openapi.json")).json()["paths"])
+        csv_route = "/v1/merchants/{merchant_id}/payments.csv"
+        assert documented - {"/healthz", "/readyz"} == {t for t, _ in routes} | {csv_route}
         for path in paths:
             response = await client.get(path)
             assert response.status_code == 200, response.text
