@@ -34,7 +34,7 @@ from kessai.broker import EmbeddedBroker, ensure_topic, free_port
 from kessai.settings import Settings
 
 PROBE_MERCHANT = "m-probe"
-"""The probes' merchant: not one of the load generator's (``m00000``...)."""
+"""The probes' merchant: not one of the load generator's (``shop-1``...)."""
 
 
 @dataclass

@@ -149,8 +149,15 @@ class Shape:
         return max(10, self.payments // 5)
 
 
+def merchant_id(rank: int) -> str:
+    """The data set's merchant of popularity ``rank``; ``m00000`` is the big one. Its own names,
+    not the load generator's (``shop-1``...): the queries below name the big merchant, and
+    results stay comparable with earlier runs."""
+    return f"m{rank:05d}"
+
+
 def merchant_ids(count: int) -> list[str]:
-    return [loadgen.merchant_id(i) for i in range(count)]
+    return [merchant_id(i) for i in range(count)]
 
 
 def zone_names(count: int) -> dict[str, str]:
@@ -555,8 +562,8 @@ def check(client: Client, read_url: str, settings: Settings, merchants: int) -> 
     p = "?" if engine.dialect.name == "sqlite" else "%s"  # the raw driver's parameters
     try:
         with engine.connect() as conn:
-            picks = ["m00000", loadgen.merchant_id(1), loadgen.merchant_id(10)]
-            picks += [loadgen.merchant_id(merchants - 1), loadgen.merchant_id(merchants // 2 + 1)]
+            picks = ["m00000", merchant_id(1), merchant_id(10)]
+            picks += [merchant_id(merchants - 1), merchant_id(merchants // 2 + 1)]
             for merchant in dict.fromkeys(picks):
                 zone = zone_of(merchant, settings)
                 (first,) = conn.exec_driver_sql(
@@ -680,7 +687,7 @@ def explain(read_url: str, settings: Settings, merchants: int) -> list[dict[str,
         if not statement.startswith(analyze):
             captured.append((statement, parameters))
 
-    tail = loadgen.merchant_id(min(merchants - 1, 5))
+    tail = merchant_id(min(merchants - 1, 5))
     tokyo = ZoneInfo(settings.default_merchant_time_zone)
     today = datetime.now(tokyo).date()
     out: list[dict[str, Any]] = []
@@ -799,7 +806,7 @@ class Merchants:
 
     def pick(self) -> tuple[str, ZoneInfo]:
         rank = 0 if self.which == "big" else self.rng.randrange(1, self.count)
-        return loadgen.merchant_id(rank), self.other if in_other_zone(rank) else self.default
+        return merchant_id(rank), self.other if in_other_zone(rank) else self.default
 
 
 class SummaryPicker:

@@ -699,7 +699,8 @@ def loadgen(
         ),
     ] = None,
     merchants: Annotated[
-        int, typer.Option(min=1, help="Merchants (Zipf; the first takes --hot-share).")
+        int,
+        typer.Option(min=1, help="Merchants shop-1 ... shop-N (Zipf; shop-1 takes --hot-share)."),
     ] = 1_000,
     hot_share: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.30,
     refund_share: Annotated[

@@ -6,7 +6,9 @@ request when the previous one is answered) or open-loop at ``rate`` requests/s (
 scheduled at fixed times and their latency counts from when they were due, so a slow server
 is not hidden by the client waiting for it). The traffic looks like a cashback campaign:
 
-- merchants follow a Zipf-like distribution with one merchant taking ``hot_share`` (30%);
+- merchants ``shop-1`` ... ``shop-N`` follow a Zipf-like distribution, ``shop-1`` taking
+  ``hot_share`` (30%); ``shop-1`` and ``shop-2`` are the merchants the development dashboard
+  key of ``kessai up`` reads, so a demo's traffic shows there;
 - ``refund_share`` (3%) of requests refund part of a payment accepted earlier in the run;
 - ``retry_share`` (1%) repeat an earlier, answered payment request with the same
   Idempotency-Key and body (a client retry: kessai must replay it, not record it twice);
@@ -58,7 +60,7 @@ class Mix:
 
     merchants: int = 1_000
     hot_share: float = 0.30
-    """Share of payments going to the busiest merchant (``m00000``)."""
+    """Share of payments going to the busiest merchant (``shop-1``)."""
     refund_share: float = 0.03
     retry_share: float = 0.01
     users: int = 100_000
@@ -84,7 +86,8 @@ class Run:
 
 
 def merchant_id(rank: int) -> str:
-    return f"m{rank:05d}"
+    """The merchant of popularity ``rank`` (0: the hot one): ``shop-1``, ``shop-2``, ..."""
+    return f"shop-{rank + 1}"
 
 
 def merchant_weights(mix: Mix) -> list[float]:

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from command_service.app import create_app
 from kessai import loadgen
-from kessai.auth import PAYMENTS_WRITE
+from kessai.auth import PAYMENTS_WRITE, Principal
+from kessai.cli import DEV_KEYS
 from kessai.cli import app as cli_app
 from kessai.db import create_db_engine
 from kessai.schema.write import events, idempotency_keys
@@ -86,8 +87,10 @@ def test_loadgen_counts_match_the_write_store(write_db_url: str, tmp_path: Path)
     assert by_type.get("PaymentRefunded", 0) == result.refunds
     assert keys == result.payments + result.refunds
     assert by_merchant == dict(result.per_merchant)
-    # Skew: the hot merchant has about its 30% share, far more than any other.
-    hot = by_merchant[loadgen.merchant_id(0)] / result.payments
+    # Merchants shop-1 ... shop-50; the hot one, shop-1, has about its 30% share, far more
+    # than any other.
+    assert set(by_merchant) <= {f"shop-{n}" for n in range(1, 51)}
+    hot = by_merchant["shop-1"] / result.payments
     assert 0.22 < hot < 0.38, hot
     second = sorted(by_merchant.values())[-2] / result.payments
     assert second < hot * 0.7
@@ -95,7 +98,9 @@ def test_loadgen_counts_match_the_write_store(write_db_url: str, tmp_path: Path)
 
 
 def test_loadgen_command_with_the_development_key(write_db_url: str, tmp_path: Path) -> None:
-    """The CLI finds the key in $KESSAI_HOME/dev-keys.json and prints a summary."""
+    """The CLI finds the key in $KESSAI_HOME/dev-keys.json and prints a summary, and pays
+    merchants that the development dashboard key of `kessai up` reads, so the traffic shows
+    there."""
     settings = _settings(write_db_url, tmp_path)
     key = api_key(settings, PAYMENTS_WRITE)
     (tmp_path / "dev-keys.json").write_text(f'{{"payments": "{key}"}}')
@@ -112,5 +117,10 @@ def test_loadgen_command_with_the_development_key(write_db_url: str, tmp_path: P
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["sent"] == 100
     assert summary["by_status"] == {"201": 100}
-    by_type, _, _ = _stored(settings.resolved_write_db_url())
+    by_type, by_merchant, _ = _stored(settings.resolved_write_db_url())
     assert sum(by_type.values()) > 0
+    _, dashboard_scopes = DEV_KEYS["merchant"]
+    dashboard = Principal(key_id="dev", name="dashboard", scopes=frozenset(dashboard_scopes))
+    assert dashboard.reads_merchant(max(by_merchant, key=by_merchant.__getitem__)), by_merchant
+    shown = sum(n for m, n in by_merchant.items() if dashboard.reads_merchant(m))
+    assert shown / sum(by_merchant.values()) > 0.2, by_merchant  # shop-1 30%, shop-2 ~9%
