@@ -260,6 +260,34 @@ async def test_a_cached_key_expiring_during_its_lookup_is_still_accepted(
         engine.dispose()
 
 
+async def test_both_apis_answer_a_tight_loop_while_the_key_keeps_expiring(
+    auth_settings: Settings, read_db: str
+) -> None:
+    """Through each API, a valid key whose cache entry expires mid-lookup on every request
+    (the stepping clock) is served every time: no 500."""
+    settings = auth_settings.model_copy(update={"read_db_url": read_db})
+    key = bearer(api_key(settings, PAYMENTS_WRITE, merchant_scope("shop-1")))
+    for app, path in (
+        (create_command_app(settings), "/v1/payments"),
+        (create_query_app(settings), "/v1/merchants/shop-1/payments"),
+    ):
+        async for client in client_of(app, headers=key):
+            engine = app.state.authenticator.engine
+            app.state.authenticator = Authenticator(
+                engine, cache_seconds=1.0, timer=SteppingClock(0.6)
+            )
+            statuses = set()
+            for _ in range(50):
+                if path == "/v1/payments":
+                    response = await client.post(
+                        path, json=payment_body(), headers={"Idempotency-Key": new_key()}
+                    )
+                else:
+                    response = await client.get(path)
+                statuses.add(response.status_code)
+            assert statuses == ({201} if path == "/v1/payments" else {200}), path
+
+
 def test_outside_development_the_apis_refuse_to_start_without_a_key_store(
     tmp_path: Path,
 ) -> None:
