@@ -143,6 +143,11 @@ class Settings(BaseSettings):
         "10/minute",
         description="CSV exports and summaries over more than 31 days, per API key.",
     )
+    rate_limit_on_error: Literal["allow", "refuse"] = Field(
+        "allow",
+        description="When the rate-limit counters (Redis) cannot be reached: let requests "
+        "through, or refuse them with 503 rate_limit_unavailable.",
+    )
 
     outbox_shards: int = Field(
         8, ge=1, le=256, description="Outbox shards; each is published by one relay at a time."
