@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -105,7 +106,9 @@ class CounterStoreHealth:
         failures_to_skip: int = REDIS_FAILURES_TO_SKIP,
         skip_seconds: float = REDIS_SKIP_SECONDS,
         log_interval: float = ERROR_LOG_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock
         self.failures_to_skip = failures_to_skip
         self.skip_seconds = skip_seconds
         self.log_interval = log_interval
@@ -120,7 +123,7 @@ class CounterStoreHealth:
         """True when this check may call the store; it is the probe if the store was down."""
         if self._failures_in_a_row < self.failures_to_skip:
             return True
-        if self._probing or time.monotonic() < self._skip_until:
+        if self._probing or self.clock() < self._skip_until:
             return False
         self._probing = True
         return True
@@ -136,17 +139,17 @@ class CounterStoreHealth:
         self._failures_in_a_row += 1
         self._probing = False
         if self._failures_in_a_row >= self.failures_to_skip:
-            self._skip_until = time.monotonic() + self.skip_seconds
+            self._skip_until = self.clock() + self.skip_seconds
         self._last_error = f"{type(exc).__name__}: {exc}"
 
     def retry_after(self) -> int:
         """Whole seconds until the store is called again (at least 1)."""
-        return max(1, math.ceil(max(0.0, self._skip_until - time.monotonic())))
+        return max(1, math.ceil(max(0.0, self._skip_until - self.clock())))
 
     def unanswered(self, on_error: OnError) -> None:
         """Note a check the store did not answer; log them at most once per interval."""
         self._unlogged += 1
-        now = time.monotonic()
+        now = self.clock()
         if now - self._last_log < self.log_interval:
             return
         outcome = "let through" if on_error == "allow" else "refused (503)"
