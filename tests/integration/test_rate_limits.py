@@ -175,6 +175,24 @@ async def test_an_unreachable_counter_store_follows_the_on_error_setting(
     assert "Traceback" not in caplog.text
 
 
+@pytest.mark.parametrize("backend", ["sqlite"])
+@pytest.mark.parametrize(("on_error", "status"), [("allow", 200), ("refuse", 503)])
+async def test_the_query_api_follows_the_same_setting(
+    query_settings: Settings, on_error: str, status: int
+) -> None:
+    down = query_settings.model_copy(
+        update={"redis_url": f"redis://127.0.0.1:{free_port()}/0", "rate_limit_on_error": on_error}
+    )
+    key = bearer(api_key(down, merchant_scope("shop-1")))
+    async for client in started(create_query_app(down)):
+        for path in ("/v1/merchants/shop-1/payments", "/v1/merchants/shop-1/payments.csv"):
+            response = await client.get(path, headers=key)
+            assert response.status_code == status, response.text
+            if status == 503:
+                assert response.json()["error"]["code"] == "rate_limit_unavailable"
+                assert int(response.headers["Retry-After"]) >= 1
+
+
 @contextmanager
 def served_command_api(settings: Settings) -> Iterator[str]:
     """The command API in a uvicorn process of its own (one worker) on a free port: real
