@@ -17,11 +17,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import IO
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from kessai.supervisor import start_process
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ class EmbeddedBroker:
         self.port = port
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -71,13 +71,9 @@ class EmbeddedBroker:
                 "or point KESSAI_KAFKA_BOOTSTRAP at a running broker"
             )
         url = f"tcp://127.0.0.1:{self.port}"
-        out: IO[bytes] | int = subprocess.DEVNULL
-        if self.log_path is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = self.log_path.open("ab")
-            out = self._log_file
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
-        self.process = subprocess.Popen(
+        # Dies with whoever started it (kessai up, a test run), even of SIGKILL.
+        self.process = start_process(
             [
                 tansu_binary(),
                 "broker",
@@ -88,11 +84,8 @@ class EmbeddedBroker:
                 "--storage-engine",
                 "memory://tansu/",
             ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
             env=env,
-            start_new_session=True,
+            log_path=self.log_path,
         )
         deadline = time.monotonic() + timeout
         while not port_is_open("127.0.0.1", self.port):
@@ -116,9 +109,6 @@ class EmbeddedBroker:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
 
     def __enter__(self) -> EmbeddedBroker:
         self.start()

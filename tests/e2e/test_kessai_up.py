@@ -9,23 +9,30 @@ then stops everything with SIGTERM and checks nothing is left listening.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from kessai.broker import free_port, port_is_open
+from kessai.cli import STOP_SECONDS
 from kessai.events import PaymentCaptured, PaymentRefunded, parse_event
-from kessai.settings import DEFAULT_TOPIC
+from kessai.settings import DEFAULT_TOPIC, Settings
 from tests.helpers import consume_all, new_key, payment_body
 from tests.integration.read_model import create_mysql_database, drop_mysql_database
 
@@ -38,6 +45,8 @@ class RunningSystem:
         query: str,
         broker_port: int,
         keys: dict[str, str],
+        *,
+        screen: Path,
     ) -> None:
         self.process = process
         self.api = api
@@ -45,6 +54,8 @@ class RunningSystem:
         self.broker_port = broker_port
         self.keys = keys
         """The development keys ``kessai up`` wrote to $KESSAI_HOME/dev-keys.json."""
+        self.screen = screen
+        """What ``kessai up`` printed (its stdout and stderr)."""
 
     def auth(self, label: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[label]}"}
@@ -71,15 +82,23 @@ def database_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
 
 @pytest.fixture
 def system(database_env: dict[str, str], tmp_path: Path) -> Iterator[RunningSystem]:
+    with _kessai_up(tmp_path, database_env) as running:
+        yield running
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> Iterator[RunningSystem]:
+    """``kessai up`` on the embedded defaults only (SQLite files, the bundled broker): the
+    supervision tests are about processes, not databases."""
+    with _kessai_up(tmp_path, {}) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def _kessai_up(tmp_path: Path, extra_env: dict[str, str]) -> Iterator[RunningSystem]:
     api_port, query_port, broker_port = free_port(), free_port(), free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("KESSAI_")},
-        "KESSAI_HOME": str(tmp_path / "home"),
-        "KESSAI_COMMAND_API_PORT": str(api_port),
-        "KESSAI_QUERY_API_PORT": str(query_port),
-        "KESSAI_EMBEDDED_BROKER_PORT": str(broker_port),
-    }
-    env.update(database_env)
+    env = _env(tmp_path, api_port, query_port, broker_port)
+    env.update(extra_env)
     log = (tmp_path / "up.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "kessai.cli", "up"],
@@ -105,7 +124,14 @@ def system(database_env: dict[str, str], tmp_path: Path) -> Iterator[RunningSyst
             assert time.monotonic() < deadline, "kessai up did not become ready in 60 s"
             time.sleep(0.2)
         keys = json.loads((tmp_path / "home" / "dev-keys.json").read_text())
-        yield RunningSystem(process, api, f"http://127.0.0.1:{query_port}", broker_port, keys)
+        yield RunningSystem(
+            process,
+            api,
+            f"http://127.0.0.1:{query_port}",
+            broker_port,
+            keys,
+            screen=tmp_path / "up.log",
+        )
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -115,6 +141,16 @@ def system(database_env: dict[str, str], tmp_path: Path) -> Iterator[RunningSyst
                 process.kill()
                 process.wait()
         log.close()
+
+
+def _env(tmp_path: Path, api_port: int, query_port: int, broker_port: int) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("KESSAI_")},
+        "KESSAI_HOME": str(tmp_path / "home"),
+        "KESSAI_COMMAND_API_PORT": str(api_port),
+        "KESSAI_QUERY_API_PORT": str(query_port),
+        "KESSAI_EMBEDDED_BROKER_PORT": str(broker_port),
+    }
 
 
 async def test_payment_over_http_reaches_the_topic(system: RunningSystem) -> None:
@@ -237,3 +273,261 @@ def test_sigterm_stops_every_component(system: RunningSystem) -> None:
     assert not port_is_open("127.0.0.1", api_port)
     assert not port_is_open("127.0.0.1", query_port)
     assert not port_is_open("127.0.0.1", system.broker_port)
+
+
+# Supervision: what a hostile operator did to `kessai up`. Each test reads the process tree of
+# the `kessai up` it started (Linux /proc), kills one process with SIGKILL and checks what a
+# user would notice: the screen, the APIs, and what is left running.
+
+log = logging.getLogger(__name__)
+
+_MODULES = {
+    b"command_service": "command-api",
+    b"command_service.relay": "relay",
+    b"projector": "projector",
+    b"query_service": "query-api",
+    b"reconciler": "reconciler",
+}
+
+
+def _children(parent: int) -> dict[str, int]:
+    """The live processes ``kessai up`` started, by component."""
+    found: dict[str, int] = {}
+    for listing in Path(f"/proc/{parent}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for pid in listing.read_text().split():
+                with contextlib.suppress(OSError):
+                    # A child that died and is not yet reaped has an empty command line.
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    if b"-m" in argv[:-1]:
+                        name = _MODULES.get(argv[argv.index(b"-m") + 1])
+                        if name:
+                            found[name] = int(pid)
+                    elif b"tansu" in Path(argv[0].decode()).name.encode():
+                        found["broker"] = int(pid)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie nobody reaped yet."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait(condition: Callable[[], object], within: float, what: str) -> float:
+    """Poll until ``condition`` holds; return how long it took."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < within, f"{what}: not within {within} s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def _kill_and_see_restarted(system: RunningSystem, name: str) -> int:
+    """SIGKILL one child; wait until the screen says it was restarted and the new process
+    runs. The screen must also have said which child died, of what, when it would restart
+    and where its log is. Returns the new pid."""
+    old = _children(system.process.pid)[name]
+    os.kill(old, signal.SIGKILL)
+
+    def restarted() -> bool:
+        new = _children(system.process.pid).get(name, old)
+        return new != old and f"{name} restarted (pid {new})" in system.screen.read_text()
+
+    seconds = _wait(restarted, within=20, what=f"{name} restarted")
+    log.info("%s: said restarted %.2f s after the SIGKILL", name, seconds)
+    said = [
+        line
+        for line in system.screen.read_text().splitlines()
+        if name in line and "SIGKILL" in line and "restart" in line and f"{name}.log" in line
+    ]
+    assert said, system.screen.read_text()
+    return _children(system.process.pid)[name]
+
+
+class _Payer:
+    """Pays continuously from a thread and keeps every answer of the command API."""
+
+    def __init__(self, system: RunningSystem) -> None:
+        self.system = system
+        self.answers: list[int | str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pay, daemon=True)
+
+    def __enter__(self) -> _Payer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _pay(self) -> None:
+        with httpx.Client(
+            base_url=self.system.api, timeout=10, headers=self.system.auth("payments")
+        ) as client:
+            while not self._stop.wait(0.05):
+                try:
+                    answer = client.post(
+                        "/v1/payments",
+                        json=payment_body(merchant_id="shop-2"),
+                        headers={"Idempotency-Key": new_key()},
+                    )
+                    self.answers.append(answer.status_code)
+                except httpx.TransportError as exc:
+                    self.answers.append(repr(exc))
+
+
+def _pay_and_see_it_listed(system: RunningSystem, within: float = 30) -> float:
+    """One payment through the command API; how long until the query API shows it."""
+    created = httpx.post(
+        f"{system.api}/v1/payments",
+        json=payment_body(merchant_id="shop-1"),
+        headers={**system.auth("payments"), "Idempotency-Key": new_key()},
+        timeout=10,
+    )
+    assert created.status_code == 201, created.text
+    url = f"{system.query}/v1/payments/{created.json()['payment_id']}"
+    return _wait(
+        lambda: httpx.get(url, headers=system.auth("merchant"), timeout=5).status_code == 200,
+        within=within,
+        what="the payment on the query API",
+    )
+
+
+def test_killed_children_are_restarted_while_the_payment_api_keeps_serving(
+    embedded: RunningSystem,
+) -> None:
+    system = embedded
+    assert set(_children(system.process.pid)) == {
+        "broker", "command-api", "relay", "projector", "query-api", "reconciler",
+    }  # fmt: skip
+    with _Payer(system) as payer:
+        _kill_and_see_restarted(system, "projector")
+        log.info("a payment reached the query API %.2f s later", _pay_and_see_it_listed(system))
+    assert payer.answers, "no payment was attempted"
+    assert set(payer.answers) == {201}, Counter(payer.answers)
+
+    _kill_and_see_restarted(system, "command-api")
+    serving = _wait(
+        lambda: _answers(f"{system.api}/readyz") == 200, within=30, what="command API back"
+    )
+    log.info("command API ready again %.2f s after its new process appeared", serving)
+    _pay_and_see_it_listed(system)
+    assert system.process.poll() is None
+
+
+def _answers(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=1).status_code
+    except httpx.TransportError:
+        return None
+
+
+def test_a_killed_broker_comes_back_on_its_port_with_its_partitions(
+    embedded: RunningSystem,
+) -> None:
+    system = embedded
+    with _Payer(system) as payer:
+        _kill_and_see_restarted(system, "broker")
+        _wait(lambda: port_is_open("127.0.0.1", system.broker_port), 10, "broker listening")
+        partitions = asyncio.run(_partitions(system.bootstrap, DEFAULT_TOPIC))
+        assert partitions == Settings.model_fields["topic_partitions"].default
+        seen = _pay_and_see_it_listed(system, within=45)
+        log.info("a payment reached the query API %.2f s after the broker was back", seen)
+    assert set(payer.answers) == {201}, Counter(payer.answers)
+
+
+async def _partitions(bootstrap: str, topic: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+        return len(described["partitions"])
+    finally:
+        await admin.close()
+
+
+def test_sigkill_of_kessai_up_takes_every_child_along(embedded: RunningSystem) -> None:
+    system = embedded
+    # The warning a user must see is on the screen, not only in a log.
+    _wait(
+        lambda: any(
+            "KESSAI_ACQUIRER_URL" in line and "card payments" in line
+            for line in system.screen.read_text().splitlines()
+        ),
+        within=10,
+        what="the card payments warning on the screen",
+    )
+    children = _children(system.process.pid)
+    assert len(children) == 6, children
+    ports = [int(url.rsplit(":", 1)[1]) for url in (system.api, system.query)]
+    ports.append(system.broker_port)
+
+    system.process.kill()
+    system.process.wait()
+    try:
+        gone = _wait(
+            lambda: (
+                not any(_alive(pid) for pid in children.values())
+                and not any(port_is_open("127.0.0.1", port) for port in ports)
+            ),
+            within=5,
+            what=f"children {children} gone and ports {ports} closed",
+        )
+        log.info("every child gone and every port closed %.2f s after the SIGKILL", gone)
+    finally:
+        for pid in children.values():  # orphans of a failed run must not outlive the test
+            if _alive(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def test_a_stop_while_a_child_waits_for_its_restart_restarts_nothing(
+    embedded: RunningSystem,
+) -> None:
+    system = embedded
+    children = _children(system.process.pid)
+    os.kill(children["projector"], signal.SIGKILL)
+    _wait(
+        lambda: "projector was killed by SIGKILL" in system.screen.read_text(),
+        within=5,
+        what="the projector's death on the screen",
+    )
+    before_stop = len(system.screen.read_bytes())
+    system.process.send_signal(signal.SIGTERM)
+    assert system.process.wait(timeout=STOP_SECONDS + 5) == 0
+    after_stop = system.screen.read_bytes()[before_stop:].decode()
+    assert "restarted" not in after_stop, after_stop
+    assert after_stop.rstrip().endswith("stopped"), after_stop
+    assert not [pid for pid in children.values() if _alive(pid)]
+
+
+def test_a_taken_port_is_one_clear_sentence_and_nothing_starts(tmp_path: Path) -> None:
+    api_port, query_port, broker_port = free_port(), free_port(), free_port()
+    with socket.socket() as query_holder, socket.socket() as broker_holder:
+        for holder, port in ((query_holder, query_port), (broker_holder, broker_port)):
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+        done = subprocess.run(
+            [sys.executable, "-m", "kessai.cli", "up"],
+            env=_env(tmp_path, api_port, query_port, broker_port),
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+        )
+    screen = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode != 0, screen
+    assert "Traceback" not in screen
+    for port, setting in (
+        (query_port, "KESSAI_QUERY_API_PORT"),
+        (broker_port, "KESSAI_EMBEDDED_BROKER_PORT"),
+    ):
+        (line,) = [line for line in screen.splitlines() if f"port {port}" in line]
+        assert setting in line, line
+        assert f"ss -ltnp 'sport = :{port}'" in line, line
+    assert not list((tmp_path / "home").glob("*.db")), "something was started (migrated)"
