@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry
 from kessai.auth import RequireApiKey
 from kessai.http import BodySizeLimit, SecurityHeaders
 from kessai.observability import HttpMetrics
+from kessai.openapi import install_openapi
 from kessai.ratelimit import RateLimitByIp, RateLimitByKey, RateLimiter
 from kessai.settings import Settings
 
@@ -30,4 +31,5 @@ def install_edge(
     app.add_middleware(HttpMetrics, registry=registry, service=service)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(SecurityHeaders, max_header_bytes=settings.max_header_bytes)
+    install_openapi(app)  # documents what the edge may answer on every route
     return rate_limiter
