@@ -55,10 +55,13 @@ class AdmissionPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = Field(description="Off: every request passes.")
-    percent: float = Field(ge=0, le=100, description="Share of devices admitted per window.")
+    # Strict: `false` is not a percentage, nor `"60"` (or `60.0`) a number of seconds.
+    enabled: bool = Field(strict=True, description="Off: every request passes.")
+    percent: float = Field(
+        strict=True, ge=0, le=100, description="Share of devices admitted per window."
+    )
     window_seconds: int = Field(
-        ge=10, le=86_400, description="How long a device stays admitted (or not)."
+        strict=True, ge=10, le=86_400, description="How long a device stays admitted (or not)."
     )
     without_device: WithoutDevice = Field(
         description="Requests without X-Device-Id: `admit` them, or `refuse` them while "

@@ -7,15 +7,47 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, WithJsonSchema, field_validator
 
-from kessai.events import Amount, MerchantId, PaymentMethod, UserId
-from kessai.money import is_known_currency
+from kessai.events import MerchantId, PaymentMethod, UserId
+from kessai.money import CURRENCY_EXPONENTS, MAX_AMOUNT, is_known_currency
 
 # Printable text without control characters: what a person or a receipt would show.
 PrintableText = r"^[^\x00-\x1f\x7f]*$"
 METADATA_MAX_PAIRS = 20
 METADATA_MAX_BYTES = 2048
+METADATA_KEY_MAX = 64
+METADATA_VALUE_MAX = 512
+
+_CURRENCY_CODES: list[JsonValue] = [*sorted(CURRENCY_EXPONENTS)]
+"""What ``currency`` may be, in the document: the codes ``is_known_currency`` accepts."""
+
+RequestAmount = Annotated[int, Field(strict=True, ge=1, le=MAX_AMOUNT)]
+"""An amount in minor units as a request carries it: a JSON integer from 1 to 10^12, written
+as one. ``1200.0`` is refused like ``12.5``, ``"1200"`` and ``true``: a float in a client's
+money path is a bug to surface, not a number to round. (A JSON Schema ``integer`` cannot say
+so, 1200.0 being the number 1200 to a validator: the description does.)"""
+_INTEGER_AS_WRITTEN = ' Written as an integer: `1200.0`, `"1200"` and `true` are refused.'
+
+# Pydantic documents a dict's key constraints as ``patternProperties``, which leaves keys
+# outside the pattern unconstrained in the document; this says what the validation enforces.
+_METADATA_SCHEMA = {
+    "type": "object",
+    "maxProperties": METADATA_MAX_PAIRS,
+    "propertyNames": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": METADATA_KEY_MAX,
+        "pattern": PrintableText,
+    },
+    "additionalProperties": {
+        "type": "string",
+        "maxLength": METADATA_VALUE_MAX,
+        "pattern": PrintableText,
+    },
+    "description": f"Up to {METADATA_MAX_PAIRS} string pairs, {METADATA_MAX_BYTES} bytes of "
+    "keys and values (UTF-8) in all.",
+}
 
 
 class _Request(BaseModel):
@@ -27,8 +59,14 @@ class CreatePayment(_Request):
 
     merchant_id: MerchantId
     user_id: UserId
-    amount: Amount = Field(description="Integer amount in minor units, 1 to 10^12.")
-    currency: str = Field("JPY", description="ISO 4217 code; the amount is in its minor unit.")
+    amount: RequestAmount = Field(
+        description="Integer amount in minor units, 1 to 10^12." + _INTEGER_AS_WRITTEN
+    )
+    currency: str = Field(
+        "JPY",
+        description="Active ISO 4217 code, upper case; the amount is in its minor unit.",
+        json_schema_extra={"enum": _CURRENCY_CODES},
+    )
     method: PaymentMethod
     store_id: Annotated[str, Field(min_length=1, max_length=64, pattern=PrintableText)] | None = (
         None
@@ -36,10 +74,13 @@ class CreatePayment(_Request):
     order_ref: Annotated[str, Field(min_length=1, max_length=128, pattern=PrintableText)] | None = (
         None
     )
-    metadata: dict[
-        Annotated[str, Field(min_length=1, max_length=64, pattern=PrintableText)],
-        Annotated[str, Field(max_length=512, pattern=PrintableText)],
-    ] = Field(default_factory=dict, description="Up to 20 string pairs, 2 KB in all.")
+    metadata: Annotated[
+        dict[
+            Annotated[str, Field(min_length=1, max_length=METADATA_KEY_MAX, pattern=PrintableText)],
+            Annotated[str, Field(max_length=METADATA_VALUE_MAX, pattern=PrintableText)],
+        ],
+        WithJsonSchema(_METADATA_SCHEMA),
+    ] = Field(default_factory=dict)
 
     @field_validator("currency")
     @classmethod
@@ -62,7 +103,10 @@ class CreatePayment(_Request):
 class CreateRefund(_Request):
     """Refund part or all of a captured payment, in the payment's currency."""
 
-    amount: Amount = Field(description="Integer amount in minor units of the payment's currency.")
+    amount: RequestAmount = Field(
+        description="Integer amount in minor units of the payment's currency, 1 to 10^12."
+        + _INTEGER_AS_WRITTEN
+    )
     reason: Annotated[str, Field(min_length=1, max_length=500, pattern=PrintableText)] | None = None
 
 
