@@ -178,11 +178,26 @@ _CARD_ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
+_REFUND_LINK: dict[int | str, dict[str, object]] = {
+    201: {
+        "links": {
+            "RefundThePayment": {
+                "operationId": "create_refund",
+                "parameters": {"path.payment_id": "$response.body#/payment_id"},
+                "description": "Refund (part of) the payment.",
+            }
+        }
+    }
+}
+"""For clients and the stateful tests: a payment (or a refund) leads to its payment's refunds."""
+
+
 @router.post(
     "/v1/payments",
     status_code=201,
     response_model=PaymentOut,
-    responses={**_ERRORS, **_CARD_ERRORS},
+    responses={**_ERRORS, **_CARD_ERRORS, **_REFUND_LINK},
+    operation_id="create_payment",
     summary="Capture a payment",
     dependencies=[Depends(needs(PAYMENTS_WRITE)), Depends(_admission)],
     openapi_extra={"parameters": [_IDEMPOTENCY_KEY_DOC, _DEVICE_ID_DOC]},
@@ -297,7 +312,12 @@ async def _authorize(
     "/v1/payments/{payment_id}/refunds",
     status_code=201,
     response_model=RefundOut,
-    responses={**_ERRORS, 404: {"model": ErrorOut, "description": "No such payment."}},
+    responses={
+        **_ERRORS,
+        **_REFUND_LINK,
+        404: {"model": ErrorOut, "description": "No such payment."},
+    },
+    operation_id="create_refund",
     summary="Refund part or all of a payment",
     dependencies=[Depends(needs(PAYMENTS_WRITE))],
     openapi_extra={"parameters": [_IDEMPOTENCY_KEY_DOC]},
