@@ -23,7 +23,15 @@ from kessai.errors import ApiError
 CURSOR_VERSION = 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_MICROS = int((datetime(9999, 12, 31, tzinfo=UTC) - _EPOCH) / timedelta(microseconds=1))
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+CURSOR_MAX_LENGTH = 128
+_TOKEN = re.compile(rf"^[A-Za-z0-9_-]{{1,{CURSOR_MAX_LENGTH}}}$")
+CURSOR_SCHEMA = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": CURSOR_MAX_LENGTH,
+    "pattern": "^[A-Za-z0-9_-]+$",
+}
+"""A cursor in the OpenAPI documents: the shape of every cursor this module writes."""
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 

@@ -20,6 +20,7 @@ import anyio
 import anyio.to_thread
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Path, Query, Request
+from pydantic import WithJsonSchema
 from sqlalchemy.engine import Engine
 from starlette.responses import Response, StreamingResponse
 
@@ -33,7 +34,7 @@ from kessai.ratelimit import RateLimiter
 from kessai.settings import Settings
 from query_service import export, handlers, repository, time_range
 from query_service.cache import CachedSummary, FreshnessCache, SummaryCache, ZoneCache
-from query_service.cursor import Position, decode_cursor, encode_cursor
+from query_service.cursor import CURSOR_SCHEMA, Position, decode_cursor, encode_cursor
 from query_service.schemas import (
     PaymentDetailOut,
     PaymentMethod,
@@ -100,15 +101,20 @@ LimitQuery = Annotated[
 ]
 CursorQuery = Annotated[
     str | None,
-    Query(description="`next_cursor` of the previous page; omit for the first."),
+    Query(
+        description="`next_cursor` of the previous page; omit for the first. Opaque: a cursor "
+        "this API did not issue is refused with 400 `invalid_cursor`."
+    ),
+    WithJsonSchema(CURSOR_SCHEMA),
 ]
 _BOUND_HELP = (
     "An ISO 8601 datetime with an offset (an instant), or a date YYYY-MM-DD (a whole day in "
-    "the merchant's time zone)."
+    "the merchant's time zone); years 1970 to 9998."
 )
 FromQuery = Annotated[
     str | None,
     Query(alias="from", max_length=64, description=f"Inclusive start. {_BOUND_HELP}"),
+    WithJsonSchema(time_range.BOUND_SCHEMA),
 ]
 ToQuery = Annotated[
     str | None,
@@ -116,6 +122,7 @@ ToQuery = Annotated[
         max_length=64,
         description=f"End: a datetime is exclusive, a date includes its whole day. {_BOUND_HELP}",
     ),
+    WithJsonSchema(time_range.BOUND_SCHEMA),
 ]
 
 
@@ -462,7 +469,7 @@ async def merchant_summary(
     else:
         start, _ = time_range.day_of(end - _ONE_MICROSECOND, zone)
     if start >= end:
-        raise time_range.validation_error("query.to", "must be after `from`")
+        raise time_range.empty_range("query.to")
     if end - start > EXPENSIVE_RANGE:
         await _expensive(request)
     summary = await compute(time_range.buckets(start, end, zone, g))

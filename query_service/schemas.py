@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import date, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, WithJsonSchema
 
 PaymentStatus = Literal["captured", "partially_refunded", "refunded"]
 PaymentMethod = Literal["balance", "card"]
@@ -73,10 +73,21 @@ class TotalsOut(BaseModel):
     net_amount: int = Field(description="payments_amount - refunds_amount.")
 
 
+_BUCKET_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "format": "date"},
+        {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:00:00$"},
+    ],
+    "description": "The local date (`day`, `2026-11-25`) or the local start of the hour "
+    "without an offset (`hour`, `2026-11-25T09:00:00`): the bucket as the merchant's clock "
+    "reads it. `start` is the same moment as an instant.",
+}
+
+
 class BucketOut(TotalsOut):
-    bucket: date | datetime = Field(
-        description="The local date (day) or the naive local start of the hour (hour)."
-    )
+    # A naive local hour is not an RFC 3339 `date-time` (which needs an offset): documented as
+    # the string it is.
+    bucket: Annotated[date | datetime, WithJsonSchema(_BUCKET_SCHEMA)]
     start: datetime = Field(description="The bucket's first instant, with the merchant's offset.")
 
 

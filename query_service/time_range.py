@@ -30,16 +30,33 @@ _ONE_MICROSECOND = timedelta(microseconds=1)
 _EARLIEST = date(1970, 1, 1)
 _LATEST = date(9998, 12, 31)
 _ONE_HOUR = timedelta(hours=1)
+_YEAR = r"(19[7-9][0-9]|[2-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9]|999[0-8])"
+"""1970 to 9998, the years of ``_EARLIEST`` to ``_LATEST``."""
+
+BOUND_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "format": "date", "pattern": f"^{_YEAR}-[0-9]{{2}}-[0-9]{{2}}$"},
+        {"type": "string", "format": "date-time", "pattern": f"^{_YEAR}-", "maxLength": 64},
+    ]
+}
+"""``from`` / ``to`` in the OpenAPI documents: a date or an RFC 3339 date-time (which always has
+an offset), written with a year from 1970 to 9998."""
 
 
-def validation_error(field: str, message: str) -> ApiError:
+def validation_error(field: str, message: str, error_type: str = "value_error") -> ApiError:
     """A 422 in the same shape FastAPI's own validation errors get."""
     return ApiError(
         422,
         "validation_error",
         f"The request is not valid: {field}: {message}",
-        {"errors": [{"field": field, "message": message, "type": "value_error"}]},
+        {"errors": [{"field": field, "message": message, "type": error_type}]},
     )
+
+
+def empty_range(field: str) -> ApiError:
+    """``to`` is not after ``from``: each is valid, the range they make holds no instant (a
+    relation between two parameters, which no OpenAPI document can state)."""
+    return validation_error(field, "must be after `from`", "range_empty")
 
 
 def parse_bound(value: str | None, field: str) -> Bound | None:
@@ -52,20 +69,19 @@ def parse_bound(value: str | None, field: str) -> Bound | None:
             if not _EARLIEST <= day <= _LATEST:
                 raise _out_of_range(field)
             return day
-        parsed = datetime.fromisoformat(value)
+        # RFC 3339 allows a lower-case `t` and `z`; Python's parser only the upper case.
+        parsed = datetime.fromisoformat(value.upper())
     except ValueError:
         raise validation_error(
             field, "must be a date (YYYY-MM-DD) or an ISO 8601 datetime with an offset"
         ) from None
     if parsed.tzinfo is None:
         raise validation_error(field, "a datetime needs an offset (Z or +09:00, for example)")
-    try:
-        instant = parsed.astimezone(UTC)
-    except OverflowError:
-        instant = datetime.min.replace(tzinfo=UTC)
-    if not _EARLIEST <= instant.date() <= _LATEST:
+    # The date as written is what the document's pattern can state, so that is what is checked;
+    # its instant is at most a day off, which the calendar's ends leave room for.
+    if not _EARLIEST <= parsed.date() <= _LATEST:
         raise _out_of_range(field)
-    return instant
+    return parsed.astimezone(UTC)
 
 
 def _out_of_range(field: str) -> ApiError:
@@ -111,7 +127,7 @@ def resolve(
     start = start_instant(from_, zone) if from_ is not None else None
     end = end_instant(to, zone) if to is not None else None
     if start is not None and end is not None and start >= end:
-        raise validation_error(to_field, "must be after `from`")
+        raise empty_range(to_field)
     return Instants(start, end)
 
 
