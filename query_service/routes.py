@@ -67,6 +67,30 @@ _LIST_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _page_links(owner: str) -> dict[int | str, dict[str, Any]]:
+    """A page leads to the next page (same owner, its `next_cursor`) and to its first payment:
+    for clients, and for the stateful tests that follow them."""
+    return {
+        200: {
+            "links": {
+                "NextPage": {
+                    "operationId": f"list_{owner}_payments",
+                    "parameters": {
+                        f"path.{owner}_id": f"$request.path.{owner}_id",
+                        "query.cursor": "$response.body#/next_cursor",
+                    },
+                    "description": "The next page, until `next_cursor` is null.",
+                },
+                "FirstPayment": {
+                    "operationId": "get_payment",
+                    "parameters": {"path.payment_id": "$response.body#/items/0/payment_id"},
+                    "description": "The page's first payment with its refunds.",
+                },
+            }
+        }
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class Resources:
     """What the routes use, opened and closed by the app's lifespan."""
@@ -262,6 +286,7 @@ async def _page(
     response_model=PaymentDetailOut,
     responses={**_DATA_ERRORS, 404: {"model": ErrorOut, "description": "`payment_not_found`."}},
     summary="One payment with its refunds",
+    operation_id="get_payment",
 )
 async def get_payment(
     *, payment_id: Annotated[uuid.UUID, Path()], resources: ResourcesDep, request: Request
@@ -291,8 +316,9 @@ async def get_payment(
 @router.get(
     "/v1/merchants/{merchant_id}/payments",
     response_model=PaymentPageOut,
-    responses={**_LIST_ERRORS, 404: _MERCHANT_404},
+    responses={**_LIST_ERRORS, **_page_links("merchant"), 404: _MERCHANT_404},
     summary="A merchant's payments, newest first",
+    operation_id="list_merchant_payments",
     **_MERCHANT_ROUTE,
 )
 async def list_merchant_payments(
@@ -479,8 +505,9 @@ async def merchant_summary(
 @router.get(
     "/v1/users/{user_id}/payments",
     response_model=PaymentPageOut,
-    responses={**_LIST_ERRORS, 403: _FORBIDDEN},
+    responses={**_LIST_ERRORS, **_page_links("user"), 403: _FORBIDDEN},
     summary="A user's own payment history, newest first",
+    operation_id="list_user_payments",
     **_USERS_ROUTE,
 )
 async def list_user_payments(
