@@ -254,7 +254,10 @@ class RateLimiter:
         if stats is None:
             return Verdict(True, item.amount, -1, 0)
         reset = max(1, math.ceil(stats.reset_time - time.time()))
-        return Verdict(False, item.amount, max(0, stats.remaining), reset)
+        # Refused means nothing was left when this request was counted; the window may have
+        # slid a little by the time its stats were read, but a refusal saying "2 remaining"
+        # would only confuse the client.
+        return Verdict(False, item.amount, 0, reset)
 
     def _unanswered(self) -> CounterStoreUnavailable:
         self.errors.inc()
