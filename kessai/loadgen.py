@@ -175,6 +175,8 @@ class Answer:
     status: int
     replayed: bool
     body: bytes
+    retry_after: str | None = None
+    """The ``Retry-After`` header, when the answer has one."""
 
 
 class Connection:
@@ -215,6 +217,7 @@ class Connection:
         status = int(lines[0].split(" ", 2)[1])
         length = 0
         chunked = close = replayed = False
+        retry_after = None
         for line in lines[1:]:
             name, _, value = line.partition(":")
             name = name.strip().lower()
@@ -227,6 +230,8 @@ class Connection:
                 close = value.lower() == "close"
             elif name == "idempotent-replayed":
                 replayed = value.lower() == "true"
+            elif name == "retry-after":
+                retry_after = value
         if chunked:
             parts = []
             while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
@@ -237,7 +242,7 @@ class Connection:
             content = await reader.readexactly(length)
         if close:
             self.close()
-        return Answer(status, replayed, content)
+        return Answer(status, replayed, content, retry_after)
 
 
 @dataclass(slots=True)
