@@ -149,6 +149,34 @@ class Settings(BaseSettings):
         "through, or refuse them with 503 rate_limit_unavailable.",
     )
 
+    overload_max_in_flight: int = Field(
+        32,
+        ge=1,
+        le=10_000,
+        description="Requests one API process works on at once; the next ones wait (see "
+        "overload_max_queue_wait_ms) or get 503 overloaded.",
+    )
+    overload_max_queue_wait_ms: float = Field(
+        20.0,
+        ge=0,
+        le=10_000,
+        description="Longest a request waits for a slot before 503 overloaded; at most "
+        "overload_max_in_flight requests wait at once.",
+    )
+    overload_reserved_percent: float = Field(
+        25.0,
+        ge=0,
+        lt=100,
+        description="Share of the slots only refunds and recently served devices may use "
+        "(command API).",
+    )
+    overload_recent_devices: int = Field(
+        100_000, ge=1, description="Most devices remembered as recently served, per process."
+    )
+    overload_recent_device_seconds: float = Field(
+        300.0, gt=0, description="How long a device answered 2xx counts as recently served."
+    )
+
     outbox_shards: int = Field(
         8, ge=1, le=256, description="Outbox shards; each is published by one relay at a time."
     )

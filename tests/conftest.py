@@ -22,7 +22,7 @@ from kessai.db import create_db_engine
 from kessai.migrate import Tree, upgrade
 from kessai.settings import Settings
 from tests import backends
-from tests.helpers import UNLIMITED, api_key, bearer
+from tests.helpers import UNBOUNDED_IN_FLIGHT, UNLIMITED, api_key, bearer
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -108,6 +108,7 @@ def settings(write_db_url: str, kafka_bootstrap: str, topic: str, tmp_path: Path
         rate_limit_writes=UNLIMITED,
         rate_limit_reads=UNLIMITED,
         rate_limit_expensive=UNLIMITED,
+        overload_max_in_flight=UNBOUNDED_IN_FLIGHT,
     )
 
 

@@ -31,6 +31,9 @@ _keys = itertools.count()
 
 UNLIMITED = "1000000/second"
 """A rate limit no test reaches: tests drive the APIs far faster than any one client should."""
+UNBOUNDED_IN_FLIGHT = 10_000
+"""A load-shedding bound no test reaches (``KESSAI_OVERLOAD_MAX_IN_FLIGHT``): tests send a
+thousand requests at once to one process; shedding is tested alone (``test_overload.py``)."""
 
 
 def new_key(prefix: str = "key") -> str:

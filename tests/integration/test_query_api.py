@@ -41,7 +41,7 @@ from query_service import export
 from query_service import repository as query_repository
 from query_service.app import create_app
 from query_service.cursor import Position, encode_cursor
-from tests.helpers import UNLIMITED, api_key, bearer
+from tests.helpers import UNBOUNDED_IN_FLIGHT, UNLIMITED, api_key, bearer
 from tests.integration.read_model import (
     captured,
     insert_payment_rows,
@@ -107,6 +107,7 @@ def query_settings(url: str, tmp_path: Path, **overrides: Any) -> Settings:
         "rate_limit_per_ip": UNLIMITED,
         "rate_limit_reads": UNLIMITED,
         "rate_limit_expensive": UNLIMITED,
+        "overload_max_in_flight": UNBOUNDED_IN_FLIGHT,
     }
     values.update(overrides)
     return Settings(**values)
