@@ -13,6 +13,16 @@ so every replica makes the same decision for the same device without sharing sta
 Settings come from ``KESSAI_ADMISSION_*`` and can be changed live with
 ``PUT /v1/admin/admission``: the live values are one row of the write store, which each
 process re-reads in the background every ``RELOAD_SECONDS`` (never on the request path).
+
+Adaptive (``KESSAI_ADMISSION_ADAPTIVE``, on by default, acting only while admission control is
+enabled): the share in force follows the process's own load. ``AdaptiveShare`` watches the
+queue delay of the load shedder (``kessai/overload.py``) and lowers the share
+multiplicatively for every second the delay stays above ``KESSAI_ADMISSION_TARGET_DELAY_MS``,
+raises it additively once it clears, never below ``KESSAI_ADMISSION_FLOOR_PERCENT`` nor above
+the configured percent. Lowering the threshold alone would evict devices mid-window (a device
+whose hash lies between the new share and the old one was admitted a moment ago and would now
+be refused, halfway through paying); ``AdmittedDevices`` remembers who was admitted in the
+current window and keeps them admitted until it ends.
 """
 
 from __future__ import annotations
@@ -22,7 +32,8 @@ import ipaddress
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import anyio
@@ -84,6 +95,99 @@ def window_end(window_seconds: int, now: float) -> float:
     return (int(now // window_seconds) + 1) * window_seconds
 
 
+class AdaptiveShare:
+    """AIMD on the admitted share, from the queue delay of the load shedder.
+
+    Time is cut into intervals of ``interval`` seconds. An interval in which most requests
+    (the median) waited longer than ``target_delay`` had a standing queue: the share is
+    multiplied by ``decrease``, down to ``floor``. Any other interval, including one with no
+    traffic at all, adds ``increase`` percentage points: a burst that drains is a good queue.
+    The share read is always clamped to the configured percent (the ``ceiling``), which an
+    operator may change at any time.
+
+    The median rather than CoDel's minimum: the shedder's queue is short (a few dozen), and
+    under a flood it empties for an instant now and then, so some request always finds a free
+    slot; the minimum stayed at microseconds while most requests were being refused
+    (``tests/integration/test_overload.py``).
+    """
+
+    def __init__(
+        self,
+        *,
+        target_delay: float,
+        floor: float,
+        interval: float = 1.0,
+        decrease: float = 0.7,
+        increase: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.target_delay = target_delay
+        self.floor = floor
+        self.interval = interval
+        self.decrease = decrease
+        self.increase = increase
+        self.clock = clock
+        self._share = 100.0
+        self._ceiling = 100.0
+        self._since = clock()
+        self._above = self._seen = 0
+
+    def _roll(self, ceiling: float) -> None:
+        now = self.clock()
+        if now - self._since < self.interval:
+            return
+        if self._above * 2 > self._seen:
+            self._share = max(self.floor, min(self._share, ceiling) * self.decrease)
+            self._since += self.interval
+        elapsed = int((now - self._since) // self.interval)  # clear (or empty) intervals
+        self._share = min(100.0, self._share + self.increase * elapsed)
+        self._since += self.interval * elapsed
+        self._above = self._seen = 0
+
+    def observe(self, delay: float) -> None:
+        """The queue delay (seconds) of one request that asked the load shedder for a slot."""
+        self._roll(self._ceiling)
+        self._seen += 1
+        if delay > self.target_delay:
+            self._above += 1
+
+    def percent(self, ceiling: float) -> float:
+        """The share in force now, given the configured percent."""
+        self._ceiling = ceiling
+        self._roll(ceiling)
+        return min(ceiling, max(self._share, min(self.floor, ceiling)))
+
+
+ADMITTED_DEVICES_MAX = 200_000
+"""Most devices remembered as admitted in the current window, per process; beyond it the hash
+alone decides (a lowered share may then refuse a device admitted earlier in the window)."""
+
+
+@dataclass(slots=True)
+class AdmittedDevices:
+    """The devices admitted in the current window, so a share lowered mid-window refuses
+    only devices that had not started."""
+
+    size: int = ADMITTED_DEVICES_MAX
+    _window: int = -1
+    _devices: set[str] = field(default_factory=set)
+
+    def decide(
+        self, device_id: str, percent: float, ceiling: float, window_seconds: int, now: float
+    ) -> bool:
+        """Admit ``device_id`` under the share ``percent``, or because it was admitted earlier
+        in this window under a share the operator's ``ceiling`` still allows."""
+        window = int(now // window_seconds)
+        if window != self._window:
+            self._window = window
+            self._devices.clear()
+        if admitted(device_id, percent, window_seconds, now):
+            if len(self._devices) < self.size:
+                self._devices.add(device_id)
+            return True
+        return device_id in self._devices and admitted(device_id, ceiling, window_seconds, now)
+
+
 @dataclass(slots=True)
 class Admission:
     """One process's admission control: the policy (reloaded from the write store) and the
@@ -93,6 +197,8 @@ class Admission:
     defaults: AdmissionPolicy
     allow_keys: frozenset[str]
     allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    adaptive: AdaptiveShare | None = None
+    admitted_devices: AdmittedDevices = field(default_factory=AdmittedDevices)
     _policy: AdmissionPolicy | None = None
 
     @classmethod
@@ -109,6 +215,12 @@ class Admission:
             allow_networks=tuple(
                 ipaddress.ip_network(n, strict=False) for n in settings.admission_allow_ips
             ),
+            adaptive=AdaptiveShare(
+                target_delay=settings.admission_target_delay_ms / 1000,
+                floor=settings.admission_floor_percent,
+            )
+            if settings.admission_adaptive
+            else None,
         )
 
     async def policy(self) -> AdmissionPolicy:
@@ -129,6 +241,16 @@ class Admission:
         while True:
             await self.reload()
             await anyio.sleep(RELOAD_SECONDS)
+
+    def admitted_percent(self) -> float:
+        """The share of devices admitted now: the configured percent, or less while the
+        adaptive share is lowered; 100 with admission control off."""
+        policy = self._policy or self.defaults
+        if not policy.enabled:
+            return 100.0
+        if self.adaptive is None:
+            return policy.percent
+        return self.adaptive.percent(policy.percent)
 
     def applied(self, policy: AdmissionPolicy) -> None:
         """This process changed the policy: apply it here at once."""
@@ -157,7 +279,16 @@ class Admission:
         if device_id is None:
             if policy.without_device == "admit":
                 return
-        elif admitted(device_id, policy.percent, policy.window_seconds, now):
+        elif self.adaptive is None:
+            if admitted(device_id, policy.percent, policy.window_seconds, now):
+                return
+        elif self.admitted_devices.decide(
+            device_id,
+            self.adaptive.percent(policy.percent),
+            policy.percent,
+            policy.window_seconds,
+            now,
+        ):
             return
         retry_after = max(1, math.ceil(window_end(policy.window_seconds, now) - now))
         raise ApiError(

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from command_service.acquirer import Acquirer
 from command_service.admission import Admission
@@ -64,6 +64,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         admission = Admission.from_settings(settings, admission_engine)
         await admission.reload()
         app.state.admission = admission
+        if admission.adaptive is not None:
+            app.state.load_shedder.observers.append(admission.adaptive.observe)
+        admitted_share = Gauge(
+            "kessai_admission_admitted_percent",
+            "Share of devices admission control admits now (100 when it is off; below the "
+            "configured percent while the adaptive share is lowered).",
+            registry=registry,
+        )
+        admitted_share.set_function(admission.admitted_percent)
         # One HTTP client for the card acquirer (pooled connections, breaker state).
         acquirer = await Acquirer.start(settings)
         if acquirer is None:
@@ -100,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             refresh.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresh
+            registry.unregister(admitted_share)
             admission_engine.dispose()
             app.state.authenticator = None
             registry.unregister(collector)

@@ -148,7 +148,7 @@ class LoadShedder:
     """One process's gate and what it counts; ``ShedLoad`` (the ASGI middleware) puts it
     around everything inside it (rate limits, key check, routes).
 
-    ``observers`` are told the queue delay of every request that asked for a slot (seconds;
+    ``observers`` are told the queue delay of every request but the preferred ones (seconds;
     a refused one counts the whole wait bound): adaptive admission control listens here.
     """
 
@@ -206,9 +206,10 @@ class LoadShedder:
         preferred, device = self.preference.preferred(scope) if self.preference else (False, None)
         asked = time.perf_counter()
         refused = await self.gate.enter(preferred, self.max_queue_wait)
-        delay = self.max_queue_wait if refused else time.perf_counter() - asked
-        for observe in self.observers:
-            observe(delay)
+        if not preferred:  # the delay new requests see: what adaptive admission steers by
+            delay = self.max_queue_wait if refused else time.perf_counter() - asked
+            for observe in self.observers:
+                observe(delay)
         if refused is not None:
             self.shed.labels(self.service, refused, str(preferred).lower()).inc()
             await self._refuse(send, refused)

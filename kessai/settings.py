@@ -125,6 +125,17 @@ class Settings(BaseSettings):
     admission_without_device: Literal["admit", "refuse"] = Field(
         "admit", description="What admission control does with requests without X-Device-Id."
     )
+    admission_adaptive: bool = Field(
+        True,
+        description="While admission control is enabled, lower the admitted share while the "
+        "load shedder's queue delay stays above admission_target_delay_ms, and raise it back.",
+    )
+    admission_floor_percent: float = Field(
+        10.0, ge=0, le=100, description="The adaptive share never falls below this."
+    )
+    admission_target_delay_ms: float = Field(
+        5.0, gt=0, le=10_000, description="Queue delay the adaptive share steers below."
+    )
     admission_allow_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="API key ids that bypass admission control."
     )

@@ -3,6 +3,7 @@ connections far past its bound (``kessai/overload.py``)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import statistics
 import uuid
@@ -200,3 +201,51 @@ async def test_the_query_api_sheds_a_flood_too(settings: Settings, tmp_path: Pat
     statuses = {(s.status, s.code) for s in seen if s.kind == "read"}
     assert statuses == {(200, None), (503, "overloaded")}, statuses
     assert {s.status for s in seen if s.kind == "probe"} == {200}
+
+
+def admitted_percent(metrics: str) -> float | None:
+    for line in metrics.splitlines():
+        if line.startswith("kessai_admission_admitted_percent "):
+            return float(line.split()[1])
+    return None
+
+
+async def test_the_adaptive_admitted_share_falls_under_overload_and_rises_after(
+    settings: Settings,
+) -> None:
+    adaptive = settings.model_copy(
+        update={
+            "admission_enabled": True,
+            "admission_percent": 100.0,
+            "admission_window_seconds": 600,
+            "admission_target_delay_ms": 2.0,
+            "overload_max_in_flight": 4,
+            "overload_max_queue_wait_ms": 50.0,
+        }
+    )
+    key = api_key(adaptive, PAYMENTS_WRITE)
+    seen: list[Seen] = []
+    with Server(create_app(adaptive)) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+
+            async def share() -> float | None:
+                return admitted_percent((await client.get("/metrics")).text)
+
+            assert await share() == 100.0
+            await flood(server.url, 3.5, [new_payments(key, seen)] * 48)
+            low = await share()
+            assert low is not None
+            assert low < 100.0
+            # The flood is over: the share climbs back as the queue stays clear (within a few
+            # one-second intervals; the interval the flood ended in still counts against it).
+            readings = []
+            for _ in range(20):
+                await asyncio.sleep(0.5)
+                readings.append(await share())
+                if (readings[-1] or 0) > low + 5:
+                    break
+            assert (readings[-1] or 0) > low + 5, (low, readings)
+    statuses = {(s.status, s.code) for s in seen}
+    # New devices were shed, or refused for their group while the share was down.
+    assert (503, "overloaded") in statuses
+    assert (503, "temporarily_restricted") in statuses, statuses
