@@ -161,7 +161,7 @@ class Settings(BaseSettings):
     )
 
     overload_max_in_flight: int = Field(
-        32,
+        64,
         ge=1,
         le=10_000,
         description="Requests one API process works on at once; the next ones wait (see "
