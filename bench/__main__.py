@@ -42,12 +42,14 @@ SIZES: dict[str, dict[str, list[str]]] = {
         "projector": ["--events", "20000"],
         "queries": ["--payments", "20000", "--seconds", "2", "--warmup", "0.5"],
         "reconciler": ["--events", "20000"],
+        "overload": ["--seconds", "5", "--capacity-seconds", "3", "--warmup", "1"],
     },
     "full": {
         "writes": ["--seconds", "10", "--warmup", "2"],
         "projector": ["--events", "1000000"],
         "queries": ["--payments", "1000000"],
         "reconciler": ["--events", "1000000"],
+        "overload": [],
     },
 }
 
@@ -198,11 +200,40 @@ def reconciler_rows(r: dict[str, Any]) -> list[Row]:
     ]
 
 
+def overload_rows(r: dict[str, Any]) -> list[Row]:
+    factor = _get(r, "settings", "factor")
+    p99 = _get(r, "shedding", "admitted_latency_ms", "p99")
+    base_p99 = _get(r, "baseline", "admitted_latency_ms", "p99")
+    timeouts = _get(r, "shedding", "client_timeouts")
+    share = _get(r, "shedding", "refusals_with_retry_after")
+    return [
+        (
+            f"overload: admitted p99 at {_num(factor, 'g')}x capacity, open loop",
+            f"{_num(p99, ',.1f', ' ms')} (without shedding {_num(base_p99, ',.1f', ' ms')})",
+            "< 100 ms",
+            p99 is not None and p99 < 100,
+        ),
+        (
+            "overload: client time-outs",
+            f"{_num(timeouts)} (without shedding {_num(_get(r, 'baseline', 'client_timeouts'))})",
+            "0",
+            timeouts == 0,
+        ),
+        (
+            "overload: refusals that are 503/429 with Retry-After",
+            "-" if share is None else f"{share:.1%}",
+            "all",
+            share is None or share == 1.0,
+        ),
+    ]
+
+
 HEADLINES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "writes": writes_rows,
     "projector": projector_rows,
     "queries": queries_rows,
     "reconciler": reconciler_rows,
+    "overload": overload_rows,
 }
 
 

@@ -43,6 +43,7 @@ import orjson
 __all__ = [
     "Answer",
     "Mix",
+    "Observer",
     "Request",
     "Result",
     "Run",
@@ -409,8 +410,21 @@ Progress = Callable[[Result, float], None]
 """Called about twice a second with the result so far and the seconds elapsed."""
 
 
-async def run(plan: Run, mix: Mix = Mix(), progress: Progress | None = None) -> Result:
-    """Drive the command API at ``plan.url``; return what happened."""
+Observer = Callable[[str, Answer, float], None]
+"""Called with every answer: the request's kind (payment, refund, retry), the answer, and the
+seconds since it was due."""
+
+
+async def run(
+    plan: Run,
+    mix: Mix = Mix(),
+    progress: Progress | None = None,
+    *,
+    schedule: Schedule | None = None,
+    observe: Observer | None = None,
+) -> Result:
+    """Drive the command API at ``plan.url``; return what happened. ``schedule`` replaces the
+    one ``plan`` describes (e.g. one that gives up on requests overdue for too long)."""
     if plan.requests is None and plan.duration is None:
         raise ValueError("give a number of requests, a duration, or both")
     parts = urlsplit(plan.url)
@@ -420,13 +434,16 @@ async def run(plan: Run, mix: Mix = Mix(), progress: Progress | None = None) -> 
     result = Result()
     start = time.perf_counter()
     cpu = time.process_time()
-    schedule = Schedule(plan.rate, plan.duration, plan.requests)
+    if schedule is None:
+        schedule = Schedule(plan.rate, plan.duration, plan.requests)
 
     def request() -> Request:
         kind, head, body, remember = traffic.next()
         result.sent += 1
 
         def answered(answer: Answer, seconds: float) -> None:
+            if observe is not None:
+                observe(kind, answer, seconds)
             result.latencies.append(seconds)
             result.by_status[answer.status] += 1
             result.by_kind.setdefault(kind, Counter())[answer.status] += 1
