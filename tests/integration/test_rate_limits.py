@@ -206,10 +206,15 @@ def served_command_api(settings: Settings) -> Iterator[str]:
         "KESSAI_REDIS_URL": settings.redis_url or "",
         "KESSAI_RATE_LIMIT_PER_IP": settings.rate_limit_per_ip,
         "KESSAI_RATE_LIMIT_WRITES": settings.rate_limit_writes,
+        # The 512 clients must reach the rate limiter, not the load shedder in front of it.
+        "KESSAI_OVERLOAD_MAX_IN_FLIGHT": str(settings.overload_max_in_flight),
         "KESSAI_LOG_LEVEL": "WARNING",
     }
     command = [sys.executable, "-m", "uvicorn", "--factory", "command_service.app:create_app"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    # A client starved by its 511 siblings may come back to an idle connection after uvicorn's
+    # 5 s keep-alive closed it, and read a reset (httpx.ReadError) instead of an answer.
+    command += ["--timeout-keep-alive", "60"]
     server = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
