@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from kessai.clock import parse_interval
+
 DEFAULT_TOPIC = "kessai.payments.v1"
 EMBEDDED_BROKER_PORT = 9092
 
@@ -240,11 +242,41 @@ class Settings(BaseSettings):
         "is not drift).",
     )
     reconcile_lock_seconds: float = Field(
-        300.0, gt=0, description="How long a run's lock lasts unless renewed (one run at a time)."
+        30.0,
+        gt=0,
+        description="How long a run's lock lasts unless renewed (one run at a time); a live "
+        "run renews it every third of this, so a killed run's lock lapses within it.",
+    )
+    reconcile_full_audit_every: str = Field(
+        "24h",
+        description="`kessai reconcile --every` also runs a full audit this often (30s, 5m, 24h; "
+        "0: never), counted from the last completed one recorded.",
+    )
+    reconcile_full_audit_pause_seconds: float = Field(
+        0.05,
+        ge=0,
+        description="A scheduled full audit pauses this long after each block of 5,000 "
+        "payments, so the dashboards keep the read database.",
+    )
+    reconciler_metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve the scheduled reconciler's Prometheus metrics here (`--every`).",
     )
     reconcile_chunk_size: int = Field(
         500, ge=1, le=10_000, description="Payments compared per bulk query."
     )
+
+    @field_validator("reconcile_full_audit_every")
+    @classmethod
+    def _interval(cls, value: str) -> str:
+        parse_interval(value, zero_allowed=True)
+        return value
+
+    def full_audit_every_seconds(self) -> float:
+        """``KESSAI_RECONCILE_FULL_AUDIT_EVERY`` in seconds (0: no scheduled full audit)."""
+        return parse_interval(self.reconcile_full_audit_every, zero_allowed=True)
 
     @field_validator(
         "write_db_url",

@@ -287,6 +287,7 @@ def reconciliation_runs(*, engine: Engine, before: int | None, limit: int) -> di
             "started_at": r.started_at,
             "finished_at": r.finished_at,
             "mode": r.mode,
+            "scope": r.scope,
             "dry_run": bool(r.dry_run),
             "watermark_from": r.watermark_from,
             "watermark_to": r.watermark_to,

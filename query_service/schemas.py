@@ -122,14 +122,19 @@ class ReconciliationRunOut(BaseModel):
     started_at: datetime
     finished_at: datetime | None
     mode: Literal["full", "incremental"]
+    scope: str | None = Field(
+        description='What the run checked: "everything", or "events recorded after <UTC time>" '
+        '(an incremental run; its "consistent" means consistent within that). None for runs '
+        "recorded before scopes were."
+    )
     dry_run: bool
     watermark_from: str | None
     watermark_to: str | None
     payments_checked: int
     findings_count: int
     repaired_count: int
-    outcome: Literal["consistent", "drift", "failed"] | None = Field(
-        description="None while the run is in progress."
+    outcome: Literal["consistent", "drift", "failed", "stopped"] | None = Field(
+        description="None while the run is in progress; stopped: SIGINT/SIGTERM ended it."
     )
     error: str | None
     findings: list[ReconciliationFindingOut]

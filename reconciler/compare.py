@@ -40,10 +40,8 @@ import uuid
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
-from functools import lru_cache
+from datetime import UTC, datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
@@ -577,33 +575,6 @@ def read_fingerprint(conn: sa.Connection, keys: Sequence[bytes], *, key_range: b
     got = {int(side): (_number(n), _number(crc)) for side, n, crc in rows}
     payments, refunds = got.get(0, (0, 0)), got.get(1, (0, 0))
     return payments[0], payments[1], refunds[0], refunds[1]
-
-
-def hours_touched(
-    conn: sa.Connection, keys: Sequence[bytes], *, key_range: bool
-) -> list[tuple[str, str]]:
-    """(merchant_id, UTC hour as ``YYYY-MM-DD HH``) of the chunk's events, distinct: where
-    their totals are, without reading every event."""
-    e = write.events.c
-    hour = sa.func.substr(_text(e.occurred_at), 1, 13)
-    return [
-        (merchant_id, str(text))
-        for merchant_id, text in conn.execute(
-            sa.select(e.merchant_id, hour)
-            .where(_of_chunk(e.payment_id, keys, key_range))
-            .group_by(e.merchant_id, hour)
-        )
-    ]
-
-
-@lru_cache(maxsize=65_536)
-def local_days(hour: str, zone: ZoneInfo) -> tuple[date, ...]:
-    """The local days in ``zone`` that the UTC hour ``YYYY-MM-DD HH`` overlaps (one, or two
-    when a local midnight falls inside it)."""
-    start = datetime(int(hour[0:4]), int(hour[5:7]), int(hour[8:10]), int(hour[11:13]), tzinfo=UTC)
-    first = start.astimezone(zone).date()
-    last = (start + timedelta(hours=1, microseconds=-1)).astimezone(zone).date()
-    return (first,) if first == last else (first, last)
 
 
 def read_page_end(

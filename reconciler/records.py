@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import sqlalchemy as sa
@@ -28,6 +28,32 @@ class Finding:
     repaired: bool = False
 
 
+SCOPE_SLACK = timedelta(seconds=1)
+"""An event's id is taken just after its ``occurred_at`` (the id's clock never runs ahead):
+within this of it, with room to spare."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What a run checks: every event (``after`` None), or the events recorded after ``after``
+    (an incremental run's watermark minus the safety margin). "consistent" means consistent
+    within it."""
+
+    after: datetime | None = None
+
+    @property
+    def text(self) -> str:
+        """``everything``, or ``events recorded after 2026-12-02T07:30:00.123Z``: as recorded."""
+        if self.after is None:
+            return "everything"
+        moment = self.after.astimezone(UTC).isoformat(timespec="milliseconds")
+        return f"events recorded after {moment.replace('+00:00', 'Z')}"
+
+    def covers(self, start: datetime) -> bool:
+        """Whether every event at or after ``start`` (aware) was recorded within the scope."""
+        return self.after is None or start >= self.after + SCOPE_SLACK
+
+
 @dataclass(frozen=True, slots=True)
 class RunRecord:
     run_id: int
@@ -42,6 +68,9 @@ class RunRecord:
     repaired_count: int
     outcome: str | None
     error: str | None
+    scope: str | None
+    """``everything`` or ``events recorded after ...``; None for runs recorded before scopes
+    were (or while a run is starting)."""
 
 
 class LockHeld(RuntimeError):
@@ -112,7 +141,13 @@ def release_lock(engine: Engine, owner: str, *, watermark: str | None = None) ->
 
 
 def start_run(
-    engine: Engine, *, mode: str, dry_run: bool, watermark_from: str | None, started_at: datetime
+    engine: Engine,
+    *,
+    mode: str,
+    dry_run: bool,
+    watermark_from: str | None,
+    started_at: datetime,
+    scope: Scope,
 ) -> int:
     with engine.begin() as conn:
         result = conn.execute(
@@ -120,6 +155,7 @@ def start_run(
                 started_at=started_at,
                 mode=mode,
                 dry_run=dry_run,
+                scope=scope.text,
                 watermark_from=watermark_from,
                 payments_checked=0,
                 findings_count=0,
@@ -196,9 +232,29 @@ def recent_runs(engine: Engine, limit: int = 20) -> list[RunRecord]:
                 repaired_count=int(r.repaired_count),
                 outcome=r.outcome,
                 error=r.error,
+                scope=r.scope,
             )
             for r in rows
         ]
+
+
+COMPLETED = ("consistent", "drift")
+"""A run that went through to the end: it checked its whole scope (drift or not)."""
+
+
+def last_completed(engine: Engine, *, mode: str) -> datetime | None:
+    """When the last completed, non-dry run of ``mode`` started (None: never): what the full
+    audit's schedule and the last-success metric count from."""
+    r = reconciliation_runs.c
+    with engine.connect() as conn:
+        value: datetime | None = conn.execute(
+            sa.select(sa.func.max(r.started_at)).where(
+                r.mode == mode, r.outcome.in_(COMPLETED), r.dry_run.is_(False)
+            )
+        ).scalar_one_or_none()
+    if value is not None and value.tzinfo is None:  # aggregates lose the column type
+        value = value.replace(tzinfo=UTC)
+    return value
 
 
 def findings_of(engine: Engine, run_id: int) -> list[Finding]:

@@ -22,29 +22,31 @@ import contextlib
 import logging
 import os
 import socket
-import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy.engine import Engine
 
 from kessai.broker import BrokerUnavailable
-from kessai.clock import utcnow
+from kessai.clock import parse_interval, utcnow
 from kessai.ids import timestamp_ms
 from kessai.schema import read, write
 from kessai.settings import Settings
 from reconciler import compare, records, totals
 from reconciler.compare import Event
-from reconciler.records import Finding, LockHeld
+from reconciler.records import Finding, LockHeld, Scope
 from reconciler.republish import republisher
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Reconciler", "ReconcilerMetrics", "RunResult", "parse_interval"]
 
 EXIT_CONSISTENT, EXIT_DRIFT, EXIT_FAILED = 0, 1, 2
 PAYMENT_KINDS = {"missing", "mismatch", "parked", "dead_letter"}
@@ -74,6 +76,8 @@ class RunResult:
     watermark_from: str | None = None
     watermark_to: str | None = None
     error: str | None = None
+    scope: str = "everything"
+    """What the run checked (``Scope.text``): "consistent" is consistent within it."""
 
     @property
     def exit_code(self) -> int:
@@ -84,6 +88,35 @@ class RunResult:
         return sum(1 for f in self.findings if f.repaired)
 
 
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived during a run: it ends between two phases."""
+
+
+class ReconcilerMetrics:
+    """What ``/metrics`` shows of the scheduled reconciler (``KESSAI_RECONCILER_METRICS_PORT``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.last_success = Gauge(
+            "kessai_reconcile_last_success_timestamp_seconds",
+            "Start of the last run that went through to the end (consistent or drift), by "
+            "scope: full (a full audit) or incremental.",
+            ["scope"],
+            registry=registry,
+        )
+        self.runs = Counter(
+            "kessai_reconcile_runs_total",
+            "Runs by scope and outcome (consistent, drift, failed, stopped, skipped: another "
+            "run held the lock).",
+            ["scope", "outcome"],
+            registry=registry,
+        )
+
+    def observe(self, result: RunResult, started_at: datetime) -> None:
+        self.runs.labels(result.mode, result.outcome).inc()
+        if result.outcome in records.COMPLETED and not result.dry_run:
+            self.last_success.labels(result.mode).set(started_at.timestamp())
+
+
 class Reconciler:
     def __init__(
         self,
@@ -92,12 +125,16 @@ class Reconciler:
         read_engine: Engine,
         settings: Settings,
         owner: str | None = None,
+        metrics: ReconcilerMetrics | None = None,
     ) -> None:
         self.write = write_engine
         self.read = read_engine
         self.settings = settings
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        self._renewed = 0.0
+        self.metrics = metrics
+        self._lock_lost: LockHeld | None = None
+        self._stop: asyncio.Event | None = None
+        self._pause = 0.0
 
     # -- one run -------------------------------------------------------------------------------
 
@@ -107,25 +144,37 @@ class Reconciler:
         full: bool = False,
         dry_run: bool = False,
         progress: ProgressCallback | None = None,
+        stop: asyncio.Event | None = None,
+        pause_seconds: float = 0.0,
     ) -> RunResult:
+        """One run. ``stop``: set by SIGINT/SIGTERM; the run ends at the next phase, recorded
+        as ``stopped``, and releases its lock at once. ``pause_seconds``: a pause between two
+        blocks of payments (a scheduled full audit, so the dashboards keep the read database)."""
         mode = "full" if full else "incremental"
         result = RunResult(run_id=None, mode=mode, dry_run=dry_run, outcome="failed")
+        started_at = utcnow()
         try:
             watermark = await asyncio.to_thread(
                 records.acquire_lock, self.read, self.owner, self.settings.reconcile_lock_seconds
             )
         except LockHeld as exc:
+            # Not a failure, and not recorded: a live run is doing the work (metrics count it).
+            result.outcome = "skipped"
             result.error = str(exc)
-            await self._record_failure(result)
+            self._observe(result, started_at)
             return result
         except FAILURES as exc:
             result.error = f"cannot reach the read database: {exc!r}"
+            self._observe(result, started_at)
             return result
-        self._renewed = time.monotonic()
+        self._lock_lost, self._stop, self._pause = None, stop, pause_seconds
+        heartbeat = asyncio.create_task(self._heartbeat())
         new_watermark: str | None = None
         try:
+            lower = None if full else self._lower_bound(watermark)
+            scope = _scope_of(lower)
+            result.scope = scope.text
             result.watermark_from = None if full else watermark
-            started_at = utcnow()
             result.run_id = await asyncio.to_thread(
                 records.start_run,
                 self.read,
@@ -133,15 +182,23 @@ class Reconciler:
                 dry_run=dry_run,
                 watermark_from=result.watermark_from,
                 started_at=started_at,
+                scope=scope,
             )
-            await self._run(result, watermark, progress)
+            await self._run(result, lower, scope, progress)
             if result.outcome == "consistent" and not dry_run:
                 new_watermark = result.watermark_to
+        except Stopped:
+            log.warning("reconciliation stopped")
+            result.outcome = "stopped"
+            result.error = "stopped by a signal before the end"
         except FAILURES as exc:
             log.warning("reconciliation failed", exc_info=True)
             result.outcome = "failed"
             result.error = repr(exc)
         finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
             # Recording the run and releasing the lock are independent: a failure to record
             # must not keep the lock held or lose the watermark.
             if result.run_id is not None:
@@ -164,35 +221,60 @@ class Reconciler:
                 )
             except FAILURES:
                 log.exception("could not release the reconciler lock; it lapses by itself")
+            self._observe(result, started_at)
         return result
 
-    async def _record_failure(self, result: RunResult) -> None:
-        with contextlib.suppress(*FAILURES):
-            result.run_id = await asyncio.to_thread(
-                records.start_run,
-                self.read,
-                mode=result.mode,
-                dry_run=result.dry_run,
-                watermark_from=None,
-                started_at=utcnow(),
-            )
-            await asyncio.to_thread(
-                records.finish_run,
-                self.read,
-                result.run_id,
-                outcome="failed",
-                watermark_to=None,
-                payments_checked=0,
-                findings=[],
-                error=result.error,
-            )
+    def _observe(self, result: RunResult, started_at: datetime) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(result, started_at)
+
+    def _lower_bound(self, watermark: str | None) -> uuid.UUID:
+        """An incremental run's start in the id space: the watermark minus the safety margin
+        (no watermark yet: the beginning)."""
+        if watermark is None:
+            return compare.bound_at_ms(0)
+        margin_ms = int(self.settings.reconcile_safety_margin_seconds * 1000)
+        return compare.bound_at_ms(timestamp_ms(uuid.UUID(watermark)) - margin_ms)
+
+    async def _heartbeat(self) -> None:
+        """Renew the lock every third of its lifetime while the run works, whatever phase it is
+        in: a short lifetime then frees the lock soon after a killed run, never under a live
+        one. A lock found taken by another run ends this one at its next phase."""
+        ttl = self.settings.reconcile_lock_seconds
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                await asyncio.to_thread(records.acquire_lock, self.read, self.owner, ttl)
+            except LockHeld as exc:
+                self._lock_lost = exc
+                return
+            except FAILURES:
+                log.warning("could not renew the reconciler lock; trying again", exc_info=True)
+
+    def _next_phase(self) -> None:
+        """Between two phases (and two blocks): stop if asked, or if the lock was lost."""
+        if self._lock_lost is not None:
+            raise self._lock_lost
+        if self._stop is not None and self._stop.is_set():
+            raise Stopped
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once on a stop (and end the run)."""
+        if self._stop is None:
+            await asyncio.sleep(seconds)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        self._next_phase()
 
     async def _run(
         self,
         result: RunResult,
-        watermark: str | None,
+        lower: uuid.UUID | None,
+        scope: Scope,
         progress: ProgressCallback | None,
     ) -> None:
+        """``lower``: where an incremental run starts in the id space (None: a full audit)."""
         s = self.settings
         now = utcnow()
         outbox = await asyncio.to_thread(
@@ -214,12 +296,6 @@ class Reconciler:
             self._in_read, lambda c: totals.zone_lookup(c, s.default_merchant_time_zone)
         )
         fallback = ZoneInfo(s.default_merchant_time_zone)
-        scope: dict[str, set[date]] = {}
-
-        def note_hours(hours: Iterable[tuple[str, str]]) -> None:
-            for merchant_id, hour in hours:
-                zone = zones.get(merchant_id, fallback)
-                scope.setdefault(merchant_id, set()).update(compare.local_days(hour, zone))
 
         suspects: dict[uuid.UUID, Finding] = {}
         # Two blocks in flight, and the orphan scan alongside: while one waits for a database,
@@ -232,9 +308,7 @@ class Reconciler:
         in_flight = {pid.bytes for pid in outbox.in_flight}
 
         async def checked(chunk: list[bytes], key_range: bool | None) -> None:
-            found, hours = await asyncio.to_thread(self._check_chunk, chunk, key_range)
-            note_hours(hours)
-            suspects.update(found)
+            suspects.update(await asyncio.to_thread(self._check_chunk, chunk, key_range))
 
         async def check(chunk: Sequence[bytes], *, whole_range: bool = False) -> None:
             """``chunk``: sorted payment keys (``compare.key_of``). ``whole_range``: it is every
@@ -260,12 +334,6 @@ class Reconciler:
                     task.result()
 
         block = max(s.reconcile_chunk_size, compare.FINGERPRINT_PAGE)
-        lower: uuid.UUID | None = None  # incremental: the part of the id space to look at
-        if result.mode == "incremental":
-            lower = compare.bound_at_ms(0)
-            if watermark is not None:
-                margin_ms = int(s.reconcile_safety_margin_seconds * 1000)
-                lower = compare.bound_at_ms(timestamp_ms(uuid.UUID(watermark)) - margin_ms)
         # Read rows with no payment behind them, looked for while the payments are compared.
         # Certain at first sight: a read row exists only after its event committed, so there
         # is no lag to wait out.
@@ -273,7 +341,7 @@ class Reconciler:
         if parallel:
             looking = asyncio.create_task(asyncio.to_thread(self._find_orphans, lower))
         try:
-            if result.mode == "full":
+            if lower is None:
                 total = await asyncio.to_thread(self._in_write, compare.count_payments)
                 if progress:
                     progress(0, total)
@@ -286,13 +354,14 @@ class Reconciler:
                     after = chunk[-1]
                     await check(chunk, whole_range=True)
                     done += len(chunk)
-                    await self._renew()
+                    if self._pause > 0:
+                        await self._sleep(self._pause)
+                    self._next_phase()
                     if progress:
                         progress(done, total)
             else:
-                since = lower or compare.bound_at_ms(0)
                 keys = await asyncio.to_thread(
-                    self._in_write, lambda c: compare.payment_keys_since(c, since)
+                    self._in_write, lambda c: compare.payment_keys_since(c, lower)
                 )
                 keys |= {pid.bytes for pid in flagged}
                 ordered = sorted(keys)
@@ -300,7 +369,7 @@ class Reconciler:
                     progress(0, len(ordered))
                 for start in range(0, len(ordered), block):
                     await check(ordered[start : start + block])
-                    await self._renew()
+                    self._next_phase()
                     if progress:
                         progress(min(start + block, len(ordered)), len(ordered))
             await all_checked()
@@ -314,15 +383,11 @@ class Reconciler:
             orphans = looking.result()
         else:
             orphans = await asyncio.to_thread(self._find_orphans, lower)
-        for orphan in orphans:
-            zone = zones.get(orphan.merchant_id, fallback)
-            scope.setdefault(orphan.merchant_id, set()).update(
-                moment.astimezone(zone).date() for moment in orphan.moments
-            )
+        self._next_phase()
 
         # A second look: what the projector was merely late with is not drift.
         if (suspects or parked or letters) and s.reconcile_confirm_seconds > 0:
-            await asyncio.sleep(s.reconcile_confirm_seconds)
+            await self._sleep(s.reconcile_confirm_seconds)
             suspects = await asyncio.to_thread(self._compare_chunk, sorted(suspects), None)
             parked, letters = await asyncio.to_thread(
                 self._in_read, compare.parked_and_dead_letters
@@ -356,10 +421,17 @@ class Reconciler:
             )
 
         unresolved: set[uuid.UUID] = set()
+        # Where the repairs changed read rows: (merchant, moments) whose totals they may move.
+        touched: dict[str, list[datetime]] = {}
         if not result.dry_run:
-            findings, unresolved = await self._repair(findings)
+            self._next_phase()
+            findings, unresolved, republished = await self._repair(findings)
+            for event in republished:
+                touched.setdefault(event.merchant_id, []).append(event.occurred_at)
             if orphans:
                 await asyncio.to_thread(self._delete, sorted(o.payment_id for o in orphans))
+                for o in orphans:
+                    touched.setdefault(o.merchant_id, []).extend(o.moments)
         findings += [
             Finding(
                 kind="orphan",
@@ -382,10 +454,11 @@ class Reconciler:
         }
         if result.dry_run:
             skip = set()
-        totals_scope = None if result.mode == "full" else scope
+        self._next_phase()
         findings += await asyncio.to_thread(
-            self._check_totals, totals_scope, not result.dry_run, skip
+            self._check_totals, scope, lower, upper, outbox.in_flight, not result.dry_run, skip
         )
+        findings += totals.unverified(scope, touched, zones, fallback)
         result.findings = findings
         result.outcome = "consistent" if all(f.repaired for f in findings) else "drift"
         if unresolved:
@@ -407,23 +480,21 @@ class Reconciler:
 
     def _check_chunk(
         self, chunk: Sequence[bytes], key_range: bool | None
-    ) -> tuple[dict[uuid.UUID, Finding], list[tuple[str, str]]]:
+    ) -> dict[uuid.UUID, Finding]:
         """Fingerprints of the chunk on both sides; payment by payment only if they differ.
-        ``chunk`` is sorted and distinct; ``key_range`` None: find out. Also returns the
-        (merchant, UTC hour) of the chunk's events: where their totals are."""
+        ``chunk`` is sorted and distinct; ``key_range`` None: find out."""
         with self.write.connect() as wconn, self.read.connect() as rconn:
             if key_range is None:
                 key_range = compare.is_key_range(wconn, chunk)
             expected = compare.write_fingerprint(wconn, chunk, key_range=key_range)
-            hours = compare.hours_touched(wconn, chunk, key_range=key_range)
             actual = compare.read_fingerprint(rconn, chunk, key_range=key_range)
             if actual == expected:
-                return {}, hours
+                return {}
             size = self.settings.reconcile_chunk_size
             if len(chunk) <= size:
                 ids = _ids(chunk)
                 events, rows = compare.load_events(wconn, ids), compare.load_read(rconn, ids)
-                return _compare_loaded(ids, events, rows, None), hours
+                return _compare_loaded(ids, events, rows, None)
             found: dict[uuid.UUID, Finding] = {}
             for start in range(0, len(chunk), size):
                 # The pieces of a key range are key ranges too.
@@ -434,7 +505,7 @@ class Reconciler:
                     ids = _ids(piece)
                     events, rows = compare.load_events(wconn, ids), compare.load_read(rconn, ids)
                     found.update(_compare_loaded(ids, events, rows, None))
-            return found, hours
+            return found
 
     def _compare_chunk(
         self,
@@ -449,25 +520,23 @@ class Reconciler:
             rows = compare.load_read(rconn, chunk)
         return _compare_loaded(chunk, events, rows, note_days)
 
-    async def _renew(self) -> None:
-        if time.monotonic() - self._renewed < self.settings.reconcile_lock_seconds / 3:
-            return
-        await asyncio.to_thread(
-            records.acquire_lock, self.read, self.owner, self.settings.reconcile_lock_seconds
-        )
-        self._renewed = time.monotonic()
-
-    async def _repair(self, findings: list[Finding]) -> tuple[list[Finding], set[uuid.UUID]]:
-        """Re-publish the affected payments and wait until the read side matches."""
+    async def _repair(
+        self, findings: list[Finding]
+    ) -> tuple[list[Finding], set[uuid.UUID], list[totals.EventRow]]:
+        """Re-publish the affected payments and wait until the read side matches. Also returns
+        the re-published events (where the totals may move)."""
         targets = sorted(
             {f.payment_id for f in findings if f.kind in PAYMENT_KINDS and f.payment_id}
         )
         if not targets:
-            return findings, set()
+            return findings, set(), []
         bodies = await asyncio.to_thread(
             self._in_write, lambda c: _bodies(c, targets, self.settings.reconcile_chunk_size)
         )
         known = {row[0] for row in bodies}
+        republished = await asyncio.to_thread(
+            self._in_write, lambda c: totals.events_one_by_one(c, since=None, payment_ids=known)
+        )
         reset = sorted(
             f.payment_id
             for f in findings
@@ -476,7 +545,10 @@ class Reconciler:
         )
         async with republisher(self.settings) as send:
             if reset:
-                await asyncio.to_thread(self._reset, reset)
+                resetting = set(reset)
+                await asyncio.to_thread(
+                    self._reset, reset, [e for e in republished if e.payment_id in resetting]
+                )
             await send(bodies)
         remaining = set(known)
         loop = asyncio.get_running_loop()
@@ -485,7 +557,7 @@ class Reconciler:
             remaining = await asyncio.to_thread(self._still_wrong, sorted(remaining))
             if not remaining or loop.time() > deadline:
                 break
-            await asyncio.sleep(0.2)
+            await self._sleep(0.2)
         merchants = await asyncio.to_thread(self._merchants_of, sorted(known))
         repaired = [
             replace(
@@ -497,7 +569,7 @@ class Reconciler:
             else f
             for f in findings
         ]
-        return repaired, remaining
+        return repaired, remaining, republished
 
     def _find_orphans(self, lower: uuid.UUID | None) -> list[compare.Orphan]:
         """Read payments (and refund rows alone) at or above ``lower`` (None: all) that have no
@@ -535,16 +607,23 @@ class Reconciler:
                 orphans += compare.load_orphans(rconn, candidates[start : start + page])
         return orphans
 
-    def _reset(self, payment_ids: list[uuid.UUID]) -> None:
+    def _reset(self, payment_ids: list[uuid.UUID], events: list[totals.EventRow]) -> None:
         """Remove the read rows (payment and refunds) of payments that are wrong at their own
-        version, so the re-published events are applied rather than skipped as duplicates. The
-        totals they counted are rewritten from the rows afterwards."""
-        self._delete(payment_ids)
+        version, so the re-published ``events`` (all of theirs) are applied rather than skipped
+        as duplicates; in the same transaction, take out of the totals what applying them again
+        will add, so the totals end as they were (right ones stay right)."""
+        self._delete(payment_ids, compensate=events)
 
-    def _delete(self, payment_ids: list[uuid.UUID]) -> None:
+    def _delete(
+        self, payment_ids: list[uuid.UUID], compensate: list[totals.EventRow] | None = None
+    ) -> None:
         """Remove read rows (payment and refunds), under the projector's offset locks."""
         with self.read.begin() as conn:
             totals.lock_projector(conn, self.settings.topic)
+            if compensate:
+                totals.compensate(
+                    conn, compensate, default_zone=self.settings.default_merchant_time_zone
+                )
             for start in range(0, len(payment_ids), self.settings.reconcile_chunk_size):
                 chunk = payment_ids[start : start + self.settings.reconcile_chunk_size]
                 conn.execute(read.refunds.delete().where(read.refunds.c.payment_id.in_(chunk)))
@@ -583,13 +662,32 @@ class Reconciler:
             )
 
     def _check_totals(
-        self, scope: dict[str, set[date]] | None, repair: bool, skip: set[str]
+        self,
+        scope: Scope,
+        lower: uuid.UUID | None,
+        upper: uuid.UUID,
+        in_flight: set[uuid.UUID],
+        repair: bool,
+        skip: set[str],
     ) -> list[Finding]:
-        with self.read.begin() as conn:
-            totals.lock_projector(conn, self.settings.topic)
+        """The totals of every bucket ``scope`` covers against the events they count (see
+        ``reconciler.totals``). Events before the cut (``upper`` minus the safety margin) are
+        summed by the write store first, outside the projector's locks; the few after it are
+        read under them, with the totals."""
+        margin_ms = int(self.settings.reconcile_safety_margin_seconds * 1000)
+        cut = compare.bound_at_ms(timestamp_ms(upper) - margin_ms)
+        if lower is not None:
+            cut = max(cut, lower)
+        with self.write.connect() as wconn:
+            grouped = totals.sum_events(wconn, lower=lower, below=cut, leave_out=in_flight)
+        with self.read.begin() as rconn, self.write.connect() as wconn:
+            totals.lock_projector(rconn, self.settings.topic)
+            singles = totals.events_one_by_one(wconn, since=cut, payment_ids=in_flight)
             return totals.check_totals(
-                conn,
-                scope,
+                rconn,
+                scope=scope,
+                grouped=grouped,
+                one_by_one=singles,
                 default_zone=self.settings.default_merchant_time_zone,
                 repair=repair,
                 skip_repair=skip,
@@ -604,18 +702,53 @@ class Reconciler:
         *,
         full: bool = False,
         dry_run: bool = False,
+        full_audit_every: float = 0.0,
         on_result: Callable[[RunResult], None] | None = None,
     ) -> int:
-        """Run, wait ``interval_seconds``, repeat until ``stop``; return the last exit code."""
+        """Run, wait ``interval_seconds``, repeat until ``stop``; return the last exit code.
+
+        Every ``full_audit_every`` seconds (0: never) the run is a full audit instead, throttled
+        by ``KESSAI_RECONCILE_FULL_AUDIT_PAUSE_SECONDS``. It is due that long after the start of
+        the last completed full audit recorded in the read database (none: at once), so a
+        restart neither skips nor repeats it, and neither does a second instance."""
         code = EXIT_CONSISTENT
         while not stop.is_set():
-            result = await self.run(full=full, dry_run=dry_run)
+            if not full and not dry_run and await self._full_audit_due(full_audit_every):
+                pause = self.settings.reconcile_full_audit_pause_seconds
+                result = await self.run(full=True, stop=stop, pause_seconds=pause)
+            else:
+                result = await self.run(full=full, dry_run=dry_run, stop=stop)
             code = result.exit_code
             if on_result is not None:
                 on_result(result)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_seconds)
         return code
+
+    async def _full_audit_due(self, every: float) -> bool:
+        if every <= 0:
+            return False
+        try:
+            last = await asyncio.to_thread(records.last_completed, self.read, mode="full")
+        except FAILURES:
+            return False  # the run itself will say what is unreachable
+        return last is None or (utcnow() - last).total_seconds() >= every
+
+    def load_last_successes(self) -> None:
+        """Set the last-success metric from the recorded runs (a restarted process knows)."""
+        if self.metrics is None:
+            return
+        for mode in ("full", "incremental"):
+            last = records.last_completed(self.read, mode=mode)
+            if last is not None:
+                self.metrics.last_success.labels(mode).set(last.timestamp())
+
+
+def _scope_of(lower: uuid.UUID | None) -> Scope:
+    """A run from ``lower`` on (None, or the very beginning: everything)."""
+    if lower is None or lower == compare.bound_at_ms(0):
+        return Scope()
+    return Scope(after=datetime.fromtimestamp(timestamp_ms(lower) / 1000, UTC))
 
 
 def _ids(keys: Sequence[bytes]) -> list[uuid.UUID]:
@@ -645,17 +778,3 @@ def _bodies(conn: sa.Connection, ids: list[uuid.UUID], chunk: int) -> list[compa
     for start in range(0, len(ids), chunk):
         rows += compare.load_bodies(conn, ids[start : start + chunk])
     return rows
-
-
-def parse_interval(text: str) -> float:
-    """``30s``, ``5m``, ``1h`` (or plain seconds) to seconds."""
-    text = text.strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600}
-    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"not an interval: {text!r} (use e.g. 30s, 5m, 1h)") from None
-    if value <= 0:
-        raise ValueError("the interval must be positive")
-    return value * units[unit]

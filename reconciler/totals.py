@@ -1,48 +1,52 @@
-"""Merchant totals checked against the rows they sum, and rewritten from them when wrong.
+"""Merchant totals checked against the fold of the write store's events, and rewritten from it.
 
-A payment counts in the bucket (local day, local hour) of its creation, a refund in its own, in
-the merchant's time zone (``merchants`` or the default). Everything here runs inside one
-read-DB transaction that first locks every projector offset row of the topic: no projector
-batch can commit between reading the rows and rewriting the totals.
+A payment counts in the bucket (local day, local hour) of its capture, a refund in its own: the
+events' ``occurred_at`` (the projector's rule: a payment row's ``created_at`` is its capture's
+``occurred_at``), in the merchant's time zone (``merchants`` or the default).
 
-Checked merchant by merchant, through the ``(merchant_id, created_at)`` index: a row lookup per
-payment, and four queries per merchant. When most of the stored days of the merchants are to
-be checked (a full audit, an incremental run over a long backlog), a first pass decides which
-merchants, and which of their days, need that at all: the database sums the rows per
-(merchant, currency, UTC hour) in one pass over each table, those sums are put in local hours
-and days here and fingerprinted (count and sum of CRC32s per merchant), and compared with the
-same fingerprint of the stored buckets, which the database computes; for merchants that
-differ, again per day. Only the days that differ are checked (and repaired) as before. UTC
-hours are exact local hours wherever the zone's offset is a whole number of hours; a merchant
-in any other zone is checked as before.
+The expected totals come from the events, never from the read rows they are meant to check: a
+damaged row must not drag a right total with it. The write store has its primary key and the
+unique ``event_id`` (UUIDv7, time-ordered), so a span of time is a range of that index, which
+the database reads once and answers summed per (merchant, currency, UTC quarter hour, type):
+one row per group. Every zone's offset is a whole number of quarter hours, so each UTC quarter
+hour falls in one local hour. Cost: a range scan of the scope's events (a full audit: all of
+them), inside the write database; what crosses the wire grows with merchants and hours, not
+with events.
+
+Which events the totals should hold: those the projector has applied. Before the run's cut
+(its upper bound minus the safety margin) they are the payments the run has just checked and
+repaired; from the cut on, and for payments still in the outbox, events are read one by one and
+each counts only if its payment's read row, read under the projector's locks with the totals,
+is at its version or beyond.
+
+A bucket is checked only if the run's scope covers it: every event it holds was recorded after
+the scope's start (a full audit covers everything). An incremental run leaves the buckets that
+began before its scope as they are, and reports those its repairs touched as unverified.
 """
 
 from __future__ import annotations
 
 import uuid
-import zlib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from functools import lru_cache
 from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
 
-from kessai.db import upsert
-from kessai.ids import timestamp_ms
+from kessai.clock import as_utc
+from kessai.db import upsert, upsert_rows
 from kessai.offsets import lock_offsets
+from kessai.schema import write
 from kessai.schema.read import (
     merchant_daily_totals,
     merchant_hourly_totals,
     merchants,
     payments,
     projector_offsets,
-    refunds,
 )
-from reconciler.compare import crc32, enable_crc32
-from reconciler.records import Finding
+from reconciler.records import Finding, Scope
 
 Sums = tuple[int, int, int, int]
 K = TypeVar("K")
@@ -78,133 +82,290 @@ class _Buckets:
     daily: dict[tuple[date, str], list[int]] = field(default_factory=dict)
     hourly: dict[tuple[datetime, str], list[int]] = field(default_factory=dict)
 
-    def add(self, local: datetime, currency: str, index: int, amount: int) -> None:
+    def add(self, local: datetime, currency: str, index: int, amount: int, *, count: int) -> None:
         hour = local.replace(minute=0, second=0, microsecond=0, tzinfo=None)
         day_sums = self.daily.setdefault((local.date(), currency), [0, 0, 0, 0])
         hour_sums = self.hourly.setdefault((hour, currency), [0, 0, 0, 0])
         for sums in (day_sums, hour_sums):
-            sums[index] += 1
+            sums[index] += count
             sums[index + 1] += amount
 
 
-def _window(days: Iterable[date], zone: ZoneInfo) -> tuple[datetime, datetime]:
-    ordered = sorted(days)
-    start = datetime.combine(ordered[0], time(), zone).astimezone(UTC)
-    end = datetime.combine(ordered[-1] + timedelta(days=1), time(), zone).astimezone(UTC)
-    return start, end
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """What a totals bucket needs of one event (a typed-column read, no body)."""
+
+    payment_id: uuid.UUID
+    version: int
+    merchant_id: str
+    index: int
+    """0: a capture (payments count and amount); 2: a refund."""
+    amount: int
+    currency: str
+    occurred_at: datetime
+
+
+def _index(event_type: str) -> int:
+    return 0 if event_type == "PaymentCaptured" else 2
+
+
+def _quarter_of(column: sa.ColumnElement[datetime]) -> tuple[sa.ColumnElement[str], ...]:
+    """``YYYY-MM-DD HH`` and the quarter (0-3) of a stored naive UTC time, as text on MySQL and
+    SQLite alike. Every zone's offset is a whole number of quarter hours, so a UTC quarter hour
+    lies within one local hour."""
+    text = sa.cast(column, sa.String)
+    minute = sa.func.substr(text, 15, 2)
+    quarter = sa.case((minute < "15", "0"), (minute < "30", "1"), (minute < "45", "2"), else_="3")
+    return sa.func.substr(text, 1, 13), quarter
+
+
+GroupedRow = tuple[str, str, datetime, int, int, int]
+"""(merchant_id, currency, UTC start of a quarter hour, index, events, amount)."""
+
+
+def sum_events(
+    conn: sa.Connection,
+    *,
+    lower: uuid.UUID | None,
+    below: uuid.UUID,
+    leave_out: Collection[uuid.UUID] = (),
+) -> list[GroupedRow]:
+    """The write store's events with ``lower <= event_id < below``, summed by the database per
+    (merchant, currency, UTC quarter hour, type): one range of the ``event_id`` index, one row
+    per group back. ``leave_out``: payments counted one event at a time instead."""
+    e = write.events.c
+    hour, quarter = _quarter_of(e.occurred_at)
+    query = sa.select(
+        e.merchant_id,
+        e.currency,
+        hour,
+        quarter,
+        e.event_type,
+        sa.func.count(),
+        sa.func.sum(e.amount),
+    ).where(e.event_id < below)
+    if lower is not None:
+        query = query.where(e.event_id >= lower)
+    if leave_out:
+        query = query.where(e.payment_id.not_in(sorted(leave_out)))
+    rows: list[GroupedRow] = []
+    for merchant_id, currency, hour_text, q, event_type, n, amount in conn.execute(
+        query.group_by(e.merchant_id, e.currency, hour, quarter, e.event_type)
+    ):
+        text = str(hour_text)
+        start = datetime(
+            int(text[0:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]), tzinfo=UTC
+        ) + timedelta(minutes=15 * int(q))
+        rows.append((merchant_id, currency, start, _index(event_type), int(n), int(amount or 0)))
+    return rows
+
+
+def events_one_by_one(
+    conn: sa.Connection, *, since: uuid.UUID | None, payment_ids: Collection[uuid.UUID] = ()
+) -> list[EventRow]:
+    """Events with ``event_id >= since`` (the run's last moments: few; None: none), and every
+    event of ``payment_ids``."""
+    e = write.events.c
+    where: sa.ColumnElement[bool] = sa.false() if since is None else e.event_id >= since
+    if payment_ids:
+        where = sa.or_(where, e.payment_id.in_(sorted(payment_ids)))
+    return [
+        EventRow(pid, int(v), m, _index(t), int(a), c, as_utc(at))
+        for pid, v, m, t, a, c, at in conn.execute(
+            sa.select(
+                e.payment_id, e.version, e.merchant_id, e.event_type, e.amount, e.currency,
+                e.occurred_at,
+            ).where(where)
+        )
+    ]  # fmt: skip
+
+
+def applied_versions(
+    conn: sa.Connection, payment_ids: Collection[uuid.UUID]
+) -> dict[uuid.UUID, int]:
+    """The version each payment's read row is at (the projector applies a payment's events in
+    order, so every event up to it has been counted)."""
+    ordered = sorted(payment_ids)
+    versions: dict[uuid.UUID, int] = {}
+    for start in range(0, len(ordered), 1_000):
+        chunk = ordered[start : start + 1_000]
+        versions.update(
+            (pid, int(v))
+            for pid, v in conn.execute(
+                sa.select(payments.c.payment_id, payments.c.version).where(
+                    payments.c.payment_id.in_(chunk)
+                )
+            )
+        )
+    return versions
+
+
+def _bucket_start_of_day(day: date, zone: ZoneInfo) -> datetime:
+    return datetime.combine(day, time(), zone).astimezone(UTC)
+
+
+def _bucket_start_of_hour(hour: datetime, zone: ZoneInfo) -> datetime:
+    return hour.replace(tzinfo=zone).astimezone(UTC)
 
 
 def check_totals(
     conn: sa.Connection,
-    scope: dict[str, set[date]] | None,
     *,
+    scope: Scope,
+    grouped: Iterable[GroupedRow],
+    one_by_one: Iterable[EventRow],
     default_zone: str,
     repair: bool,
     skip_repair: Collection[str] = (),
 ) -> list[Finding]:
-    """Compare totals with their rows for ``scope`` (merchant -> local days; None: all) and,
-    when ``repair``, overwrite wrong buckets from the rows (merchants in ``skip_repair`` are
-    only reported: their rows themselves are not right yet)."""
+    """Compare the stored totals with the events they count, for every bucket the ``scope``
+    covers, and when ``repair``, overwrite the wrong ones (merchants in ``skip_repair`` are only
+    reported: some of their payments are not applied yet).
+
+    ``grouped``: sums of events the projector has applied (the checked payments'); ``one_by_one``:
+    events that count only if their payment's read row, read here under the projector's locks,
+    is at their version. Runs in the caller's transaction, which holds those locks."""
     zones = zone_lookup(conn, default_zone)
     fallback = ZoneInfo(default_zone)
-    if scope is None:
-        merchant_ids = set(conn.execute(sa.select(payments.c.merchant_id).distinct()).scalars())
-        merchant_ids |= set(
-            conn.execute(sa.select(merchant_daily_totals.c.merchant_id).distinct()).scalars()
-        )
-        merchant_ids |= set(
-            conn.execute(sa.select(merchant_hourly_totals.c.merchant_id).distinct()).scalars()
-        )
-        plan: dict[str, set[date] | None] = dict.fromkeys(sorted(merchant_ids))
-    else:
-        plan = {m: days for m, days in sorted(scope.items()) if days}
-    if plan and _worth_a_first_pass(conn, plan):
-        plan = _first_pass(conn, plan, zones, fallback)
+    expected: dict[str, _Buckets] = {}
+
+    def add(
+        merchant_id: str, moment: datetime, currency: str, index: int, n: int, amount: int
+    ) -> None:
+        local = moment.astimezone(zones.get(merchant_id, fallback))
+        buckets = expected.get(merchant_id)
+        if buckets is None:
+            buckets = expected[merchant_id] = _Buckets()
+        buckets.add(local, currency, index, amount, count=n)
+
+    for merchant_id, currency, start, index, n, amount in grouped:
+        add(merchant_id, start, currency, index, n, amount)
+    singles = list(one_by_one)
+    versions = applied_versions(conn, {e.payment_id for e in singles})
+    for e in singles:
+        if versions.get(e.payment_id, 0) >= e.version:
+            add(e.merchant_id, e.occurred_at, e.currency, e.index, 1, e.amount)
+
+    d, h = merchant_daily_totals, merchant_hourly_totals
+    daily_q, hourly_q = sa.select(d), sa.select(h)
+    if scope.after is not None:
+        # Stored buckets that may be covered: a day's local start is within a day of UTC's.
+        first = scope.after - timedelta(days=1)
+        daily_q = daily_q.where(d.c.day >= first.date())
+        hourly_q = hourly_q.where(h.c.hour >= first.replace(tzinfo=None))
+    stored: dict[str, _Stored] = {}
+    for row in conn.execute(daily_q):
+        stored.setdefault(row.merchant_id, _Stored()).daily[(row.day, row.currency)] = _sums(row)
+    for row in conn.execute(hourly_q):
+        stored.setdefault(row.merchant_id, _Stored()).hourly[(row.hour, row.currency)] = _sums(row)
+
     findings: list[Finding] = []
-    for merchant_id, days in plan.items():
+    for merchant_id in sorted(expected.keys() | stored.keys()):
         zone = zones.get(merchant_id, fallback)
-        findings += _check_merchant(
-            conn, merchant_id, days, zone, repair=repair and merchant_id not in skip_repair
+        want = expected.get(merchant_id, _Buckets())
+        have = stored.get(merchant_id, _Stored())
+
+        def day_covered(key: tuple[date, str], zone: ZoneInfo = zone) -> bool:
+            return scope.covers(_bucket_start_of_day(key[0], zone))
+
+        def hour_covered(key: tuple[datetime, str], zone: ZoneInfo = zone) -> bool:
+            return scope.covers(_bucket_start_of_hour(key[0], zone))
+
+        wrong_daily = _diff(
+            {k: _as_sums(v) for k, v in want.daily.items() if day_covered(k)},
+            {k: v for k, v in have.daily.items() if day_covered(k)},
         )
+        wrong_hourly = _diff(
+            {k: _as_sums(v) for k, v in want.hourly.items() if hour_covered(k)},
+            {k: v for k, v in have.hourly.items() if hour_covered(k)},
+        )
+        fix = repair and merchant_id not in skip_repair
+        for kind, wrong, bucket in (
+            ("daily_totals", wrong_daily, "day"),
+            ("hourly_totals", wrong_hourly, "hour"),
+        ):
+            for (when, currency), (should, was) in sorted(wrong.items()):
+                findings.append(
+                    Finding(
+                        kind=kind,
+                        merchant_id=merchant_id,
+                        details={
+                            bucket: when.isoformat(),
+                            "currency": currency,
+                            "expected": dict(zip(COLUMNS, should, strict=True)),
+                            "actual": dict(zip(COLUMNS, was, strict=True)),
+                        },
+                        repaired=fix,
+                    )
+                )
+        if fix:
+            _rewrite(conn, merchant_daily_totals, "day", merchant_id, wrong_daily)
+            _rewrite(conn, merchant_hourly_totals, "hour", merchant_id, wrong_hourly)
     return findings
 
 
-def _check_merchant(
-    conn: sa.Connection, merchant_id: str, days: set[date] | None, zone: ZoneInfo, *, repair: bool
+@dataclass(slots=True)
+class _Stored:
+    daily: dict[tuple[date, str], Sums] = field(default_factory=dict)
+    hourly: dict[tuple[datetime, str], Sums] = field(default_factory=dict)
+
+
+def unverified(
+    scope: Scope,
+    touched: Mapping[str, Iterable[datetime]],
+    zones: Mapping[str, ZoneInfo],
+    fallback: ZoneInfo,
 ) -> list[Finding]:
-    expected = _Buckets()
-    p, r = payments.c, refunds.c
-    pay_q = sa.select(p.created_at, p.currency, p.captured_amount).where(
-        p.merchant_id == merchant_id
-    )
-    ref_q = (
-        sa.select(r.created_at, r.currency, r.amount)
-        .select_from(refunds.join(payments, payments.c.payment_id == r.payment_id))
-        .where(p.merchant_id == merchant_id)
-    )
-    daily_q = sa.select(merchant_daily_totals).where(
-        merchant_daily_totals.c.merchant_id == merchant_id
-    )
-    hourly_q = sa.select(merchant_hourly_totals).where(
-        merchant_hourly_totals.c.merchant_id == merchant_id
-    )
-    if days is not None:
-        start, end = _window(days, zone)
-        pay_q = pay_q.where(p.created_at >= start, p.created_at < end)
-        ref_q = ref_q.where(p.created_at < end, r.created_at >= start, r.created_at < end)
-        first, last = min(days), max(days)
-        daily_q = daily_q.where(
-            merchant_daily_totals.c.day >= first, merchant_daily_totals.c.day <= last
-        )
-        hourly_q = hourly_q.where(
-            merchant_hourly_totals.c.hour >= datetime.combine(first, time()),
-            merchant_hourly_totals.c.hour < datetime.combine(last + timedelta(days=1), time()),
-        )
-    for created_at, currency, amount in conn.execute(pay_q):
-        expected.add(created_at.astimezone(zone), currency, 0, int(amount))
-    for created_at, currency, amount in conn.execute(ref_q):
-        expected.add(created_at.astimezone(zone), currency, 2, int(amount))
-
-    def in_scope(day: date) -> bool:
-        return days is None or day in days
-
-    stored_daily: dict[tuple[date, str], Sums] = {
-        (row.day, row.currency): _sums(row) for row in conn.execute(daily_q)
-    }
-    stored_hourly: dict[tuple[datetime, str], Sums] = {
-        (row.hour, row.currency): _sums(row) for row in conn.execute(hourly_q)
-    }
-    findings: list[Finding] = []
-    wrong_daily = _diff(
-        {k: _as_sums(v) for k, v in expected.daily.items() if in_scope(k[0])},
-        {k: v for k, v in stored_daily.items() if in_scope(k[0])},
-    )
-    wrong_hourly = _diff(
-        {k: _as_sums(v) for k, v in expected.hourly.items() if in_scope(k[0].date())},
-        {k: v for k, v in stored_hourly.items() if in_scope(k[0].date())},
-    )
-    for kind, wrong, bucket in (
-        ("daily_totals", wrong_daily, "day"),
-        ("hourly_totals", wrong_hourly, "hour"),
-    ):
-        for (when, currency), (want, have) in sorted(wrong.items()):
-            findings.append(
+    """The merchant days a repair changed rows in that ``scope`` does not cover: their totals
+    were left as they were (never rewritten from what the run could not check), and are not
+    vouched for. A full audit checks them."""
+    found: list[Finding] = []
+    for merchant_id, moments in sorted(touched.items()):
+        zone = zones.get(merchant_id, fallback)
+        days = {moment.astimezone(zone).date() for moment in moments}
+        for day in sorted(days):
+            if scope.covers(_bucket_start_of_day(day, zone)):
+                continue
+            found.append(
                 Finding(
-                    kind=kind,
+                    kind="totals_unverified",
                     merchant_id=merchant_id,
                     details={
-                        bucket: when.isoformat(),
-                        "currency": currency,
-                        "expected": dict(zip(COLUMNS, want, strict=True)),
-                        "actual": dict(zip(COLUMNS, have, strict=True)),
+                        "day": day.isoformat(),
+                        "reason": f"the day began before the run's scope ({scope.text}); "
+                        "a full audit checks it",
                     },
-                    repaired=repair,
                 )
             )
-    if repair:
-        _rewrite(conn, merchant_daily_totals, "day", merchant_id, wrong_daily)
-        _rewrite(conn, merchant_hourly_totals, "hour", merchant_id, wrong_hourly)
-    return findings
+    return found
+
+
+def compensate(conn: sa.Connection, events: Iterable[EventRow], *, default_zone: str) -> None:
+    """Take out of the totals what re-applying ``events`` will add back (payments whose read
+    rows are removed so that the projector applies their whole history again): the totals end
+    as they were, right or wrong, whatever the damaged rows said. Runs under the projector's
+    locks, in the transaction that removes the rows."""
+    zones = zone_lookup(conn, default_zone)
+    fallback = ZoneInfo(default_zone)
+    daily: dict[tuple[str, date, str], list[int]] = {}
+    hourly: dict[tuple[str, datetime, str], list[int]] = {}
+    for e in events:
+        local = e.occurred_at.astimezone(zones.get(e.merchant_id, fallback))
+        hour = local.replace(minute=0, second=0, microsecond=0, tzinfo=None)
+        for sums in (
+            daily.setdefault((e.merchant_id, local.date(), e.currency), [0, 0, 0, 0]),
+            hourly.setdefault((e.merchant_id, hour, e.currency), [0, 0, 0, 0]),
+        ):
+            sums[e.index] -= 1
+            sums[e.index + 1] -= e.amount
+    upsert_rows(
+        conn, merchant_daily_totals, ("merchant_id", "day", "currency", *COLUMNS),
+        [(*key, *sums) for key, sums in sorted(daily.items())], add=COLUMNS,
+    )  # fmt: skip
+    upsert_rows(
+        conn, merchant_hourly_totals, ("merchant_id", "hour", "currency", *COLUMNS),
+        [(*key, *sums) for key, sums in sorted(hourly.items())], add=COLUMNS,
+    )  # fmt: skip
 
 
 def _sums(row: sa.Row[object]) -> Sums:
@@ -258,255 +419,3 @@ def _rewrite(
                 }
             )
     upsert(conn, table, rows, replace=COLUMNS)
-
-
-# -- the first pass: fingerprints of many merchants at once ------------------------------------
-
-GROUPING_MEMORY = 256 * 1024 * 1024
-FIRST_PASS_MIN_DENSITY = 0.25
-"""The first pass reads every row of the tables (there is no index by time alone), the
-per-merchant check only the scope's rows, each through an index entry and a row lookup. So the
-first pass is taken for a full check, or when the scope fills at least this share of the
-(merchant, day) cells from its earliest to its latest day, and that window is at least this
-share of the time the read database's payments span (their ids are UUIDv7: the first and last
-id say when)."""
-
-
-def _worth_a_first_pass(conn: sa.Connection, plan: Mapping[str, set[date] | None]) -> bool:
-    if any(days is None for days in plan.values()):
-        return True
-    days = [day for ds in plan.values() if ds for day in ds]
-    window = (max(days) - min(days)).days + 1
-    if len(days) < FIRST_PASS_MIN_DENSITY * window * len(plan):
-        return False
-    first, last = conn.execute(
-        sa.select(sa.func.min(payments.c.payment_id), sa.func.max(payments.c.payment_id))
-    ).one()
-    if first is None or last is None:
-        return True
-    stored = [uuid.UUID(bytes=v) if isinstance(v, bytes) else v for v in (first, last)]
-    span = (timestamp_ms(stored[1]) - timestamp_ms(stored[0])) / 86_400_000 + 1
-    return window >= FIRST_PASS_MIN_DENSITY * span
-
-
-def _utc_hour(column: sa.ColumnElement[datetime]) -> sa.ColumnElement[str]:
-    """``YYYY-MM-DD HH`` of a stored (naive UTC) time, as text on MySQL and SQLite alike."""
-    return sa.func.substr(sa.cast(column, sa.String), 1, 13)
-
-
-@lru_cache(maxsize=65_536)
-def _local_hour(hour: str, zone: ZoneInfo) -> datetime | None:
-    """The naive local hour that the UTC hour ``YYYY-MM-DD HH`` is in ``zone``; None when the
-    zone's offset then is not a whole number of hours (the hour is split between two)."""
-    start = datetime(int(hour[0:4]), int(hour[5:7]), int(hour[8:10]), int(hour[11:13]), tzinfo=UTC)
-    local = start.astimezone(zone)
-    if local.minute or local.second:
-        return None
-    return local.replace(tzinfo=None)
-
-
-def _bucket_text(columns: sa.ColumnCollection[str, sa.Column[object]], length: int) -> list[object]:
-    when = columns["day"] if "day" in columns else columns["hour"]
-    return [
-        sa.func.substr(sa.cast(when, sa.String), 1, length),
-        columns["currency"],
-        *(columns[c] for c in COLUMNS),
-    ]
-
-
-def _stored_fingerprints(
-    conn: sa.Connection, table: sa.Table, length: int, where: list[sa.ColumnElement[bool]]
-) -> dict[str, tuple[int, int]]:
-    """Per merchant: (buckets, sum of their CRC32s) of the stored buckets."""
-    c = table.c
-    query = sa.select(c.merchant_id, sa.func.count(), sa.func.sum(crc32(*_bucket_text(c, length))))
-    rows = conn.execute(query.where(*where).group_by(c.merchant_id))
-    return {m: (int(n), int(crc or 0)) for m, n, crc in rows}
-
-
-def _stored_day_fingerprints(
-    conn: sa.Connection,
-    table: sa.Table,
-    length: int,
-    where: list[sa.ColumnElement[bool]],
-    merchant_ids: Collection[str],
-) -> dict[tuple[str, date], tuple[int, int]]:
-    """Per (merchant, local day), for some merchants: (buckets, sum of their CRC32s)."""
-    c = table.c
-    day = sa.func.substr(sa.cast(c.day if "day" in c else c.hour, sa.String), 1, 10)
-    query = sa.select(
-        c.merchant_id, day, sa.func.count(), sa.func.sum(crc32(*_bucket_text(c, length)))
-    ).where(*where, c.merchant_id.in_(sorted(merchant_ids)))
-    rows = conn.execute(query.group_by(c.merchant_id, day))
-    return {(m, date.fromisoformat(str(d))): (int(n), int(crc or 0)) for m, d, n, crc in rows}
-
-
-def _crc_of(when: date, currency: str, sums: list[int], *, hourly: bool) -> int:
-    text = f"{when:%Y-%m-%d %H}" if hourly else when.isoformat()
-    return zlib.crc32(":".join((text, currency, *map(str, sums))).encode())
-
-
-def _fingerprint(
-    buckets: Mapping[tuple[date, str], list[int]] | Mapping[tuple[datetime, str], list[int]],
-    *,
-    hourly: bool,
-) -> tuple[int, int]:
-    total = 0
-    for (when, currency), sums in buckets.items():
-        total += _crc_of(when, currency, sums, hourly=hourly)
-    return len(buckets), total
-
-
-def _day_fingerprints(
-    buckets: Mapping[tuple[date, str], list[int]] | Mapping[tuple[datetime, str], list[int]],
-    *,
-    hourly: bool,
-) -> dict[date, tuple[int, int]]:
-    days: dict[date, tuple[int, int]] = {}
-    for (when, currency), sums in buckets.items():
-        day = when.date() if isinstance(when, datetime) else when
-        n, total = days.get(day, (0, 0))
-        days[day] = (n + 1, total + _crc_of(when, currency, sums, hourly=hourly))
-    return days
-
-
-def _first_pass(
-    conn: sa.Connection,
-    plan: Mapping[str, set[date] | None],
-    zones: Mapping[str, ZoneInfo],
-    fallback: ZoneInfo,
-) -> dict[str, set[date] | None]:
-    """``plan`` narrowed to what may differ: the merchants whose stored buckets do not
-    fingerprint (count, sum of CRC32s, per merchant, computed by the database) the same as the
-    buckets their rows make, each with the days (of its scope) whose per-day fingerprints
-    differ.
-
-    The rows are summed by the database per (merchant, currency, UTC hour), which is exact for
-    local hours and days wherever the zone's offset is a whole number of hours; a merchant with
-    any other offset in the window keeps its whole scope for the exact check. The window is
-    every day from the earliest to the latest day of the scope (all days when a merchant's
-    scope is None), for every merchant of the plan: more than the scope, never less.
-    """
-    enable_crc32(conn)
-    if conn.dialect.name == "mysql":
-        # The grouping below makes one row per merchant, currency and hour: kept in memory
-        # rather than in an on-disk temporary table (16 MiB by default), for this session.
-        size = GROUPING_MEMORY
-        conn.exec_driver_sql(f"SET SESSION tmp_table_size = {size}, max_heap_table_size = {size}")
-        try:
-            return _first_pass_grouped(conn, plan, zones, fallback)
-        finally:
-            conn.exec_driver_sql(
-                "SET SESSION tmp_table_size = DEFAULT, max_heap_table_size = DEFAULT"
-            )
-    return _first_pass_grouped(conn, plan, zones, fallback)
-
-
-def _first_pass_grouped(
-    conn: sa.Connection,
-    plan: Mapping[str, set[date] | None],
-    zones: Mapping[str, ZoneInfo],
-    fallback: ZoneInfo,
-) -> dict[str, set[date] | None]:
-    p, r = payments.c, refunds.c
-    d, h = merchant_daily_totals.c, merchant_hourly_totals.c
-    pay_where: list[sa.ColumnElement[bool]] = []
-    ref_where: list[sa.ColumnElement[bool]] = []
-    daily_where: list[sa.ColumnElement[bool]] = []
-    hourly_where: list[sa.ColumnElement[bool]] = []
-    first: date | None = None
-    last: date | None = None
-    if not any(days is None for days in plan.values()):
-        all_days = [day for days in plan.values() if days for day in days]
-        first, last = min(all_days), max(all_days)
-        used = {zones.get(m, fallback) for m in plan}
-        start = min(_window([first], zone)[0] for zone in used)
-        end = max(_window([last], zone)[1] for zone in used)
-        pay_where = [p.created_at >= start, p.created_at < end]
-        ref_where = [p.created_at < end, r.created_at >= start, r.created_at < end]
-        daily_where = [d.day >= first, d.day <= last]
-        hourly_where = [
-            h.hour >= datetime.combine(first, time()),
-            h.hour < datetime.combine(last + timedelta(days=1), time()),
-        ]
-    pay_hour, ref_hour = _utc_hour(p.created_at), _utc_hour(r.created_at)
-    grouped = (
-        (
-            sa.select(
-                p.merchant_id, p.currency, pay_hour, sa.func.count(), sa.func.sum(p.captured_amount)
-            )
-            .where(*pay_where)
-            .group_by(p.merchant_id, p.currency, pay_hour),
-            0,
-        ),
-        (
-            sa.select(p.merchant_id, r.currency, ref_hour, sa.func.count(), sa.func.sum(r.amount))
-            .select_from(refunds.join(payments, payments.c.payment_id == r.payment_id))
-            .where(*ref_where)
-            .group_by(p.merchant_id, r.currency, ref_hour),
-            2,
-        ),
-    )
-    expected: dict[str, _Buckets] = {}
-    unaligned: set[str] = set()
-    for query, index in grouped:
-        for merchant_id, currency, hour, count, amount in conn.execute(query):
-            if merchant_id not in plan or merchant_id in unaligned:
-                continue
-            local = _local_hour(str(hour), zones.get(merchant_id, fallback))
-            if local is None:
-                unaligned.add(merchant_id)
-                continue
-            day = local.date()
-            if first is not None and last is not None and not first <= day <= last:
-                continue
-            buckets = expected.get(merchant_id)
-            if buckets is None:
-                buckets = expected[merchant_id] = _Buckets()
-            for sums in (
-                buckets.daily.setdefault((day, currency), [0, 0, 0, 0]),
-                buckets.hourly.setdefault((local, currency), [0, 0, 0, 0]),
-            ):
-                sums[index] += int(count)
-                sums[index + 1] += int(amount)
-    stored_daily = _stored_fingerprints(conn, merchant_daily_totals, 10, daily_where)
-    stored_hourly = _stored_fingerprints(conn, merchant_hourly_totals, 13, hourly_where)
-    differing: set[str] = set()
-    for merchant_id in plan:
-        if merchant_id in unaligned:
-            continue
-        buckets = expected.get(merchant_id, _Buckets())
-        daily = _fingerprint(buckets.daily, hourly=False)
-        hourly = _fingerprint(buckets.hourly, hourly=True)
-        stored = (stored_daily.get(merchant_id, (0, 0)), stored_hourly.get(merchant_id, (0, 0)))
-        if (daily, hourly) != stored:
-            differing.add(merchant_id)
-    narrowed: dict[str, set[date] | None] = {m: plan[m] for m in sorted(unaligned)}
-    if not differing:
-        return narrowed
-    # Down to the days that differ, so a merchant with a long history is not checked whole
-    # for one wrong day.
-    stored_days = (
-        _stored_day_fingerprints(conn, merchant_daily_totals, 10, daily_where, differing),
-        _stored_day_fingerprints(conn, merchant_hourly_totals, 13, hourly_where, differing),
-    )
-    for merchant_id in sorted(differing):
-        buckets = expected.get(merchant_id, _Buckets())
-        want = (
-            _day_fingerprints(buckets.daily, hourly=False),
-            _day_fingerprints(buckets.hourly, hourly=True),
-        )
-        days = {day for m, day in (*stored_days[0], *stored_days[1]) if m == merchant_id}
-        days |= want[0].keys() | want[1].keys()
-        wrong = {
-            day
-            for day in days
-            if want[0].get(day, (0, 0)) != stored_days[0].get((merchant_id, day), (0, 0))
-            or want[1].get(day, (0, 0)) != stored_days[1].get((merchant_id, day), (0, 0))
-        }
-        scope = plan[merchant_id]
-        if scope is not None:
-            wrong &= scope
-        if wrong:
-            narrowed[merchant_id] = wrong
-    return dict(sorted(narrowed.items()))

@@ -173,6 +173,9 @@ reconciliation_runs = sa.Table(
     # "consistent", "drift" or "failed"; NULL while the run is in progress.
     sa.Column("outcome", sa.String(16), nullable=True),
     sa.Column("error", sa.String(2000), nullable=True),
+    # What the run checked: "everything", or "events recorded after <UTC time>" (an
+    # incremental run: consistent means consistent within that). NULL for older runs.
+    sa.Column("scope", sa.String(64), nullable=True),
 )
 
 reconciliation_findings = sa.Table(

@@ -145,8 +145,9 @@ async def test_deleted_and_altered_read_rows_are_found_and_repaired(
     assert (found["missing"], found["mismatch"]) == (3, 3)
     assert {f.payment_id for f in result.findings if f.kind == "missing"} == set(deleted)
     assert {f.payment_id for f in result.findings if f.kind == "mismatch"} == set(altered)
-    # Re-applied events counted twice in the totals until the totals were rewritten from rows.
-    assert found.get("daily_totals", 0) > 0
+    # The totals were right: what re-applying the reset payments adds back was taken out
+    # first, so they never counted anything twice, and nothing had to be rewritten.
+    assert set(found) == {"missing", "mismatch"}
     assert all(f.repaired for f in result.findings)
     assert (result.outcome, result.exit_code) == ("consistent", 0)
     assert_read_side_matches(write_engine, read_engine)
@@ -168,8 +169,11 @@ async def test_events_lost_before_publication_are_republished(
         await wait_until(lambda: count(read_engine, payments) == 25, tasks=tasks)
         await wait_until(lambda: count(write_engine, outbox) == 0, tasks=tasks)
         result = await reconciler.run()
-    assert kinds(result) == {"missing": 5}
-    assert {f.payment_id for f in result.findings} == set(lost)
+    # The totals never counted the lost payments: found wrong and rewritten from the events.
+    found = kinds(result)
+    assert found.pop("missing") == 5
+    assert set(found) <= {"daily_totals", "hourly_totals"}
+    assert {f.payment_id for f in result.findings if f.kind == "missing"} == set(lost)
     assert all(f.repaired for f in result.findings)
     assert all(f.merchant_id for f in result.findings)
     assert result.exit_code == 0
@@ -243,8 +247,10 @@ async def test_read_rows_with_no_payment_behind_them_are_found_and_removed(
     before = (read_payments(read_engine), read_totals(read_engine))
 
     dry = await reconciler.run(dry_run=True)
-    assert kinds(dry) == {"orphan": 2}
-    assert {f.payment_id for f in dry.findings} == {invented.payment_id, stray}
+    found = kinds(dry)
+    assert found.pop("orphan") == 2
+    assert set(found) == {"daily_totals", "hourly_totals"}  # counting money never taken
+    assert {f.payment_id for f in dry.findings if f.payment_id} == {invented.payment_id, stray}
     assert not any(f.repaired for f in dry.findings)
     assert dry.exit_code == 1
     assert (read_payments(read_engine), read_totals(read_engine)) == before
@@ -367,7 +373,8 @@ async def test_one_run_at_a_time(
 ) -> None:
     records.acquire_lock(read_engine, "another-instance", 60)
     blocked = await reconciler.run()
-    assert (blocked.outcome, blocked.exit_code) == ("failed", 2)
+    # Refused, and not a failure: skipped (exit code 2), and not recorded as a run.
+    assert (blocked.outcome, blocked.exit_code, blocked.run_id) == ("skipped", 2, None)
     assert "another-instance" in (blocked.error or "")
     records.release_lock(read_engine, "another-instance")
     # Two runs started together: one of them finds the lock taken.
@@ -387,7 +394,7 @@ async def test_one_run_at_a_time(
                 sa.select(reconciliation_runs.c.outcome).order_by(reconciliation_runs.c.run_id)
             ).scalars()
         )
-    assert sorted(outcomes) == ["drift", "drift", "failed", "failed"]
+    assert sorted(outcomes) == ["drift", "drift"]
 
 
 async def test_an_unreachable_broker_is_a_failed_run_that_changes_nothing(
@@ -475,6 +482,7 @@ def test_cli_exit_codes_and_history(
     locked = runner.invoke(app, ["reconcile"])
     assert locked.exit_code == 2, locked.output
     assert "someone-else" in locked.output
+    assert "skipped" in locked.output
     records.release_lock(read_engine, "someone-else")
 
     assert runner.invoke(app, ["reconcile", "--every", "soon"]).exit_code == 2
@@ -482,8 +490,11 @@ def test_cli_exit_codes_and_history(
     history = runner.invoke(app, ["reconcile", "--history"])
     assert history.exit_code == 0, history.output
     assert "reconciliation runs" in history.output
-    for outcome in ("consistent", "drift", "failed"):
+    for outcome in ("consistent", "drift"):
         assert outcome in history.output
+    assert "skipped" not in history.output  # a refused run is not recorded
+    assert "everything" in history.output  # what each run verified
+    assert "last completed full audit: never" in history.output
 
 
 def test_cli_exits_2_when_the_read_database_is_unreachable(
@@ -521,10 +532,11 @@ async def test_runs_and_findings_are_readable_on_the_query_api(
         assert first.status_code == 200, first.text
         page = first.json()
         (newest,) = page["items"]
-        assert (newest["run_id"], newest["mode"], newest["dry_run"]) == (
+        assert (newest["run_id"], newest["mode"], newest["dry_run"], newest["scope"]) == (
             found.run_id,
             "full",
             True,
+            "everything",
         )
         assert (newest["outcome"], newest["findings_count"]) == ("drift", len(found.findings))
         missing = [f for f in newest["findings"] if f["kind"] == "missing"]
