@@ -25,7 +25,7 @@ import socket
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TypeVar
 from zoneinfo import ZoneInfo
 
@@ -51,6 +51,9 @@ __all__ = ["Reconciler", "ReconcilerMetrics", "RunResult", "parse_interval"]
 EXIT_CONSISTENT, EXIT_DRIFT, EXIT_FAILED = 0, 1, 2
 PAYMENT_KINDS = {"missing", "mismatch", "parked", "dead_letter"}
 CHUNKS_IN_FLIGHT = 2
+EXTRA_SLACK = timedelta(minutes=1)
+"""An event's id is taken right after its occurred_at: a day's events have ids within this of
+the day's span."""
 T = TypeVar("T")
 ProgressCallback = Callable[[int, int | None], None]
 # What makes a run "failed" (exit 2) rather than a crash. LockHeld mid-run: the lock lapsed
@@ -454,11 +457,27 @@ class Reconciler:
         }
         if result.dry_run:
             skip = set()
+        # The days those repairs changed rows in, before the scope: checked too (their events
+        # read from the day's start), a few at most; any more are reported unverified.
+        beyond = totals.days_beyond(scope, touched, zones, fallback)
+        extra: dict[str, set[date]] = {}
+        left: dict[str, set[date]] = {}
+        for merchant_id, day in sorted((m, d) for m, ds in beyond.items() for d in ds):
+            taken = sum(len(ds) for ds in extra.values()) < totals.EXTRA_DAYS_AT_MOST
+            (extra if taken else left).setdefault(merchant_id, set()).add(day)
         self._next_phase()
         findings += await asyncio.to_thread(
-            self._check_totals, scope, lower, upper, outbox.in_flight, not result.dry_run, skip
+            self._check_totals,
+            scope,
+            lower,
+            upper,
+            outbox.in_flight,
+            not result.dry_run,
+            skip,
+            extra,
+            totals.day_windows(extra, zones, fallback, slack=EXTRA_SLACK),
         )
-        findings += totals.unverified(scope, touched, zones, fallback)
+        findings += totals.unverified(scope, left)
         result.findings = findings
         result.outcome = "consistent" if all(f.repaired for f in findings) else "drift"
         if unresolved:
@@ -669,6 +688,8 @@ class Reconciler:
         in_flight: set[uuid.UUID],
         repair: bool,
         skip: set[str],
+        extra_days: dict[str, set[date]],
+        extra_windows: list[tuple[datetime, datetime]],
     ) -> list[Finding]:
         """The totals of every bucket ``scope`` covers against the events they count (see
         ``reconciler.totals``). Events before the cut (``upper`` minus the safety margin) are
@@ -680,6 +701,17 @@ class Reconciler:
             cut = max(cut, lower)
         with self.write.connect() as wconn:
             grouped = totals.sum_events(wconn, lower=lower, below=cut, leave_out=in_flight)
+            # ``extra_days``' events before the scope: each day's span of ids (widened for ids
+            # taken just after their occurred_at); no span reaches into the scope.
+            for start, end in extra_windows:
+                if lower is None:
+                    break
+                first = compare.bound_at(start)
+                below = min(compare.bound_at(end), lower)
+                if first < below:
+                    grouped += totals.sum_events(
+                        wconn, lower=first, below=below, leave_out=in_flight
+                    )
         with self.read.begin() as rconn, self.write.connect() as wconn:
             totals.lock_projector(rconn, self.settings.topic)
             singles = totals.events_one_by_one(wconn, since=cut, payment_ids=in_flight)
@@ -691,6 +723,7 @@ class Reconciler:
                 default_zone=self.settings.default_merchant_time_zone,
                 repair=repair,
                 skip_repair=skip,
+                also=extra_days,
             )
 
     # -- on a schedule ---------------------------------------------------------------------------

@@ -164,20 +164,21 @@ def events_one_by_one(
     conn: sa.Connection, *, since: uuid.UUID | None, payment_ids: Collection[uuid.UUID] = ()
 ) -> list[EventRow]:
     """Events with ``event_id >= since`` (the run's last moments: few; None: none), and every
-    event of ``payment_ids``."""
+    event of ``payment_ids`` (primary-key lookups, 1,000 payments a query)."""
     e = write.events.c
-    where: sa.ColumnElement[bool] = sa.false() if since is None else e.event_id >= since
-    if payment_ids:
-        where = sa.or_(where, e.payment_id.in_(sorted(payment_ids)))
-    return [
-        EventRow(pid, int(v), m, _index(t), int(a), c, as_utc(at))
-        for pid, v, m, t, a, c, at in conn.execute(
-            sa.select(
-                e.payment_id, e.version, e.merchant_id, e.event_type, e.amount, e.currency,
-                e.occurred_at,
-            ).where(where)
-        )
-    ]  # fmt: skip
+    columns = (
+        e.payment_id, e.version, e.merchant_id, e.event_type, e.amount, e.currency, e.occurred_at
+    )  # fmt: skip
+    queries = [] if since is None else [sa.select(*columns).where(e.event_id >= since)]
+    ordered = sorted(payment_ids)
+    for start in range(0, len(ordered), 1_000):
+        chunk = ordered[start : start + 1_000]
+        queries.append(sa.select(*columns).where(e.payment_id.in_(chunk)))
+    found: dict[tuple[uuid.UUID, int], EventRow] = {}
+    for query in queries:
+        for pid, v, m, t, a, c, at in conn.execute(query):
+            found[(pid, int(v))] = EventRow(pid, int(v), m, _index(t), int(a), c, as_utc(at))
+    return [found[key] for key in sorted(found)]
 
 
 def applied_versions(
@@ -217,6 +218,7 @@ def check_totals(
     default_zone: str,
     repair: bool,
     skip_repair: Collection[str] = (),
+    also: Mapping[str, Collection[date]] | None = None,
 ) -> list[Finding]:
     """Compare the stored totals with the events they count, for every bucket the ``scope``
     covers, and when ``repair``, overwrite the wrong ones (merchants in ``skip_repair`` are only
@@ -224,7 +226,10 @@ def check_totals(
 
     ``grouped``: sums of events the projector has applied (the checked payments'); ``one_by_one``:
     events that count only if their payment's read row, read here under the projector's locks,
-    is at their version. Runs in the caller's transaction, which holds those locks."""
+    is at their version. ``also``: merchant days checked besides the scope's buckets (with their
+    hours), whose events before the scope ``grouped`` holds too. Runs in the caller's
+    transaction, which holds those locks."""
+    also = also or {}
     zones = zone_lookup(conn, default_zone)
     fallback = ZoneInfo(default_zone)
     expected: dict[str, _Buckets] = {}
@@ -249,10 +254,23 @@ def check_totals(
     d, h = merchant_daily_totals, merchant_hourly_totals
     daily_q, hourly_q = sa.select(d), sa.select(h)
     if scope.after is not None:
-        # Stored buckets that may be covered: a day's local start is within a day of UTC's.
-        first = scope.after - timedelta(days=1)
-        daily_q = daily_q.where(d.c.day >= first.date())
-        hourly_q = hourly_q.where(h.c.hour >= first.replace(tzinfo=None))
+        # Stored buckets that may be covered (local times are within 14 hours of UTC), and
+        # the extra days.
+        first = scope.after - timedelta(hours=14)
+        days_too = sorted({day for days in also.values() for day in days})
+        daily_q = daily_q.where(sa.or_(d.c.day >= first.date(), d.c.day.in_(days_too)))
+        hourly_q = hourly_q.where(
+            sa.or_(
+                h.c.hour >= first.replace(tzinfo=None),
+                *(
+                    sa.and_(
+                        h.c.hour >= datetime.combine(day, time()),
+                        h.c.hour < datetime.combine(day + timedelta(days=1), time()),
+                    )
+                    for day in days_too
+                ),
+            )
+        )
     stored: dict[str, _Stored] = {}
     for row in conn.execute(daily_q):
         stored.setdefault(row.merchant_id, _Stored()).daily[(row.day, row.currency)] = _sums(row)
@@ -265,11 +283,17 @@ def check_totals(
         want = expected.get(merchant_id, _Buckets())
         have = stored.get(merchant_id, _Stored())
 
-        def day_covered(key: tuple[date, str], zone: ZoneInfo = zone) -> bool:
-            return scope.covers(_bucket_start_of_day(key[0], zone))
+        extra = also.get(merchant_id, ())
 
-        def hour_covered(key: tuple[datetime, str], zone: ZoneInfo = zone) -> bool:
-            return scope.covers(_bucket_start_of_hour(key[0], zone))
+        def day_covered(
+            key: tuple[date, str], zone: ZoneInfo = zone, extra: Collection[date] = extra
+        ) -> bool:
+            return key[0] in extra or scope.covers(_bucket_start_of_day(key[0], zone))
+
+        def hour_covered(
+            key: tuple[datetime, str], zone: ZoneInfo = zone, extra: Collection[date] = extra
+        ) -> bool:
+            return key[0].date() in extra or scope.covers(_bucket_start_of_hour(key[0], zone))
 
         wrong_daily = _diff(
             {k: _as_sums(v) for k, v in want.daily.items() if day_covered(k)},
@@ -310,34 +334,72 @@ class _Stored:
     hourly: dict[tuple[datetime, str], Sums] = field(default_factory=dict)
 
 
-def unverified(
+EXTRA_DAYS_AT_MOST = 7
+"""Merchant days before its scope that one run checks because its repairs changed rows there
+(each costs a scan of that day's events); beyond these, they are reported unverified."""
+
+
+def days_beyond(
     scope: Scope,
     touched: Mapping[str, Iterable[datetime]],
     zones: Mapping[str, ZoneInfo],
     fallback: ZoneInfo,
-) -> list[Finding]:
-    """The merchant days a repair changed rows in that ``scope`` does not cover: their totals
-    were left as they were (never rewritten from what the run could not check), and are not
-    vouched for. A full audit checks them."""
-    found: list[Finding] = []
-    for merchant_id, moments in sorted(touched.items()):
+) -> dict[str, set[date]]:
+    """The merchant days a repair changed rows in (``touched``: moments of those rows) that
+    ``scope`` does not cover."""
+    found: dict[str, set[date]] = {}
+    for merchant_id, moments in touched.items():
         zone = zones.get(merchant_id, fallback)
-        days = {moment.astimezone(zone).date() for moment in moments}
-        for day in sorted(days):
-            if scope.covers(_bucket_start_of_day(day, zone)):
-                continue
-            found.append(
-                Finding(
-                    kind="totals_unverified",
-                    merchant_id=merchant_id,
-                    details={
-                        "day": day.isoformat(),
-                        "reason": f"the day began before the run's scope ({scope.text}); "
-                        "a full audit checks it",
-                    },
-                )
-            )
+        for day in {moment.astimezone(zone).date() for moment in moments}:
+            if not scope.covers(_bucket_start_of_day(day, zone)):
+                found.setdefault(merchant_id, set()).add(day)
     return found
+
+
+def day_windows(
+    days: Mapping[str, Collection[date]],
+    zones: Mapping[str, ZoneInfo],
+    fallback: ZoneInfo,
+    *,
+    slack: timedelta,
+) -> list[tuple[datetime, datetime]]:
+    """The UTC spans of those merchant days, widened by ``slack`` on both sides, overlapping ones
+    merged (so each event is read once)."""
+    spans = sorted(
+        (
+            _bucket_start_of_day(day, zone) - slack,
+            _bucket_start_of_day(day + timedelta(days=1), zone) + slack,
+        )
+        for merchant_id, merchant_days in days.items()
+        for zone in (zones.get(merchant_id, fallback),)
+        for day in merchant_days
+    )
+    merged: list[tuple[datetime, datetime]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def unverified(scope: Scope, days: Mapping[str, Collection[date]]) -> list[Finding]:
+    """Merchant days a repair changed rows in, before the scope, that the run did not check
+    (more than ``EXTRA_DAYS_AT_MOST``): their totals were left as they were, and are not
+    vouched for. A full audit checks them."""
+    return [
+        Finding(
+            kind="totals_unverified",
+            merchant_id=merchant_id,
+            details={
+                "day": day.isoformat(),
+                "reason": f"the day began before the run's scope ({scope.text}); "
+                "a full audit checks it",
+            },
+        )
+        for merchant_id, merchant_days in sorted(days.items())
+        for day in sorted(merchant_days)
+    ]
 
 
 def compensate(conn: sa.Connection, events: Iterable[EventRow], *, default_zone: str) -> None:

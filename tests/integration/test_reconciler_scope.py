@@ -104,6 +104,7 @@ async def test_an_incremental_run_never_makes_a_right_total_wrong_and_says_what_
         }
 
         second = await reconciler.run()
+        assert not [f for f in second.findings if not f.repaired]
 
         # The totals were right; whatever the run saw, they still are.
         assert read_totals(read_engine) == right_totals
@@ -112,6 +113,8 @@ async def test_an_incremental_run_never_makes_a_right_total_wrong_and_says_what_
         found = {f.payment_id for f in second.findings if f.kind in ("missing", "mismatch")}
         assert found == recent_deleted | recent_altered
         assert second.watermark_from == first.watermark_to
+        # "consistent" is within its scope, which it states: the old payments were not checked.
+        assert (second.outcome, second.exit_code) == ("consistent", 0)
         assert second.scope != "everything"
         assert second.scope.startswith("events recorded after ")
         assert time_of(first.watermark_to)[:16] in second.scope.replace("T", " ")
