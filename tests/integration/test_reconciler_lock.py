@@ -1,5 +1,6 @@
 """The reconciler's lock under stops and crashes: a live run keeps it however long a phase takes,
 a stopped run gives it back at once, and a killed run's lock lapses within its short lifetime.
+And the scheduled reconciler as `kessai up` runs it: its full audit, on /metrics.
 
 Each run here is slow on purpose: payments missing on the read side and no projector, so the
 repair waits for a projector that never comes (``KESSAI_RECONCILE_VERIFY_TIMEOUT_SECONDS``).
@@ -17,10 +18,12 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from kessai.broker import free_port
 from kessai.clock import as_utc, utcnow
 from kessai.schema.read import reconciler_state, reconciliation_runs
 from kessai.schema.write import outbox
@@ -161,3 +164,42 @@ async def test_a_killed_run_frees_the_lock_within_its_lifetime_and_a_stopped_one
     assert await asyncio.to_thread(stopped.wait, 10) == 2
     assert lock_of(read_engine)[0] is None
     assert outcomes(read_engine)[-1] == "stopped"
+
+
+def scrape(url: str) -> str:
+    try:
+        return httpx.get(url, timeout=2).text
+    except httpx.HTTPError:
+        return ""
+
+
+async def test_the_scheduled_full_audit_shows_on_metrics_and_in_the_history(
+    write_engine: Engine,
+    read_engine: Engine,
+    slow_run_env: dict[str, str],
+    spawned: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    await asyncio.to_thread(make_traffic, write_engine, payments_count=5, seed=62)
+    port = free_port()
+    env = {**slow_run_env, "KESSAI_RECONCILER_METRICS_PORT": str(port)}
+    # The command line `kessai up` and docker compose use, unchanged: no full audit is recorded
+    # yet, so the first run is one.
+    scheduled = spawn(["--every", "5m"], env, tmp_path / "scheduled.log")
+    spawned.append(scheduled)
+    url = f"http://127.0.0.1:{port}/metrics"
+    full = 'kessai_reconcile_last_success_timestamp_seconds{scope="full"}'
+    await wait_until(lambda: full in scrape(url), within=60)
+    text = await asyncio.to_thread(scrape, url)
+    assert 'kessai_reconcile_runs_total{outcome="consistent",scope="full"} 1.0' in text
+    assert 'scope="incremental"' not in text.split("kessai_reconcile_last_success")[1]
+    scheduled.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(scheduled.wait, 10) == 0
+
+    history = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "reconciler", "--history"],
+        cwd=REPO, env={**env, "COLUMNS": "250"}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "last completed full audit: never" not in history.stdout
+    assert "last completed full audit: 20" in history.stdout
