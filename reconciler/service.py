@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -712,19 +713,26 @@ class Reconciler:
                     grouped += totals.sum_events(
                         wconn, lower=first, below=below, leave_out=in_flight
                     )
+        check = functools.partial(
+            totals.check_totals,
+            scope=scope,
+            grouped=grouped,
+            default_zone=self.settings.default_merchant_time_zone,
+            skip_repair=skip,
+            also=extra_days,
+        )
+        # A first look without the projector's locks (one snapshot): a clean run holds them
+        # only for the second look, at the merchants that differ, if any.
+        with self.read.connect() as rconn, self.write.connect() as wconn:
+            singles = totals.events_one_by_one(wconn, since=cut, payment_ids=in_flight)
+            first_look = check(rconn, one_by_one=singles, repair=False)
+        differ = {f.merchant_id for f in first_look if f.merchant_id is not None}
+        if not differ:
+            return []
         with self.read.begin() as rconn, self.write.connect() as wconn:
             totals.lock_projector(rconn, self.settings.topic)
             singles = totals.events_one_by_one(wconn, since=cut, payment_ids=in_flight)
-            return totals.check_totals(
-                rconn,
-                scope=scope,
-                grouped=grouped,
-                one_by_one=singles,
-                default_zone=self.settings.default_merchant_time_zone,
-                repair=repair,
-                skip_repair=skip,
-                also=extra_days,
-            )
+            return check(rconn, one_by_one=singles, repair=repair, merchants=differ)
 
     # -- on a schedule ---------------------------------------------------------------------------
 

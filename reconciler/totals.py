@@ -219,6 +219,7 @@ def check_totals(
     repair: bool,
     skip_repair: Collection[str] = (),
     also: Mapping[str, Collection[date]] | None = None,
+    merchants: Collection[str] | None = None,
 ) -> list[Finding]:
     """Compare the stored totals with the events they count, for every bucket the ``scope``
     covers, and when ``repair``, overwrite the wrong ones (merchants in ``skip_repair`` are only
@@ -227,9 +228,12 @@ def check_totals(
     ``grouped``: sums of events the projector has applied (the checked payments'); ``one_by_one``:
     events that count only if their payment's read row, read here under the projector's locks,
     is at their version. ``also``: merchant days checked besides the scope's buckets (with their
-    hours), whose events before the scope ``grouped`` holds too. Runs in the caller's
-    transaction, which holds those locks."""
+    hours), whose events before the scope ``grouped`` holds too. ``merchants``: only these (None:
+    all). Runs in the caller's transaction, which holds those locks to repair; without them, it
+    compares one consistent snapshot, which a projector batch committing meanwhile may make
+    differ where nothing is wrong (check again under the locks what differs)."""
     also = also or {}
+    wanted = None if merchants is None else set(merchants)
     zones = zone_lookup(conn, default_zone)
     fallback = ZoneInfo(default_zone)
     expected: dict[str, _Buckets] = {}
@@ -237,6 +241,8 @@ def check_totals(
     def add(
         merchant_id: str, moment: datetime, currency: str, index: int, n: int, amount: int
     ) -> None:
+        if wanted is not None and merchant_id not in wanted:
+            return
         local = moment.astimezone(zones.get(merchant_id, fallback))
         buckets = expected.get(merchant_id)
         if buckets is None:
@@ -245,7 +251,7 @@ def check_totals(
 
     for merchant_id, currency, start, index, n, amount in grouped:
         add(merchant_id, start, currency, index, n, amount)
-    singles = list(one_by_one)
+    singles = [e for e in one_by_one if wanted is None or e.merchant_id in wanted]
     versions = applied_versions(conn, {e.payment_id for e in singles})
     for e in singles:
         if versions.get(e.payment_id, 0) >= e.version:
@@ -253,6 +259,9 @@ def check_totals(
 
     d, h = merchant_daily_totals, merchant_hourly_totals
     daily_q, hourly_q = sa.select(d), sa.select(h)
+    if wanted is not None:
+        daily_q = daily_q.where(d.c.merchant_id.in_(sorted(wanted)))
+        hourly_q = hourly_q.where(h.c.merchant_id.in_(sorted(wanted)))
     if scope.after is not None:
         # Stored buckets that may be covered (local times are within 14 hours of UTC), and
         # the extra days.

@@ -437,6 +437,7 @@ async def test_on_a_schedule_until_stopped(reconciler: Reconciler) -> None:
     code = await asyncio.wait_for(reconciler.run_every(0.05, stop, on_result=on_result), timeout=30)
     assert code == 0
     assert [r.outcome for r in seen] == ["consistent", "consistent"]
+    assert [r.mode for r in seen] == ["incremental", "incremental"]  # no full audit asked for
 
 
 def test_parse_interval() -> None:
@@ -486,6 +487,7 @@ def test_cli_exit_codes_and_history(
     records.release_lock(read_engine, "someone-else")
 
     assert runner.invoke(app, ["reconcile", "--every", "soon"]).exit_code == 2
+    assert runner.invoke(app, ["reconcile", "--every", "5m", "--full-every", "x"]).exit_code == 2
 
     history = runner.invoke(app, ["reconcile", "--history"])
     assert history.exit_code == 0, history.output
