@@ -172,7 +172,8 @@ class Reconciler:
             self._observe(result, started_at)
             return result
         self._lock_lost, self._stop, self._pause = None, stop, pause_seconds
-        heartbeat = asyncio.create_task(self._heartbeat())
+        finished = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(finished))
         new_watermark: str | None = None
         try:
             lower = None if full else self._lower_bound(watermark)
@@ -200,9 +201,10 @@ class Reconciler:
             result.outcome = "failed"
             result.error = repr(exc)
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            # Let a renewal in flight finish first: one landing after the release would hold
+            # the lock again for its whole lifetime.
+            finished.set()
+            await heartbeat
             # Recording the run and releasing the lock are independent: a failure to record
             # must not keep the lock held or lose the watermark.
             if result.run_id is not None:
@@ -240,13 +242,16 @@ class Reconciler:
         margin_ms = int(self.settings.reconcile_safety_margin_seconds * 1000)
         return compare.bound_at_ms(timestamp_ms(uuid.UUID(watermark)) - margin_ms)
 
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(self, finished: asyncio.Event) -> None:
         """Renew the lock every third of its lifetime while the run works, whatever phase it is
         in: a short lifetime then frees the lock soon after a killed run, never under a live
         one. A lock found taken by another run ends this one at its next phase."""
         ttl = self.settings.reconcile_lock_seconds
         while True:
-            await asyncio.sleep(ttl / 3)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), timeout=ttl / 3)
+            if finished.is_set():
+                return
             try:
                 await asyncio.to_thread(records.acquire_lock, self.read, self.owner, ttl)
             except LockHeld as exc:
