@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from functools import lru_cache
 from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -84,7 +85,7 @@ class _Buckets:
 
     def add(self, local: datetime, currency: str, index: int, amount: int, *, count: int) -> None:
         hour = local.replace(minute=0, second=0, microsecond=0, tzinfo=None)
-        day_sums = self.daily.setdefault((local.date(), currency), [0, 0, 0, 0])
+        day_sums = self.daily.setdefault((hour.date(), currency), [0, 0, 0, 0])
         hour_sums = self.hourly.setdefault((hour, currency), [0, 0, 0, 0])
         for sums in (day_sums, hour_sums):
             sums[index] += count
@@ -201,6 +202,12 @@ def applied_versions(
     return versions
 
 
+@lru_cache(maxsize=65_536)
+def _local(moment: datetime, zone: ZoneInfo) -> datetime:
+    """``moment`` in ``zone`` (the grouped sums repeat the same quarter hours per merchant)."""
+    return moment.astimezone(zone)
+
+
 def _bucket_start_of_day(day: date, zone: ZoneInfo) -> datetime:
     return datetime.combine(day, time(), zone).astimezone(UTC)
 
@@ -243,7 +250,7 @@ def check_totals(
     ) -> None:
         if wanted is not None and merchant_id not in wanted:
             return
-        local = moment.astimezone(zones.get(merchant_id, fallback))
+        local = _local(moment, zones.get(merchant_id, fallback))
         buckets = expected.get(merchant_id)
         if buckets is None:
             buckets = expected[merchant_id] = _Buckets()
@@ -297,12 +304,20 @@ def check_totals(
         def day_covered(
             key: tuple[date, str], zone: ZoneInfo = zone, extra: Collection[date] = extra
         ) -> bool:
-            return key[0] in extra or scope.covers(_bucket_start_of_day(key[0], zone))
+            return (
+                scope.after is None
+                or key[0] in extra
+                or scope.covers(_bucket_start_of_day(key[0], zone))
+            )
 
         def hour_covered(
             key: tuple[datetime, str], zone: ZoneInfo = zone, extra: Collection[date] = extra
         ) -> bool:
-            return key[0].date() in extra or scope.covers(_bucket_start_of_hour(key[0], zone))
+            return (
+                scope.after is None
+                or key[0].date() in extra
+                or scope.covers(_bucket_start_of_hour(key[0], zone))
+            )
 
         wrong_daily = _diff(
             {k: _as_sums(v) for k, v in want.daily.items() if day_covered(k)},
