@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from command_service.relay import Relay
-from kessai.schema.read import payments, refunds
+from kessai.schema.read import merchant_hourly_totals, merchants, payments, refunds
 from kessai.schema.write import outbox
 from kessai.settings import Settings
 from projector.service import Projector
@@ -139,3 +139,38 @@ async def test_an_incremental_run_never_makes_a_right_total_wrong_and_says_what_
     found = {f.payment_id for f in audit.findings if f.kind in ("missing", "mismatch")}
     assert found == old_deleted | old_altered
     assert_read_side_matches(write_engine, read_engine)
+
+
+async def test_totals_in_zones_off_the_whole_hour_are_checked_exactly(
+    rsettings: Settings, write_engine: Engine, read_engine: Engine, reconciler: Reconciler
+) -> None:
+    """The write store sums events per UTC quarter hour: exact for Kolkata (+5:30) and
+    St John's (-3:30) as for Tokyo."""
+    with read_engine.begin() as conn:
+        conn.execute(
+            merchants.insert(),
+            [
+                {"merchant_id": "m1", "time_zone": "Asia/Kolkata"},
+                {"merchant_id": "m2", "time_zone": "America/St_Johns"},
+            ],
+        )
+    relay = Relay(engine=write_engine, settings=rsettings)
+    projector = Projector(engine=read_engine, settings=rsettings)
+    async with running(relay, projector) as tasks:
+        await asyncio.to_thread(make_traffic, write_engine, payments_count=30, seed=43)
+        await wait_until(lambda: count(write_engine, outbox) == 0, tasks=tasks)
+        await wait_until(lambda: count(read_engine, payments) == 30, tasks=tasks)
+        clean = await reconciler.run(full=True)
+        assert (clean.findings, clean.exit_code) == ([], 0)
+        with read_engine.begin() as conn:
+            bumped = conn.execute(
+                merchant_hourly_totals.update()
+                .where(merchant_hourly_totals.c.merchant_id == "m1")
+                .values(payments_amount=merchant_hourly_totals.c.payments_amount + 5)
+            ).rowcount
+        repaired = await reconciler.run(full=True)
+    assert bumped >= 1
+    assert [(f.kind, f.merchant_id, f.repaired) for f in repaired.findings] == [
+        ("hourly_totals", "m1", True)
+    ] * bumped
+    assert (await reconciler.run(full=True)).findings == []
