@@ -482,6 +482,7 @@ class Reconciler:
             skip,
             extra,
             totals.day_windows(extra, zones, fallback, slack=EXTRA_SLACK),
+            set(touched),
         )
         findings += totals.unverified(scope, left)
         result.findings = findings
@@ -696,6 +697,7 @@ class Reconciler:
         skip: set[str],
         extra_days: dict[str, set[date]],
         extra_windows: list[tuple[datetime, datetime]],
+        touched_merchants: set[str],
     ) -> list[Finding]:
         """The totals of every bucket ``scope`` covers against the events they count (see
         ``reconciler.totals``). Events before the cut (``upper`` minus the safety margin) are
@@ -725,6 +727,7 @@ class Reconciler:
             default_zone=self.settings.default_merchant_time_zone,
             skip_repair=skip,
             also=extra_days,
+            touched_merchants=touched_merchants,
         )
         # A first look without the projector's locks (one snapshot): a clean run holds them
         # only for the second look, at the merchants that differ, if any.

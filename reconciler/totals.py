@@ -227,6 +227,7 @@ def check_totals(
     skip_repair: Collection[str] = (),
     also: Mapping[str, Collection[date]] | None = None,
     merchants: Collection[str] | None = None,
+    touched_merchants: Collection[str] = (),
 ) -> list[Finding]:
     """Compare the stored totals with the events they count, for every bucket the ``scope``
     covers, and when ``repair``, overwrite the wrong ones (merchants in ``skip_repair`` are only
@@ -236,9 +237,11 @@ def check_totals(
     events that count only if their payment's read row, read here under the projector's locks,
     is at their version. ``also``: merchant days checked besides the scope's buckets (with their
     hours), whose events before the scope ``grouped`` holds too. ``merchants``: only these (None:
-    all). Runs in the caller's transaction, which holds those locks to repair; without them, it
-    compares one consistent snapshot, which a projector batch committing meanwhile may make
-    differ where nothing is wrong (check again under the locks what differs)."""
+    all; for an incremental run, those with events in the scope and ``touched_merchants``,
+    whose rows a repair changed). Runs in the caller's transaction, which holds those locks to
+    repair; without them, it compares one consistent snapshot, which a projector batch
+    committing meanwhile may make differ where nothing is wrong (check again under the locks
+    what differs)."""
     also = also or {}
     wanted = None if merchants is None else set(merchants)
     zones = zone_lookup(conn, default_zone)
@@ -266,9 +269,11 @@ def check_totals(
 
     d, h = merchant_daily_totals, merchant_hourly_totals
     daily_q, hourly_q = sa.select(d), sa.select(h)
-    if wanted is not None:
-        daily_q = daily_q.where(d.c.merchant_id.in_(sorted(wanted)))
-        hourly_q = hourly_q.where(h.c.merchant_id.in_(sorted(wanted)))
+    readers: list[str] | None = None if wanted is None else sorted(wanted)
+    if readers is None and scope.after is not None:
+        # Only merchants with events in the scope (or rows a repair changed): the stored
+        # buckets' key starts with the merchant, and there is no index by time alone.
+        readers = sorted(expected.keys() | also.keys() | set(touched_merchants))
     if scope.after is not None:
         # Stored buckets that may be covered (local times are within 14 hours of UTC), and
         # the extra days.
@@ -288,10 +293,24 @@ def check_totals(
             )
         )
     stored: dict[str, _Stored] = {}
-    for row in conn.execute(daily_q):
-        stored.setdefault(row.merchant_id, _Stored()).daily[(row.day, row.currency)] = _sums(row)
-    for row in conn.execute(hourly_q):
-        stored.setdefault(row.merchant_id, _Stored()).hourly[(row.hour, row.currency)] = _sums(row)
+    pages = (
+        [None]
+        if readers is None
+        else [readers[i : i + 1_000] for i in range(0, len(readers), 1_000)]
+    )
+    for page in pages:
+        daily_page, hourly_page = daily_q, hourly_q
+        if page is not None:
+            daily_page = daily_q.where(d.c.merchant_id.in_(page))
+            hourly_page = hourly_q.where(h.c.merchant_id.in_(page))
+        for row in conn.execute(daily_page):
+            stored.setdefault(row.merchant_id, _Stored()).daily[(row.day, row.currency)] = _sums(
+                row
+            )
+        for row in conn.execute(hourly_page):
+            stored.setdefault(row.merchant_id, _Stored()).hourly[(row.hour, row.currency)] = _sums(
+                row
+            )
 
     findings: list[Finding] = []
     for merchant_id in sorted(expected.keys() | stored.keys()):
