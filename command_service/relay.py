@@ -8,6 +8,13 @@ retried with backoff, starting again from the oldest row. So a payment's events 
 version order, and a crash between publish and delete republishes (at-least-once; consumers
 dedupe by version) but never loses anything.
 
+The topic is checked (and created, with the configured partition count) before the first send
+and again after every failure, before a new producer sends anything: a restarted broker is a
+new, empty cluster. The producer never makes the broker auto-create the topic, and nothing is
+published to a topic whose partition count differs from the configured one (keys would land
+on other partitions than before): the relay logs one error, shows it in
+``kessai_relay_topic_mismatch`` and checks again with backoff.
+
 Run it with ``kessai relay`` or ``python -m command_service.relay``.
 """
 
@@ -26,11 +33,12 @@ import sqlalchemy as sa
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
+from prometheus_client import CollectorRegistry, Gauge
 from sqlalchemy.engine import Engine
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from command_service import outbox, repository
-from kessai.broker import BrokerUnavailable, ensure_topic, new_producer
+from kessai.broker import BrokerUnavailable, TopicMismatch, ensure_topic, new_producer
 from kessai.clock import utcnow
 from kessai.events import kafka_headers, kafka_key
 from kessai.settings import Settings
@@ -51,6 +59,7 @@ class Relay:
         settings: Settings,
         owner: str | None = None,
         after_publish: PublishedHook | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         """``after_publish`` runs after rows were acknowledged and before they are marked:
         the window in which a crash republishes. Tests inject failures there."""
@@ -62,6 +71,13 @@ class Relay:
         self._producer: AIOKafkaProducer | None = None
         self._partitioner = DefaultPartitioner()
         self._last_purge = 0.0
+        self._mismatch = False
+        self.topic_mismatch = Gauge(
+            "kessai_relay_topic_mismatch",
+            "1 while the relay publishes nothing because the topic's partition count differs "
+            "from the configured one.",
+            registry=registry or CollectorRegistry(),
+        )
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Publish until ``stop`` is set; transient failures back off and retry forever."""
@@ -94,7 +110,13 @@ class Relay:
     async def _log_failure(self, retry_state: object) -> None:
         outcome = getattr(retry_state, "outcome", None)
         exc = outcome.exception() if outcome is not None else None
-        log.warning("relay round failed, will retry: %r", exc)
+        if isinstance(exc, TopicMismatch):
+            if not self._mismatch:  # one error per episode, not one per retry
+                log.error("relay stopped publishing: %s; checking again with backoff", exc)
+            self._mismatch = True
+            self.topic_mismatch.set(1)
+        else:
+            log.warning("relay round failed, will retry: %r", exc)
         await self._drop_producer()
 
     async def run_once(self) -> int:
@@ -167,14 +189,17 @@ class Relay:
     # -- Kafka --------------------------------------------------------------------------------
 
     async def _ready_producer(self) -> AIOKafkaProducer:
+        """The live producer; a new one only after the topic was checked (created if missing)
+        and found with the configured partition count."""
         if self._producer is None:
-            await ensure_topic(
+            actual = await ensure_topic(
                 self.bootstrap,
                 self.settings.topic,
                 partitions=self.settings.topic_partitions,
                 replication_factor=self.settings.topic_replication_factor,
                 request_timeout_ms=self.settings.kafka_request_timeout_ms,
             )
+            self._check_partition_count(actual)
             producer = new_producer(
                 self.bootstrap, request_timeout_ms=self.settings.kafka_request_timeout_ms
             )
@@ -186,6 +211,16 @@ class Relay:
             self._producer = producer
         return self._producer
 
+    def _check_partition_count(self, actual: int) -> None:
+        configured = self.settings.topic_partitions
+        if actual != configured:
+            raise TopicMismatch(
+                f"topic {self.settings.topic} has {actual} partitions, {configured} configured; "
+                "recreate the topic with the configured count (or configure its count)"
+            )
+        self._mismatch = False
+        self.topic_mismatch.set(0)
+
     async def _drop_producer(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
@@ -193,6 +228,13 @@ class Relay:
                 await asyncio.wait_for(producer.stop(), timeout=5)
             except (TimeoutError, KafkaError, OSError):
                 log.debug("producer did not stop cleanly", exc_info=True)
+                # stop() gave up waiting for batches it still retries; its sender task would
+                # go on sending them to whatever broker answers next, next to the new
+                # producer's batches. End it and its connections (aiokafka has no public way).
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer._sender.close(), timeout=1)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer.client.close(), timeout=1)
 
     async def _publish(
         self, producer: AIOKafkaProducer, rows: list[outbox.OutboxRow]
@@ -206,6 +248,9 @@ class Relay:
         partitions = sorted(await producer.partitions_for(topic))
         if not partitions:
             raise BrokerUnavailable(f"topic {topic} has no partitions")
+        # The producer's metadata may have changed since the topic was checked (a restarted
+        # broker): never spread keys over another partition count.
+        self._check_partition_count(len(partitions))
         by_partition: dict[int, list[outbox.OutboxRow]] = {}
         for row in rows:
             key = kafka_key(row.payment_id)
@@ -238,8 +283,13 @@ class Relay:
             return acked, None
 
         async def _send(batch: object, partition: int) -> None:
+            # Bounded as a whole: after a broker restart, send_batch itself can wait for
+            # metadata of a topic that does not exist (yet) for as long as nothing creates it.
+            await asyncio.wait_for(_send_and_ack(batch, partition), timeout=timeout)
+
+        async def _send_and_ack(batch: object, partition: int) -> None:
             future = await producer.send_batch(batch, topic, partition=partition)
-            await asyncio.wait_for(future, timeout=timeout)
+            await future
 
         results = await asyncio.gather(
             *(send_partition(p, part_rows) for p, part_rows in by_partition.items())
@@ -266,17 +316,22 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 
 async def serve(settings: Settings) -> None:
     """Run a relay until SIGINT/SIGTERM."""
+    from prometheus_client import start_http_server
+
     from kessai.db import create_db_engine
     from kessai.runtime import freeze_startup_heap, stop_on_signals
 
     engine = create_db_engine(settings.resolved_write_db_url(), pool_size=4)
     freeze_startup_heap()
+    registry = CollectorRegistry()
+    if settings.relay_metrics_port is not None:
+        start_http_server(settings.relay_metrics_port, addr="127.0.0.1", registry=registry)
     stop = stop_on_signals()
     try:
         log.info(
             "relay publishing to %s topic %s", settings.resolved_kafka_bootstrap(), settings.topic
         )
-        await Relay(engine=engine, settings=settings).run(stop)
+        await Relay(engine=engine, settings=settings, registry=registry).run(stop)
     finally:
         engine.dispose()
 

