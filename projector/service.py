@@ -11,10 +11,13 @@ stale work.
 
 Log resets: the embedded broker forgets everything on restart and never answers
 OffsetOutOfRange, so a stored offset may point past the end of a new, shorter log, or into a
-new log that already grew past it. On assignment the projector checks that the record just
-before its stored offset is the event it last applied (by event id); if not, or if the stored
-offset is beyond the log's end, the log was reset and it starts that partition from the
-beginning (re-applied events are duplicates and change nothing).
+new log that already grew past it. On assignment, and whenever the consumer's connection to the
+broker was lost (nothing fetched after that is applied first), the projector checks, for all
+its partitions at once, that the record just before each stored offset is the event it last
+applied (by event id); if not, or if the stored offset is beyond the log's end, the log was
+reset and it starts that partition from the beginning (re-applied events are duplicates and
+change nothing). Its consumers never make the broker auto-create the topic; if the topic is
+missing (a restarted broker nobody re-created it on), the projector creates it.
 
 Run it with ``kessai projector`` or ``python -m projector``.
 """
@@ -28,6 +31,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import anyio.to_thread
@@ -40,7 +44,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy.engine import Engine
 
 from kessai import offsets
-from kessai.broker import ensure_topic
+from kessai.broker import BrokerUnavailable, ensure_topic, refuse_auto_creation
 from kessai.clock import utcnow
 from kessai.settings import Settings
 from projector import repository
@@ -52,6 +56,9 @@ IDLE_CHECK_SECONDS = 1.0
 STALL_SECONDS = 15.0
 """A partition whose position has not moved for this long while the log holds records past
 it (or that never got a fetch answer) is sought again."""
+PROBE_SECONDS = 3.0
+"""How long the reset check waits for the records before the stored offsets (all partitions at
+once); a partition it gets no answer for is checked again a second later."""
 BUSY_STALL_SECONDS = 60.0
 """The same while batches of other partitions are being applied: a consumer behind its log
 serves partitions by turns (aiokafka drains one prefetched partition buffer after another), so
@@ -61,6 +68,10 @@ events); seeking it would throw its buffer away and send it to the back of the q
 
 class StaleAssignment(RuntimeError):
     """The stored offsets moved on under this consumer: another one owns the partition now."""
+
+
+class ProbeFailed(RuntimeError):
+    """The reset check could not read the log (the broker is away, or aiokafka gave up)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +139,10 @@ class Projector:
         self._unsought: set[TopicPartition] = set()
         # Seeks so far: records fetched before a seek are never applied after it.
         self._seeks = 0
+        # The consumer's broker connections at the last look: one closed since means the
+        # broker may have been restarted (a new, empty log) under the consumer's positions.
+        self._connections: list[Any] = []
+        self._last_topic_check = 0.0
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -151,6 +166,7 @@ class Projector:
             max_poll_records=self.settings.projector_batch_size,
             fetch_max_wait_ms=100,
         )
+        refuse_auto_creation(consumer._client)
         consumer.subscribe([self.topic], listener=_Listener(self))
         self._consumer = consumer
         await consumer.start()
@@ -172,6 +188,12 @@ class Projector:
                 if applying is not None:
                     await applying
                     applying = None
+                if self._connection_lost(consumer):
+                    # What was fetched since may come from a new, empty log: check every
+                    # partition against its stored event before applying anything more.
+                    log.warning("the connection to the broker was lost; checking for a log reset")
+                    self._unsought.update(consumer.assignment())
+                await self._check_topic(consumer)
                 if not self._unsought:
                     await self._idle_checks()
                 if self._unsought or self._seeks != seeks:
@@ -308,13 +330,20 @@ class Projector:
         try:
             await self._seek_to_stored(mine)
             log.info("assigned partitions sought to their stored offsets")
+        except asyncio.CancelledError:
+            # aiokafka cancels the listener when the group moves on (a new rebalance, a stop).
+            self._leave_unsought(mine)
+            raise
         except Exception:
             # Never let the listener fail: aiokafka would keep the assignment unsought. The
             # batch loop seeks these partitions before it applies anything of theirs.
             log.exception("seeking assigned partitions failed; will retry from the loop")
-            for tp in mine:
-                self.expected.pop(tp.partition, None)
-            self._unsought.update(mine)
+            self._leave_unsought(mine)
+
+    def _leave_unsought(self, tps: Sequence[TopicPartition]) -> None:
+        for tp in tps:
+            self.expected.pop(tp.partition, None)
+        self._unsought.update(tps)
 
     def on_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         log.info("revoked partitions %s", sorted(tp.partition for tp in revoked))
@@ -335,21 +364,36 @@ class Projector:
     async def _seek_to_stored(self, tps: Sequence[TopicPartition]) -> None:
         # The rebalance listener and the loop's reset check may both get here at once.
         async with self._seek_lock:
-            await self._seek_to_stored_locked(tps)
+            undecided = await self._seek_to_stored_locked(tps)
             self._unsought.difference_update(tps)
+            if undecided:
+                log.warning(
+                    "partitions %s: the reset check got no answer; checking again",
+                    sorted(tp.partition for tp in undecided),
+                )
+                self._leave_unsought(undecided)
 
-    async def _seek_to_stored_locked(self, tps: Sequence[TopicPartition]) -> None:
+    async def _seek_to_stored_locked(self, tps: Sequence[TopicPartition]) -> list[TopicPartition]:
+        """Seek each partition to its stored offset, or to the beginning of a reset log;
+        returns the partitions the reset check could not decide (left where they are)."""
         consumer = self._consumer
         assert consumer is not None
         stored = await anyio.to_thread.run_sync(self._read_offsets, [tp.partition for tp in tps])
         begins = await consumer.beginning_offsets(list(tps))
+        matches = await self._logs_match(
+            {tp: stored[tp.partition] for tp in tps if tp.partition in stored}
+        )
+        undecided = []
         for tp in tps:
             row = stored.get(tp.partition)
             position: int
             if row is None:
                 position = begins[tp]
                 self.expected[tp.partition] = None
-            elif not await self._log_matches(tp, row):
+            elif matches.get(tp) is None:
+                undecided.append(tp)
+                continue
+            elif not matches[tp]:
                 log.warning(
                     "partition %d: the record before stored offset %d is not the event last "
                     "applied: the log was reset; starting again from its beginning",
@@ -366,35 +410,75 @@ class Projector:
                 self.expected[tp.partition] = position
             consumer.seek(tp, position)
             self._seeks += 1
+        return undecided
 
-    async def _log_matches(self, tp: TopicPartition, row: offsets.OffsetRow) -> bool:
-        """Whether the log still holds, just before the stored offset, the event last applied.
+    async def _logs_match(
+        self, rows: dict[TopicPartition, offsets.OffsetRow]
+    ) -> dict[TopicPartition, bool | None]:
+        """Per partition, whether the log still holds, just before the stored offset, the event
+        last applied (``None``: no answer within ``PROBE_SECONDS``).
 
-        Asked of the record itself rather than of the log's end offset: the embedded broker
-        answers ListOffsets(latest) with the base offset of the last record batch plus one,
-        not with the end of the log.
+        All partitions are read at once by one consumer. Asked of the record itself, or of the
+        high watermark of a fetch (a log that ends before the stored offset was reset), never
+        of ListOffsets: the embedded broker answers ListOffsets(latest) with the base offset of
+        the last record batch plus one, not with the end of the log.
         """
-        if row.next_offset == 0:
-            return True
+        result: dict[TopicPartition, bool | None] = {
+            tp: True for tp, row in rows.items() if row.next_offset == 0
+        }
+        todo = {tp: row for tp, row in rows.items() if row.next_offset > 0}
+        if not todo:
+            return result
+        try:
+            result.update(await self._probe(todo))
+        except ProbeFailed as exc:
+            log.warning("the reset check failed: %s", exc)
+        return {tp: result.get(tp) for tp in rows}
+
+    async def _probe(
+        self, todo: dict[TopicPartition, offsets.OffsetRow]
+    ) -> dict[TopicPartition, bool]:
+        decided: dict[TopicPartition, bool] = {}
         probe = AIOKafkaConsumer(
             bootstrap_servers=self.settings.resolved_kafka_bootstrap(),
             enable_auto_commit=False,
             request_timeout_ms=max(self.settings.kafka_request_timeout_ms, 4_000),
+            fetch_max_wait_ms=100,
         )
-        await probe.start()
+        refuse_auto_creation(probe._client)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PROBE_SECONDS
         try:
-            probe.assign([tp])
-            probe.seek(tp, row.next_offset - 1)
-            fetched = await probe.getmany(tp, timeout_ms=3_000, max_records=1)
-            records = fetched.get(tp, [])
-            if not records or records[0].offset != row.next_offset - 1:
-                return False
-            if row.last_event_id is None:
-                return True
-            event_id = dict(records[0].headers).get("event_id", b"").decode()
-            return bool(event_id == row.last_event_id)
+            await asyncio.wait_for(probe.start(), PROBE_SECONDS)
+            probe.assign(list(todo))
+            for tp, row in todo.items():
+                probe.seek(tp, row.next_offset - 1)
+            while len(decided) < len(todo) and loop.time() < deadline:
+                pending = [tp for tp in todo if tp not in decided]
+                fetched = await probe.getmany(*pending, timeout_ms=100, max_records=len(pending))
+                for tp in pending:
+                    row = todo[tp]
+                    records = fetched.get(tp)
+                    end = probe.highwater(tp)
+                    if records:
+                        decided[tp] = _is_last_applied(records[0], row)
+                    elif end is not None and end < row.next_offset:
+                        decided[tp] = False  # the log ends before the stored offset
+                    if tp in decided:
+                        probe.pause(tp)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # A future of aiokafka's cancelled under the probe (its connection went away):
+            # not a reason for the projector to stop.
+            raise ProbeFailed("aiokafka cancelled the probe") from exc
+        except (KafkaError, OSError, TimeoutError) as exc:
+            raise ProbeFailed(repr(exc)) from exc
         finally:
-            await probe.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.wait_for(probe.stop(), 5))
+        return decided
 
     def _read_offsets(self, partitions: list[int]) -> dict[int, offsets.OffsetRow]:
         with self.engine.begin() as conn:
@@ -448,16 +532,59 @@ class Projector:
                 continue
             self.metrics.lag.labels(str(tp.partition)).set(max(end - position, 0))
             if position > end:
-                self.metrics.log_resets.inc()
-                log.warning("partition %d: position beyond the log end: reset", tp.partition)
-                await self._seek_to_stored([tp])
+                log.warning("partition %d: position beyond the log end: reset?", tp.partition)
+                stalled.append(tp)
             elif position == end and self.expected.get(tp.partition) == position:
                 at_end.append(tp.partition)
         if stalled:
-            await self._seek_to_stored(stalled)
+            try:
+                await self._seek_to_stored(stalled)
+            except Exception:
+                log.exception("seeking partitions failed; will retry from the loop")
+                self._leave_unsought(stalled)
         if at_end:
             positions = {p: self.expected.get(p) for p in at_end}
             await anyio.to_thread.run_sync(self._stamp_caught_up, positions)
+
+    def _connection_lost(self, consumer: AIOKafkaConsumer) -> bool:
+        """Whether a broker connection of the consumer closed since the last call. aiokafka
+        reconnects by itself and says nothing; a restarted broker is a new, empty log. (Uses
+        aiokafka's connection table: it has no public hook for this.)"""
+        lost = any(not conn.connected() for conn in self._connections)
+        self._connections = [
+            conn for conn in getattr(consumer._client, "_conns", {}).values() if conn.connected()
+        ]
+        return lost
+
+    async def _check_topic(self, consumer: AIOKafkaConsumer) -> None:
+        """Once a second while the consumer knows no partition of the topic, or partitions wait
+        for their reset check (a restarted broker that nobody re-created the topic on): create
+        it if missing, with the configured count, and ask for new metadata at once. The
+        projector's consumers never let the broker auto-create it."""
+        now = time.monotonic()
+        known = consumer.partitions_for_topic(self.topic)
+        if (known and not self._unsought) or now - self._last_topic_check < 1.0:
+            return
+        self._last_topic_check = now
+        try:
+            actual = await ensure_topic(
+                self.settings.resolved_kafka_bootstrap(),
+                self.topic,
+                partitions=self.settings.topic_partitions,
+                replication_factor=self.settings.topic_replication_factor,
+                request_timeout_ms=self.settings.kafka_request_timeout_ms,
+            )
+        except BrokerUnavailable as exc:
+            log.warning("topic %s unknown and the broker unreachable: %s", self.topic, exc)
+            return
+        if actual != self.settings.topic_partitions:
+            log.error(
+                "topic %s has %d partitions, %d configured",
+                self.topic,
+                actual,
+                self.settings.topic_partitions,
+            )
+        consumer._client.force_metadata_update()
 
     def _stamp_caught_up(self, positions: dict[int, int | None]) -> None:
         now = utcnow()
@@ -484,6 +611,15 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         await self.projector.on_assigned(assigned)
+
+
+def _is_last_applied(record: ConsumerRecord[bytes, bytes], row: offsets.OffsetRow) -> bool:
+    if record.offset != row.next_offset - 1:
+        return False
+    if row.last_event_id is None:
+        return True
+    event_id = dict(record.headers).get("event_id", b"").decode()
+    return bool(event_id == row.last_event_id)
 
 
 def _record(r: ConsumerRecord[bytes, bytes]) -> Record:
