@@ -25,8 +25,10 @@ from typing import Any
 import aiokafka.client
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.client import ConnectionGroup
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.protocol.metadata import MetadataRequest
+from aiokafka.protocol.produce import ProduceRequest
 
 from kessai.supervisor import start_process
 
@@ -205,9 +207,48 @@ async def ensure_topic(
     return actual
 
 
+class BrokerReconnected(KafkaError):  # type: ignore[misc]
+    """A producer's connection to a broker was lost and would be replaced: the broker may be a
+    restarted, empty one on which the topic does not exist yet. Not retried by aiokafka."""
+
+    retriable = False
+    invalid_metadata = False
+
+
+def refuse_produce_after_reconnect(client: Any) -> None:
+    """Make an aiokafka producer's client fail its sends, rather than resend them, once a
+    connection they went over was lost.
+
+    aiokafka reconnects by itself and sends its pending batches again, with the metadata it
+    cached before: after a broker restart that is to a new, empty cluster, and the embedded
+    broker acknowledges records for a topic it does not know yet and loses them when the topic
+    is created. Failing instead lets the relay check (and create) the topic first, with a new
+    producer. Call it before the producer starts."""
+    send = client.send
+    used: dict[tuple[Any, Any], Any] = {}
+
+    async def send_unless_reconnected(
+        node_id: Any, request: Any, *, group: Any = ConnectionGroup.DEFAULT
+    ) -> Any:
+        if isinstance(request, ProduceRequest):
+            key = (node_id, group)
+            conn = client._conns.get(key)
+            previous = used.get(key)
+            if previous is not None and (conn is not previous or not previous.connected()):
+                raise BrokerReconnected(f"connection to broker {node_id} was lost")
+            result = await send(node_id, request, group=group)
+            used.setdefault(key, client._conns.get(key))
+            return result
+        return await send(node_id, request, group=group)
+
+    client.send = send_unless_reconnected
+
+
 def new_producer(bootstrap: str, *, request_timeout_ms: int = 10_000) -> AIOKafkaProducer:
     """acks=all; no idempotence (the embedded broker cannot do it, and kessai's consumers are
-    idempotent by version instead). It never causes the topic to be auto-created."""
+    idempotent by version instead). It never causes the topic to be auto-created, and it never
+    sends over a new connection to a broker it lost (see ``refuse_produce_after_reconnect``):
+    build a new producer after checking the topic."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         acks="all",
@@ -219,6 +260,7 @@ def new_producer(bootstrap: str, *, request_timeout_ms: int = 10_000) -> AIOKafk
         metadata_max_age_ms=30_000,
     )
     refuse_auto_creation(producer.client)
+    refuse_produce_after_reconnect(producer.client)
     return producer
 
 
