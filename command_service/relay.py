@@ -10,10 +10,12 @@ dedupe by version) but never loses anything.
 
 The topic is checked (and created, with the configured partition count) before the first send
 and again after every failure, before a new producer sends anything: a restarted broker is a
-new, empty cluster. The producer never makes the broker auto-create the topic, and nothing is
-published to a topic whose partition count differs from the configured one (keys would land
-on other partitions than before): the relay logs one error, shows it in
-``kessai_relay_topic_mismatch`` and checks again with backoff.
+new, empty cluster. A producer whose connection was lost fails its sends rather than resending
+them to whatever answers next (``kessai.broker.refuse_produce_after_reconnect``). The producer
+never makes the broker auto-create the topic, and nothing is published to a topic whose
+partition count differs from the configured one (keys would land on other partitions than
+before): the relay logs one error, shows it in ``kessai_relay_topic_mismatch`` and checks
+again with backoff.
 
 Run it with ``kessai relay`` or ``python -m command_service.relay``.
 """
