@@ -209,3 +209,39 @@ async def test_broker_sigkilled_under_load_and_restarted_heals_by_itself(
     assert not split, f"{len(split)} payments have events in several partitions of the new log"
     out_of_order = {p: v for p, v in first_seen.items() if v != sorted(v)}
     assert not out_of_order, f"published out of version order: {out_of_order}"
+
+
+class CountingRelay(Relay):
+    """Counts the relay's checks of the topic's partition count."""
+
+    checks = 0
+
+    def _check_partition_count(self, actual: int) -> None:
+        self.checks += 1
+        super()._check_partition_count(actual)
+
+
+async def test_a_topic_with_another_partition_count_gets_nothing_and_one_error(
+    settings: Settings, write_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A topic that exists with 4 partitions while 8 are configured (what auto-creation leaves
+    behind): the relay publishes nothing to it, logs one error however often it checks again,
+    and its metric shows it."""
+    await ensure_topic(settings.resolved_kafka_bootstrap(), settings.topic, partitions=4)
+    s = settings.model_copy(update={"topic_partitions": PARTITIONS})
+    await asyncio.to_thread(make_traffic, write_engine, payments_count=20, refund_share=0.0)
+    registry = CollectorRegistry()
+    relay = CountingRelay(engine=write_engine, settings=s, registry=registry)
+    caplog.set_level(logging.WARNING, logger="command_service.relay")
+    async with running(relay) as tasks:
+        await pipeline_wait_until(lambda: relay.checks >= 3, tasks=tasks, within=20)
+        assert registry.get_sample_value("kessai_relay_topic_mismatch") == 1
+    errors = [
+        r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("command")
+    ]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert "4 partitions, 8 configured" in errors[0].getMessage()
+    with write_engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(outbox)).scalar_one() == 20
+    ends = await log_ends(s.resolved_kafka_bootstrap(), s.topic, 4)
+    assert sum(ends.values()) == 0
