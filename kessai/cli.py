@@ -615,15 +615,16 @@ def _ports(settings: Settings) -> list[Port]:
                 "KESSAI_EMBEDDED_BROKER_PORT",
             )
         )
-    if settings.projector_metrics_port:
-        ports.append(
-            Port(
-                "127.0.0.1",
-                settings.projector_metrics_port,
-                "projector metrics",
-                "KESSAI_PROJECTOR_METRICS_PORT",
-            )
-        )
+    metrics = [
+        (settings.projector_metrics_port, "projector metrics", "KESSAI_PROJECTOR_METRICS_PORT"),
+        (settings.relay_metrics_port, "relay metrics", "KESSAI_RELAY_METRICS_PORT"),
+        (
+            settings.reconciler_metrics_port,
+            "reconciler metrics",
+            "KESSAI_RECONCILER_METRICS_PORT",
+        ),
+    ]
+    ports.extend(Port("127.0.0.1", port, name, env) for port, name, env in metrics if port)
     return ports
 
 
