@@ -628,6 +628,16 @@ def _ports(settings: Settings) -> list[Port]:
     return ports
 
 
+def _reconciler_schedule(settings: Settings) -> str:
+    audit = settings.reconcile_full_audit_every
+    full = (
+        "no scheduled full audit"
+        if not settings.full_audit_every_seconds()
+        else (f"a full audit every {audit}")
+    )
+    return f"every {RECONCILE_EVERY}, {full} (kessai reconcile --history)"
+
+
 def _warnings(settings: Settings) -> list[str]:
     """What a user of ``kessai up`` must see on the screen, not only in a component's log."""
     warnings: list[str] = []
@@ -715,7 +725,7 @@ class _System:
             ("relay", f"outbox -> {bootstrap} topic {settings.topic}"),
             ("projector", f"{settings.topic} -> read database"),
             ("query API", f"{query_url}  (docs: {query_url}/docs)"),
-            ("reconciler", f"every {RECONCILE_EVERY} (kessai reconcile --history)"),
+            ("reconciler", _reconciler_schedule(settings)),
             ("logs", str(home)),
         ]
         table = Table(title="kessai is up", show_header=False)
