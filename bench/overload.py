@@ -1,7 +1,7 @@
 """The command API driven at ten times what it can serve: shed, or queued until clients time out.
 
 ``python -m bench.overload [--factor 10] [--seconds 10] [--connections 512] [--workers 2]
-[--timeout 10] [--db-url mysql+pymysql://root@127.0.0.1:3306 | --db-url sqlite]
+[--timeout 10] [--pin 0:1] [--db-url mysql+pymysql://root@127.0.0.1:3306 | --db-url sqlite]
 [--json out.json]``
 
 1. Creates fresh databases and a ``payments:write`` key as ``bench/writes.py`` does.
@@ -26,8 +26,12 @@
    count against the 201s received); the ratios of the two, against the targets (admitted p99
    < 100 ms, no time-out, every refusal with Retry-After). Drops the databases.
 
-Client and server share the machine's cores: at ten times the capacity the client itself may
-not keep up; its CPU and the rate it actually sent are reported so that shows.
+Unpinned, client and server share the machine's cores: the client takes CPU from the server,
+and at ten times the capacity it may not keep up itself; its CPU and the rate it actually sent
+are reported so that shows. ``--pin SERVER:CLIENT`` (``taskset -c`` CPU lists, e.g. ``0:1``
+with ``--workers 1`` on two cores) runs the server on the first CPUs and this process, the
+client, on the others, so neither takes the other's CPU (the database server stays where it
+is).
 """
 
 from __future__ import annotations
@@ -197,11 +201,19 @@ def main(
         typer.Option(help="Server URL (no database), or 'sqlite' for the embedded default."),
     ] = DEFAULT_DB_URL,
     seed: Annotated[int, typer.Option(help="Seed of the request mix.")] = 1,
+    pin: Annotated[
+        str | None,
+        typer.Option(
+            help="SERVER:CLIENT CPU lists (taskset -c syntax), e.g. 0:1: the server on the "
+            "first, this process (the client) on the second, so neither takes the other's CPU."
+        ),
+    ] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the figures here as JSON.")
     ] = None,
 ) -> None:
     """Drive the command API at a multiple of its capacity, with shedding and without."""
+    server_cpus, client_cpus = pinning(pin)  # a wrong --pin is refused before anything is made
     signal.signal(signal.SIGTERM, _interrupt)
     name = f"kessai_bench_{uuid.uuid4().hex[:10]}"
     write_db, keys_db, read_db = f"{name}_w", f"{name}_k", f"{name}_r"
@@ -220,12 +232,16 @@ def main(
             "timeout_seconds": timeout,
             "workers": workers,
             "seed": seed,
+            "pin": pin,
         },
         "targets": TARGETS,
         "directory": str(home),
     }
     created: list[str] = []
+    affinity = os.sched_getaffinity(0)
     try:
+        if client_cpus is not None:
+            os.sched_setaffinity(0, client_cpus)
         for db in (write_db, keys_db, read_db):
             stores.create(db)
             created.append(db)
@@ -257,6 +273,8 @@ def main(
                 port = free_port()
                 argv = [sys.executable, "-m", "kessai.cli", "command-api", "--host", "127.0.0.1"]
                 argv += ["--port", str(port), "--workers", str(workers)]
+                if server_cpus is not None:
+                    argv = ["taskset", "-c", server_cpus, *argv]
                 with served(argv, server_env, port, home / f"{label}.log") as api:
                     if warmup > 0:
                         progress.update(task, description=f"{label}: warming up")
@@ -313,10 +331,28 @@ def main(
             json_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
             console.print(f"figures written to {json_path}")
     finally:
+        os.sched_setaffinity(0, affinity)
         for db in created:
             with contextlib.suppress(Exception):
                 stores.drop(db)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def pinning(pin: str | None) -> tuple[str | None, set[int] | None]:
+    """``--pin SERVER:CLIENT``: the server's CPU list as taskset takes it, the client's CPUs."""
+    if pin is None:
+        return None, None
+    server, sep, client = pin.partition(":")
+    if not sep or not server or not client:
+        raise typer.BadParameter("give SERVER:CLIENT CPU lists, e.g. 0:1", param_hint="--pin")
+    cpus: set[int] = set()
+    try:
+        for part in client.split(","):
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise typer.BadParameter(f"not a CPU list: {client}", param_hint="--pin") from None
+    return server, cpus
 
 
 def settled(count: Callable[[], int], within: float = 30.0) -> int:
@@ -348,7 +384,13 @@ def show(report: dict[str, Any]) -> None:
         f"capacity: {st['capacity_connections']} connections closed loop, "
         f"{st['capacity_seconds']:g} s; then {st['factor']:g}x that open loop over "
         f"{st['connections']} connections for {st['seconds']:g} s; client time-out "
-        f"{st['timeout_seconds']:g} s; {st['workers']} uvicorn workers",
+        f"{st['timeout_seconds']:g} s; {st['workers']} uvicorn workers"
+        + (
+            f"; server pinned to CPU {st['pin'].partition(':')[0]}, "
+            f"client to CPU {st['pin'].partition(':')[2]}"
+            if st.get("pin")
+            else "; client and server unpinned (they share the cores)"
+        ),
     )
     console.print(about)
     cap = report["capacity"]

@@ -3,15 +3,21 @@ with shedding and without, and the figures the suite reports."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import orjson
+import pytest
+import typer
 
 from bench import overload as bench
 
 
 def test_the_overload_bench_measures_shedding_against_a_baseline(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
+    cpus = sorted(os.sched_getaffinity(0))
+    # Server and client pinned apart where there are two CPUs: the fair measurement's path.
+    pin = f"{cpus[0]}:{cpus[1]}" if len(cpus) >= 2 else None
     bench.main(
         factor=3,
         seconds=1.5,
@@ -23,8 +29,10 @@ def test_the_overload_bench_measures_shedding_against_a_baseline(tmp_path: Path)
         workers=1,
         db_url="sqlite",
         seed=1,
+        pin=pin,
         json_path=out,
     )
+    assert sorted(os.sched_getaffinity(0)) == cpus  # the client's pinning is undone
     report = orjson.loads(out.read_bytes())
     assert report["capacity"]["ok_per_second"] > 0
     for label in ("shedding", "baseline"):
@@ -35,4 +43,14 @@ def test_the_overload_bench_measures_shedding_against_a_baseline(tmp_path: Path)
         assert figures["admitted_latency_ms"]["p99"] >= figures["admitted_latency_ms"]["p50"]
         assert figures["payments_committed_unseen"] >= 0
     assert report["ratios"]["admitted_p99"] is not None
+    assert report["settings"]["pin"] == pin
     assert not Path(report["directory"]).exists()  # SQLite files and logs removed
+
+
+def test_pin_takes_a_server_and_a_client_cpu_list() -> None:
+    assert bench.pinning(None) == (None, None)
+    assert bench.pinning("0:1") == ("0", {1})
+    assert bench.pinning("0-1:2,4-5") == ("0-1", {2, 4, 5})
+    for wrong in ("0", "0:", ":1", "0:x"):
+        with pytest.raises(typer.BadParameter):
+            bench.pinning(wrong)
