@@ -29,6 +29,17 @@ def pytest_report_header(config: pytest.Config) -> str:
     return f"kessai test backend: {backends.selected_backend()}"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """schemathesis makes one item per API operation (``test[POST /v1/payments]``), but under
+    pytest 9.2 their node ids all read ``test``, without the operation; pytest-xdist keys items
+    by node id, so ``make test`` ran one operation per schema test and silently dropped the
+    others (683 collected, 671 run). Each item gets its operation back in its id."""
+    for item in items:
+        label = getattr(item, "operation_label", None)  # schemathesis's items only
+        if isinstance(label, str) and item.id.params is None:
+            item._id = item.id.with_params(label)  # no public setter for a node id
+
+
 @pytest.fixture(scope="session")
 def mysql_server() -> Iterator[str]:
     url, stop = backends.start_mysql()
