@@ -171,9 +171,10 @@ async def ensure_topic(
 ) -> int:
     """Create ``topic`` with ``partitions`` if it does not exist; return its partition count.
 
-    A count different from the configured one is logged, not "fixed": partitions cannot be
-    removed, and events of one payment stay ordered by version anyway (the projector parks
-    anything that arrives ahead of its predecessor).
+    A count different from the configured one is logged and returned, not "fixed": partitions
+    cannot be removed. What to do about it is the caller's: the relay refuses to publish to such
+    a topic (keys would land on other partitions than before, out of order), see
+    ``command_service.relay``.
     """
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=request_timeout_ms)
     try:

@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy.engine import Engine
 
 from kessai.broker import BrokerUnavailable
-from kessai.clock import parse_interval, utcnow
+from kessai.clock import utcnow
 from kessai.ids import timestamp_ms
 from kessai.schema import read, write
 from kessai.settings import Settings
@@ -47,7 +47,7 @@ from reconciler.republish import republisher
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Reconciler", "ReconcilerMetrics", "RunResult", "parse_interval"]
+__all__ = ["Reconciler", "ReconcilerMetrics", "RunResult"]
 
 EXIT_CONSISTENT, EXIT_DRIFT, EXIT_FAILED = 0, 1, 2
 PAYMENT_KINDS = {"missing", "mismatch", "parked", "dead_letter"}

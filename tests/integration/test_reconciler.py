@@ -24,7 +24,7 @@ from command_service.schemas import CreatePayment, CreateRefund
 from kessai.auth import ADMIN
 from kessai.broker import free_port
 from kessai.cli import app
-from kessai.clock import utcnow
+from kessai.clock import parse_interval, utcnow
 from kessai.ids import new_id
 from kessai.schema.read import (
     merchant_daily_totals,
@@ -41,7 +41,7 @@ from kessai.settings import Settings
 from projector.service import Projector
 from query_service.app import create_app as create_query_app
 from reconciler import records
-from reconciler.service import Reconciler, RunResult, parse_interval
+from reconciler.service import Reconciler, RunResult
 from tests.helpers import api_key, bearer
 from tests.integration.read_model import captured, refunded
 from tests.integration.read_model import project as apply_directly
