@@ -57,12 +57,10 @@ from rich.table import Table
 
 from bench.reconciler import DEFAULT_DB_URL, machine_table
 from bench.stores import Stores, temporary_home
-from bench.writes import _interrupt, console, scalar_of, served, served_env
+from bench.writes import _interrupt, console, prepare_stores, scalar_of, served, served_env
 from kessai import loadgen
-from kessai.auth import PAYMENTS_WRITE, create_key
+from kessai.auth import PAYMENTS_WRITE
 from kessai.broker import free_port
-from kessai.db import create_db_engine
-from kessai.migrate import upgrade
 
 TARGETS = {"admitted_p99_ms": 100.0, "client_timeouts": 0, "refusals_with_retry_after": 1.0}
 UNBOUNDED = "10000"
@@ -242,17 +240,9 @@ def main(
     try:
         if client_cpus is not None:
             os.sched_setaffinity(0, client_cpus)
-        for db in (write_db, keys_db, read_db):
-            stores.create(db)
-            created.append(db)
-        upgrade("write", write_url)
-        upgrade("keys", keys_url)
-        upgrade("read", read_url)
-        engine = create_db_engine(keys_url, pool_size=1)
-        try:
-            key = create_key(engine, [PAYMENTS_WRITE], "bench.overload")[1]
-        finally:
-            engine.dispose()
+        (key,) = prepare_stores(
+            stores, (write_db, keys_db, read_db), created, "bench.overload", PAYMENTS_WRITE
+        )
         env = served_env(home, write_url, keys_url, read_url)
         shedding = {k: v for k, v in os.environ.items() if k.startswith("KESSAI_OVERLOAD_")}
         env.update(shedding)  # the settings under test, defaults otherwise

@@ -38,11 +38,9 @@ from rich.table import Table
 
 from bench.reconciler import DEFAULT_DB_URL, machine_table
 from bench.stores import Stores, temporary_home
-from bench.writes import _interrupt, console, drive, served, served_env
-from kessai.auth import PAYMENTS_WRITE, create_key
+from bench.writes import _interrupt, console, drive, prepare_stores, served, served_env
+from kessai.auth import PAYMENTS_WRITE
 from kessai.broker import free_port
-from kessai.db import create_db_engine
-from kessai.migrate import upgrade
 
 SERVERS = ("uvicorn", "granian")
 APPS = {"kessai": "command_service.app:create_served_app", "bare": "bench.bare_app:create_app"}
@@ -119,17 +117,9 @@ def main(
     }
     created: list[str] = []
     try:
-        for db in (write_db, keys_db, read_db):
-            stores.create(db)
-            created.append(db)
-        upgrade("write", write_url)
-        upgrade("keys", keys_url)
-        upgrade("read", read_url)
-        engine = create_db_engine(keys_url, pool_size=1)
-        try:
-            key = create_key(engine, [PAYMENTS_WRITE], "bench.servers")[1]
-        finally:
-            engine.dispose()
+        (key,) = prepare_stores(
+            stores, (write_db, keys_db, read_db), created, "bench.servers", PAYMENTS_WRITE
+        )
         env = served_env(home, write_url, keys_url, read_url)
         with Progress(
             TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True

@@ -172,6 +172,26 @@ def served(argv: list[str], env: dict[str, str], port: int, log: Path) -> Iterat
         server.stop()
 
 
+def prepare_stores(
+    stores: Stores, names: tuple[str, str, str], created: list[str], label: str, *scopes: str
+) -> list[str]:
+    """Create and migrate the bench's write store, key store and read database (``names``, in
+    that order; each joins ``created`` as soon as it exists, so the caller's cleanup drops it
+    whatever fails next), then one API key per scope, named ``label``: the keys, in order."""
+    write_db, keys_db, read_db = names
+    for db in names:
+        stores.create(db)
+        created.append(db)
+    upgrade("write", stores.url(write_db))
+    upgrade("keys", stores.url(keys_db))
+    upgrade("read", stores.url(read_db))
+    engine = create_db_engine(stores.url(keys_db), pool_size=1)
+    try:
+        return [create_key(engine, [scope], label)[1] for scope in scopes]
+    finally:
+        engine.dispose()
+
+
 def served_env(home: Path, write_url: str, keys_url: str, read_url: str) -> dict[str, str]:
     """The environment of the served APIs: this process's, without its KESSAI_* settings but
     the group-commit ones, over the bench's databases, rate limits out of the way."""
@@ -458,18 +478,14 @@ def main(
     mysqld = stores.server_pid()
     created: list[str] = []
     try:
-        for db in (write_db, keys_db, read_db):
-            stores.create(db)
-            created.append(db)
-        upgrade("write", write_url)
-        upgrade("keys", keys_url)
-        upgrade("read", read_url)
-        engine = create_db_engine(keys_url, pool_size=1)
-        try:
-            key = create_key(engine, [PAYMENTS_WRITE], "bench.writes")[1]
-            read_key = create_key(engine, [merchant_scope(PROBE_MERCHANT)], "bench.writes")[1]
-        finally:
-            engine.dispose()
+        key, read_key = prepare_stores(
+            stores,
+            (write_db, keys_db, read_db),
+            created,
+            "bench.writes",
+            PAYMENTS_WRITE,
+            merchant_scope(PROBE_MERCHANT),
+        )
         env = served_env(home, write_url, keys_url, read_url)
         report["settings"]["group_commit"] = env.get("KESSAI_GROUP_COMMIT", "true (default)")
         with Progress(
