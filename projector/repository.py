@@ -95,6 +95,13 @@ TOTALS = ("payments_count", "payments_amount", "refunds_count", "refunds_amount"
 
 def write_changes(conn: sa.Connection, changes: Changes, snapshot: Snapshot, now: datetime) -> None:
     """Write a batch's changes, every multi-row statement sorted by primary key."""
+    _write_payments(conn, changes)
+    _write_totals(conn, changes)
+    _write_parked(conn, changes, snapshot, now)
+    _write_dead_letters(conn, changes, now)
+
+
+def _write_payments(conn: sa.Connection, changes: Changes) -> None:
     upsert_rows(
         conn,
         payments,
@@ -112,6 +119,10 @@ def write_changes(conn: sa.Connection, changes: Changes, snapshot: Snapshot, now
             for r in sorted(changes.refunds, key=lambda r: (r.payment_id, r.version))
         ],
     )  # fmt: skip
+
+
+def _write_totals(conn: sa.Connection, changes: Changes) -> None:
+    """The merchant's day and hour totals, added to in the batch's transaction."""
     upsert_rows(
         conn,
         merchant_daily_totals,
@@ -126,6 +137,9 @@ def write_changes(conn: sa.Connection, changes: Changes, snapshot: Snapshot, now
         [(*key, *_delta(delta)) for key, delta in sorted(changes.hourly.items())],
         add=TOTALS,
     )
+
+
+def _write_parked(conn: sa.Connection, changes: Changes, snapshot: Snapshot, now: datetime) -> None:
     new_parked = [p for key, p in sorted(changes.parked.items()) if key not in snapshot.parked]
     if new_parked:
         conn.execute(
@@ -150,6 +164,9 @@ def write_changes(conn: sa.Connection, changes: Changes, snapshot: Snapshot, now
                 parked_events.c.payment_id == pid, parked_events.c.version == version
             )
         )
+
+
+def _write_dead_letters(conn: sa.Connection, changes: Changes, now: datetime) -> None:
     if changes.dead_letters:
         conn.execute(
             dead_letters.insert(),

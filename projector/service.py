@@ -9,15 +9,15 @@ hold the positions this consumer started from. A consumer that lost a partition 
 and still holds a batch for it finds the row moved on and rolls back: it cannot apply or commit
 stale work.
 
-Log resets: the embedded broker forgets everything on restart and never answers
-OffsetOutOfRange, so a stored offset may point past the end of a new, shorter log, or into a
-new log that already grew past it. On assignment, and whenever the consumer's connection to the
-broker was lost (nothing fetched after that is applied first), the projector checks, for all
-its partitions at once, that the record just before each stored offset is the event it last
-applied (by event id); if not, or if the stored offset is beyond the log's end, the log was
-reset and it starts that partition from the beginning (re-applied events are duplicates and
-change nothing). Its consumers never make the broker auto-create the topic; if the topic is
-missing (a restarted broker nobody re-created it on), the projector creates it.
+Log resets (``projector.reset_check``): on assignment, and whenever the consumer's connection to
+the broker was lost (nothing fetched after that is applied first), the stored offsets are
+checked against the log, and a reset log is read again from its beginning. Between batches, a
+watchdog (``projector.watchdog``) finds partitions that stopped moving. The projector's
+consumers never make the broker auto-create the topic; if the topic is missing (a restarted
+broker nobody re-created it on), the projector creates it.
+
+Transactions: one per batch (``_apply_in_transaction``); the short ones on offset rows outside
+batches are in ``projector.stored_offsets``.
 
 Run it with ``kessai projector`` or ``python -m projector``.
 """
@@ -30,7 +30,6 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -40,76 +39,23 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 
 from kessai import offsets
 from kessai.broker import BrokerUnavailable, ensure_topic, refuse_auto_creation
 from kessai.clock import utcnow
 from kessai.settings import Settings
-from projector import repository
+from projector import repository, reset_check, stored_offsets
 from projector.apply import DecodedBatch, Record, apply_batch, decode_batch
+from projector.metrics import BatchResult, ProjectorMetrics
+from projector.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
-
-IDLE_CHECK_SECONDS = 1.0
-STALL_SECONDS = 15.0
-"""A partition whose position has not moved for this long while the log holds records past
-it (or that never got a fetch answer) is sought again."""
-PROBE_SECONDS = 3.0
-"""How long the reset check waits for the records before the stored offsets (all partitions at
-once); a partition it gets no answer for is checked again a second later."""
-BUSY_STALL_SECONDS = 60.0
-"""The same while batches of other partitions are being applied: a consumer behind its log
-serves partitions by turns (aiokafka drains one prefetched partition buffer after another), so
-a partition may wait its turn for more than ``STALL_SECONDS`` (seen at 100,000 preloaded
-events); seeking it would throw its buffer away and send it to the back of the queue."""
 
 
 class StaleAssignment(RuntimeError):
     """The stored offsets moved on under this consumer: another one owns the partition now."""
-
-
-class ProbeFailed(RuntimeError):
-    """The reset check could not read the log (the broker is away, or aiokafka gave up)."""
-
-
-@dataclass(frozen=True, slots=True)
-class BatchResult:
-    applied: int
-    duplicates: int
-    parked: int
-    dead_letters: int
-
-
-class ProjectorMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.applied = Counter(
-            "kessai_projector_events_applied_total", "Events applied.", registry=registry
-        )
-        self.duplicates = Counter(
-            "kessai_projector_duplicates_total", "Events skipped as duplicates.", registry=registry
-        )
-        self.parked = Counter(
-            "kessai_projector_parked_total", "Events parked behind a gap.", registry=registry
-        )
-        self.dead_letters = Counter(
-            "kessai_projector_dead_letters_total", "Records dead-lettered.", registry=registry
-        )
-        self.log_resets = Counter(
-            "kessai_projector_log_resets_total",
-            "Partitions whose log was found reset (started again from the beginning).",
-            registry=registry,
-        )
-        self.lag = Gauge(
-            "kessai_projector_lag_records",
-            "Records between the projector's position and the end of the partition.",
-            ["partition"],
-            registry=registry,
-        )
-        self.batch_seconds = Histogram(
-            "kessai_projector_batch_seconds", "Time to apply one batch.", registry=registry
-        )
 
 
 class Projector:
@@ -124,16 +70,14 @@ class Projector:
         self.settings = settings
         self.topic = settings.topic
         self.metrics = ProjectorMetrics(registry or CollectorRegistry())
+        self.watchdog = Watchdog(self.metrics.lag)
         # Per assigned partition: the stored next_offset this consumer expects to find
         # (None: no row yet). Only the event loop touches it.
         self.expected: dict[int, int | None] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._zones: dict[str, ZoneInfo] = {}
-        self._last_idle_check = 0.0
         self._last_applied = -math.inf  # monotonic time of the last batch that applied events
         self._seek_lock = asyncio.Lock()
-        # Per partition: the position last seen by the idle check and since when.
-        self._progress: dict[int, tuple[int | None, float]] = {}
         # Assigned partitions to seek to their stored offsets before anything else is applied
         # (a seek failed in the rebalance listener, or a batch of theirs was refused).
         self._unsought: set[TopicPartition] = set()
@@ -248,13 +192,9 @@ class Projector:
             self._unsought.update(TopicPartition(self.topic, p) for p in partitions)
             await asyncio.sleep(0.5)
             return
-        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        self.metrics.count(result, time.perf_counter() - started)
         if result.applied:
             self._last_applied = time.monotonic()
-        self.metrics.applied.inc(result.applied)
-        self.metrics.duplicates.inc(result.duplicates)
-        self.metrics.parked.inc(result.parked)
-        self.metrics.dead_letters.inc(result.dead_letters)
         kafka_offsets = {}
         for p in partitions:
             next_offset = _last_offset(records, p) + 1
@@ -274,7 +214,8 @@ class Projector:
     def _apply_in_transaction(
         self, batch: DecodedBatch, expected: dict[int, int | None], caught_up: set[int]
     ) -> BatchResult:
-        records = batch.records
+        """The batch's one read-DB transaction: it begins and commits here, and nowhere else
+        are a batch's effects written. Fenced by the offset rows (``StaleAssignment``)."""
         now = utcnow()
         with self.engine.begin() as conn:
             stored = offsets.lock_offsets(conn, self.topic, expected)
@@ -285,21 +226,7 @@ class Projector:
             snapshot = repository.load_snapshot(conn, batch.payment_ids)
             changes = apply_batch(batch, snapshot, lambda m: self._zone(conn, m))
             repository.write_changes(conn, changes, snapshot, now)
-            new_offsets = {}
-            for p in expected:
-                last = max((r for r in records if r.partition == p), key=lambda r: r.offset)
-                previous = stored.get(p)
-                last_event_at = changes.last_event_at.get(p)
-                if previous is not None and previous.last_event_at is not None:
-                    last_event_at = max(filter(None, (last_event_at, previous.last_event_at)))
-                new_offsets[p] = offsets.OffsetRow(
-                    next_offset=last.offset + 1,
-                    last_event_id=dict(last.headers).get("event_id", b"").decode() or None,
-                    last_event_at=last_event_at,
-                    caught_up_at=now
-                    if p in caught_up
-                    else (previous.caught_up_at if previous is not None else None),
-                )
+            new_offsets = stored_offsets.offsets_after(batch, stored, changes, caught_up, now)
             offsets.save_offsets(conn, self.topic, new_offsets, now)
         return BatchResult(
             applied=changes.applied,
@@ -348,7 +275,7 @@ class Projector:
     def on_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         log.info("revoked partitions %s", sorted(tp.partition for tp in revoked))
         for tp in revoked:
-            self._progress.pop(tp.partition, None)
+            self.watchdog.forget(tp.partition)
             self.expected.pop(tp.partition, None)
 
     async def _retry_unsought(self, consumer: AIOKafkaConsumer) -> None:
@@ -378,10 +305,12 @@ class Projector:
         returns the partitions the reset check could not decide (left where they are)."""
         consumer = self._consumer
         assert consumer is not None
-        stored = await anyio.to_thread.run_sync(self._read_offsets, [tp.partition for tp in tps])
+        stored = await anyio.to_thread.run_sync(
+            stored_offsets.read, self.engine, self.topic, [tp.partition for tp in tps]
+        )
         begins = await consumer.beginning_offsets(list(tps))
-        matches = await self._logs_match(
-            {tp: stored[tp.partition] for tp in tps if tp.partition in stored}
+        matches = await reset_check.logs_match(
+            self.settings, {tp: stored[tp.partition] for tp in tps if tp.partition in stored}
         )
         undecided = []
         for tp in tps:
@@ -402,7 +331,7 @@ class Projector:
                 )
                 self.metrics.log_resets.inc()
                 position = await anyio.to_thread.run_sync(
-                    self._rewind, tp.partition, row, begins[tp]
+                    stored_offsets.rewind, self.engine, self.topic, tp.partition, row, begins[tp]
                 )
                 self.expected[tp.partition] = position
             else:
@@ -412,139 +341,25 @@ class Projector:
             self._seeks += 1
         return undecided
 
-    async def _logs_match(
-        self, rows: dict[TopicPartition, offsets.OffsetRow]
-    ) -> dict[TopicPartition, bool | None]:
-        """Per partition, whether the log still holds, just before the stored offset, the event
-        last applied (``None``: no answer within ``PROBE_SECONDS``).
-
-        All partitions are read at once by one consumer. Asked of the record itself, or of the
-        high watermark of a fetch (a log that ends before the stored offset was reset), never
-        of ListOffsets: the embedded broker answers ListOffsets(latest) with the base offset of
-        the last record batch plus one, not with the end of the log.
-        """
-        result: dict[TopicPartition, bool | None] = {
-            tp: True for tp, row in rows.items() if row.next_offset == 0
-        }
-        todo = {tp: row for tp, row in rows.items() if row.next_offset > 0}
-        if not todo:
-            return result
-        try:
-            result.update(await self._probe(todo))
-        except ProbeFailed as exc:
-            log.warning("the reset check failed: %s", exc)
-        return {tp: result.get(tp) for tp in rows}
-
-    async def _probe(
-        self, todo: dict[TopicPartition, offsets.OffsetRow]
-    ) -> dict[TopicPartition, bool]:
-        decided: dict[TopicPartition, bool] = {}
-        probe = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.resolved_kafka_bootstrap(),
-            enable_auto_commit=False,
-            request_timeout_ms=max(self.settings.kafka_request_timeout_ms, 4_000),
-            fetch_max_wait_ms=100,
-        )
-        refuse_auto_creation(probe._client)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + PROBE_SECONDS
-        try:
-            await asyncio.wait_for(probe.start(), PROBE_SECONDS)
-            probe.assign(list(todo))
-            for tp, row in todo.items():
-                probe.seek(tp, row.next_offset - 1)
-            while len(decided) < len(todo) and loop.time() < deadline:
-                pending = [tp for tp in todo if tp not in decided]
-                fetched = await probe.getmany(*pending, timeout_ms=100, max_records=len(pending))
-                for tp in pending:
-                    row = todo[tp]
-                    records = fetched.get(tp)
-                    end = probe.highwater(tp)
-                    if records:
-                        decided[tp] = _is_last_applied(records[0], row)
-                    elif end is not None and end < row.next_offset:
-                        decided[tp] = False  # the log ends before the stored offset
-                    if tp in decided:
-                        probe.pause(tp)
-        except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            # A future of aiokafka's cancelled under the probe (its connection went away):
-            # not a reason for the projector to stop.
-            raise ProbeFailed("aiokafka cancelled the probe") from exc
-        except (KafkaError, OSError, TimeoutError) as exc:
-            raise ProbeFailed(repr(exc)) from exc
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(asyncio.wait_for(probe.stop(), 5))
-        return decided
-
-    def _read_offsets(self, partitions: list[int]) -> dict[int, offsets.OffsetRow]:
-        with self.engine.begin() as conn:
-            return offsets.lock_offsets(conn, self.topic, partitions)
-
-    def _rewind(self, partition: int, row: offsets.OffsetRow, position: int) -> int:
-        """Store ``position`` for a reset partition; returns the stored position, which is
-        another consumer's if it moved the row first (its batches verified their own)."""
-        with self.engine.begin() as conn:
-            current = offsets.lock_offsets(conn, self.topic, [partition]).get(partition)
-            if current is None or current.next_offset != row.next_offset:
-                return current.next_offset if current is not None else position
-            offsets.save_offsets(
-                conn,
-                self.topic,
-                {partition: offsets.OffsetRow(position, None, row.last_event_at, row.caught_up_at)},
-                utcnow(),
-            )
-        return position
-
     async def _idle_checks(self) -> None:
-        """Once a second: lag metrics, log resets while assigned, and the caught-up stamp."""
+        """Once a second: lag metrics, stalled or reset partitions, and the caught-up stamp."""
         consumer = self._consumer
-        now = time.monotonic()
-        if consumer is None or now - self._last_idle_check < IDLE_CHECK_SECONDS:
+        if consumer is None:
             return
-        self._last_idle_check = now
-        tps = [tp for tp in consumer.assignment() if tp.partition in self.expected]
-        busy = now - self._last_applied < STALL_SECONDS
-        at_end = []
-        stalled = []
-        for tp in tps:
-            # The high watermark of the last fetch response; not end_offsets() (see above).
-            end = consumer.highwater(tp)
-            position = None if end is None else await consumer.position(tp)
-            seen, since = self._progress.setdefault(tp.partition, (position, now))
-            if seen != position or (end is not None and position == end):
-                self._progress[tp.partition] = (position, now)
-            elif now - since > (BUSY_STALL_SECONDS if busy else STALL_SECONDS):
-                log.warning(
-                    "partition %d: no progress for %.0f s at position %s (log end %s); "
-                    "seeking it again",
-                    tp.partition,
-                    now - since,
-                    position,
-                    end,
-                )
-                self._progress[tp.partition] = (position, now)
-                stalled.append(tp)
-            if end is None or position is None:
-                continue
-            self.metrics.lag.labels(str(tp.partition)).set(max(end - position, 0))
-            if position > end:
-                log.warning("partition %d: position beyond the log end: reset?", tp.partition)
-                stalled.append(tp)
-            elif position == end and self.expected.get(tp.partition) == position:
-                at_end.append(tp.partition)
-        if stalled:
+        findings = await self.watchdog.look(consumer, self.expected, self._last_applied)
+        if findings is None:
+            return
+        if findings.stalled:
             try:
-                await self._seek_to_stored(stalled)
+                await self._seek_to_stored(findings.stalled)
             except Exception:
                 log.exception("seeking partitions failed; will retry from the loop")
-                self._leave_unsought(stalled)
-        if at_end:
-            positions = {p: self.expected.get(p) for p in at_end}
-            await anyio.to_thread.run_sync(self._stamp_caught_up, positions)
+                self._leave_unsought(findings.stalled)
+        if findings.at_end:
+            positions = {p: self.expected.get(p) for p in findings.at_end}
+            await anyio.to_thread.run_sync(
+                stored_offsets.stamp_caught_up, self.engine, self.topic, positions
+            )
 
     def _connection_lost(self, consumer: AIOKafkaConsumer) -> bool:
         """Whether a broker connection of the consumer closed since the last call. aiokafka
@@ -586,21 +401,6 @@ class Projector:
             )
         consumer._client.force_metadata_update()
 
-    def _stamp_caught_up(self, positions: dict[int, int | None]) -> None:
-        now = utcnow()
-        with self.engine.begin() as conn:
-            stored = offsets.lock_offsets(conn, self.topic, positions)
-            fresh = {}
-            for p, position in positions.items():
-                row = stored.get(p)
-                if position is None and row is None:
-                    fresh[p] = offsets.OffsetRow(0, None, None, now)
-                elif row is not None and row.next_offset == position:
-                    fresh[p] = offsets.OffsetRow(
-                        row.next_offset, row.last_event_id, row.last_event_at, now
-                    )
-            offsets.save_offsets(conn, self.topic, fresh, now)
-
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, projector: Projector) -> None:
@@ -611,15 +411,6 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         await self.projector.on_assigned(assigned)
-
-
-def _is_last_applied(record: ConsumerRecord[bytes, bytes], row: offsets.OffsetRow) -> bool:
-    if record.offset != row.next_offset - 1:
-        return False
-    if row.last_event_id is None:
-        return True
-    event_id = dict(record.headers).get("event_id", b"").decode()
-    return bool(event_id == row.last_event_id)
 
 
 def _record(r: ConsumerRecord[bytes, bytes]) -> Record:

@@ -1,4 +1,4 @@
-"""The projector's reset check (``Projector._logs_match``) with a stand-in probe consumer.
+"""The projector's reset check (``reset_check.logs_match``) with a stand-in probe consumer.
 
 All partitions are decided by one probe; a high watermark below the stored offset is a reset at
 once; a partition with no answer stays undecided; a CancelledError raised inside aiokafka (not a
@@ -14,13 +14,11 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import pytest
-import sqlalchemy as sa
 from aiokafka import TopicPartition
 
 from kessai import offsets
 from kessai.settings import Settings
-from projector import service
-from projector.service import Projector
+from projector import reset_check
 
 
 class Record:
@@ -81,12 +79,12 @@ class Probe:
 
 
 @pytest.fixture
-def projector(monkeypatch: pytest.MonkeyPatch) -> Projector:
+def settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
     Probe.log, Probe.fail_with, Probe.instances = {}, None, []
-    monkeypatch.setattr(service, "AIOKafkaConsumer", Probe)
-    monkeypatch.setattr(service, "refuse_auto_creation", lambda client: None)
-    monkeypatch.setattr(service, "PROBE_SECONDS", 0.3)
-    return Projector(engine=sa.create_engine("sqlite://"), settings=Settings(topic="payments"))
+    monkeypatch.setattr(reset_check, "AIOKafkaConsumer", Probe)
+    monkeypatch.setattr(reset_check, "refuse_auto_creation", lambda client: None)
+    monkeypatch.setattr(reset_check, "PROBE_SECONDS", 0.3)
+    return Settings(topic="payments")
 
 
 def rows(**stored: tuple[int, str]) -> dict[TopicPartition, offsets.OffsetRow]:
@@ -96,15 +94,15 @@ def rows(**stored: tuple[int, str]) -> dict[TopicPartition, offsets.OffsetRow]:
     }
 
 
-async def test_all_partitions_are_decided_by_one_probe(projector: Projector) -> None:
+async def test_all_partitions_are_decided_by_one_probe(settings: Settings) -> None:
     Probe.log = {
         0: (10, {4: "e4"}),  # the record before offset 5 is the one applied: unchanged
         1: (30, {6: "new"}),  # a new log that grew past the stored offset: reset
         2: (3, {}),  # a new log that ends before the stored offset: reset
         # 3: never answers: undecided
     }
-    result = await projector._logs_match(
-        rows(p0=(5, "e4"), p1=(7, "e6"), p2=(9, "e8"), p3=(4, "e3"), p4=(0, "x"))
+    result = await reset_check.logs_match(
+        settings, rows(p0=(5, "e4"), p1=(7, "e6"), p2=(9, "e8"), p3=(4, "e3"), p4=(0, "x"))
     )
     assert {tp.partition: ok for tp, ok in result.items()} == {
         0: True,
@@ -118,18 +116,18 @@ async def test_all_partitions_are_decided_by_one_probe(projector: Projector) -> 
 
 
 async def test_a_cancelled_error_from_inside_aiokafka_is_a_failed_check(
-    projector: Projector,
+    settings: Settings,
 ) -> None:
     Probe.log = {0: (10, {4: "e4"})}
     Probe.fail_with = asyncio.CancelledError()
-    result = await projector._logs_match(rows(p0=(5, "e4")))
+    result = await reset_check.logs_match(settings, rows(p0=(5, "e4")))
     assert list(result.values()) == [None]
     assert Probe.instances[0].stopped
 
 
-async def test_cancelling_the_projector_still_cancels_the_check(projector: Projector) -> None:
+async def test_cancelling_the_projector_still_cancels_the_check(settings: Settings) -> None:
     Probe.log = {}  # never answers: the check waits until it is cancelled
-    task = asyncio.create_task(projector._logs_match(rows(p0=(5, "e4"))))
+    task = asyncio.create_task(reset_check.logs_match(settings, rows(p0=(5, "e4"))))
     await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

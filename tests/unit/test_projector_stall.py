@@ -1,4 +1,4 @@
-"""The projector's stall watchdog (``Projector._idle_checks``), with a stand-in consumer.
+"""The projector's stall watchdog (``projector.watchdog``), with a stand-in consumer.
 
 A partition whose position stays put while the log holds records past it, or that never
 gets a fetch answer, is sought again to its stored offsets after ``STALL_SECONDS``; a
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from aiokafka import TopicPartition
 
 from kessai.settings import Settings
-from projector import service
+from projector import stored_offsets, watchdog
 from projector.service import Projector
 
 
@@ -37,7 +37,7 @@ class Consumer:
 @pytest.fixture
 def projector(monkeypatch: pytest.MonkeyPatch) -> tuple[Projector, list[list[int]], list[float]]:
     clock = [1000.0]
-    monkeypatch.setattr(service.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(watchdog.time, "monotonic", lambda: clock[0])
     projector = Projector(engine=sa.create_engine("sqlite://"), settings=Settings(topic="payments"))
     sought: list[list[int]] = []
 
@@ -45,7 +45,7 @@ def projector(monkeypatch: pytest.MonkeyPatch) -> tuple[Projector, list[list[int
         sought.append(sorted(tp.partition for tp in tps))
 
     monkeypatch.setattr(projector, "_seek_to_stored", seek)
-    monkeypatch.setattr(projector, "_stamp_caught_up", lambda positions: None)
+    monkeypatch.setattr(stored_offsets, "stamp_caught_up", lambda engine, topic, positions: None)
     return projector, sought, clock
 
 
@@ -64,7 +64,7 @@ async def test_a_partition_that_stays_behind_its_log_end_is_sought_again(
     consumer = Consumer({0: 5, 1: 0, 2: 9, 3: 0}, {0: 40, 1: None, 2: 9, 3: 50})
     p._consumer = consumer  # type: ignore[assignment]
     p.expected = {0: 5, 1: 0, 2: 9, 3: 0}
-    for _ in range(int(service.STALL_SECONDS) - 1):
+    for _ in range(int(watchdog.STALL_SECONDS) - 1):
         consumer.positions[3] += 1
         await advance(p, clock, 1)
     assert sought == []
@@ -93,11 +93,11 @@ async def test_a_partition_waiting_its_turn_while_others_are_applied_is_left_alo
             p._last_applied = clock[0]
             await advance(p, clock, 1)
 
-    await applying(service.STALL_SECONDS + 5)
+    await applying(watchdog.STALL_SECONDS + 5)
     assert sought == []
-    await applying(service.BUSY_STALL_SECONDS - service.STALL_SECONDS)
+    await applying(watchdog.BUSY_STALL_SECONDS - watchdog.STALL_SECONDS)
     assert sought == [[1]]  # still stuck after the longer wait: sought
     # Partition 0 caught up, nothing is applied any more: the ordinary wait applies again.
     consumer.highwaters[0] = consumer.positions[0]
-    await advance(p, clock, service.STALL_SECONDS + 2)
+    await advance(p, clock, watchdog.STALL_SECONDS + 2)
     assert sought == [[1], [1]]
