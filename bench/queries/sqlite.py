@@ -22,12 +22,22 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from bench.reconciler import sqlite_rows, sqlite_value
+from bench.queries.dataset import (
+    PAYMENT_COLUMNS,
+    REFUND_COLUMNS,
+    TOTAL_COLUMNS,
+    Shape,
+    Span,
+    merchant_ids,
+    offset_minutes,
+    slots,
+    zone_names,
+)
+from bench.reconciler import insert_sql, sqlite_rows, sqlite_value
 
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-    from bench.queries import Shape, Span
     from bench.stores import Stores
     from kessai.settings import Settings
 
@@ -110,32 +120,10 @@ def load(
 ) -> dict[str, Any]:
     """Load the read side into the SQLite file of ``read_db``; what was loaded and how long
     it took (the keys of the MariaDB loader's answer)."""
-    from bench.queries import (
-        PAYMENT_COLUMNS,
-        REFUND_COLUMNS,
-        TOTAL_COLUMNS,
-        Span,
-        merchant_ids,
-        offset_minutes,
-        slots,
-        zone_names,
-    )
-    from bench.reconciler import insert_sql
-
     end = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
     span = Span(start=end - timedelta(days=shape.days), end=end, payments=shape.payments)
     zones = zone_names(shape.merchants)
-    offsets = {
-        name: offset_minutes(name, span.start, span.end)
-        for name in {settings.default_merchant_time_zone, *zones.values()}
-    }
-    default = offsets[settings.default_merchant_time_zone]
-    offset_us = {
-        m: (offsets[zones[m]] if m in zones else default) * 60_000_000
-        for m in merchant_ids(shape.merchants)
-    }
-    slot_owner = [merchant for _, merchant in sorted(slots(shape))]
-    start_us = int(span.start.timestamp()) * 1_000_000
+    local = _Local(shape, span, settings, zones)
     hourly: dict[tuple[str, int, str], list[int]] = {}
     timings = {"rows_seconds": 0.0, "totals_seconds": 0.0}
     task = progress.add_task("loading payments and refunds", total=shape.payments)
@@ -157,25 +145,10 @@ def load(
         for name, _ in indexes:
             cur.execute(f'DROP INDEX "{name}"')
         conn.commit()
-        payments_sql = insert_sql("payments", PAYMENT_COLUMNS, "?")
-        refunds_sql = insert_sql("refunds", REFUND_COLUMNS, "?")
         for first in range(1, shape.payments + 1, CHUNK):
             last = min(shape.payments, first + CHUNK - 1)
             started = time.perf_counter()
-            payments: list[tuple[Any, ...]] = []
-            refunds: list[tuple[Any, ...]] = []
-            for payment, mine, events in generate(shape, span, first, last, slot_owner):
-                payments.append(payment)
-                refunds += mine
-                merchant, currency = payment[1], payment[6]
-                for at, amount, refund in events:
-                    hour = (start_us + at + offset_us[merchant]) // HOUR_US
-                    sums = hourly.setdefault((merchant, hour, currency), [0, 0, 0, 0])
-                    index = 2 if refund else 0
-                    sums[index] += 1
-                    sums[index + 1] += amount
-            cur.executemany(payments_sql, sqlite_rows(payments))
-            cur.executemany(refunds_sql, sqlite_rows(sorted(refunds, key=lambda r: r[:2])))
+            _load_chunk(cur, local, first, last, hourly)
             conn.commit()
             timings["rows_seconds"] += time.perf_counter() - started
             progress.update(task, completed=last)
@@ -189,33 +162,8 @@ def load(
         timings["indexes_seconds"] = time.perf_counter() - started
         started = time.perf_counter()
         progress.update(task, description="computing the day and hour totals")
-        daily: dict[tuple[str, date, str], list[int]] = {}
-        hours = []
-        for (merchant, hour, currency), sums in sorted(hourly.items()):
-            moment = EPOCH + timedelta(hours=hour)
-            hours.append((merchant, moment, currency, *sums))
-            day = daily.setdefault((merchant, moment.date(), currency), [0, 0, 0, 0])
-            for n, value in enumerate(sums):
-                day[n] += value
-        for table, bucket, rows in (
-            ("merchant_hourly_totals", "hour", hours),
-            ("merchant_daily_totals", "day", [(*k, *v) for k, v in sorted(daily.items())]),
-        ):
-            columns = ("merchant_id", bucket, "currency", *TOTAL_COLUMNS)
-            cur.executemany(insert_sql(table, columns, "?"), sqlite_rows(rows))
-        # The projector's positions, so answers carry a freshness like in production.
-        now = datetime.now(UTC).replace(tzinfo=None)
-        cur.executemany(
-            "INSERT INTO projector_offsets (topic, kafka_partition, next_offset, last_event_id,"
-            " last_event_at, caught_up_at, updated_at) VALUES (?, ?, ?, NULL, ?, ?, ?)",
-            sqlite_rows(
-                [
-                    (settings.topic, p, shape.payments // settings.topic_partitions,
-                     end.replace(tzinfo=None), now, now)
-                    for p in range(settings.topic_partitions)
-                ]
-            ),
-        )  # fmt: skip
+        _write_totals(cur, hourly)
+        _write_offsets(cur, shape, settings, end)
         conn.commit()
         timings["totals_seconds"] += time.perf_counter() - started
         # The query API then reads the tables, not a long write-ahead log.
@@ -229,6 +177,86 @@ def load(
         "end": span.end.isoformat(),
         **{k: round(v, 2) for k, v in timings.items()},
     }
+
+
+class _Local:
+    """What placing a payment in its merchant's local hour needs: the merchants' slots and
+    their zones' offsets over the span."""
+
+    def __init__(self, shape: Shape, span: Span, settings: Settings, zones: dict[str, str]):
+        offsets = {
+            name: offset_minutes(name, span.start, span.end)
+            for name in {settings.default_merchant_time_zone, *zones.values()}
+        }
+        default = offsets[settings.default_merchant_time_zone]
+        self.shape, self.span = shape, span
+        self.offset_us = {
+            m: (offsets[zones[m]] if m in zones else default) * 60_000_000
+            for m in merchant_ids(shape.merchants)
+        }
+        self.slot_owner = [merchant for _, merchant in sorted(slots(shape))]
+        self.start_us = int(span.start.timestamp()) * 1_000_000
+
+
+def _load_chunk(
+    cur: sqlite3.Cursor,
+    local: _Local,
+    first: int,
+    last: int,
+    hourly: dict[tuple[str, int, str], list[int]],
+) -> None:
+    """Insert payments ``first`` to ``last`` and their refunds; add them to ``hourly``."""
+    payments: list[tuple[Any, ...]] = []
+    refunds: list[tuple[Any, ...]] = []
+    for payment, mine, events in generate(local.shape, local.span, first, last, local.slot_owner):
+        payments.append(payment)
+        refunds += mine
+        merchant, currency = payment[1], payment[6]
+        for at, amount, refund in events:
+            hour = (local.start_us + at + local.offset_us[merchant]) // HOUR_US
+            sums = hourly.setdefault((merchant, hour, currency), [0, 0, 0, 0])
+            index = 2 if refund else 0
+            sums[index] += 1
+            sums[index + 1] += amount
+    cur.executemany(insert_sql("payments", PAYMENT_COLUMNS, "?"), sqlite_rows(payments))
+    cur.executemany(
+        insert_sql("refunds", REFUND_COLUMNS, "?"),
+        sqlite_rows(sorted(refunds, key=lambda r: r[:2])),
+    )
+
+
+def _write_totals(cur: sqlite3.Cursor, hourly: dict[tuple[str, int, str], list[int]]) -> None:
+    """The hour totals, and the day totals summed from them."""
+    daily: dict[tuple[str, date, str], list[int]] = {}
+    hours = []
+    for (merchant, hour, currency), sums in sorted(hourly.items()):
+        moment = EPOCH + timedelta(hours=hour)
+        hours.append((merchant, moment, currency, *sums))
+        day = daily.setdefault((merchant, moment.date(), currency), [0, 0, 0, 0])
+        for n, value in enumerate(sums):
+            day[n] += value
+    for table, bucket, rows in (
+        ("merchant_hourly_totals", "hour", hours),
+        ("merchant_daily_totals", "day", [(*k, *v) for k, v in sorted(daily.items())]),
+    ):
+        columns = ("merchant_id", bucket, "currency", *TOTAL_COLUMNS)
+        cur.executemany(insert_sql(table, columns, "?"), sqlite_rows(rows))
+
+
+def _write_offsets(cur: sqlite3.Cursor, shape: Shape, settings: Settings, end: datetime) -> None:
+    """The projector's positions, so answers carry a freshness like in production."""
+    now = datetime.now(UTC).replace(tzinfo=None)
+    cur.executemany(
+        "INSERT INTO projector_offsets (topic, kafka_partition, next_offset, last_event_id,"
+        " last_event_at, caught_up_at, updated_at) VALUES (?, ?, ?, NULL, ?, ?, ?)",
+        sqlite_rows(
+            [
+                (settings.topic, p, shape.payments // settings.topic_partitions,
+                 end.replace(tzinfo=None), now, now)
+                for p in range(settings.topic_partitions)
+            ]
+        ),
+    )  # fmt: skip
 
 
 def _schema(cur: sqlite3.Cursor) -> list[tuple[Any, ...]]:
