@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from command_service.acquirer import Acquirer
 from command_service.admission import Admission
-from command_service.batching import GroupCommitter
+from command_service.handlers import Recorder
 from command_service.metrics import OutboxCollector
-from command_service.routes import router
+from command_service.routes import Resources, router
 from kessai.auth import Authenticator
 from kessai.db import create_db_engine
 from kessai.edge import install_edge
@@ -48,14 +48,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_db_engine(settings.resolved_write_db_url(), pool_size=DB_POOL_SIZE)
         collector = OutboxCollector(engine)
         registry.register(collector)
-        app.state.settings = settings
-        app.state.write_engine = engine
-        app.state.in_flight = set()
-        # At most as many handlers in threads as the pool keeps connections: the pool's
+        # At most as many database calls in threads as the pool keeps connections: the pool's
         # overflow connections are opened and closed per checkout (a PyMySQL connect costs
         # ~23 ms of CPU here, most of it building a TLS context), so a bulkhead wider than the
         # pool churns connections under load (py-spy under bench.queries saw it).
-        app.state.db_limiter = anyio.CapacityLimiter(DB_POOL_SIZE)
+        limiter = anyio.CapacityLimiter(DB_POOL_SIZE)
         # Admission settings are read in the background over a connection of their own (on
         # SQLite a write engine's connections would take the write lock just to read them).
         admission_engine = create_db_engine(
@@ -63,7 +60,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         admission = Admission.from_settings(settings, admission_engine)
         await admission.reload()
-        app.state.admission = admission
         if admission.adaptive is not None:
             app.state.load_shedder.observers.append(admission.adaptive.observe)
         admitted_share = Gauge(
@@ -82,30 +78,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         else:
             registry.register(acquirer.collector)
-        app.state.acquirer = acquirer
         app.state.metrics_registry = registry
         keys_engine = create_db_engine(keys_db_url, pool_size=2, write=False)
         app.state.authenticator = Authenticator(
             keys_engine, cache_seconds=settings.auth_cache_seconds
         )
         # Group commit: concurrent payments and refunds share one write-store transaction.
-        committer: GroupCommitter | None = None
-        if settings.group_commit:
-            committer = GroupCommitter(
-                engine=engine,
-                limiter=app.state.db_limiter,
-                max_batch=settings.group_commit_max_batch,
-                max_delay_seconds=settings.group_commit_max_delay_ms / 1000,
-                registry=registry,
-            )
-            committer.start()
-        app.state.group_committer = committer
+        recorder = Recorder.start(settings, engine, limiter, registry)
+        app.state.resources = Resources(
+            settings=settings,
+            engine=engine,
+            limiter=limiter,
+            recorder=recorder,
+            admission=admission,
+            acquirer=acquirer,
+            registry=registry,
+        )
         refresh = asyncio.create_task(admission.refresh_forever())
         try:
             yield
         finally:
-            if committer is not None:
-                await committer.aclose()
+            await recorder.aclose()
             refresh.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresh

@@ -1,37 +1,37 @@
-"""The command handlers: each runs one write-store transaction that it begins and commits.
+"""The write path after the route: decide each write command, and record it in one transaction.
 
-Each request is a ``WriteCommand`` (``capture_command``, ``decline_command``,
-``refund_command``): its normalized request and a pure ``decide`` step. ``run_alone`` records
-one command in a transaction of its own; the group commit (``command_service/batching.py``)
-records many in one, deciding each with the same ``decide``.
+A route builds a ``WriteCommand`` (``capture_command``, ``decline_command``,
+``refund_command``): the normalized request and a pure ``decide`` step. It hands the command
+to ``Recorder.record``, which gathers the commands of concurrent requests into batches (group
+commit, with ``command_service/batching.py``), or records one alone (``record_alone``: a batch
+of one, run again from the top on a write conflict) when group commit is off or its batch
+failed as a whole.
 
-A handler either commits everything (events, outbox rows, the idempotency record) or nothing.
-Write conflicts (a concurrent refund took the next version; another process finished the same
-idempotency key first; a deadlock) roll the transaction back and run it again from the top,
-so the retry sees the winner's commit. Business refusals (``ApiError``) roll back and are not
-recorded: a refused request changes nothing, its idempotency key included.
+``commit_batch`` is the only transaction script of the command API: every write transaction
+begins and commits there (``engine.begin()``). It reads the idempotency records and payment
+histories of its commands, decides each in order (``decide_batch``), inserts what they append
+and commits: events, outbox rows and idempotency records, all or nothing. A refused command
+writes nothing, its key included.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+import anyio
+import anyio.to_thread
 import orjson
 import sqlalchemy as sa
+import tenacity
+from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
-from tenacity import (
-    RetryError,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_random_exponential,
-)
 
 from command_service import repository
+from command_service.batching import GroupCommitter
 from command_service.schemas import CreatePayment, CreateRefund, PaymentOut, RefundOut
 from kessai.clock import utcnow
 from kessai.errors import ApiError
@@ -42,20 +42,16 @@ from kessai.events import (
     PaymentRefundedPayload,
 )
 from kessai.ids import new_id
-from kessai.ledger import PaymentState, fold
+from kessai.ledger import PaymentState, apply, fold
+from kessai.settings import Settings
 
-_MYSQL_RETRYABLE = {1205, 1213}  # lock wait timeout, deadlock
-
-
-def is_write_conflict(exc: BaseException) -> bool:
-    """A failure that another transaction caused and a fresh attempt can resolve."""
-    if isinstance(exc, sa.exc.IntegrityError):
-        return True
-    if isinstance(exc, sa.exc.OperationalError):
-        orig = exc.orig
-        code = orig.args[0] if orig is not None and orig.args else None
-        return code in _MYSQL_RETRYABLE or "database is locked" in str(orig)
-    return False
+Event = PaymentCaptured | PaymentRefunded
+Scope = tuple[str, str]
+"""(API key id, Idempotency-Key): idempotency keys are scoped per API client."""
+Clock = Callable[[], datetime]
+IdSource = Callable[[], uuid.UUID]
+Hook = Callable[[sa.Connection], None]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +70,37 @@ class Outcome:
     replayed: bool
 
 
-Decision = tuple[int, dict[str, Any], list[PaymentCaptured | PaymentRefunded]]
+Result = Outcome | ApiError
+"""A command's answer (new or replayed), or its refusal."""
+
+Decision = tuple[int, dict[str, Any], list[Event]]
 """The answer to a request (status, body) and the events it appends."""
 
-Work = Callable[[sa.Connection], Decision]
+
+class Decide(Protocol):
+    def __call__(self, state: PaymentState | None, /, *, clock: Clock, ids: IdSource) -> Decision:
+        """The answer to the command given its payment's folded state, or ``ApiError``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class WriteCommand:
+    """One write request, ready to be decided against the state of the payment it touches.
+
+    ``decide`` touches no database and reads the time and new ids only from ``clock`` and
+    ``ids``: given the folded state of ``payment_id`` (``None`` for a new payment, or a refund
+    of a payment that does not exist), it returns the answer and the events to append, or
+    raises ``ApiError`` for a refusal."""
+
+    policy: WritePolicy
+    request: dict[str, Any]
+    request_json: str
+    payment_id: uuid.UUID | None
+    decide: Decide
+
+    @property
+    def scope(self) -> Scope:
+        return (self.policy.client_id, self.policy.idempotency_key)
 
 
 def _canonical(request: dict[str, Any]) -> str:
@@ -85,76 +108,7 @@ def _canonical(request: dict[str, Any]) -> str:
     return orjson.dumps(request, option=orjson.OPT_SORT_KEYS).decode()
 
 
-def _run_idempotent(
-    *, engine: Engine, policy: WritePolicy, request: dict[str, Any], work: Work
-) -> Outcome:
-    """Run ``work`` in a transaction that also records its answer under the idempotency key.
-    ``work`` may return no events: the answer alone is then recorded (a card decline)."""
-    request_json = _canonical(request)
-
-    def attempt() -> Outcome:
-        now = utcnow()
-        with engine.begin() as conn:
-            record = repository.get_idempotency(conn, policy.client_id, policy.idempotency_key)
-            if record is not None and record.expires_at > now:
-                if record.request == request_json:
-                    return Outcome(record.response_status, record.response_body.encode(), True)
-                raise _key_reused(orjson.loads(record.request), request)
-            if record is not None:
-                repository.delete_idempotency(conn, policy.client_id, policy.idempotency_key)
-            status, body, new_events = work(conn)
-            repository.append_events(conn, new_events, shards=policy.shards)
-            body_json = orjson.dumps(body).decode()
-            repository.save_idempotency(
-                conn,
-                client_id=policy.client_id,
-                key=policy.idempotency_key,
-                request=request_json,
-                response_status=status,
-                response_body=body_json,
-                created_at=now,
-                expires_at=now + policy.retention,
-            )
-        return Outcome(status, body_json.encode(), False)
-
-    retrying = Retrying(
-        retry=retry_if_exception(is_write_conflict),
-        stop=stop_after_attempt(policy.max_attempts),
-        wait=wait_random_exponential(multiplier=0.002, max=0.05),
-    )
-    try:
-        return retrying(attempt)
-    except RetryError as exc:
-        raise ApiError(
-            409,
-            "concurrent_modification",
-            "The payment changed concurrently too many times; retry the request.",
-            {"attempts": policy.max_attempts},
-        ) from exc
-
-
-def recorded_answer(
-    record: repository.IdempotencyRecord | None, command: WriteCommand, now: datetime
-) -> Outcome | None:
-    """The stored answer that a live record under the command's key gives it (a replay), or
-    ``None`` without one; a record of another request is ``422 idempotency_key_reused``."""
-    if record is None or record.expires_at <= now:
-        return None
-    if record.request == command.request_json:
-        return Outcome(record.response_status, record.response_body.encode(), True)
-    raise _key_reused(orjson.loads(record.request), command.request)
-
-
-def _key_reused(original: dict[str, Any], request: dict[str, Any]) -> ApiError:
-    fields = sorted(
-        k for k in original.keys() | request.keys() if original.get(k) != request.get(k)
-    )
-    return ApiError(
-        422,
-        "idempotency_key_reused",
-        "This Idempotency-Key was used for a different request: " + ", ".join(fields) + " differ.",
-        {"fields": fields},
-    )
+# -- the commands ------------------------------------------------------------------------------
 
 
 def _payment_request(command: CreatePayment, device_id: str | None) -> dict[str, Any]:
@@ -163,97 +117,6 @@ def _payment_request(command: CreatePayment, device_id: str | None) -> dict[str,
         "device_id": device_id,
         **command.model_dump(mode="json"),
     }
-
-
-def payment_request_json(command: CreatePayment, device_id: str | None) -> str:
-    """The normalized form of a payment request: equal for requests that are the same."""
-    return _canonical(_payment_request(command, device_id))
-
-
-def stored_payment_answer(
-    *, engine: Engine, policy: WritePolicy, command: CreatePayment, device_id: str | None
-) -> Outcome | None:
-    """The recorded answer to this payment request under its idempotency key, if any.
-
-    Read before a card payment calls the acquirer, in a short read of its own (no transaction
-    is held across the call): a completed request is replayed without a second authorization,
-    a key used for another request is ``422 idempotency_key_reused``. ``None``: not answered
-    yet (or expired); ``capture_payment`` checks again in its own transaction."""
-    request = _payment_request(command, device_id)
-    with engine.connect() as conn:
-        record = repository.get_idempotency(conn, policy.client_id, policy.idempotency_key)
-    if record is None or record.expires_at <= utcnow():
-        return None
-    if record.request != _canonical(request):
-        raise _key_reused(orjson.loads(record.request), request)
-    return Outcome(record.response_status, record.response_body.encode(), True)
-
-
-@dataclass(frozen=True, slots=True)
-class WriteCommand:
-    """One write request, ready to be decided against the state of the payment it touches.
-
-    ``decide`` touches no database: given the folded state of ``payment_id`` (``None`` for a
-    new payment, or a refund of a payment that does not exist), it returns the answer and the
-    events to append, or raises ``ApiError`` for a refusal. The single-request transaction
-    (``run_alone``) and the group commit (``command_service/batching.py``) both use it, so a
-    request is decided the same way whichever path records it."""
-
-    policy: WritePolicy
-    request: dict[str, Any]
-    request_json: str
-    payment_id: uuid.UUID | None
-    decide: Callable[[PaymentState | None], Decision]
-
-
-def run_alone(*, engine: Engine, command: WriteCommand) -> Outcome:
-    """Record ``command`` in a transaction of its own (with the write-conflict retries)."""
-    payment_id = command.payment_id
-
-    def work(conn: sa.Connection) -> Decision:
-        state = (
-            None if payment_id is None else fold(repository.load_payment_events(conn, payment_id))
-        )
-        return command.decide(state)
-
-    return _run_idempotent(engine=engine, policy=command.policy, request=command.request, work=work)
-
-
-def decline_command(
-    *, policy: WritePolicy, command: CreatePayment, device_id: str | None, authorization_id: str
-) -> WriteCommand:
-    """The acquirer's decline of a card payment as the request's answer: ``402
-    card_declined``, replayed for the same key, and no event (nothing was captured)."""
-    body = {
-        "error": {
-            "code": "card_declined",
-            "message": "The card issuer declined the payment; nothing was captured.",
-            "details": {"authorization_id": authorization_id},
-        }
-    }
-
-    def decide(_state: PaymentState | None) -> Decision:
-        return 402, body, []
-
-    request = _payment_request(command, device_id)
-    return WriteCommand(policy, request, _canonical(request), None, decide)
-
-
-def decline_payment(
-    *,
-    engine: Engine,
-    policy: WritePolicy,
-    command: CreatePayment,
-    device_id: str | None,
-    authorization_id: str,
-) -> Outcome:
-    """Record the acquirer's decline of a card payment (``decline_command``)."""
-    return run_alone(
-        engine=engine,
-        command=decline_command(
-            policy=policy, command=command, device_id=device_id, authorization_id=authorization_id
-        ),
-    )
 
 
 def capture_command(
@@ -266,11 +129,11 @@ def capture_command(
     """A captured payment: one ``PaymentCaptured`` event, version 1, carrying the
     acquirer's ``authorization_id`` for a card payment that was authorized."""
 
-    def decide(_state: PaymentState | None) -> Decision:
-        now = utcnow()
+    def decide(_state: PaymentState | None, *, clock: Clock, ids: IdSource) -> Decision:
+        now = clock()
         event = PaymentCaptured(
-            event_id=new_id(),
-            payment_id=new_id(),
+            event_id=ids(),
+            payment_id=ids(),
             version=1,
             merchant_id=command.merchant_id,
             occurred_at=now,
@@ -308,21 +171,24 @@ def capture_command(
     return WriteCommand(policy, request, _canonical(request), None, decide)
 
 
-def capture_payment(
-    *,
-    engine: Engine,
-    policy: WritePolicy,
-    command: CreatePayment,
-    device_id: str | None,
-    authorization_id: str | None = None,
-) -> Outcome:
-    """Record a captured payment (``capture_command``) in a transaction of its own."""
-    return run_alone(
-        engine=engine,
-        command=capture_command(
-            policy=policy, command=command, device_id=device_id, authorization_id=authorization_id
-        ),
-    )
+def decline_command(
+    *, policy: WritePolicy, command: CreatePayment, device_id: str | None, authorization_id: str
+) -> WriteCommand:
+    """The acquirer's decline of a card payment as the request's answer: ``402
+    card_declined``, replayed for the same key, and no event (nothing was captured)."""
+    body = {
+        "error": {
+            "code": "card_declined",
+            "message": "The card issuer declined the payment; nothing was captured.",
+            "details": {"authorization_id": authorization_id},
+        }
+    }
+
+    def decide(_state: PaymentState | None, *, clock: Clock, ids: IdSource) -> Decision:
+        return 402, body, []
+
+    request = _payment_request(command, device_id)
+    return WriteCommand(policy, request, _canonical(request), None, decide)
 
 
 def refund_command(
@@ -336,7 +202,7 @@ def refund_command(
         **command.model_dump(mode="json"),
     }
 
-    def decide(state: PaymentState | None) -> Decision:
+    def decide(state: PaymentState | None, *, clock: Clock, ids: IdSource) -> Decision:
         if state is None:
             raise ApiError(
                 404,
@@ -356,17 +222,17 @@ def refund_command(
                     "requested": command.amount,
                 },
             )
-        now = utcnow()
+        now = clock()
         refunded_total = state.refunded_amount + command.amount
         event = PaymentRefunded(
-            event_id=new_id(),
+            event_id=ids(),
             payment_id=payment_id,
             version=state.version + 1,
             merchant_id=state.merchant_id,
             occurred_at=now,
             recorded_at=now,
             payload=PaymentRefundedPayload(
-                refund_id=new_id(),
+                refund_id=ids(),
                 amount=command.amount,
                 currency=state.currency,
                 refunded_amount=refunded_total,
@@ -389,15 +255,241 @@ def refund_command(
     return WriteCommand(policy, request, _canonical(request), payment_id, decide)
 
 
-def refund_payment(
-    *, engine: Engine, policy: WritePolicy, payment_id: uuid.UUID, command: CreateRefund
-) -> Outcome:
-    """Refund part of a payment (``refund_command``) in a transaction of its own.
+# -- replays -----------------------------------------------------------------------------------
 
-    Reads the payment's events by primary key and folds them; the insert of version n+1
-    collides with any concurrent refund that took n+1 first, and the attempt is run again.
-    """
-    return run_alone(
-        engine=engine,
-        command=refund_command(policy=policy, payment_id=payment_id, command=command),
+
+def recorded_answer(
+    record: repository.IdempotencyRecord | None, command: WriteCommand, now: datetime
+) -> Outcome | None:
+    """The replay check, the only one: the stored answer that a live record under the
+    command's key gives it, or ``None`` without one (or once it expired); a record of another
+    request is ``422 idempotency_key_reused``, naming the fields that differ."""
+    if record is None or record.expires_at <= now:
+        return None
+    if record.request == command.request_json:
+        return Outcome(record.response_status, record.response_body.encode(), True)
+    original: dict[str, Any] = orjson.loads(record.request)
+    fields = sorted(
+        k
+        for k in original.keys() | command.request.keys()
+        if original.get(k) != command.request.get(k)
     )
+    raise ApiError(
+        422,
+        "idempotency_key_reused",
+        "This Idempotency-Key was used for a different request: " + ", ".join(fields) + " differ.",
+        {"fields": fields},
+    )
+
+
+def stored_answer(*, engine: Engine, command: WriteCommand) -> Outcome | None:
+    """The recorded answer to ``command`` under its idempotency key, if any (``recorded_answer``).
+
+    Read before a card payment calls the acquirer, in a short read of its own (no transaction
+    is held across the call): a completed request is replayed without a second authorization.
+    ``None``: not answered yet (or expired); ``commit_batch`` checks again when it records."""
+    with engine.connect() as conn:
+        record = repository.get_idempotency(conn, *command.scope)
+    return recorded_answer(record, command, utcnow())
+
+
+# -- the transaction ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class BatchDecision:
+    """What a batch of commands answers and writes."""
+
+    results: list[Result | None]
+    """Per command, in order; ``None``: a second command with the same key in the batch, to be
+    recorded alone once the batch has committed (it then replays the first one's answer)."""
+    expired: list[Scope] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    records: list[dict[str, object]] = field(default_factory=list)
+
+
+def decide_batch(
+    commands: Sequence[WriteCommand],
+    records: Mapping[Scope, repository.IdempotencyRecord],
+    histories: Mapping[uuid.UUID, list[Event]],
+    *,
+    now: datetime,
+    clock: Clock,
+    ids: IdSource,
+) -> BatchDecision:
+    """Decide ``commands`` in order, in memory, each exactly as it would be alone: a replay,
+    ``422 idempotency_key_reused``, a capture, or a refund checked against the running fold of
+    its payment (two refunds of one payment get versions n+1 and n+2, and the second is checked
+    against what the first left). New events come out in (payment, version) order."""
+    states = {
+        payment_id: fold(histories.get(payment_id, []))
+        for payment_id in {c.payment_id for c in commands if c.payment_id is not None}
+    }
+    decided = BatchDecision(results=[None] * len(commands))
+    seen: set[Scope] = set()
+    for index, command in enumerate(commands):
+        scope = command.scope
+        if scope in seen:  # rare: the in-flight guard refuses most of these at once
+            continue
+        seen.add(scope)
+        record = records.get(scope)
+        state = None if command.payment_id is None else states[command.payment_id]
+        try:
+            replayed = recorded_answer(record, command, now)
+            if replayed is not None:
+                decided.results[index] = replayed
+                continue
+            status, body, events = command.decide(state, clock=clock, ids=ids)
+        except ApiError as exc:
+            decided.results[index] = exc
+            continue
+        if command.payment_id is not None:
+            for event in events:
+                state = apply(state, event)
+            states[command.payment_id] = state
+        if record is not None:
+            decided.expired.append(scope)
+        body_json = orjson.dumps(body).decode()
+        decided.events.extend(events)
+        decided.records.append(
+            {
+                "client_id": scope[0],
+                "idempotency_key": scope[1],
+                "request": command.request_json,
+                "response_status": status,
+                "response_body": body_json,
+                "created_at": now,
+                "expires_at": now + command.policy.retention,
+            }
+        )
+        decided.results[index] = Outcome(status, body_json.encode(), False)
+    decided.events.sort(key=lambda e: (e.payment_id, e.version))
+    return decided
+
+
+def commit_batch(
+    engine: Engine,
+    commands: Sequence[WriteCommand],
+    *,
+    before_write: Hook | None = None,
+    clock: Clock = utcnow,
+    ids: IdSource = new_id,
+) -> list[Result | None]:
+    """Decide and record ``commands`` in one transaction, begun and committed here; one
+    result per command, in order (see ``BatchDecision.results``).
+
+    1. one read of the idempotency records of every command, one primary-key read of the events
+       of every payment being refunded;
+    2. ``decide_batch``;
+    3. the new events, their outbox rows and the idempotency records as multi-row INSERTs in
+       primary-key order (two writers inserting overlapping keys in different orders deadlock on
+       MariaDB); commit.
+
+    Raises if the transaction fails as a whole: nothing is then recorded (a version or key that
+    another transaction committed meanwhile is ``repository.is_write_conflict``).
+    ``before_write`` runs inside the transaction after the decisions and before the inserts
+    (tests use it to play a concurrent writer)."""
+    now = clock()
+    with engine.begin() as conn:
+        records = repository.get_idempotency_many(conn, {c.scope for c in commands})
+        refunded = {c.payment_id for c in commands if c.payment_id is not None}
+        histories = repository.load_events_of_payments(conn, refunded)
+        decided = decide_batch(commands, records, histories, now=now, clock=clock, ids=ids)
+        if before_write is not None:
+            before_write(conn)
+        repository.delete_idempotency_many(conn, decided.expired)
+        repository.append_events(conn, decided.events, shards=commands[0].policy.shards)
+        repository.save_idempotency_many(conn, decided.records)
+    return decided.results
+
+
+def record_alone(engine: Engine, command: WriteCommand) -> Outcome:
+    """Record ``command`` as a batch of one, run again from the top on a write conflict (a
+    concurrent refund took the next version; another process recorded the same key first; a
+    deadlock), so that the next attempt sees the winner's commit. Raises the command's
+    ``ApiError``, or ``409 concurrent_modification`` after ``max_attempts`` conflicts."""
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(repository.is_write_conflict),
+        stop=tenacity.stop_after_attempt(command.policy.max_attempts),
+        wait=tenacity.wait_random_exponential(multiplier=0.002, max=0.05),
+    )
+    try:
+        (result,) = retrying(commit_batch, engine, [command])
+    except tenacity.RetryError as exc:
+        raise ApiError(
+            409,
+            "concurrent_modification",
+            "The payment changed concurrently too many times; retry the request.",
+            {"attempts": command.policy.max_attempts},
+        ) from exc
+    if isinstance(result, Outcome):
+        return result
+    raise result or RuntimeError("a batch of one left its command unanswered")
+
+
+# -- recording ---------------------------------------------------------------------------------
+
+
+async def in_worker(limiter: anyio.CapacityLimiter, call: Callable[[], _T]) -> _T:
+    """``call`` in a worker thread behind the database bulkhead; an unreachable store is 503."""
+    try:
+        return await anyio.to_thread.run_sync(call, limiter=limiter)
+    except sa.exc.OperationalError as exc:
+        raise ApiError(
+            503,
+            "write_store_unavailable",
+            "The write store is unavailable; retry later.",
+            headers={"Retry-After": "1"},
+        ) from exc
+
+
+class Recorder:
+    """Where the routes hand their write commands: ``record`` returns the answer or raises the
+    refusal. Database work runs in worker threads behind ``limiter`` (the bulkhead)."""
+
+    def __init__(self, *, engine: Engine, limiter: anyio.CapacityLimiter) -> None:
+        self.engine = engine
+        self.limiter = limiter
+        self.committer: GroupCommitter[WriteCommand, Result] | None = None
+        self.before_write: Hook | None = None
+        """Passed to ``commit_batch`` for group commits (tests play a concurrent writer)."""
+
+    @classmethod
+    def start(
+        cls,
+        settings: Settings,
+        engine: Engine,
+        limiter: anyio.CapacityLimiter,
+        registry: CollectorRegistry,
+    ) -> Recorder:
+        """A recorder; with ``KESSAI_GROUP_COMMIT`` on, with its group committer running."""
+        recorder = cls(engine=engine, limiter=limiter)
+        if settings.group_commit:
+            recorder.committer = GroupCommitter(
+                commit=recorder._commit_group,
+                limiter=limiter,
+                max_batch=settings.group_commit_max_batch,
+                max_delay_seconds=settings.group_commit_max_delay_ms / 1000,
+                registry=registry,
+            )
+            recorder.committer.start()
+        return recorder
+
+    async def aclose(self) -> None:
+        """Commit what is queued; later commands are recorded alone."""
+        if self.committer is not None:
+            await self.committer.aclose()
+
+    def _commit_group(self, commands: Sequence[WriteCommand]) -> list[Result | None]:
+        return commit_batch(self.engine, commands, before_write=self.before_write)
+
+    async def record(self, command: WriteCommand) -> Outcome:
+        """Record ``command`` with those of concurrent requests (group commit), or alone when
+        group commit is off or its batch failed as a whole."""
+        if self.committer is not None:
+            result = await self.committer.submit(command)
+            if isinstance(result, ApiError):
+                raise result
+            if result is not None:
+                return result
+        return await in_worker(self.limiter, lambda: record_alone(self.engine, command))

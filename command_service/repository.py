@@ -14,20 +14,23 @@ import sqlalchemy as sa
 from kessai.events import PaymentCaptured, PaymentRefunded, event_to_json, parse_event
 from kessai.schema.write import events, idempotency_keys, outbox
 
+_MYSQL_RETRYABLE = {1205, 1213}  # lock wait timeout, deadlock
+
+
+def is_write_conflict(exc: BaseException) -> bool:
+    """A failure that another transaction caused and a fresh attempt can resolve."""
+    if isinstance(exc, sa.exc.IntegrityError):
+        return True
+    if isinstance(exc, sa.exc.OperationalError):
+        orig = exc.orig
+        code = orig.args[0] if orig is not None and orig.args else None
+        return code in _MYSQL_RETRYABLE or "database is locked" in str(orig)
+    return False
+
 
 def shard_of(payment_id: uuid.UUID, shards: int) -> int:
     """The outbox shard of a payment: every event of one payment lands in the same shard."""
     return zlib.crc32(payment_id.bytes) % shards
-
-
-def load_payment_events(
-    conn: sa.Connection, payment_id: uuid.UUID
-) -> list[PaymentCaptured | PaymentRefunded]:
-    """A payment's events in version order: a primary-key range read, nothing else."""
-    rows = conn.execute(
-        sa.select(events.c.body).where(events.c.payment_id == payment_id).order_by(events.c.version)
-    )
-    return [parse_event(body) for (body,) in rows]
 
 
 def load_events_of_payments(
@@ -158,39 +161,6 @@ def save_idempotency_many(conn: sa.Connection, records: Sequence[dict[str, Any]]
             idempotency_keys.insert(),
             sorted(records, key=lambda r: (r["client_id"], r["idempotency_key"])),
         )
-
-
-def delete_idempotency(conn: sa.Connection, client_id: str, key: str) -> None:
-    conn.execute(
-        idempotency_keys.delete().where(
-            idempotency_keys.c.client_id == client_id,
-            idempotency_keys.c.idempotency_key == key,
-        )
-    )
-
-
-def save_idempotency(
-    conn: sa.Connection,
-    *,
-    client_id: str,
-    key: str,
-    request: str,
-    response_status: int,
-    response_body: str,
-    created_at: datetime,
-    expires_at: datetime,
-) -> None:
-    conn.execute(
-        idempotency_keys.insert().values(
-            client_id=client_id,
-            idempotency_key=key,
-            request=request,
-            response_status=response_status,
-            response_body=response_body,
-            created_at=created_at,
-            expires_at=expires_at,
-        )
-    )
 
 
 def purge_expired_idempotency(conn: sa.Connection, now: datetime, *, limit: int = 1000) -> int:

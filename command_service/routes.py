@@ -1,11 +1,10 @@
-"""Routes of the command API: parse, check the Idempotency-Key, hand off the write.
+"""Routes of the command API: parse, authorize, check the Idempotency-Key, hand over the write.
 
-A write is a ``handlers.WriteCommand``, recorded with the writes of concurrent requests by the
-group committer (``command_service/batching.py``), or alone with group commit off (or when its
-batch failed as a whole). Database work blocks, so it runs in worker threads behind a capacity
-limiter sized to the connection pool (a bulkhead: a slow database queues requests here instead
-of exhausting threads). Same-key requests that overlap within this process are refused at once
-with 409.
+A route builds the request's ``handlers.WriteCommand`` and hands it to ``handlers.Recorder``,
+which decides and records it (``command_service/handlers.py`` owns the transaction); a route
+opens none. Same-key requests that overlap within this process are refused here at once with
+409. The routes reach what the app's lifespan opened through one typed dependency,
+``ResourcesDep``.
 """
 
 from __future__ import annotations
@@ -14,12 +13,16 @@ import contextlib
 import re
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Annotated, TypeVar
 
+import anyio
 import anyio.to_thread
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Path, Request
+from prometheus_client import CollectorRegistry
+from sqlalchemy.engine import Engine
 from starlette.responses import Response
 
 from command_service import handlers
@@ -31,14 +34,48 @@ from command_service.acquirer import (
     acquirer_key,
 )
 from command_service.admission import Admission, AdmissionPolicy, store_policy
-from command_service.batching import GroupCommitter
 from command_service.schemas import CreatePayment, CreateRefund, PaymentOut, RefundOut
 from kessai.auth import ADMIN, PAYMENTS_WRITE, needs, principal_of
 from kessai.errors import ApiError, ErrorOut
 from kessai.http import JSONResponse
 from kessai.observability import metrics_response
+from kessai.settings import Settings
 
 router = APIRouter()
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """What the routes use, opened and closed by the app's lifespan."""
+
+    settings: Settings
+    engine: Engine
+    """The write store."""
+    limiter: anyio.CapacityLimiter
+    """The database bulkhead: at most this many database calls in worker threads."""
+    recorder: handlers.Recorder
+    admission: Admission
+    acquirer: Acquirer | None
+    """The card acquirer's client; ``None`` when none is configured."""
+    registry: CollectorRegistry
+    in_flight: set[tuple[str, str]] = field(default_factory=set)
+    """The (API key, Idempotency-Key) pairs this process is handling now."""
+
+    async def run(self, call: Callable[[], _T]) -> _T:
+        """A blocking database call in a worker thread, within the bulkhead; 503 if the write
+        store cannot be reached."""
+        return await handlers.in_worker(self.limiter, call)
+
+
+# A coroutine although it awaits nothing: FastAPI runs a plain function dependency in a
+# worker thread, a thread hop per request.
+async def _resources(request: Request) -> Resources:
+    resources: Resources = request.app.state.resources
+    return resources
+
+
+ResourcesDep = Annotated[Resources, Depends(_resources)]
 
 _KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
 _DEVICE_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")
@@ -99,17 +136,16 @@ _DEVICE_ID_DOC: dict[str, object] = {
 }
 
 
-async def _admission(request: Request) -> None:
+async def _admission(request: Request, resources: ResourcesDep) -> None:
     """Device-group admission control (``command_service/admission.py``), when it is on."""
-    admission: Admission = request.app.state.admission
-    await admission.check(request, _device_id(request.headers.get("x-device-id")))
+    await resources.admission.check(request, _device_id(request.headers.get("x-device-id")))
 
 
 @contextlib.contextmanager
-def _claimed(request: Request, policy: handlers.WritePolicy) -> Iterator[None]:
+def _claimed(resources: Resources, policy: handlers.WritePolicy) -> Iterator[None]:
     """This process handles the (API key, Idempotency-Key) pair alone while the block runs; a
     second request with the same pair meanwhile is refused at once."""
-    in_flight: set[tuple[str, str]] = request.app.state.in_flight
+    in_flight = resources.in_flight
     scope = (policy.client_id, policy.idempotency_key)
     if scope in in_flight:
         raise ApiError(
@@ -132,27 +168,14 @@ def _respond(outcome: handlers.Outcome) -> Response:
     )
 
 
-async def _run(request: Request, command: handlers.WriteCommand) -> Response:
-    with _claimed(request, command.policy):
-        outcome = await _record(request, command)
+async def _record(resources: Resources, command: handlers.WriteCommand) -> Response:
+    with _claimed(resources, command.policy):
+        outcome = await resources.recorder.record(command)
     return _respond(outcome)
 
 
-async def _record(request: Request, command: handlers.WriteCommand) -> handlers.Outcome:
-    """Record ``command``: in a group commit with concurrent requests when group commit is on
-    (``command_service/batching.py``), else (or when its batch failed as a whole) in a
-    transaction of its own."""
-    committer: GroupCommitter | None = request.app.state.group_committer
-    if committer is not None:
-        outcome = await committer.submit(command)
-        if outcome is not None:
-            return outcome
-    engine = request.app.state.write_engine
-    return await _in_worker(request, lambda: handlers.run_alone(engine=engine, command=command))
-
-
-def _policy(request: Request, key: str) -> handlers.WritePolicy:
-    settings = request.app.state.settings
+def _policy(request: Request, resources: Resources, key: str) -> handlers.WritePolicy:
+    settings = resources.settings
     return handlers.WritePolicy(
         # Idempotency keys are scoped to the API key: two backends never collide.
         client_id=principal_of(request.state).key_id,
@@ -202,7 +225,9 @@ _REFUND_LINK: dict[int | str, dict[str, object]] = {
     dependencies=[Depends(needs(PAYMENTS_WRITE)), Depends(_admission)],
     openapi_extra={"parameters": [_IDEMPOTENCY_KEY_DOC, _DEVICE_ID_DOC]},
 )
-async def create_payment(request: Request, body: CreatePayment) -> Response:
+async def create_payment(
+    request: Request, body: CreatePayment, resources: ResourcesDep
+) -> Response:
     """Record a captured payment. Repeating the request with the same Idempotency-Key and
     body returns the original response with `Idempotent-Replayed: true`.
 
@@ -212,19 +237,16 @@ async def create_payment(request: Request, body: CreatePayment) -> Response:
     headers = request.headers
     key = _idempotency_key(headers.get("idempotency-key"))
     device_id = _device_id(headers.get("x-device-id"))
-    policy = _policy(request, key)
+    policy = _policy(request, resources, key)
     if body.method == "card":
-        return await _card_payment(request, policy, body, device_id)
-    return await _run(
-        request, handlers.capture_command(policy=policy, command=body, device_id=device_id)
+        return await _card_payment(resources, policy, body, device_id)
+    return await _record(
+        resources, handlers.capture_command(policy=policy, command=body, device_id=device_id)
     )
 
 
-_T = TypeVar("_T")
-
-
 async def _card_payment(
-    request: Request, policy: handlers.WritePolicy, body: CreatePayment, device_id: str | None
+    resources: Resources, policy: handlers.WritePolicy, body: CreatePayment, device_id: str | None
 ) -> Response:
     """A card payment: the recorded answer if the key has one; otherwise the acquirer's
     authorization over HTTP, then the capture with its id (or the recorded decline).
@@ -232,22 +254,18 @@ async def _card_payment(
     Only the two short database steps run in worker threads. The acquirer is awaited on the
     event loop with no transaction open and no thread or connection held, so a hanging
     acquirer cannot take what balance payments and refunds need."""
-    state = request.app.state
-    engine = state.write_engine
-    with _claimed(request, policy):
-        outcome = await _in_worker(
-            request,
-            lambda: handlers.stored_payment_answer(
-                engine=engine, policy=policy, command=body, device_id=device_id
-            ),
+    request = handlers.capture_command(policy=policy, command=body, device_id=device_id)
+    engine = resources.engine
+    with _claimed(resources, policy):
+        outcome = await resources.run(
+            lambda: handlers.stored_answer(engine=engine, command=request)
         )
         if outcome is None:
-            authorization = await _authorize(state.acquirer, policy, body, device_id)
+            authorization = await _authorize(resources.acquirer, request, body)
             record = (
                 handlers.capture_command if authorization.approved else handlers.decline_command
             )
-            outcome = await _record(
-                request,
+            outcome = await resources.recorder.record(
                 record(
                     policy=policy,
                     command=body,
@@ -258,24 +276,8 @@ async def _card_payment(
     return _respond(outcome)
 
 
-async def _in_worker(request: Request, call: Callable[[], _T]) -> _T:
-    """``call`` in a worker thread behind the database bulkhead; an unreachable store is 503."""
-    try:
-        return await anyio.to_thread.run_sync(call, limiter=request.app.state.db_limiter)
-    except sa.exc.OperationalError as exc:
-        raise ApiError(
-            503,
-            "write_store_unavailable",
-            "The write store is unavailable; retry later.",
-            headers={"Retry-After": "1"},
-        ) from exc
-
-
 async def _authorize(
-    acquirer: Acquirer | None,
-    policy: handlers.WritePolicy,
-    body: CreatePayment,
-    device_id: str | None,
+    acquirer: Acquirer | None, command: handlers.WriteCommand, body: CreatePayment
 ) -> Authorization:
     """The acquirer's approval or decline; 503 ``acquirer_unavailable`` without one."""
     if acquirer is None:
@@ -287,9 +289,7 @@ async def _authorize(
         )
     request = AuthorizationRequest(
         idempotency_key=acquirer_key(
-            policy.client_id,
-            policy.idempotency_key,
-            handlers.payment_request_json(body, device_id),
+            command.policy.client_id, command.policy.idempotency_key, command.request_json
         ),
         amount=body.amount,
         currency=body.currency,
@@ -323,15 +323,18 @@ async def _authorize(
     openapi_extra={"parameters": [_IDEMPOTENCY_KEY_DOC]},
 )
 async def create_refund(
-    request: Request, payment_id: Annotated[uuid.UUID, Path()], body: CreateRefund
+    request: Request,
+    payment_id: Annotated[uuid.UUID, Path()],
+    body: CreateRefund,
+    resources: ResourcesDep,
 ) -> Response:
     """Refund `amount` of the payment. The total refunded never exceeds the captured amount,
     even under concurrent refunds: a refund that would is refused with
     409 `refund_exceeds_captured`."""
     key = _idempotency_key(request.headers.get("idempotency-key"))
-    policy = _policy(request, key)
-    return await _run(
-        request, handlers.refund_command(policy=policy, payment_id=payment_id, command=body)
+    policy = _policy(request, resources, key)
+    return await _record(
+        resources, handlers.refund_command(policy=policy, payment_id=payment_id, command=body)
     )
 
 
@@ -342,10 +345,9 @@ async def create_refund(
     summary="Admission control as it applies now",
     dependencies=[Depends(needs(ADMIN))],
 )
-async def get_admission(request: Request) -> Response:
+async def get_admission(resources: ResourcesDep) -> Response:
     """The policy this process applies (every process re-reads it each second)."""
-    admission: Admission = request.app.state.admission
-    return JSONResponse((await admission.policy()).model_dump())
+    return JSONResponse((await resources.admission.policy()).model_dump())
 
 
 @router.put(
@@ -359,16 +361,16 @@ async def get_admission(request: Request) -> Response:
     summary="Change admission control live",
     dependencies=[Depends(needs(ADMIN))],
 )
-async def put_admission(request: Request, body: AdmissionPolicy) -> Response:
+async def put_admission(
+    request: Request, body: AdmissionPolicy, resources: ResourcesDep
+) -> Response:
     """Turn device-group admission on or off, or change its share of devices, its window or
     what happens to requests without `X-Device-Id`. Every command API process applies it
     within a second; it outlives restarts (it is stored in the write store)."""
-    admission: Admission = request.app.state.admission
     updated_by = principal_of(request.state).key_id
-    await _in_worker(
-        request, lambda: store_policy(request.app.state.write_engine, body, updated_by)
-    )
-    admission.applied(body)
+    engine = resources.engine
+    await resources.run(lambda: store_policy(engine, body, updated_by))
+    resources.admission.applied(body)
     return JSONResponse(body.model_dump())
 
 
@@ -378,21 +380,20 @@ async def healthz() -> JSONResponse:
 
 
 @router.get("/readyz", summary="The write store answers", responses={503: {"model": ErrorOut}})
-async def readyz(request: Request) -> Response:
-    engine = request.app.state.write_engine
+async def readyz(resources: ResourcesDep) -> Response:
+    engine = resources.engine
 
     def ping() -> None:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
 
     try:
-        await anyio.to_thread.run_sync(ping, limiter=request.app.state.db_limiter)
+        await anyio.to_thread.run_sync(ping, limiter=resources.limiter)
     except sa.exc.SQLAlchemyError as exc:
         raise ApiError(503, "write_store_unavailable", "The write store does not answer.") from exc
     return JSONResponse({"status": "ready"})
 
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-async def metrics(request: Request) -> Response:
-    registry = request.app.state.metrics_registry
-    return await anyio.to_thread.run_sync(metrics_response, registry)
+async def metrics(resources: ResourcesDep) -> Response:
+    return await anyio.to_thread.run_sync(metrics_response, resources.registry)

@@ -108,35 +108,41 @@ def make_traffic(
     count = 0
     for i in range(payments_count):
         merchant = "m0" if rng.random() < 1 / 3 else f"m{rng.randrange(1, merchants)}"
-        outcome = handlers.capture_payment(
-            engine=engine,
-            policy=policy(f"p-{seed}-{i}"),
-            command=CreatePayment(
-                merchant_id=merchant,
-                user_id=f"u{rng.randrange(50)}",
-                amount=rng.randrange(100, 10_000),
-                method=rng.choice(["balance", "card"]),
+        outcome = handlers.record_alone(
+            engine,
+            handlers.capture_command(
+                policy=policy(f"p-{seed}-{i}"),
+                command=CreatePayment(
+                    merchant_id=merchant,
+                    user_id=f"u{rng.randrange(50)}",
+                    amount=rng.randrange(100, 10_000),
+                    method=rng.choice(["balance", "card"]),
+                ),
+                device_id=None,
             ),
-            device_id=None,
         )
         pid = uuid.UUID(orjson.loads(outcome.body)["payment_id"])
         ids.append(pid)
         count += 1
         if rng.random() < refund_share:
-            handlers.refund_payment(
-                engine=engine,
-                policy=policy(f"r-{seed}-{i}"),
-                payment_id=pid,
-                command=CreateRefund(amount=rng.randrange(1, 100)),
+            handlers.record_alone(
+                engine,
+                handlers.refund_command(
+                    policy=policy(f"r-{seed}-{i}"),
+                    payment_id=pid,
+                    command=CreateRefund(amount=rng.randrange(1, 100)),
+                ),
             )
             count += 1
             if second_refund_share and rng.random() < second_refund_share:
                 # At most 99 + 1 refunded of at least 100 captured: never refused.
-                handlers.refund_payment(
-                    engine=engine,
-                    policy=policy(f"r2-{seed}-{i}"),
-                    payment_id=pid,
-                    command=CreateRefund(amount=1),
+                handlers.record_alone(
+                    engine,
+                    handlers.refund_command(
+                        policy=policy(f"r2-{seed}-{i}"),
+                        payment_id=pid,
+                        command=CreateRefund(amount=1),
+                    ),
                 )
                 count += 1
     return Traffic(ids, count)

@@ -484,7 +484,7 @@ async def _breaker_scenario(
     # Half-open against a hanging acquirer: one probe goes through, the others fail at once;
     # the probe's timeout opens the breaker again.
     acquirer.hang()
-    await until_true(lambda: app.state.acquirer.breaker_state == "half_open")
+    await until_true(lambda: app.state.resources.acquirer.breaker_state == "half_open")
     assert await breaker_state(api) == "half_open"
     keys = [new_key("probe") for _ in range(5)]
     probes = await asyncio.gather(*(pay(api, card_body(k), k) for k in keys))
@@ -495,7 +495,7 @@ async def _breaker_scenario(
 
     # The acquirer recovers: the next probe succeeds and closes the breaker.
     acquirer.recover()
-    await until_true(lambda: app.state.acquirer.breaker_state == "half_open")
+    await until_true(lambda: app.state.resources.acquirer.breaker_state == "half_open")
     key = new_key("recovered")
     assert (await pay(api, card_body(key), key)).status_code == 201
     assert await breaker_state(api) == "closed"
@@ -544,8 +544,8 @@ async def test_a_hanging_acquirer_leaves_balance_payments_and_workers_alone(
                 key = new_key("hung")
                 answers.append(await pay(api, card_body(key), key))
 
-        acquirer_client = app.state.acquirer
-        limiter = app.state.db_limiter
+        acquirer_client = app.state.resources.acquirer
+        limiter = app.state.resources.limiter
         observed: list[int] = []  # acquirer calls in flight, sampled
 
         async def observe() -> None:
@@ -577,7 +577,7 @@ async def test_a_hanging_acquirer_leaves_balance_payments_and_workers_alone(
             assert error["details"]["reason"] in {"timeout", "busy"}, error
         # Nothing left behind: no call in flight, no key held, no thread taken.
         assert acquirer_client.in_flight == 0
-        assert app.state.in_flight == set()
+        assert app.state.resources.in_flight == set()
         assert limiter.borrowed_tokens == 0
 
         # The hang ends: the API answers at once, card payments included.

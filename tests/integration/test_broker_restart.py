@@ -118,17 +118,19 @@ async def partition_count(bootstrap: str, topic: str) -> int:
 
 
 def write_one_payment(engine: Engine) -> uuid.UUID:
-    outcome = handlers.capture_payment(
-        engine=engine,
-        policy=handlers.WritePolicy(
-            client_id="test",
-            idempotency_key=f"after-restart-{uuid.uuid4()}",
-            retention=timedelta(hours=1),
-            shards=8,
-            max_attempts=30,
+    outcome = handlers.record_alone(
+        engine,
+        handlers.capture_command(
+            policy=handlers.WritePolicy(
+                client_id="test",
+                idempotency_key=f"after-restart-{uuid.uuid4()}",
+                retention=timedelta(hours=1),
+                shards=8,
+                max_attempts=30,
+            ),
+            command=CreatePayment(merchant_id="m9", user_id="u9", amount=500, method="balance"),
+            device_id=None,
         ),
-        command=CreatePayment(merchant_id="m9", user_id="u9", amount=500, method="balance"),
-        device_id=None,
     )
     return uuid.UUID(orjson.loads(outcome.body)["payment_id"])
 

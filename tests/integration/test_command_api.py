@@ -430,7 +430,7 @@ async def test_same_key_while_first_is_in_flight_gets_409_at_once(
         with write_store_blocked(url):
             first = asyncio.create_task(post())
             tasks.append(first)
-            await until_true(lambda: key in {k for _, k in app.state.in_flight})
+            await until_true(lambda: key in {k for _, k in app.state.resources.in_flight})
             if sa.make_url(url).get_backend_name() == "mysql":
                 await until_true(lambda: mysql_waiters(url) >= 1)  # really held in MySQL
 
@@ -451,7 +451,7 @@ async def test_same_key_while_first_is_in_flight_gets_409_at_once(
             await asyncio.wait(tasks, timeout=30)
 
     assert response.status_code == 201, response.text
-    assert key not in {k for _, k in app.state.in_flight}
+    assert key not in {k for _, k in app.state.resources.in_flight}
     retry = await api.post(PAYMENTS, json=payment_body(), headers=headers)
     assert retry.status_code == 201
     assert retry.headers["Idempotent-Replayed"] == "true"

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 
 from command_service import repository
 from command_service.app import create_app
-from command_service.batching import GroupCommitter
+from command_service.handlers import Recorder
 from kessai.auth import PAYMENTS_WRITE
 from kessai.clock import utcnow
 from kessai.db import create_db_engine
@@ -158,7 +158,8 @@ def events_and_outbox(
 
 def payment_state(engine: Engine, payment_id: str) -> Any:
     with engine.connect() as conn:
-        return fold(repository.load_payment_events(conn, uuid.UUID(payment_id)))
+        payment = uuid.UUID(payment_id)
+        return fold(repository.load_events_of_payments(conn, {payment})[payment])
 
 
 async def test_concurrent_payments_share_transactions_and_each_is_recorded_once(
@@ -174,7 +175,7 @@ async def test_concurrent_payments_share_transactions_and_each_is_recorded_once(
             async with gate:
                 return await post_payment(api, idempotency_key, amount=100 + index)
 
-        with counting_commits(app.state.write_engine) as commits:
+        with counting_commits(app.state.resources.engine) as commits:
             responses = await asyncio.gather(*(pay(k, i) for i, k in enumerate(keys)))
             assert [r.status_code for r in responses] == [201] * 200
             batches, requests = await batch_sizes(api)
@@ -219,7 +220,7 @@ async def test_a_bad_request_gets_its_own_answer_while_its_batch_mates_succeed(
     async with running(
         settings, key, group_commit_max_batch=9, group_commit_max_delay_ms=5_000
     ) as (app, api):
-        with counting_commits(app.state.write_engine) as commits:
+        with counting_commits(app.state.resources.engine) as commits:
             responses = await asyncio.gather(
                 post_payment(api, new_key(), amount=1),
                 post_payment(api, new_key(), amount=2),
@@ -278,7 +279,7 @@ async def test_concurrent_refunds_in_one_batch_never_exceed_the_captured_amount(
     async with running(
         settings, key, group_commit_max_batch=50, group_commit_max_delay_ms=5_000
     ) as (app, api):
-        with counting_commits(app.state.write_engine) as commits:
+        with counting_commits(app.state.resources.engine) as commits:
             responses = await asyncio.gather(*(post_refund(api, pid, 1) for _ in range(50)))
         assert commits[0] == 1
 
@@ -345,8 +346,8 @@ async def test_a_batch_that_fails_as_a_whole_falls_back_to_one_transaction_per_r
         async with running(
             settings, key, group_commit_max_batch=7, group_commit_max_delay_ms=5_000
         ) as (app, api):
-            committer: GroupCommitter = app.state.group_committer
-            committer.before_write = concurrent_writer
+            recorder: Recorder = app.state.resources.recorder
+            recorder.before_write = concurrent_writer
             keys = [new_key("fallback") for _ in range(7)]
             responses = await asyncio.gather(
                 *(post_refund(api, pid, 3, k) for k in keys[:4]),
@@ -394,8 +395,8 @@ async def test_with_group_commit_off_each_request_is_its_own_transaction(
     settings: Settings, key: str, write_engine: Engine
 ) -> None:
     async with running(settings, key, group_commit=False) as (app, api):
-        assert app.state.group_committer is None
-        with counting_commits(app.state.write_engine) as commits:
+        assert app.state.resources.recorder.committer is None
+        with counting_commits(app.state.resources.engine) as commits:
             responses = await asyncio.gather(*(post_payment(api, new_key()) for _ in range(20)))
         assert [r.status_code for r in responses] == [201] * 20
         assert commits[0] == 20

@@ -193,19 +193,23 @@ def _policy(key: str) -> handlers.WritePolicy:
 async def test_a_version_never_delivered_is_a_parked_gap_that_gets_filled(
     rsettings: Settings, write_engine: Engine, read_engine: Engine, reconciler: Reconciler
 ) -> None:
-    outcome = handlers.capture_payment(
-        engine=write_engine,
-        policy=_policy("gap-p"),
-        command=CreatePayment(merchant_id="m1", user_id="u1", amount=1000, method="card"),
-        device_id=None,
+    outcome = handlers.record_alone(
+        write_engine,
+        handlers.capture_command(
+            policy=_policy("gap-p"),
+            command=CreatePayment(merchant_id="m1", user_id="u1", amount=1000, method="card"),
+            device_id=None,
+        ),
     )
     pid = uuid.UUID(orjson.loads(outcome.body)["payment_id"])
     for i in range(2):
-        handlers.refund_payment(
-            engine=write_engine,
-            policy=_policy(f"gap-r{i}"),
-            payment_id=pid,
-            command=CreateRefund(amount=100),
+        handlers.record_alone(
+            write_engine,
+            handlers.refund_command(
+                policy=_policy(f"gap-r{i}"),
+                payment_id=pid,
+                command=CreateRefund(amount=100),
+            ),
         )
     with write_engine.begin() as conn:
         conn.execute(outbox.delete())  # the relay never publishes them

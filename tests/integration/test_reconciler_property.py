@@ -116,25 +116,29 @@ def write_history(engine: Engine, plan: Plan, tag: str) -> list[uuid.UUID]:
     The outbox rows go: this test delivers the events itself, not the relay."""
     ids: list[uuid.UUID] = []
     for i, p in enumerate(plan.payments):
-        outcome = handlers.capture_payment(
-            engine=engine,
-            policy=_policy(f"{tag}-p{i}"),
-            command=CreatePayment(
-                merchant_id=f"{tag}-m{p.merchant}",
-                user_id=f"u{i}",
-                amount=p.amount,
-                method="card",
+        outcome = handlers.record_alone(
+            engine,
+            handlers.capture_command(
+                policy=_policy(f"{tag}-p{i}"),
+                command=CreatePayment(
+                    merchant_id=f"{tag}-m{p.merchant}",
+                    user_id=f"u{i}",
+                    amount=p.amount,
+                    method="card",
+                ),
+                device_id=None,
             ),
-            device_id=None,
         )
         pid = uuid.UUID(orjson.loads(outcome.body)["payment_id"])
         ids.append(pid)
         for j, amount in enumerate(p.refunds):
-            handlers.refund_payment(
-                engine=engine,
-                policy=_policy(f"{tag}-p{i}-r{j}"),
-                payment_id=pid,
-                command=CreateRefund(amount=amount),
+            handlers.record_alone(
+                engine,
+                handlers.refund_command(
+                    policy=_policy(f"{tag}-p{i}-r{j}"),
+                    payment_id=pid,
+                    command=CreateRefund(amount=amount),
+                ),
             )
     with engine.begin() as conn:
         conn.execute(outbox.delete().where(outbox.c.payment_id.in_(ids)))

@@ -34,7 +34,7 @@ from tests.helpers import api_key, bearer, count_rows, new_key, payment_body
 
 
 def write_engine_of(app: FastAPI) -> Engine:
-    engine: Engine = app.state.write_engine
+    engine: Engine = app.state.resources.engine
     return engine
 
 

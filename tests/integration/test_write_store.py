@@ -36,11 +36,13 @@ def policy() -> handlers.WritePolicy:
 
 
 def capture(engine: Engine, amount: int = 1000) -> uuid.UUID:
-    outcome = handlers.capture_payment(
-        engine=engine,
-        policy=policy(),
-        command=CreatePayment.model_validate(payment_body(amount=amount)),
-        device_id=None,
+    outcome = handlers.record_alone(
+        engine,
+        handlers.capture_command(
+            policy=policy(),
+            command=CreatePayment.model_validate(payment_body(amount=amount)),
+            device_id=None,
+        ),
     )
     assert outcome.status == 201
     return uuid.UUID(orjson.loads(outcome.body)["payment_id"])
@@ -67,11 +69,13 @@ def event_rows(engine: Engine) -> list[tuple[object, ...]]:
 )
 def test_events_refuse_update_and_delete(write_engine: Engine, statement: str) -> None:
     payment_id = capture(write_engine)
-    outcome = handlers.refund_payment(
-        engine=write_engine,
-        policy=policy(),
-        payment_id=payment_id,
-        command=CreateRefund(amount=100),
+    outcome = handlers.record_alone(
+        write_engine,
+        handlers.refund_command(
+            policy=policy(),
+            payment_id=payment_id,
+            command=CreateRefund(amount=100),
+        ),
     )
     assert outcome.status == 201
     before = event_rows(write_engine)
@@ -119,7 +123,7 @@ def test_duplicate_payment_version_is_refused(write_engine: Engine) -> None:
 def test_duplicate_event_id_is_refused(write_engine: Engine) -> None:
     payment_id = capture(write_engine)
     with write_engine.connect() as conn:
-        stored = repository.load_payment_events(conn, payment_id)[0]
+        stored = repository.load_events_of_payments(conn, {payment_id})[payment_id][0]
     elsewhere = stored.model_copy(update={"payment_id": uuid.uuid4()})
 
     with pytest.raises(sa.exc.IntegrityError), write_engine.begin() as conn:
