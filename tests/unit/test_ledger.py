@@ -12,6 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from command_service.handlers import WritePolicy, refund_command
+from command_service.schemas import CreateRefund
+from kessai.errors import ApiError
 from kessai.events import (
     PaymentCaptured,
     PaymentCapturedPayload,
@@ -189,17 +192,32 @@ def test_invariant_violations(events: list[PaymentCaptured | PaymentRefunded]) -
 
 # --- property: what the refund handler accepts never over-refunds ----------------------------
 
+POLICY = WritePolicy(
+    client_id="client-1",
+    idempotency_key="key-1",
+    retention=timedelta(hours=1),
+    shards=8,
+    max_attempts=5,
+)
+
 
 def _decide(state: PaymentState, amount: int) -> PaymentRefunded | None:
-    """The refund handler's decision on a folded state: the next event, or None (409)."""
-    if amount > state.refundable_amount:
-        return None
-    return refund(
-        amount,
-        version=state.version + 1,
-        refunded_amount=state.refunded_amount + amount,
-        currency=state.currency,
+    """The refund handler's own decision on a folded state, with a fixed clock: the next
+    event, or None (409)."""
+    command = refund_command(
+        policy=POLICY, payment_id=PAYMENT_ID, command=CreateRefund(amount=amount)
     )
+    try:
+        _status, _body, events = command.decide(
+            state, clock=lambda: T0 + timedelta(minutes=1), ids=new_id
+        )
+    except ApiError as refused:
+        if refused.code != "refund_exceeds_captured":
+            raise
+        return None
+    (event,) = events
+    assert isinstance(event, PaymentRefunded)
+    return event
 
 
 @settings(max_examples=200, deadline=None)
