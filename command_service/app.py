@@ -17,12 +17,8 @@ from command_service.admission import Admission
 from command_service.handlers import Recorder
 from command_service.metrics import OutboxCollector
 from command_service.routes import Resources, router
-from kessai.auth import Authenticator
 from kessai.db import create_db_engine
-from kessai.edge import install_edge
-from kessai.errors import install_error_handlers
-from kessai.http import JSONResponse
-from kessai.runtime import freeze_startup_heap
+from kessai.edge import create_api, served
 from kessai.settings import Settings
 
 DB_POOL_SIZE = 16
@@ -31,16 +27,12 @@ log = logging.getLogger(__name__)
 
 
 def create_served_app() -> FastAPI:
-    """The app as ``kessai command-api`` serves it (each uvicorn worker calls this): ``create_app``,
-    then the start-up heap frozen (``kessai.runtime.freeze_startup_heap``)."""
-    app = create_app()
-    freeze_startup_heap()
-    return app
+    """The app as ``kessai command-api`` serves it (``kessai.edge.served``)."""
+    return served(create_app)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    keys_db_url = settings.resolved_keys_db_url()  # outside development: refuse to start
     registry = CollectorRegistry()
 
     @asynccontextmanager
@@ -78,11 +70,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         else:
             registry.register(acquirer.collector)
-        app.state.metrics_registry = registry
-        keys_engine = create_db_engine(keys_db_url, pool_size=2, write=False)
-        app.state.authenticator = Authenticator(
-            keys_engine, cache_seconds=settings.auth_cache_seconds
-        )
         # Group commit: concurrent payments and refunds share one write-store transaction.
         recorder = Recorder.start(settings, engine, limiter, registry)
         app.state.resources = Resources(
@@ -104,23 +91,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await refresh
             registry.unregister(admitted_share)
             admission_engine.dispose()
-            app.state.authenticator = None
             registry.unregister(collector)
             if acquirer is not None:
                 registry.unregister(acquirer.collector)
                 await acquirer.aclose()
             engine.dispose()
-            keys_engine.dispose()
 
-    app = FastAPI(
+    return create_api(
+        service="command",
         title="kessai command API",
-        version="1",
         description="Writes of the kessai payment ledger: payments and refunds. "
         "Every write needs an Idempotency-Key. Amounts are integers in minor units.",
+        settings=settings,
+        registry=registry,
+        router=router,
         lifespan=lifespan,
-        default_response_class=JSONResponse,
+        keys_engine=lambda url: create_db_engine(url, pool_size=2, write=False),
     )
-    install_error_handlers(app)
-    app.include_router(router)
-    install_edge(app, settings, registry, "command")
-    return app

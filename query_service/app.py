@@ -19,11 +19,8 @@ from prometheus_client import CollectorRegistry, Counter
 from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.responses import Response
 
-from kessai.auth import Authenticator
-from kessai.edge import install_edge
-from kessai.errors import error_response, install_error_handlers
-from kessai.http import JSONResponse
-from kessai.runtime import freeze_startup_heap
+from kessai.edge import create_api, served
+from kessai.errors import error_response
 from kessai.settings import Settings
 from query_service import handlers
 from query_service.cache import FreshnessCache, SummaryCache, ZoneCache
@@ -40,16 +37,12 @@ REDIS_MAX_CONNECTIONS = 32
 
 
 def create_served_app() -> FastAPI:
-    """The app as ``kessai query-api`` serves it (each uvicorn worker calls this): ``create_app``,
-    then the start-up heap frozen (``kessai.runtime.freeze_startup_heap``)."""
-    app = create_app()
-    freeze_startup_heap()
-    return app
+    """The app as ``kessai query-api`` serves it (``kessai.edge.served``)."""
+    return served(create_app)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    keys_db_url = settings.resolved_keys_db_url()  # outside development: refuse to start
     registry = CollectorRegistry()
     summary_cache_lookups = Counter(
         "kessai_query_summary_cache_total",
@@ -64,19 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # At most as many reads in threads as the pool keeps connections: overflow connections
         # are opened and closed per checkout (see command_service/app.py).
         limiter = anyio.CapacityLimiter(DB_POOL_SIZE)
-        redis = (
-            Redis.from_pool(
-                BlockingConnectionPool.from_url(
-                    settings.redis_url,
-                    max_connections=REDIS_MAX_CONNECTIONS,
-                    timeout=REDIS_TIMEOUT_SECONDS,
-                    socket_timeout=REDIS_TIMEOUT_SECONDS,
-                    socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
-                )
-            )
-            if settings.redis_url
-            else None
-        )
+        redis = _summary_redis(settings.redis_url)
 
         async def load_zone(merchant_id: str) -> str | None:
             return await anyio.to_thread.run_sync(
@@ -92,7 +73,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         app.state.settings = settings
         app.state.read_engine = engine
-        app.state.metrics_registry = registry
         app.state.resources = Resources(
             settings=settings,
             engine=engine,
@@ -105,41 +85,51 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 on_lookup=lambda result: summary_cache_lookups.labels(result).inc(),
             ),
         )
-        keys_engine = create_read_only_engine(keys_db_url, pool_size=2)
-        app.state.authenticator = Authenticator(
-            keys_engine, cache_seconds=settings.auth_cache_seconds
-        )
         try:
             yield
         finally:
-            app.state.authenticator = None
             if redis is not None:
                 await redis.aclose()
             engine.dispose()
-            keys_engine.dispose()
 
-    app = FastAPI(
+    app = create_api(
+        service="query",
         title="kessai query API",
-        version="1",
         description="Reads of the kessai payment ledger for the merchant dashboard: payments, "
         "a user's history, totals by day and hour, CSV exports. Served from the read "
         "database only; every answer says how fresh it is (`as_of`, `lag_seconds`). "
         "Amounts are integers in minor units.",
+        settings=settings,
+        registry=registry,
+        router=router,
         lifespan=lifespan,
-        default_response_class=JSONResponse,
+        keys_engine=lambda url: create_read_only_engine(url, pool_size=2),
     )
-    install_error_handlers(app)
 
-    @app.exception_handler(sa.exc.OperationalError)
-    async def _read_db_unavailable(_request: Request, exc: sa.exc.OperationalError) -> Response:
-        log.warning("read database unavailable: %s", exc.orig)
-        return error_response(
-            503,
-            "read_db_unavailable",
-            "The read database is unavailable; retry later.",
-            headers={"Retry-After": "1"},
-        )
-
-    app.include_router(router)
-    install_edge(app, settings, registry, "query")
+    app.add_exception_handler(sa.exc.OperationalError, _read_db_unavailable)
     return app
+
+
+def _summary_redis(url: str | None) -> Redis | None:
+    """The summary cache's Redis client, or ``None`` without ``KESSAI_REDIS_URL``."""
+    if not url:
+        return None
+    return Redis.from_pool(
+        BlockingConnectionPool.from_url(
+            url,
+            max_connections=REDIS_MAX_CONNECTIONS,
+            timeout=REDIS_TIMEOUT_SECONDS,
+            socket_timeout=REDIS_TIMEOUT_SECONDS,
+            socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+        )
+    )
+
+
+async def _read_db_unavailable(_request: Request, exc: Exception) -> Response:
+    log.warning("read database unavailable: %s", getattr(exc, "orig", exc))
+    return error_response(
+        503,
+        "read_db_unavailable",
+        "The read database is unavailable; retry later.",
+        headers={"Retry-After": "1"},
+    )
