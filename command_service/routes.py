@@ -254,14 +254,13 @@ async def _card_payment(
     Only the two short database steps run in worker threads. The acquirer is awaited on the
     event loop with no transaction open and no thread or connection held, so a hanging
     acquirer cannot take what balance payments and refunds need."""
-    request = handlers.capture_command(policy=policy, command=body, device_id=device_id)
+    # The request as the idempotency record holds it (the same whatever the acquirer says).
+    asked = handlers.capture_command(policy=policy, command=body, device_id=device_id)
     engine = resources.engine
     with _claimed(resources, policy):
-        outcome = await resources.run(
-            lambda: handlers.stored_answer(engine=engine, command=request)
-        )
+        outcome = await resources.run(lambda: handlers.stored_answer(engine=engine, command=asked))
         if outcome is None:
-            authorization = await _authorize(resources.acquirer, request, body)
+            authorization = await _authorize(resources.acquirer, asked, body)
             record = (
                 handlers.capture_command if authorization.approved else handlers.decline_command
             )
