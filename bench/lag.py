@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from bench.serving import Served, served
 from bench.stores import Stores
 from kessai import loadgen
 from kessai.broker import EmbeddedBroker, ensure_topic, free_port
@@ -49,8 +50,6 @@ class Pipeline:
     @contextlib.contextmanager
     def running(cls, env: dict[str, str], home: Path) -> Iterator[Pipeline]:
         """``env`` holds the databases' settings; the services' logs go to ``home``."""
-        from bench.writes import served  # the APIs' process handling; bench.writes imports this
-
         broker = EmbeddedBroker(free_port(), log_path=home / "broker.log")
         broker.start()
         pipeline = cls(broker)
@@ -86,8 +85,6 @@ class Pipeline:
 @contextlib.contextmanager
 def _background(argv: list[str], env: dict[str, str], home: Path, name: str) -> Iterator[Any]:
     """A service without an HTTP port (relay, projector), stopped at the end of the block."""
-    from bench.writes import Served  # the same process handling as the APIs
-
     server = Served(argv, env, 0, home / f"{name}.log")
     try:
         time.sleep(0.2)

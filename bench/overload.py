@@ -4,7 +4,8 @@
 [--timeout 10] [--pin 0:1] [--db-url mysql+pymysql://root@127.0.0.1:3306 | --db-url sqlite]
 [--json out.json]``
 
-1. Creates fresh databases and a ``payments:write`` key as ``bench/writes.py`` does.
+1. Creates fresh databases and a ``payments:write`` key as ``bench/writes.py`` does
+   (``bench.stores.prepare_stores``).
 2. The baseline: serves the real command API (``kessai command-api --workers N``; rate limits
    out of the way) with shedding out of the way (``KESSAI_OVERLOAD_MAX_IN_FLIGHT=10000``) and
    measures its capacity: closed loop over ``--capacity-connections`` for
@@ -52,15 +53,18 @@ from typing import Annotated, Any
 
 import orjson
 import typer
+from rich.console import Console
 from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bench.reconciler import DEFAULT_DB_URL, machine_table
-from bench.stores import Stores, temporary_home
-from bench.writes import _interrupt, console, prepare_stores, scalar_of, served, served_env
+from bench.serving import interrupt, served, served_env
+from bench.stores import Stores, prepare_stores, scalar_of, temporary_home
 from kessai import loadgen
 from kessai.auth import PAYMENTS_WRITE
 from kessai.broker import free_port
+
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 TARGETS = {"admitted_p99_ms": 100.0, "client_timeouts": 0, "refusals_with_retry_after": 1.0}
 UNBOUNDED = "10000"
@@ -212,7 +216,7 @@ def main(
 ) -> None:
     """Drive the command API at a multiple of its capacity, with shedding and without."""
     server_cpus, client_cpus = pinning(pin)  # a wrong --pin is refused before anything is made
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     name = f"kessai_bench_{uuid.uuid4().hex[:10]}"
     write_db, keys_db, read_db = f"{name}_w", f"{name}_k", f"{name}_r"
     home = temporary_home(db_url, "kessai-bench-overload-")

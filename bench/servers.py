@@ -9,7 +9,7 @@ Creates fresh databases and a key as ``bench/writes.py`` does, then for each rou
 worker count serves the real command API (``command_service.app:create_served_app``, what ``kessai
 command-api`` serves) and the bare endpoint (``bench/bare_app.py``) with each server in turn,
 uvicorn and granian alternating which goes first, and drives each with the traffic of
-``kessai loadgen`` (``bench.writes.drive``): every kessai run on the same databases, which
+``kessai loadgen`` (``bench.drive.drive``): every kessai run on the same databases, which
 grow as the runs go. uvicorn is run as ``kessai command-api`` runs it (uvloop, httptools);
 granian with ``--interface asgi --loop uvloop --http 1``. Prints every run, then the medians
 per server and worker count with their ratios to uvicorn at the same worker count: answers/s,
@@ -33,14 +33,18 @@ from typing import Annotated, Any
 
 import orjson
 import typer
+from rich.console import Console
 from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bench.drive import drive
 from bench.reconciler import DEFAULT_DB_URL, machine_table
-from bench.stores import Stores, temporary_home
-from bench.writes import _interrupt, console, drive, prepare_stores, served, served_env
+from bench.serving import interrupt, served, served_env
+from bench.stores import Stores, prepare_stores, temporary_home
 from kessai.auth import PAYMENTS_WRITE
 from kessai.broker import free_port
+
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 SERVERS = ("uvicorn", "granian")
 APPS = {"kessai": "command_service.app:create_served_app", "bare": "bench.bare_app:create_app"}
@@ -96,7 +100,7 @@ def main(
             ".venv/bin/pip install granian, or --server uvicorn"
         )
         raise typer.Exit(2)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     name = f"kessai_bench_{uuid.uuid4().hex[:10]}"
     write_db, keys_db, read_db = f"{name}_w", f"{name}_k", f"{name}_r"
     home = temporary_home(db_url, "kessai-bench-servers-")

@@ -25,6 +25,9 @@ from bench.reconciler import (
     machine,
     server_pid,
 )
+from kessai.auth import create_key
+from kessai.db import create_db_engine
+from kessai.migrate import upgrade
 
 SQLITE = "sqlite"
 
@@ -103,3 +106,30 @@ class Stores:
         info = machine(None)
         info["database"] = f"SQLite {sqlite3.sqlite_version} (WAL, synchronous=FULL)"
         return info
+
+
+def prepare_stores(
+    stores: Stores, names: tuple[str, str, str], created: list[str], label: str, *scopes: str
+) -> list[str]:
+    """Create and migrate the bench's write store, key store and read database (``names``, in
+    that order; each joins ``created`` as soon as it exists, so the caller's cleanup drops it
+    whatever fails next), then one API key per scope, named ``label``: the keys, in order."""
+    write_db, keys_db, read_db = names
+    for db in names:
+        stores.create(db)
+        created.append(db)
+    upgrade("write", stores.url(write_db))
+    upgrade("keys", stores.url(keys_db))
+    upgrade("read", stores.url(read_db))
+    engine = create_db_engine(stores.url(keys_db), pool_size=1)
+    try:
+        return [create_key(engine, [scope], label)[1] for scope in scopes]
+    finally:
+        engine.dispose()
+
+
+def scalar_of(stores: Stores, database: str, sql: str) -> int:
+    with stores.cursor(database) as (_, cursor):
+        cursor.execute(sql)
+        row = cursor.fetchone()
+        return int(row[0]) if row else 0
