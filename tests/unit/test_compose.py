@@ -195,6 +195,21 @@ def test_project_services_never_use_embedded_defaults(compose: dict[str, Any]) -
         assert env["KESSAI_READ_DB_URL"].startswith("mysql+pymysql://"), name
 
 
+def test_the_command_api_is_reached_through_its_proxy_only(compose: dict[str, Any]) -> None:
+    """Overload is refused before Python: nginx in front, the API's port not published."""
+    services = compose["services"]
+    assert "ports" not in services["command-api"]
+    proxy = services["command-proxy"]
+    assert str(proxy["image"]).startswith("nginx:")
+    assert proxy["ports"], "the proxy publishes the command API's port"
+    assert depends_on(proxy)["command-api"]["condition"] == "service_healthy"
+    assert has_healthcheck(proxy)
+    env = environment(proxy)
+    assert env["KESSAI_PROXY_UPSTREAM"] == "command-api:8000"
+    mounted = " ".join(map(str, proxy["volumes"]))
+    assert "deploy/nginx/command-api.conf.template:/etc/nginx/templates/" in mounted
+
+
 def test_command_api_listens_on_all_interfaces(compose: dict[str, Any]) -> None:
     env = environment(compose["services"]["command-api"])
     assert env.get("KESSAI_COMMAND_API_HOST") == "0.0.0.0"
