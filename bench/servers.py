@@ -28,6 +28,7 @@ import signal
 import statistics
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -117,7 +118,6 @@ def main(
             "servers": names,
             "seed": seed,
         },
-        "runs": [],
     }
     created: list[str] = []
     try:
@@ -138,18 +138,7 @@ def main(
                 mysqld=stores.server_pid(),
                 progress=progress,
             )
-            for round_ in range(rounds):
-                order = names if round_ % 2 == 0 else names[::-1]
-                for count in counts:
-                    for app in APPS:
-                        for server in order:
-                            port = free_port()
-                            argv = server_argv(server, app, port, count)
-                            log = home / f"{server}-{app}.log"
-                            with served(argv, env, port, log) as api:
-                                figures = measure(api, label=f"{app} {server} {count}w")
-                            run = {"server": server, "app": app, "workers": count}
-                            report["runs"].append({**run, "round": round_, **figures})
+            report["runs"] = every_run(measure, env, home, rounds, counts, names)
         report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         report["medians"] = medians(report["runs"])
         show(report)
@@ -161,6 +150,32 @@ def main(
             with contextlib.suppress(Exception):
                 stores.drop(db)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def every_run(
+    measure: Callable[..., dict[str, Any]],
+    env: dict[str, str],
+    home: Path,
+    rounds: int,
+    counts: list[int],
+    names: list[str],
+) -> list[dict[str, Any]]:
+    """Each round, worker count, app and server in turn, the servers alternating which goes
+    first from one round to the next: the figures of every run, in order."""
+    runs = []
+    for round_ in range(rounds):
+        order = names if round_ % 2 == 0 else names[::-1]
+        for count in counts:
+            for app in APPS:
+                for server in order:
+                    port = free_port()
+                    argv = server_argv(server, app, port, count)
+                    log = home / f"{server}-{app}.log"
+                    with served(argv, env, port, log) as api:
+                        figures = measure(api, label=f"{app} {server} {count}w")
+                    run = {"server": server, "app": app, "workers": count}
+                    runs.append({**run, "round": round_, **figures})
+    return runs
 
 
 def cpu_ms_per_answer(run: dict[str, Any]) -> float:
