@@ -3,6 +3,8 @@
 ``python -m bench [--size quick|full] [--db-url URL | --db-url sqlite] [--out DIR]
 [--only writes --only queries ...]``
 
+``ratelimit`` needs Redis at 127.0.0.1:6379 (``make services``), also with ``--db-url sqlite``.
+
 Runs each benchmark of ``bench/`` in its own process, one after the other (they would
 otherwise measure each other), each writing its JSON into ``--out``; then prints one table of
 the headline figures against the targets and writes them to ``DIR/suite.json``. Every figure
@@ -43,6 +45,7 @@ SIZES: dict[str, dict[str, list[str]]] = {
         "queries": ["--payments", "20000", "--seconds", "2", "--warmup", "0.5"],
         "reconciler": ["--events", "20000"],
         "overload": ["--seconds", "5", "--capacity-seconds", "3", "--warmup", "1"],
+        "ratelimit": ["--seconds", "5", "--warmup", "1"],
     },
     "full": {
         "writes": ["--seconds", "10", "--warmup", "2"],
@@ -50,6 +53,7 @@ SIZES: dict[str, dict[str, list[str]]] = {
         "queries": ["--payments", "1000000"],
         "reconciler": ["--events", "1000000"],
         "overload": [],
+        "ratelimit": [],
     },
 }
 
@@ -225,6 +229,57 @@ def overload_rows(r: dict[str, Any]) -> list[Row]:
             "all",
             share is None or share == 1.0,
         ),
+        *proxied_rows(r),
+    ]
+
+
+def proxied_rows(r: dict[str, Any]) -> list[Row]:
+    """With ``--proxy``: the same targets behind nginx."""
+    if _get(r, "proxied") is None:
+        return []
+    p99 = _get(r, "proxied", "admitted_latency_ms", "p99")
+    timeouts = _get(r, "proxied", "client_timeouts")
+    share = _get(r, "proxied", "refusals_with_retry_after")
+    return [
+        (
+            "overload behind nginx: admitted p99",
+            f"{_num(p99, ',.1f', ' ms')} (capacity through nginx "
+            f"{_num(_get(r, 'ratios', 'capacity_through_proxy'), '.2f')} x direct)",
+            "< 100 ms",
+            p99 is not None and p99 < 100,
+        ),
+        ("overload behind nginx: client time-outs", _num(timeouts), "0", timeouts == 0),
+        (
+            "overload behind nginx: refusals that are 503/429 with Retry-After",
+            "-" if share is None else f"{share:.1%}",
+            "all",
+            share is None or share == 1.0,
+        ),
+    ]
+
+
+def ratelimit_rows(r: dict[str, Any]) -> list[Row]:
+    limit = _get(r, "settings", "limit_per_second")
+    passed = _get(r, "limited", "passed_per_second")
+    ratio = _get(r, "ratios", "passed_per_second_vs_limit")
+    bound = _get(r, "ratios", "bound_vs_limit")
+    share = _get(r, "limited", "limited_with_retry_after_and_remaining_0")
+    vacuous = bool(_get(r, "ratios", "vacuous"))
+    return [
+        (
+            f"rate limit: {_num(limit)}/s per key, {_get(r, 'settings', 'connections')} "
+            "connections, let through",
+            f"{_num(passed, ',.1f')}/s ({_num(ratio, '.3f')} x the limit; capacity without it "
+            f"{_num(_get(r, 'unlimited', 'ok_per_second'))}/s)",
+            f"<= {_num(bound, '.2f')} x (the window's slack)",
+            None if ratio is None or bound is None or vacuous else ratio <= bound,
+        ),
+        (
+            "rate limit: refusals that are 429 with Retry-After and Remaining 0",
+            "-" if share is None else f"{share:.1%}",
+            "all",
+            share is None or share == 1.0,
+        ),
     ]
 
 
@@ -234,6 +289,7 @@ HEADLINES: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "queries": queries_rows,
     "reconciler": reconciler_rows,
     "overload": overload_rows,
+    "ratelimit": ratelimit_rows,
 }
 
 
