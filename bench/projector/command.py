@@ -37,7 +37,7 @@ from bench.reconciler import (
     merchant_zones,
 )
 from bench.stores import Stores, temporary_home
-from bench.writes import memory_kib
+from bench.serving import memory_kib
 from kessai.broker import EmbeddedBroker, free_port, log_ends
 from kessai.settings import Settings
 

@@ -22,7 +22,7 @@ from bench.reconciler import (
     process_cpu,
 )
 from bench.stores import Stores
-from bench.writes import memory_kib
+from bench.serving import memory_kib
 
 POLL_SECONDS = 0.02
 """How often the projector's stored offsets are read while it runs."""

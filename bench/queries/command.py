@@ -29,7 +29,7 @@ from bench.reconciler import (
     drop_database,
 )
 from bench.stores import Stores, temporary_home
-from bench.writes import UNLIMITED, Served, served
+from bench.serving import UNLIMITED, Served, served
 from kessai.auth import create_key, merchant_scope
 from kessai.broker import free_port
 from kessai.db import create_db_engine

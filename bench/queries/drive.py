@@ -26,7 +26,7 @@ from bench.reconciler import (
     connect,
     process_cpu,
 )
-from bench.writes import Served
+from bench.serving import Served
 from kessai import loadgen
 from kessai.settings import Settings
 
