@@ -63,9 +63,8 @@ from bench.overload_report import TARGETS, ratios, show
 from bench.proxy import UNBOUNDED as PROXY_UNBOUNDED
 from bench.proxy import Proxy, nginx_binary, proxied
 from bench.reconciler import DEFAULT_DB_URL
-from bench.stores import Stores, temporary_home
 from bench.serving import Served, interrupt, served, served_env
-from bench.stores import prepare_stores, scalar_of
+from bench.stores import Stores, prepare_stores, scalar_of, temporary_home
 from bench.writes import console
 from kessai import loadgen
 from kessai.auth import PAYMENTS_WRITE

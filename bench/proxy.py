@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from bench.reconciler import process_cpu
-from bench.writes import ROOT, children_of
+from bench.serving import ROOT, children_of
 
 TEMPLATE = ROOT / "deploy" / "nginx" / "command-api.conf.template"
 UNBOUNDED = 65_535

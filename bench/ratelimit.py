@@ -47,8 +47,9 @@ import typer
 from rich.table import Table
 
 from bench.reconciler import DEFAULT_DB_URL, machine_table
-from bench.stores import Stores, temporary_home
-from bench.writes import _interrupt, console, prepare_stores, served, served_env
+from bench.serving import interrupt, served, served_env
+from bench.stores import Stores, prepare_stores, temporary_home
+from bench.writes import console
 from kessai.auth import PAYMENTS_WRITE
 from kessai.broker import free_port
 
@@ -185,7 +186,7 @@ def main(
     ] = None,
 ) -> None:
     """Drive the command API with a per-key write limit through Redis, and without it."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     home = temporary_home(db_url, "kessai-bench-ratelimit-")
     stores = Stores(db_url, home)
     settings: dict[str, Any] = {"limit_per_second": limit, "connections": connections}

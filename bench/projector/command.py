@@ -36,8 +36,8 @@ from bench.reconciler import (
     Shape,
     merchant_zones,
 )
-from bench.stores import Stores, temporary_home
 from bench.serving import memory_kib
+from bench.stores import Stores, temporary_home
 from kessai.broker import EmbeddedBroker, free_port, log_ends
 from kessai.settings import Settings
 

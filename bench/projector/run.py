@@ -21,8 +21,8 @@ from rich.progress import Progress, TaskID
 from bench.reconciler import (
     process_cpu,
 )
-from bench.stores import Stores
 from bench.serving import memory_kib
+from bench.stores import Stores
 
 POLL_SECONDS = 0.02
 """How often the projector's stored offsets are read while it runs."""

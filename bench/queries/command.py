@@ -28,8 +28,8 @@ from bench.reconciler import (
     DEFAULT_DB_URL,
     drop_database,
 )
-from bench.stores import Stores, temporary_home
 from bench.serving import UNLIMITED, Served, served
+from bench.stores import Stores, temporary_home
 from kessai.auth import create_key, merchant_scope
 from kessai.broker import free_port
 from kessai.db import create_db_engine
