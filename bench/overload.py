@@ -58,7 +58,7 @@ import orjson
 import typer
 from rich.progress import Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from bench.openloop import GivingUp, Tally, open_loop, percentile_ms
+from bench.openloop import open_loop
 from bench.overload_report import TARGETS, ratios, show
 from bench.proxy import UNBOUNDED as PROXY_UNBOUNDED
 from bench.proxy import Proxy, nginx_binary, proxied
@@ -69,8 +69,6 @@ from bench.writes import console
 from kessai import loadgen
 from kessai.auth import PAYMENTS_WRITE
 from kessai.broker import free_port
-
-__all__ = ["TARGETS", "GivingUp", "Tally", "main", "open_loop", "percentile_ms", "pinning"]
 
 UNBOUNDED = "10000"
 """``KESSAI_OVERLOAD_MAX_IN_FLIGHT`` of the baseline: a bound the run never reaches."""
