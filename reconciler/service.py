@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
@@ -298,6 +298,7 @@ class Reconciler:
         if outbox.oldest_event_id is not None:
             upper = min(upper, outbox.oldest_event_id)
         result.watermark_to = str(upper)
+        cut = self._cut(lower, upper)
 
         parked, letters = await asyncio.to_thread(self._in_read, compare.parked_and_dead_letters)
         flagged = {pid for pid, _, _ in parked} | {pid for _, pid, _, _ in letters if pid}
@@ -347,8 +348,15 @@ class Reconciler:
         # Certain at first sight: a read row exists only after its event committed, so there
         # is no lag to wait out.
         looking: asyncio.Task[list[compare.Orphan]] | None = None
+        # The write store's sums of the scope's events for the totals: they do not depend on
+        # what the comparison finds (the events are immutable), and the grouping is mostly the
+        # database's work, so it runs alongside the comparison.
+        summing: asyncio.Task[totals.Expected] | None = None
         if parallel:
             looking = asyncio.create_task(asyncio.to_thread(self._find_orphans, lower))
+            summing = asyncio.create_task(
+                asyncio.to_thread(self._sum_scope, lower, cut, outbox.in_flight, zones, fallback)
+            )
         try:
             if lower is None:
                 total = await asyncio.to_thread(self._in_write, compare.count_payments)
@@ -385,9 +393,11 @@ class Reconciler:
         finally:
             for task in checking:
                 task.cancel()
-            if looking is not None and not looking.done():
-                with contextlib.suppress(BaseException):
-                    await looking
+            alongside: list[asyncio.Task[Any]] = [t for t in (looking, summing) if t is not None]
+            for side_task in alongside:
+                if not side_task.done():
+                    with contextlib.suppress(BaseException):
+                        await side_task
         if looking is not None:
             orphans = looking.result()
         else:
@@ -472,11 +482,18 @@ class Reconciler:
             taken = sum(len(ds) for ds in extra.values()) < totals.EXTRA_DAYS_AT_MOST
             (extra if taken else left).setdefault(merchant_id, set()).add(day)
         self._next_phase()
+        if summing is not None:
+            expected = summing.result()
+        else:
+            expected = await asyncio.to_thread(
+                self._sum_scope, lower, cut, outbox.in_flight, zones, fallback
+            )
         findings += await asyncio.to_thread(
             self._check_totals,
             scope,
             lower,
-            upper,
+            cut,
+            expected,
             outbox.in_flight,
             not result.dry_run,
             skip,
@@ -687,11 +704,35 @@ class Reconciler:
                 ).all()
             )
 
+    def _cut(self, lower: uuid.UUID | None, upper: uuid.UUID) -> uuid.UUID:
+        """Where the totals stop trusting the checked payments: ``upper`` minus the safety
+        margin (never below ``lower``). Events from the cut on are counted one by one."""
+        margin_ms = int(self.settings.reconcile_safety_margin_seconds * 1000)
+        cut = compare.bound_at_ms(timestamp_ms(upper) - margin_ms)
+        return cut if lower is None else max(cut, lower)
+
+    def _sum_scope(
+        self,
+        lower: uuid.UUID | None,
+        cut: uuid.UUID,
+        in_flight: set[uuid.UUID],
+        zones: dict[str, ZoneInfo],
+        fallback: ZoneInfo,
+    ) -> totals.Expected:
+        """The scope's events before the cut, summed by the write store for the totals (no
+        lock: the write store's events never change), in each merchant's local buckets."""
+        if lower is not None and lower == compare.bound_at_ms(0):
+            lower = None  # the very beginning: no bound to read the index by
+        with self.write.connect() as wconn:
+            grouped = totals.sum_events(wconn, lower=lower, below=cut, leave_out=in_flight)
+        return totals.expected_from(grouped, zones, fallback)
+
     def _check_totals(
         self,
         scope: Scope,
         lower: uuid.UUID | None,
-        upper: uuid.UUID,
+        cut: uuid.UUID,
+        expected: totals.Expected,
         in_flight: set[uuid.UUID],
         repair: bool,
         skip: set[str],
@@ -700,15 +741,10 @@ class Reconciler:
         touched_merchants: set[str],
     ) -> list[Finding]:
         """The totals of every bucket ``scope`` covers against the events they count (see
-        ``reconciler.totals``). Events before the cut (``upper`` minus the safety margin) are
-        summed by the write store first, outside the projector's locks; the few after it are
-        read under them, with the totals."""
-        margin_ms = int(self.settings.reconcile_safety_margin_seconds * 1000)
-        cut = compare.bound_at_ms(timestamp_ms(upper) - margin_ms)
-        if lower is not None:
-            cut = max(cut, lower)
+        ``reconciler.totals``). ``expected``: the scope's events before the ``cut``, summed by the
+        write store outside the projector's locks; the few after it are read under them, with
+        the totals."""
         with self.write.connect() as wconn:
-            grouped = totals.sum_events(wconn, lower=lower, below=cut, leave_out=in_flight)
             # ``extra_days``' events before the scope: each day's span of ids (widened for ids
             # taken just after their occurred_at); no span reaches into the scope.
             for start, end in extra_windows:
@@ -717,13 +753,14 @@ class Reconciler:
                 first = compare.bound_at(start)
                 below = min(compare.bound_at(end), lower)
                 if first < below:
-                    grouped += totals.sum_events(
-                        wconn, lower=first, below=below, leave_out=in_flight
+                    more = totals.sum_events(wconn, lower=first, below=below, leave_out=in_flight)
+                    expected = totals.expected_from(
+                        expected.grouped + more, expected.zones, expected.fallback
                     )
         check = functools.partial(
             totals.check_totals,
             scope=scope,
-            grouped=grouped,
+            expected=expected,
             default_zone=self.settings.default_merchant_time_zone,
             skip_repair=skip,
             also=extra_days,

@@ -26,11 +26,11 @@ began before its scope as they are, and reports those its repairs touched as unv
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from functools import lru_cache
 from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -78,18 +78,72 @@ def zone_lookup(conn: sa.Connection, default: str) -> dict[str, ZoneInfo]:
     return zones
 
 
+LocalHour = tuple[datetime, date]
+"""A bucket's local hour (naive) and local day."""
+
+
+def local_hour(moment: datetime, zone: ZoneInfo) -> LocalHour:
+    """The local hour (naive) and day of ``moment`` in ``zone``."""
+    local = moment.astimezone(zone).replace(minute=0, second=0, microsecond=0, tzinfo=None)
+    return local, local.date()
+
+
 @dataclass(slots=True)
 class _Buckets:
     daily: dict[tuple[date, str], list[int]] = field(default_factory=dict)
     hourly: dict[tuple[datetime, str], list[int]] = field(default_factory=dict)
 
-    def add(self, local: datetime, currency: str, index: int, amount: int, *, count: int) -> None:
-        hour = local.replace(minute=0, second=0, microsecond=0, tzinfo=None)
-        day_sums = self.daily.setdefault((hour.date(), currency), [0, 0, 0, 0])
-        hour_sums = self.hourly.setdefault((hour, currency), [0, 0, 0, 0])
-        for sums in (day_sums, hour_sums):
-            sums[index] += count
-            sums[index + 1] += amount
+    def add(self, local: LocalHour, currency: str, index: int, amount: int, *, count: int) -> None:
+        """Count ``count`` events of ``amount`` in all (``index`` 0: captures, 2: refunds) in
+        the local hour and day ``local``."""
+        hour, day = local
+        day_sums = self.daily.get((day, currency))
+        if day_sums is None:
+            day_sums = self.daily[(day, currency)] = [0, 0, 0, 0]
+        hour_sums = self.hourly.get((hour, currency))
+        if hour_sums is None:
+            hour_sums = self.hourly[(hour, currency)] = [0, 0, 0, 0]
+        day_sums[index] += count
+        day_sums[index + 1] += amount
+        hour_sums[index] += count
+        hour_sums[index + 1] += amount
+
+    def copy(self) -> _Buckets:
+        return _Buckets(
+            {key: list(sums) for key, sums in self.daily.items()},
+            {key: list(sums) for key, sums in self.hourly.items()},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """What the grouped sums of events say each merchant's totals hold, in its local buckets
+    (built once, alongside the comparison of the payments, and used by both looks)."""
+
+    grouped: list[GroupedRow]
+    zones: dict[str, ZoneInfo]
+    fallback: ZoneInfo
+    buckets: dict[str, _Buckets]
+
+
+def expected_from(
+    grouped: list[GroupedRow], zones: dict[str, ZoneInfo], fallback: ZoneInfo
+) -> Expected:
+    """The local buckets of ``grouped`` (merchant zones: ``zones``, else ``fallback``)."""
+    buckets_of: dict[str, _Buckets] = {}
+    # The grouped sums repeat the same quarter hours for many merchants of a zone: each
+    # quarter hour is converted to local time once per zone.
+    local_of: dict[tuple[ZoneInfo, int], LocalHour] = {}
+    for merchant_id, currency, quarter, index, n, amount in grouped:
+        zone = zones.get(merchant_id, fallback)
+        local = local_of.get((zone, quarter))
+        if local is None:
+            local = local_of[(zone, quarter)] = local_hour(quarter_start(quarter), zone)
+        buckets = buckets_of.get(merchant_id)
+        if buckets is None:
+            buckets = buckets_of[merchant_id] = _Buckets()
+        buckets.add(local, currency, index, amount, count=n)
+    return Expected(grouped, zones, fallback, buckets_of)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,18 +164,56 @@ def _index(event_type: str) -> int:
     return 0 if event_type == "PaymentCaptured" else 2
 
 
-def _quarter_of(column: sa.ColumnElement[datetime]) -> tuple[sa.ColumnElement[str], ...]:
-    """``YYYY-MM-DD HH`` and the quarter (0-3) of a stored naive UTC time, as text on MySQL and
-    SQLite alike. Every zone's offset is a whole number of quarter hours, so a UTC quarter hour
-    lies within one local hour."""
-    text = sa.cast(column, sa.String)
-    minute = sa.func.substr(text, 15, 2)
-    quarter = sa.case((minute < "15", "0"), (minute < "30", "1"), (minute < "45", "2"), else_="3")
-    return sa.func.substr(text, 1, 13), quarter
+def _quarter_of(conn: sa.Connection, column: sa.ColumnElement[datetime]) -> sa.ColumnElement[int]:
+    """The UTC quarter hour of a stored naive UTC time, as a whole number (quarter hours since
+    1970): a number, not text, so the database groups on a small key. Every zone's offset is a
+    whole number of quarter hours, so a UTC quarter hour lies within one local hour."""
+    # Constants as literals: the expression is repeated in GROUP BY, where a bound parameter
+    # would make it a different expression.
+    if conn.dialect.name == "sqlite":
+        seconds = sa.func.strftime(sa.literal_column("'%s'"), column)
+        return sa.cast(seconds, sa.Integer).op("/")(sa.literal_column("900"))
+    minutes = sa.func.timestampdiff(
+        sa.literal_column("MINUTE"), sa.literal_column("'1970-01-01'"), column
+    )
+    return minutes.op("DIV")(sa.literal_column("15"))
 
 
-GroupedRow = tuple[str, str, datetime, int, int, int]
-"""(merchant_id, currency, UTC start of a quarter hour, index, events, amount)."""
+GroupedRow = tuple[str, str, int, int, int, int]
+"""(merchant_id, currency, UTC quarter hour (quarter hours since 1970), index, events, amount)."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_TEMP_TABLE_BYTES = 256 * 1024 * 1024
+"""The in-memory temporary table of the grouping, per session, while it runs: with MariaDB's
+default 16 MiB, a million events' groups spill to disk (docs/BENCHMARKS.md)."""
+
+
+def quarter_start(quarter: int) -> datetime:
+    """The UTC start of a quarter hour numbered as in ``GroupedRow``."""
+    return _EPOCH + timedelta(minutes=15 * quarter)
+
+
+@contextlib.contextmanager
+def _roomy_temp_tables(conn: sa.Connection) -> Iterator[None]:
+    """Raise the session's in-memory temporary table size for one statement (MySQL/MariaDB),
+    and put it back: the connection returns to the pool as it came."""
+    if conn.dialect.name != "mysql":
+        yield
+        return
+    before = conn.exec_driver_sql(
+        "SELECT @@SESSION.tmp_table_size, @@SESSION.max_heap_table_size"
+    ).one()
+    conn.exec_driver_sql(
+        "SET SESSION tmp_table_size = %s, max_heap_table_size = %s",
+        (max(int(before[0]), _TEMP_TABLE_BYTES), max(int(before[1]), _TEMP_TABLE_BYTES)),
+    )
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql(
+            "SET SESSION tmp_table_size = %s, max_heap_table_size = %s",
+            (int(before[0]), int(before[1])),
+        )
 
 
 def sum_events(
@@ -135,30 +227,22 @@ def sum_events(
     (merchant, currency, UTC quarter hour, type): one range of the ``event_id`` index, one row
     per group back. ``leave_out``: payments counted one event at a time instead."""
     e = write.events.c
-    hour, quarter = _quarter_of(e.occurred_at)
+    quarter = _quarter_of(conn, e.occurred_at).label("quarter")
+    captured = sa.case((e.event_type == "PaymentCaptured", 0), else_=2).label("kind")
     query = sa.select(
-        e.merchant_id,
-        e.currency,
-        hour,
-        quarter,
-        e.event_type,
-        sa.func.count(),
-        sa.func.sum(e.amount),
+        e.merchant_id, e.currency, quarter, captured, sa.func.count(), sa.func.sum(e.amount)
     ).where(e.event_id < below)
     if lower is not None:
         query = query.where(e.event_id >= lower)
     if leave_out:
         query = query.where(e.payment_id.not_in(sorted(leave_out)))
-    rows: list[GroupedRow] = []
-    for merchant_id, currency, hour_text, q, event_type, n, amount in conn.execute(
-        query.group_by(e.merchant_id, e.currency, hour, quarter, e.event_type)
-    ):
-        text = str(hour_text)
-        start = datetime(
-            int(text[0:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]), tzinfo=UTC
-        ) + timedelta(minutes=15 * int(q))
-        rows.append((merchant_id, currency, start, _index(event_type), int(n), int(amount or 0)))
-    return rows
+    # ORDER BY NULL: MariaDB would otherwise sort the groups, which nothing here needs.
+    query = query.group_by(e.merchant_id, e.currency, quarter, captured).order_by(sa.null())
+    with _roomy_temp_tables(conn):
+        return [
+            (merchant_id, currency, int(q), int(index), int(n), int(amount or 0))
+            for merchant_id, currency, q, index, n, amount in conn.execute(query)
+        ]
 
 
 def events_one_by_one(
@@ -202,12 +286,6 @@ def applied_versions(
     return versions
 
 
-@lru_cache(maxsize=65_536)
-def _local(moment: datetime, zone: ZoneInfo) -> datetime:
-    """``moment`` in ``zone`` (the grouped sums repeat the same quarter hours per merchant)."""
-    return moment.astimezone(zone)
-
-
 def _bucket_start_of_day(day: date, zone: ZoneInfo) -> datetime:
     return datetime.combine(day, time(), zone).astimezone(UTC)
 
@@ -220,7 +298,7 @@ def check_totals(
     conn: sa.Connection,
     *,
     scope: Scope,
-    grouped: Iterable[GroupedRow],
+    expected: Expected,
     one_by_one: Iterable[EventRow],
     default_zone: str,
     repair: bool,
@@ -233,10 +311,10 @@ def check_totals(
     covers, and when ``repair``, overwrite the wrong ones (merchants in ``skip_repair`` are only
     reported: some of their payments are not applied yet).
 
-    ``grouped``: sums of events the projector has applied (the checked payments'); ``one_by_one``:
+    ``expected``: sums of events the projector has applied (the checked payments'); ``one_by_one``:
     events that count only if their payment's read row, read here under the projector's locks,
     is at their version. ``also``: merchant days checked besides the scope's buckets (with their
-    hours), whose events before the scope ``grouped`` holds too. ``merchants``: only these (None:
+    hours), whose events before the scope ``expected`` holds too. ``merchants``: only these (None:
     all; for an incremental run, those with events in the scope and ``touched_merchants``,
     whose rows a repair changed). Runs in the caller's transaction, which holds those locks to
     repair; without them, it compares one consistent snapshot, which a projector batch
@@ -246,34 +324,34 @@ def check_totals(
     wanted = None if merchants is None else set(merchants)
     zones = zone_lookup(conn, default_zone)
     fallback = ZoneInfo(default_zone)
-    expected: dict[str, _Buckets] = {}
-
-    def add(
-        merchant_id: str, moment: datetime, currency: str, index: int, n: int, amount: int
-    ) -> None:
-        if wanted is not None and merchant_id not in wanted:
-            return
-        local = _local(moment, zones.get(merchant_id, fallback))
-        buckets = expected.get(merchant_id)
-        if buckets is None:
-            buckets = expected[merchant_id] = _Buckets()
-        buckets.add(local, currency, index, amount, count=n)
-
-    for merchant_id, currency, start, index, n, amount in grouped:
-        add(merchant_id, start, currency, index, n, amount)
+    if (zones, fallback) != (expected.zones, expected.fallback):
+        expected = expected_from(expected.grouped, zones, fallback)  # a zone changed meanwhile
+    buckets_of = expected.buckets
+    if wanted is not None:
+        buckets_of = {m: b for m, b in buckets_of.items() if m in wanted}
     singles = [e for e in one_by_one if wanted is None or e.merchant_id in wanted]
     versions = applied_versions(conn, {e.payment_id for e in singles})
+    # The prepared buckets may serve a second look: the singles go into copies.
+    copied: set[str] = set()
     for e in singles:
         if versions.get(e.payment_id, 0) >= e.version:
-            add(e.merchant_id, e.occurred_at, e.currency, e.index, 1, e.amount)
+            if not copied:
+                buckets_of = dict(buckets_of)
+            if e.merchant_id not in copied:
+                copied.add(e.merchant_id)
+                buckets_of[e.merchant_id] = buckets_of.get(e.merchant_id, _Buckets()).copy()
+            local = local_hour(e.occurred_at, zones.get(e.merchant_id, fallback))
+            buckets_of[e.merchant_id].add(local, e.currency, e.index, e.amount, count=1)
+    expected_buckets = buckets_of
 
     d, h = merchant_daily_totals, merchant_hourly_totals
-    daily_q, hourly_q = sa.select(d), sa.select(h)
+    daily_q = sa.select(d.c.merchant_id, d.c.day, d.c.currency, *(d.c[c] for c in COLUMNS))
+    hourly_q = sa.select(h.c.merchant_id, h.c.hour, h.c.currency, *(h.c[c] for c in COLUMNS))
     readers: list[str] | None = None if wanted is None else sorted(wanted)
     if readers is None and scope.after is not None:
         # Only merchants with events in the scope (or rows a repair changed): the stored
         # buckets' key starts with the merchant, and there is no index by time alone.
-        readers = sorted(expected.keys() | also.keys() | set(touched_merchants))
+        readers = sorted(expected_buckets.keys() | also.keys() | set(touched_merchants))
     if scope.after is not None:
         # Stored buckets that may be covered (local times are within 14 hours of UTC), and
         # the extra days.
@@ -303,19 +381,17 @@ def check_totals(
         if page is not None:
             daily_page = daily_q.where(d.c.merchant_id.in_(page))
             hourly_page = hourly_q.where(h.c.merchant_id.in_(page))
-        for row in conn.execute(daily_page):
-            stored.setdefault(row.merchant_id, _Stored()).daily[(row.day, row.currency)] = _sums(
-                row
-            )
-        for row in conn.execute(hourly_page):
-            stored.setdefault(row.merchant_id, _Stored()).hourly[(row.hour, row.currency)] = _sums(
-                row
-            )
+        for merchant_id, day, currency, *sums in conn.execute(daily_page):
+            have = stored.get(merchant_id) or stored.setdefault(merchant_id, _Stored())
+            have.daily[(day, currency)] = _as_sums(sums)
+        for merchant_id, hour, currency, *sums in conn.execute(hourly_page):
+            have = stored.get(merchant_id) or stored.setdefault(merchant_id, _Stored())
+            have.hourly[(hour, currency)] = _as_sums(sums)
 
     findings: list[Finding] = []
-    for merchant_id in sorted(expected.keys() | stored.keys()):
+    for merchant_id in sorted(expected_buckets.keys() | stored.keys()):
         zone = zones.get(merchant_id, fallback)
-        want = expected.get(merchant_id, _Buckets())
+        want = expected_buckets.get(merchant_id, _Buckets())
         have = stored.get(merchant_id, _Stored())
 
         extra = also.get(merchant_id, ())
@@ -338,14 +414,18 @@ def check_totals(
                 or scope.covers(_bucket_start_of_hour(key[0], zone))
             )
 
-        wrong_daily = _diff(
-            {k: _as_sums(v) for k, v in want.daily.items() if day_covered(k)},
-            {k: v for k, v in have.daily.items() if day_covered(k)},
-        )
-        wrong_hourly = _diff(
-            {k: _as_sums(v) for k, v in want.hourly.items() if hour_covered(k)},
-            {k: v for k, v in have.hourly.items() if hour_covered(k)},
-        )
+        if scope.after is None:  # everything is covered
+            wrong_daily = _diff(want.daily, have.daily)
+            wrong_hourly = _diff(want.hourly, have.hourly)
+        else:
+            wrong_daily = _diff(
+                {k: v for k, v in want.daily.items() if day_covered(k)},
+                {k: v for k, v in have.daily.items() if day_covered(k)},
+            )
+            wrong_hourly = _diff(
+                {k: v for k, v in want.hourly.items() if hour_covered(k)},
+                {k: v for k, v in have.hourly.items() if hour_covered(k)},
+            )
         fix = repair and merchant_id not in skip_repair
         for kind, wrong, bucket in (
             ("daily_totals", wrong_daily, "day"),
@@ -473,26 +553,21 @@ def compensate(conn: sa.Connection, events: Iterable[EventRow], *, default_zone:
     )  # fmt: skip
 
 
-def _sums(row: sa.Row[object]) -> Sums:
-    m = row._mapping
-    return (
-        int(m["payments_count"]),
-        int(m["payments_amount"]),
-        int(m["refunds_count"]),
-        int(m["refunds_amount"]),
-    )
+def _as_sums(values: Sequence[int]) -> Sums:
+    return (int(values[0]), int(values[1]), int(values[2]), int(values[3]))
 
 
-def _as_sums(values: list[int]) -> Sums:
-    return (values[0], values[1], values[2], values[3])
-
-
-def _diff(expected: Mapping[K, Sums], stored: Mapping[K, Sums]) -> dict[K, tuple[Sums, Sums]]:
+def _diff(
+    expected: Mapping[K, Sequence[int]], stored: Mapping[K, Sums]
+) -> dict[K, tuple[Sums, Sums]]:
     wrong: dict[K, tuple[Sums, Sums]] = {}
-    for key in expected.keys() | stored.keys():
-        want, have = expected.get(key, ZERO), stored.get(key, ZERO)
+    for key, sums in expected.items():
+        want, have = _as_sums(sums), stored.get(key, ZERO)
         if want != have:
             wrong[key] = (want, have)
+    for key in stored.keys() - expected.keys():
+        if stored[key] != ZERO:
+            wrong[key] = (ZERO, stored[key])
     return wrong
 
 
