@@ -40,27 +40,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import platform
-import queue
-import random
 import shutil
 import signal
-import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
-from zoneinfo import ZoneInfo
 
 import orjson
-import pymysql
-import sqlalchemy as sa
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -68,15 +59,8 @@ from rich.table import Table
 
 from kessai.db import create_db_engine
 from kessai.events import (
-    PaymentCaptured,
-    PaymentCapturedPayload,
-    PaymentRefunded,
-    PaymentRefundedPayload,
-    event_to_json,
     parse_event,
 )
-from kessai.ids import new_id
-from kessai.ledger import PaymentState, apply
 from kessai.migrate import upgrade
 from kessai.settings import Settings
 from reconciler.service import Reconciler, RunResult
@@ -84,519 +68,74 @@ from reconciler.service import Reconciler, RunResult
 if TYPE_CHECKING:  # bench.stores imports this module's server helpers
     from bench.stores import Stores
 
-DEFAULT_DB_URL = "mysql+pymysql://root@127.0.0.1:3306"
-BATCH_PAYMENTS = 2_000
-"""Payments per load transaction (about 2,100 events: a few multi-row INSERTs each)."""
-SCAN_PAGE = 5_000
-"""Rows per page of the baseline scans."""
-OTHER_ZONES = ("America/New_York", "Europe/London", "Asia/Kolkata", "Australia/Sydney")
+from bench.reconciler_data import (
+    PAYMENT_COLUMNS,
+    REFUND_COLUMNS,
+    TOTAL_COLUMNS,
+    Planned,
+    Shape,
+    _at,
+    _naive,
+    assign_ids,
+    load,
+    merchant_zones,
+    plan,
+    put_back,
+    reset_watermark,
+    take_drift,
+)
+from bench.reconciler_server import (
+    DEFAULT_DB_URL,
+    Figure,
+    connect,
+    create_database,
+    database_url,
+    drop_database,
+    insert_sql,
+    machine,
+    machine_table,
+    measured,
+    process_cpu,
+    sampling,
+    scalar,
+    scan,
+    server_pid,
+    sqlite_rows,
+    sqlite_value,
+)
+
+# The other benches take their shared helpers from here.
+__all__ = [
+    "DEFAULT_DB_URL",
+    "PAYMENT_COLUMNS",
+    "REFUND_COLUMNS",
+    "TOTAL_COLUMNS",
+    "Planned",
+    "Shape",
+    "_at",
+    "_naive",
+    "assign_ids",
+    "cli",
+    "connect",
+    "create_database",
+    "database_url",
+    "drop_database",
+    "insert_sql",
+    "machine",
+    "machine_table",
+    "main",
+    "merchant_zones",
+    "plan",
+    "process_cpu",
+    "server_pid",
+    "sqlite_rows",
+    "sqlite_value",
+]
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 
 
-# -- the data set ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Shape:
-    events: int
-    seed: int = 7
-    days: int = 30
-    refund_share: float = 0.05
-    """Share of payments refunded at least once (version 2)."""
-    second_refund_share: float = 0.2
-    """Share of the refunded payments refunded a second time (version 3)."""
-    big_merchant_share: float = 0.3
-    usd_share: float = 0.05
-
-    @property
-    def merchants(self) -> int:
-        return max(10, min(2_000, self.events // 500))
-
-    @property
-    def users(self) -> int:
-        return max(10, self.events // 5)
-
-
-@dataclass(slots=True)
-class Planned:
-    """A payment to load: its capture and its refunds (time, amount, reason)."""
-
-    at: float
-    merchant: str
-    user: str
-    method: str
-    currency: str
-    amount: int
-    store_id: str | None
-    order_ref: str | None
-    metadata: dict[str, str]
-    refunds: list[tuple[float, int, str | None]]
-    ids: list[uuid.UUID] = field(default_factory=list)
-    """payment_id, then the event_id of each version, then each refund's refund_id."""
-
-
-def merchant_ids(shape: Shape) -> list[str]:
-    return [f"m{i:05d}" for i in range(shape.merchants)]
-
-
-def merchant_zones(shape: Shape) -> dict[str, str]:
-    """Merchants with a row in ``merchants``: every tenth, in another zone (not the big one)."""
-    ids = merchant_ids(shape)
-    return {
-        m: OTHER_ZONES[(i // 10) % len(OTHER_ZONES)] for i, m in enumerate(ids) if i and not i % 10
-    }
-
-
-def plan(shape: Shape, end: datetime) -> list[Planned]:
-    """Exactly ``shape.events`` events' worth of payments, captures in time order."""
-    rng = random.Random(shape.seed)
-    merchants = merchant_ids(shape)
-    # One merchant holds big_merchant_share of the payments; the rest follow a Zipf-like tail.
-    tail = [1.0 / (rank**0.8) for rank in range(1, len(merchants))]
-    scale = (1.0 - shape.big_merchant_share) / sum(tail)
-    weights = [shape.big_merchant_share, *(w * scale for w in tail)]
-    cumulative: list[float] = []
-    running = 0.0
-    for w in weights:
-        running += w
-        cumulative.append(running)
-    end_s = end.timestamp()
-    span = shape.days * 86_400.0
-    per_payment = 1 + shape.refund_share * (1 + shape.second_refund_share)
-    step = span / max(1.0, shape.events / per_payment)
-    at = end_s - span
-    planned: list[Planned] = []
-    total = 0
-    while total < shape.events:
-        at = min(at + step * 2 * rng.random(), end_s)
-        merchant = rng.choices(merchants, cum_weights=cumulative)[0]
-        currency = "USD" if rng.random() < shape.usd_share else "JPY"
-        amount = rng.randint(100, 50_000)
-        refunds: list[tuple[float, int, str | None]] = []
-        room = shape.events - total - 1
-        if room > 0 and rng.random() < shape.refund_share:
-            first = amount if rng.random() < 0.5 or amount < 2 else rng.randint(1, amount - 1)
-            when = min(at + max(1.0, rng.expovariate(1 / 86_400)), end_s)
-            refunds.append((when, first, rng.choice(("damaged", "cancelled", None))))
-            left = amount - first
-            if room > 1 and left > 0 and rng.random() < shape.second_refund_share:
-                when = min(when + max(1.0, rng.expovariate(1 / 86_400)), end_s)
-                refunds.append((when, rng.randint(1, left), None))
-        n = len(planned)
-        planned.append(
-            Planned(
-                at=at,
-                merchant=merchant,
-                user=f"u{rng.randrange(shape.users)}",
-                method="card" if rng.random() < 0.4 else "balance",
-                currency=currency,
-                amount=amount,
-                store_id=f"s{rng.randrange(20)}" if rng.random() < 0.5 else None,
-                order_ref=f"order-{n}" if rng.random() < 0.7 else None,
-                metadata={"campaign": "tv-2026"} if rng.random() < 0.1 else {},
-                refunds=refunds,
-            )
-        )
-        total += 1 + len(refunds)
-    return planned
-
-
-def assign_ids(planned: list[Planned]) -> None:
-    """UUIDv7 ids from ``new_id`` in the order the events happened (event_id order is time
-    order, as in production; payment ids follow capture order, so also primary-key order)."""
-    timeline = [(p.at, i, 1) for i, p in enumerate(planned)]
-    timeline += [
-        (when, i, v) for i, p in enumerate(planned) for v, (when, _, _) in enumerate(p.refunds, 2)
-    ]
-    timeline.sort()
-    for _, i, version in timeline:
-        p = planned[i]
-        if version == 1:
-            p.ids.append(new_id())  # the payment id
-        p.ids.append(new_id())  # the event id of this version
-        if version > 1:
-            p.ids.append(new_id())  # the refund id
-    # ids as appended: payment, event v1, then (event, refund) per refund; make them indexable.
-    for p in planned:
-        payment_id, v1, rest = p.ids[0], p.ids[1], p.ids[2:]
-        p.ids = [payment_id, v1, *rest[0::2], *rest[1::2]]
-
-
-def _at(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)
-
-
-def _naive(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(tzinfo=None)
-
-
-EVENT_COLUMNS = (
-    "payment_id", "version", "event_id", "event_type", "schema_version", "merchant_id",
-    "amount", "currency", "occurred_at", "recorded_at", "body",
-)  # fmt: skip
-PAYMENT_COLUMNS = (
-    "payment_id", "merchant_id", "user_id", "store_id", "order_ref", "method", "currency",
-    "captured_amount", "refunded_amount", "status", "version", "metadata", "created_at",
-    "updated_at",
-)  # fmt: skip
-REFUND_COLUMNS = (
-    "payment_id", "version", "refund_id", "merchant_id", "amount", "currency", "reason",
-    "created_at",
-)  # fmt: skip
-TOTAL_COLUMNS = ("payments_count", "payments_amount", "refunds_count", "refunds_amount")
-
-
-def insert_sql(table: str, columns: Sequence[str], param: str = "%s") -> str:
-    """``INSERT`` of one row's values (``param``: ``%s`` for PyMySQL, ``?`` for sqlite3)."""
-    names = ", ".join(f"`{c}`" for c in columns)
-    return f"INSERT INTO `{table}` ({names}) VALUES ({', '.join([param] * len(columns))})"
-
-
-def sqlite_value(value: Any) -> Any:
-    """A value as SQLAlchemy stores it in SQLite (kessai's own writes): datetimes as
-    ``YYYY-MM-DD HH:MM:SS.ffffff`` text, dates as ``YYYY-MM-DD``; anything else as it is."""
-    if isinstance(value, datetime):
-        return f"{value:%Y-%m-%d %H:%M:%S.%f}"
-    if isinstance(value, date):
-        return value.isoformat()
-    return value
-
-
-def sqlite_rows(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    return [tuple(map(sqlite_value, row)) for row in rows]
-
-
-@dataclass(slots=True)
-class Batch:
-    events: list[tuple[Any, ...]] = field(default_factory=list)
-    payments: list[tuple[Any, ...]] = field(default_factory=list)
-    refunds: list[tuple[Any, ...]] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class Totals:
-    daily: dict[tuple[str, date, str], list[int]] = field(default_factory=dict)
-    hourly: dict[tuple[str, datetime, str], list[int]] = field(default_factory=dict)
-
-    def add(self, merchant: str, local: datetime, currency: str, index: int, amount: int) -> None:
-        hour = local.replace(minute=0, second=0, microsecond=0, tzinfo=None)
-        for sums in (
-            self.daily.setdefault((merchant, local.date(), currency), [0, 0, 0, 0]),
-            self.hourly.setdefault((merchant, hour, currency), [0, 0, 0, 0]),
-        ):
-            sums[index] += 1
-            sums[index + 1] += amount
-
-
-def build(planned: Sequence[Planned], zone_of: Callable[[str], ZoneInfo], totals: Totals) -> Batch:
-    """The rows of some payments on both sides, exactly as the command side and the projector
-    would have written them; adds their totals to ``totals``."""
-    batch = Batch()
-    for p in planned:
-        payment_id = p.ids[0]
-        zone = zone_of(p.merchant)
-        captured_at = _at(p.at)
-        capture = PaymentCaptured(
-            event_id=p.ids[1],
-            payment_id=payment_id,
-            version=1,
-            merchant_id=p.merchant,
-            occurred_at=captured_at,
-            recorded_at=captured_at,
-            payload=PaymentCapturedPayload(
-                amount=p.amount,
-                currency=p.currency,
-                user_id=p.user,
-                method="card" if p.method == "card" else "balance",
-                store_id=p.store_id,
-                order_ref=p.order_ref,
-                metadata=p.metadata,
-            ),
-        )
-        events: list[PaymentCaptured | PaymentRefunded] = [capture]
-        state: PaymentState = apply(None, capture)
-        totals.add(p.merchant, captured_at.astimezone(zone), p.currency, 0, p.amount)
-        refunded = 0
-        k = len(p.refunds)
-        for n, (when, amount, reason) in enumerate(p.refunds):
-            refunded += amount
-            version = n + 2
-            refund = PaymentRefunded(
-                event_id=p.ids[version],
-                payment_id=payment_id,
-                version=version,
-                merchant_id=p.merchant,
-                occurred_at=_at(when),
-                recorded_at=_at(when),
-                payload=PaymentRefundedPayload(
-                    refund_id=p.ids[2 + k + n],
-                    amount=amount,
-                    currency=p.currency,
-                    refunded_amount=refunded,
-                    reason=reason,
-                ),
-            )
-            events.append(refund)
-            state = apply(state, refund)
-            totals.add(p.merchant, refund.occurred_at.astimezone(zone), p.currency, 2, amount)
-            batch.refunds.append(
-                (
-                    payment_id.bytes, version, refund.payload.refund_id.bytes, p.merchant,
-                    amount, p.currency, reason, _naive(refund.occurred_at),
-                )
-            )  # fmt: skip
-        for e in events:
-            batch.events.append(
-                (
-                    e.payment_id.bytes, e.version, e.event_id.bytes, e.event_type,
-                    e.schema_version, e.merchant_id, e.payload.amount, e.payload.currency,
-                    _naive(e.occurred_at), _naive(e.recorded_at), event_to_json(e).decode(),
-                )
-            )  # fmt: skip
-        batch.payments.append(
-            (
-                payment_id.bytes, state.merchant_id, state.user_id, p.store_id, p.order_ref,
-                state.method, state.currency, state.captured_amount, state.refunded_amount,
-                state.status, state.version,
-                orjson.dumps(p.metadata, option=orjson.OPT_SORT_KEYS).decode(),
-                _naive(state.created_at), _naive(state.updated_at),
-            )
-        )  # fmt: skip
-    return batch
-
-
-# -- the server --------------------------------------------------------------------------------
-
-
-def connect(server_url: str, database: str | None = None) -> pymysql.Connection[Any]:
-    url = sa.make_url(server_url)
-    return pymysql.connect(
-        host=url.host or "127.0.0.1",
-        port=url.port or 3306,
-        user=url.username or "root",
-        password=url.password or "",
-        database=database,
-        charset="utf8mb4",
-        autocommit=False,
-    )
-
-
-def database_url(server_url: str, name: str) -> str:
-    return sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
-
-
-def create_database(server_url: str, name: str) -> None:
-    with connect(server_url) as conn, conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-
-
-def drop_database(server_url: str, name: str) -> None:
-    with connect(server_url) as conn, conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-
-
-class Writer:
-    """A thread sending multi-row INSERTs to one database, one transaction per item, so the
-    server inserts while this process builds the next batch (on SQLite: ``executemany`` of the
-    stdlib driver, one transaction per item, in a thread of this process)."""
-
-    def __init__(self, stores: Stores, database: str) -> None:
-        self.sqlite = stores.sqlite
-        self.conn = stores.connect(database)
-        self.items: queue.Queue[tuple[str, list[tuple[Any, ...]]] | None] = queue.Queue(4)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=f"writer-{database}", daemon=True)
-        self.thread.start()
-
-    def put(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"loading failed: {self.error!r}") from self.error
-        if rows:
-            self.items.put((sql, rows))
-
-    def _run(self) -> None:
-        while (item := self.items.get()) is not None:
-            if self.error is not None:
-                continue  # drain: the main thread stops at its next put
-            try:
-                cur = self.conn.cursor()
-                try:
-                    cur.executemany(item[0], sqlite_rows(item[1]) if self.sqlite else item[1])
-                finally:
-                    cur.close()
-                self.conn.commit()
-            except BaseException as exc:
-                self.error = exc
-
-    def close(self) -> None:
-        self.items.put(None)
-        self.thread.join()
-        self.conn.close()
-        if self.error is not None:
-            raise RuntimeError(f"loading failed: {self.error!r}") from self.error
-
-
-def load(shape: Shape, stores: Stores, write_db: str, read_db: str, progress: Progress) -> int:
-    """Load both databases; return the number of payments."""
-    settings = Settings()
-    default_zone = ZoneInfo(settings.default_merchant_time_zone)
-    named = {m: ZoneInfo(z) for m, z in merchant_zones(shape).items()}
-
-    def zone_of(merchant: str) -> ZoneInfo:
-        return named.get(merchant, default_zone)
-
-    task = progress.add_task("planning", total=None)
-    end = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
-    planned = plan(shape, end)
-    assign_ids(planned)
-    progress.update(task, description="loading events", total=shape.events, completed=0)
-    write, read = Writer(stores, write_db), Writer(stores, read_db)
-    totals = Totals()
-    p = stores.param
-    events_sql = insert_sql("events", EVENT_COLUMNS, p)
-    payments_sql = insert_sql("payments", PAYMENT_COLUMNS, p)
-    refunds_sql = insert_sql("refunds", REFUND_COLUMNS, p)
-    try:
-        read.put(
-            insert_sql("merchants", ("merchant_id", "time_zone"), p),
-            sorted(merchant_zones(shape).items()),
-        )
-        for start in range(0, len(planned), BATCH_PAYMENTS):
-            batch = build(planned[start : start + BATCH_PAYMENTS], zone_of, totals)
-            write.put(events_sql, batch.events)
-            read.put(payments_sql, batch.payments)
-            read.put(refunds_sql, batch.refunds)
-            progress.advance(task, len(batch.events))
-        for table, bucket, sums in (
-            ("merchant_daily_totals", "day", totals.daily),
-            ("merchant_hourly_totals", "hour", totals.hourly),
-        ):
-            rows: list[tuple[Any, ...]] = [(*key, *values) for key, values in sorted(sums.items())]
-            sql = insert_sql(table, ("merchant_id", bucket, "currency", *TOTAL_COLUMNS), p)
-            for first in range(0, len(rows), 5_000):
-                read.put(sql, rows[first : first + 5_000])
-    finally:
-        write.close()
-        read.close()
-    progress.remove_task(task)
-    return len(planned)
-
-
-# -- measuring ---------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Figure:
-    name: str
-    seconds: float
-    events: int
-    client_cpu_seconds: float
-    server_cpu_seconds: float | None
-    payments_checked: int | None = None
-    findings: dict[str, int] | None = None
-    ratio: float | None = None
-    """seconds / mean baseline seconds."""
-
-    @property
-    def events_per_second(self) -> float:
-        return self.events / self.seconds if self.seconds > 0 else 0.0
-
-
-def server_pid(server_url: str) -> int | None:
-    """The database server's process id, when it runs on this machine and says where."""
-    host = sa.make_url(server_url).host or "127.0.0.1"
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        return None
-    with contextlib.suppress(Exception), connect(server_url) as conn, conn.cursor() as cur:
-        cur.execute("SELECT @@pid_file")
-        (pid_file,) = cur.fetchone() or (None,)
-        return int(Path(str(pid_file)).read_text().strip())
-    return None
-
-
-def process_cpu(pid: int | None) -> float | None:
-    """User + system CPU seconds of process ``pid`` so far (all of its threads)."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@contextlib.contextmanager
-def measured(name: str, events: int, mysqld: int | None, figures: list[Figure]) -> Iterator[Figure]:
-    figure = Figure(name, 0.0, events, 0.0, None)
-    cpu, server, start = time.process_time(), process_cpu(mysqld), time.perf_counter()
-    yield figure
-    figure.seconds = time.perf_counter() - start
-    figure.client_cpu_seconds = time.process_time() - cpu
-    server_after = process_cpu(mysqld)
-    if server is not None and server_after is not None:
-        figure.server_cpu_seconds = server_after - server
-    figures.append(figure)
-
-
-def keyset_pages(
-    cur: Any, table: str, columns: str, keys: tuple[str, ...], param: str = "%s"
-) -> Iterator[Sequence[tuple[Any, ...]]]:
-    """Pages of ``SCAN_PAGE`` rows of ``table`` in primary-key order (``keys``, the first
-    ``len(keys)`` selected columns), each page one keyset query."""
-    first, *rest = keys
-    p = param
-    if rest:
-        (second,) = rest
-        where = f"{first} > {p} OR ({first} = {p} AND {second} > {p})"
-    else:
-        where = f"{first} > {p}"
-    order = ", ".join(keys)
-    last: tuple[Any, ...] = (b"", 0)[: len(keys)]
-    while True:
-        params = (last[0], last[0], last[1]) if rest else (last[0],)
-        cur.execute(
-            f"SELECT {columns} FROM {table} WHERE {where} ORDER BY {order} LIMIT {SCAN_PAGE}",
-            params,
-        )
-        rows = cur.fetchall()
-        yield rows
-        if len(rows) < SCAN_PAGE:
-            return
-        last = tuple(rows[-1][: len(keys)])
-
-
-def scan(
-    stores: Stores, write_db: str, read_db: str, parse: Callable[[str], object] | None = None
-) -> int:
-    """Read the events (payment_id, version, body) and the read rows in primary-key pages
-    through the raw driver (PyMySQL, or the stdlib sqlite3): what touching the data the
-    reconciler compares costs here."""
-    touched = 0
-    p = stores.param
-    pk = ("payment_id", "version")
-    with stores.cursor(write_db) as (_, cur):
-        for rows in keyset_pages(cur, "events", "payment_id, version, body", pk, p):
-            if parse is not None:
-                for row in rows:
-                    parse(row[2])
-            touched += len(rows)
-    with stores.cursor(read_db) as (_, cur):
-        columns = "payment_id, captured_amount, refunded_amount, version, status"
-        for rows in keyset_pages(cur, "payments", columns, ("payment_id",), p):
-            touched += len(rows)
-        for rows in keyset_pages(cur, "refunds", "payment_id, version, amount", pk, p):
-            touched += len(rows)
-    return touched
-
-
-def reset_watermark(read_url: str) -> None:
-    engine = sa.create_engine(read_url)
-    try:
-        with engine.begin() as conn:
-            conn.exec_driver_sql("UPDATE reconciler_state SET watermark = NULL")
-    finally:
-        engine.dispose()
+# -- the runs ----------------------------------------------------------------------------------
 
 
 def kinds(result: RunResult) -> dict[str, int]:
@@ -604,30 +143,6 @@ def kinds(result: RunResult) -> dict[str, int]:
     for f in result.findings:
         found[f.kind] = found.get(f.kind, 0) + 1
     return found
-
-
-@contextlib.contextmanager
-def sampling(path: Path | None) -> Iterator[None]:
-    """py-spy attached to this process while the block runs (all threads, idle included)."""
-    if path is None:
-        yield
-        return
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    fmt = {".svg": "flamegraph", ".json": "speedscope"}.get(path.suffix, "raw")
-    command = [exe, "record", "--pid", str(os.getpid()), "--output", str(path)]
-    spy = subprocess.Popen(
-        [*command, "--format", fmt, "--rate", "100", "--idle", "--threads"],
-        stdout=subprocess.DEVNULL,
-    )
-    time.sleep(1.0)  # let it attach
-    try:
-        yield
-    finally:
-        spy.send_signal(signal.SIGINT)
-        try:
-            spy.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            spy.kill()
 
 
 def run_reconciler(
@@ -642,134 +157,6 @@ def run_reconciler(
         return asyncio.run(reconciler.run(full=full, dry_run=dry_run, progress=on_progress))
     finally:
         progress.remove_task(task)
-
-
-def take_drift(read_url: str, count: int, seed: int) -> tuple[list[Any], list[Any]]:
-    """Delete ``count`` payment rows (and their refunds); return them, to put them back."""
-    engine = sa.create_engine(read_url)
-    try:
-        with engine.begin() as conn:
-            if conn.dialect.name == "sqlite":  # no seeded RAND(): the same choice in Python
-                every = [
-                    row[0]
-                    for row in conn.exec_driver_sql(
-                        "SELECT payment_id FROM payments ORDER BY payment_id"
-                    )
-                ]
-                ids = random.Random(seed).sample(every, min(count, len(every)))
-                param = "?"
-            else:
-                ids = [
-                    row[0]
-                    for row in conn.exec_driver_sql(
-                        f"SELECT payment_id FROM payments ORDER BY RAND({int(seed)})"
-                        f" LIMIT {int(count)}"
-                    )
-                ]
-                param = "%s"
-            if not ids:
-                return [], []
-            marks = ", ".join([param] * len(ids))
-            payments = list(
-                conn.exec_driver_sql(
-                    f"SELECT {', '.join(PAYMENT_COLUMNS)} FROM payments"
-                    f" WHERE payment_id IN ({marks})",
-                    tuple(ids),
-                )
-            )
-            refunds = list(
-                conn.exec_driver_sql(
-                    f"SELECT {', '.join(REFUND_COLUMNS)} FROM refunds"
-                    f" WHERE payment_id IN ({marks})",
-                    tuple(ids),
-                )
-            )
-            conn.exec_driver_sql(f"DELETE FROM refunds WHERE payment_id IN ({marks})", tuple(ids))
-            conn.exec_driver_sql(f"DELETE FROM payments WHERE payment_id IN ({marks})", tuple(ids))
-            return payments, refunds
-    finally:
-        engine.dispose()
-
-
-def put_back(read_url: str, payments: list[Any], refunds: list[Any]) -> None:
-    engine = sa.create_engine(read_url)
-    try:
-        with engine.begin() as conn:
-            param = "?" if conn.dialect.name == "sqlite" else "%s"
-            for table, columns, rows in (
-                ("payments", PAYMENT_COLUMNS, payments),
-                ("refunds", REFUND_COLUMNS, refunds),
-            ):
-                if rows:
-                    conn.exec_driver_sql(
-                        insert_sql(table, columns, param), [tuple(r) for r in rows]
-                    )
-    finally:
-        engine.dispose()
-
-
-def scalar(url: str, sql: str) -> int:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return int(conn.exec_driver_sql(sql).scalar_one())
-    finally:
-        engine.dispose()
-
-
-# -- the machine -------------------------------------------------------------------------------
-
-
-def machine(server_url: str | None) -> dict[str, object]:
-    """The machine, and the database server at ``server_url`` (None: no server)."""
-    info: dict[str, object] = {
-        "cores": os.cpu_count(),
-        "cpu_model": None,
-        "ram_gib": None,
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["ram_gib"] = round(int(line.split()[1]) / 1024 / 1024, 1)
-    version = pool = flush = None
-    if server_url is not None:
-        with connect(server_url) as conn, conn.cursor() as cur:
-            cur.execute(
-                "SELECT VERSION(), @@innodb_buffer_pool_size, @@innodb_flush_log_at_trx_commit"
-            )
-            version, pool, flush = cur.fetchone() or (None, None, None)
-    info["database"] = version
-    info["innodb_buffer_pool_mib"] = None if pool is None else int(pool) // (1024 * 1024)
-    info["innodb_flush_log_at_trx_commit"] = None if flush is None else int(flush)
-    return info
-
-
-def machine_table(m: dict[str, Any]) -> Table:
-    """The machine rows every benchmark prints first; a benchmark adds rows of its own."""
-    about = Table(title="machine", show_header=False)
-    about.add_row("CPU", f"{m['cpu_model']}, {m['cores']} cores")
-    about.add_row("RAM", f"{m['ram_gib']} GiB")
-    about.add_row("OS", str(m["os"]))
-    about.add_row("Python", str(m["python"]))
-    about.add_row(
-        "database",
-        str(m["database"])
-        if m.get("innodb_buffer_pool_mib") is None
-        else f"{m['database']} (buffer pool {m['innodb_buffer_pool_mib']} MiB, "
-        f"innodb_flush_log_at_trx_commit={m['innodb_flush_log_at_trx_commit']})",
-    )
-    about.add_row(
-        "load average", f"{m['load_average']} before, {m.get('load_average_after')} after"
-    )
-    return about
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -815,66 +202,25 @@ def main(
     ] = None,
 ) -> None:
     """Benchmark the reconciler: an incremental run over all events and a full audit."""
-    from bench.stores import Stores, temporary_home
-
     # SIGTERM (and SIGINT, even where a shell started this with it ignored) unwinds like
     # Ctrl-C, so the databases are dropped.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
-    sqlite = Stores(db_url, Path()).sqlite
-    home: Path | None = None
-    if sqlite and reuse is not None:
-        home, reuse = Path(reuse).parent, Path(reuse).name
-    elif sqlite:
-        home = temporary_home(db_url, "kessai-bench-reconciler-")
-    stores = Stores(db_url, home or Path())
-    name = reuse or f"kessai_bench_{uuid.uuid4().hex[:10]}"
+    stores, home, name, reuse = _stores_for(db_url, reuse)
     write_db, read_db = f"{name}_w", f"{name}_r"
-    write_url, read_url = stores.url(write_db), stores.url(read_db)
     shape = Shape(events=events, seed=seed, days=days)
     report: dict[str, Any] = {"machine": stores.machine()}
     if home is not None:
         report["directory"] = str(home)
-    created = False
+    created = reuse is None
     try:
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as progress:
-            started = time.perf_counter()
-            if reuse is None:
-                created = True
-                stores.create(write_db)
-                stores.create(read_db)
-                upgrade("write", write_url)
-                upgrade("read", read_url)
-                payments = load(shape, stores, write_db, read_db, progress)
-                load_seconds = time.perf_counter() - started
-                report["load"] = {
-                    "seconds": round(load_seconds, 2),
-                    "events_per_second": round(events / load_seconds),
-                }
-                console.print(f"loaded {events:,} events in {load_seconds:.1f} s")
-            else:
-                events = scalar(write_url, "SELECT COUNT(*) FROM events")
-                payments = scalar(write_url, "SELECT COUNT(*) FROM events WHERE version = 1")
-            refunds = scalar(read_url, "SELECT COUNT(*) FROM refunds")
-            report["data"] = {
-                "events": events,
-                "payments": payments,
-                "refunds": refunds,
-                "merchants": scalar(read_url, "SELECT COUNT(DISTINCT merchant_id) FROM payments"),
-                "days": days,
-                "seed": seed,
-                "databases": [write_db, read_db],
-            }
+        with _progress() as progress:
+            report["data"] = _prepare(
+                shape, stores, write_db, read_db, fresh=created, progress=progress, report=report
+            )
             report["figures"] = measure(
                 shape=shape,
-                events=events,
+                events=report["data"]["events"],
                 stores=stores,
                 write_db=write_db,
                 read_db=read_db,
@@ -891,16 +237,91 @@ def main(
             json_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
             console.print(f"figures written to {json_path}")
     finally:
-        if keep and home is not None:
-            console.print(f"kept: --reuse {home / name}  ({write_db}.db, {read_db}.db)")
-        elif keep:
-            console.print(f"kept: --reuse {name}  ({write_db}, {read_db})")
-        elif home is not None:
-            shutil.rmtree(home, ignore_errors=True)
-        elif created or reuse is not None:
-            for db in (write_db, read_db):
-                with contextlib.suppress(Exception):
-                    drop_database(db_url, db)
+        _clean_up(db_url, stores, home, name, keep=keep, used=created or reuse is not None)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def _stores_for(db_url: str, reuse: str | None) -> tuple[Stores, Path | None, str, str | None]:
+    """The stores, the SQLite directory (None on a server), the databases' name, and ``reuse``
+    as a name (on SQLite ``--reuse`` is DIR/NAME)."""
+    from bench.stores import Stores, temporary_home
+
+    home: Path | None = None
+    if Stores(db_url, Path()).sqlite and reuse is not None:
+        home, reuse = Path(reuse).parent, Path(reuse).name
+    elif Stores(db_url, Path()).sqlite:
+        home = temporary_home(db_url, "kessai-bench-reconciler-")
+    stores = Stores(db_url, home or Path())
+    return stores, home, reuse or f"kessai_bench_{uuid.uuid4().hex[:10]}", reuse
+
+
+def _prepare(
+    shape: Shape,
+    stores: Stores,
+    write_db: str,
+    read_db: str,
+    *,
+    fresh: bool,
+    progress: Progress,
+    report: dict[str, Any],
+) -> dict[str, Any]:
+    """Create, migrate and load both databases (``fresh``), or count what kept ones hold; return
+    what the data set is."""
+    write_url, read_url = stores.url(write_db), stores.url(read_db)
+    events = shape.events
+    if fresh:
+        started = time.perf_counter()
+        stores.create(write_db)
+        stores.create(read_db)
+        upgrade("write", write_url)
+        upgrade("read", read_url)
+        payments = load(shape, stores, write_db, read_db, progress)
+        load_seconds = time.perf_counter() - started
+        report["load"] = {
+            "seconds": round(load_seconds, 2),
+            "events_per_second": round(events / load_seconds),
+        }
+        console.print(f"loaded {events:,} events in {load_seconds:.1f} s")
+    else:
+        events = scalar(write_url, "SELECT COUNT(*) FROM events")
+        payments = scalar(write_url, "SELECT COUNT(*) FROM events WHERE version = 1")
+    return {
+        "events": events,
+        "payments": payments,
+        "refunds": scalar(read_url, "SELECT COUNT(*) FROM refunds"),
+        "merchants": scalar(read_url, "SELECT COUNT(DISTINCT merchant_id) FROM payments"),
+        "days": shape.days,
+        "seed": shape.seed,
+        "databases": [write_db, read_db],
+    }
+
+
+def _clean_up(
+    db_url: str, stores: Stores, home: Path | None, name: str, *, keep: bool, used: bool
+) -> None:
+    """Drop the databases (or the SQLite directory), unless ``keep``: then say how to reuse
+    them."""
+    write_db, read_db = f"{name}_w", f"{name}_r"
+    if keep and home is not None:
+        console.print(f"kept: --reuse {home / name}  ({write_db}.db, {read_db}.db)")
+    elif keep:
+        console.print(f"kept: --reuse {name}  ({write_db}, {read_db})")
+    elif home is not None:
+        shutil.rmtree(home, ignore_errors=True)
+    elif used:
+        for db in (write_db, read_db):
+            with contextlib.suppress(Exception):
+                drop_database(db_url, db)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -965,33 +386,49 @@ def measure(
         return result
 
     try:
-        baseline("baseline (before)")
-        for name, key, full in (
-            ("incremental", "incremental", False),
-            ("full audit", "full", True),
-        ):
-            result = reconcile(name, key, full=full)
-            if result.findings or result.outcome != "consistent":
-                raise RuntimeError(
-                    f"{name}: the loaded state is not consistent ({result.outcome}, "
-                    f"{kinds(result)}, {result.error}): first findings {result.findings[:5]}"
-                )
-        baseline("baseline (after)")
-        baseline("read + orjson.loads", orjson.loads)
-        baseline("read + parse_event", parse_event)
-        if drift:
-            payments, refunds = take_drift(read_url, drift, shape.seed)
-            try:
-                result = reconcile(
-                    "incremental, drift, --dry-run", "drift", full=False, dry_run=True
-                )
-            finally:
-                put_back(read_url, payments, refunds)
-            if kinds(result).get("missing") != len(payments):
-                raise RuntimeError(f"drift: expected {len(payments)} missing, got {kinds(result)}")
+        _measure_runs(baseline, reconcile, read_url, drift=drift, seed=shape.seed)
     finally:
         write_engine.dispose()
         read_engine.dispose()
+    return _with_ratios(figures, report)
+
+
+def _measure_runs(
+    baseline: Callable[..., None],
+    reconcile: Callable[..., RunResult],
+    read_url: str,
+    *,
+    drift: int,
+    seed: int,
+) -> None:
+    """The runs, in order; a consistent state that is reported anything, or a drift not found
+    exactly, fails the benchmark."""
+    baseline("baseline (before)")
+    for name, key, full in (
+        ("incremental", "incremental", False),
+        ("full audit", "full", True),
+    ):
+        result = reconcile(name, key, full=full)
+        if result.findings or result.outcome != "consistent":
+            raise RuntimeError(
+                f"{name}: the loaded state is not consistent ({result.outcome}, "
+                f"{kinds(result)}, {result.error}): first findings {result.findings[:5]}"
+            )
+    baseline("baseline (after)")
+    baseline("read + orjson.loads", orjson.loads)
+    baseline("read + parse_event", parse_event)
+    if drift:
+        payments, refunds = take_drift(read_url, drift, seed)
+        try:
+            result = reconcile("incremental, drift, --dry-run", "drift", full=False, dry_run=True)
+        finally:
+            put_back(read_url, payments, refunds)
+        if kinds(result).get("missing") != len(payments):
+            raise RuntimeError(f"drift: expected {len(payments)} missing, got {kinds(result)}")
+
+
+def _with_ratios(figures: list[Figure], report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The figures as JSON rows, each with its ratio to the mean of the baselines."""
     base = [f.seconds for f in figures if f.name.startswith("baseline")]
     mean = sum(base) / len(base)
     report["baseline_seconds"] = round(mean, 3)
