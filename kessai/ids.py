@@ -1,5 +1,6 @@
 """Identifiers: time-ordered UUIDv7, so rows keyed by them append at the end of an index, and
-an event id says when it was recorded (the reconciler's watermark relies on it).
+an event id says when it was recorded (the reconciler's watermark relies on it: "events recorded
+from T on" is one range of an index of ids, from ``bound_at(T)``).
 
 Our own generator rather than the ``uuid6`` package's: that one makes ids monotonic by adding a
 millisecond to the timestamp for every id requested within the same millisecond, so at a few
@@ -16,6 +17,7 @@ import os
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 
 _VERSION_7_FLAGS = (7 << 76) | (0x8000 << 48)
 _COUNTER_MAX = 0x3FF_FFFF_FFFF
@@ -57,3 +59,25 @@ def new_id() -> uuid.UUID:
 def timestamp_ms(identifier: uuid.UUID) -> int:
     """The Unix milliseconds a UUIDv7 was made at."""
     return identifier.int >> 80
+
+
+# -- watermarks: UUIDv7 bounds of a span of time ---------------------------------------------
+
+
+def bound_at_ms(ms: int) -> uuid.UUID:
+    """The smallest UUIDv7 of millisecond ``ms``: every id made at that millisecond or later is
+    at or above it, so "ids from time T on" is one range of an index of ids."""
+    return uuid.UUID(bytes=max(ms, 0).to_bytes(6, "big") + bytes(10))
+
+
+def bound_at(moment: datetime) -> uuid.UUID:
+    """``bound_at_ms`` of an aware moment."""
+    return bound_at_ms(int(moment.timestamp() * 1000))
+
+
+def time_of(watermark: str | None) -> str:
+    """A watermark (a UUIDv7 as text) as a readable UTC time ("-" for none)."""
+    if not watermark:
+        return "-"
+    moment = datetime.fromtimestamp(timestamp_ms(uuid.UUID(watermark)) / 1000, UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]

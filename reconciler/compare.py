@@ -40,13 +40,13 @@ import uuid
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 
 from kessai.events import PaymentCaptured, PaymentRefunded, parse_event
-from kessai.ids import timestamp_ms
+from kessai.ids import bound_at, bound_at_ms, time_of
 from kessai.ledger import InvariantViolation, PaymentState, fold
 from kessai.schema import read, write
 from reconciler.records import Finding
@@ -56,25 +56,7 @@ EventRow = tuple[uuid.UUID, int, uuid.UUID, str, int, str]
 """An event to re-publish: (payment_id, version, event_id, event_type, schema_version, body)."""
 SCAN_PAGE = 5_000
 
-
-# -- UUIDv7 watermarks -----------------------------------------------------------------------
-
-
-def bound_at_ms(ms: int) -> uuid.UUID:
-    """The smallest UUIDv7 of millisecond ``ms``: every event id of that ms or later is >= it."""
-    return uuid.UUID(bytes=max(ms, 0).to_bytes(6, "big") + bytes(10))
-
-
-def time_of(watermark: str | None) -> str:
-    """A watermark as a readable UTC time ("-" for none)."""
-    if not watermark:
-        return "-"
-    moment = datetime.fromtimestamp(timestamp_ms(uuid.UUID(watermark)) / 1000, UTC)
-    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-
-
-def bound_at(moment: datetime) -> uuid.UUID:
-    return bound_at_ms(int(moment.timestamp() * 1000))
+__all__ = ["bound_at", "bound_at_ms", "time_of"]  # the watermark's helpers, from kessai.ids
 
 
 # -- the write store ---------------------------------------------------------------------------

@@ -1,12 +1,14 @@
-"""UUIDv7 ids: valid, strictly increasing, and their timestamps stay on the clock."""
+"""UUIDv7 ids: valid, strictly increasing, their timestamps stay on the clock, and a time is a
+bound on them (the watermark)."""
 
 from __future__ import annotations
 
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 
-from kessai.ids import new_id, timestamp_ms
+from kessai.ids import bound_at, bound_at_ms, new_id, time_of, timestamp_ms
 
 
 def test_ids_are_version_7_rfc_variant_and_strictly_increasing() -> None:
@@ -40,3 +42,12 @@ def test_ids_from_many_threads_are_unique() -> None:
     every = [i for out in results for i in out]
     assert len(set(every)) == len(every)
     assert all(out == sorted(out) for out in results)
+
+
+def test_a_watermark_is_a_bound_of_the_ids_of_its_time() -> None:
+    moment = datetime(2026, 12, 2, 7, 30, 0, 123_000, tzinfo=UTC)
+    assert time_of(str(bound_at(moment))) == "2026-12-02 07:30:00.123"
+    assert timestamp_ms(bound_at(moment)) == int(moment.timestamp() * 1000)
+    assert bound_at(moment) <= new_id()
+    assert bound_at_ms(-5) == uuid.UUID(int=0)
+    assert time_of(None) == "-"
