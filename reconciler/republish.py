@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from kessai.broker import ensure_topic, new_producer
 from kessai.events import kafka_headers, kafka_key
 from kessai.settings import Settings
-from reconciler.compare import EventRow
+from reconciler.loaders import EventRow
 
 Send = Callable[[Sequence[EventRow]], Awaitable[int]]
 

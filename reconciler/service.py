@@ -1,16 +1,24 @@
 """One reconciliation run, and the schedule that repeats it.
 
-A run: take the lock (one run at a time across instances), pick the payments to check (those
-with events at or after the watermark minus the safety margin; ``full``: all), compare them in
-chunks with the read side (fold of the write store's events vs. the read row and its refunds;
-first by fingerprints both databases compute, then payment by payment only where those differ:
-see ``reconciler.compare``),
-look at parked events, open dead letters and the outbox, confirm what differs with a second
-look (projector lag is not drift), repair (unless ``dry_run``): reset rows that are wrong at
-their own version, re-publish every event of each affected payment, wait until the projector
-has brought them in line; then check the merchant totals of the days touched against their
-rows and rewrite wrong ones. Record the run and its findings; advance the watermark only when
-everything checked is consistent, and never past an event still in the outbox.
+A run takes the lock (one run at a time across instances), records its start, and goes through
+its phases in order, each a function that takes values and returns values:
+
+1. find (``reconciler.find``): the payments to check (those with events at or after the
+   watermark minus the safety margin; ``full``: all) are compared with the read side, first by
+   fingerprints both databases compute, then payment by payment where those differ
+   (``reconciler.fingerprints``, ``reconciler.loaders``, ``reconciler.compare``); read rows
+   with no payment behind them are looked for alongside; parked events, open dead letters and
+   the outbox are looked at, and what differs is confirmed by a second look (projector lag is
+   not drift);
+2. repair (``reconciler.repair``; not in a dry run): rows wrong at their own version are reset,
+   every event of each affected payment re-published, and the run waits until the projector
+   has brought them in line; orphan rows are removed;
+3. verify (``reconciler.verify``): the merchant totals of every bucket in scope against the
+   events they count, wrong ones rewritten;
+4. record: the outcome, the findings and the run are recorded; the watermark advances only
+   when everything checked is consistent, and never past an event still in the outbox.
+
+No transaction spans two phases: each phase begins its own, and says where.
 
 Exit codes: 0 consistent (after repair), 1 drift remains, 2 the run could not happen.
 """
@@ -19,16 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, timedelta
-from typing import Any, TypeVar
-from zoneinfo import ZoneInfo
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from aiokafka.errors import KafkaError
@@ -37,26 +42,18 @@ from sqlalchemy.engine import Engine
 
 from kessai.broker import BrokerUnavailable
 from kessai.clock import utcnow
-from kessai.ids import timestamp_ms
-from kessai.schema import read, write
+from kessai.ids import bound_at_ms, timestamp_ms
 from kessai.settings import Settings
-from reconciler import compare, records, totals
-from reconciler.compare import Event
+from reconciler import find, records, repair, verify
+from reconciler.context import ProgressCallback, RunContext
 from reconciler.records import Finding, LockHeld, Scope
-from reconciler.republish import republisher
+from reconciler.repair import PAYMENT_KINDS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Reconciler", "ReconcilerMetrics", "RunResult"]
+__all__ = ["PAYMENT_KINDS", "Reconciler", "ReconcilerMetrics", "RunResult"]
 
 EXIT_CONSISTENT, EXIT_DRIFT, EXIT_FAILED = 0, 1, 2
-PAYMENT_KINDS = {"missing", "mismatch", "parked", "dead_letter"}
-CHUNKS_IN_FLIGHT = 2
-EXTRA_SLACK = timedelta(minutes=1)
-"""An event's id is taken right after its occurred_at: a day's events have ids within this of
-the day's span."""
-T = TypeVar("T")
-ProgressCallback = Callable[[int, int | None], None]
 # What makes a run "failed" (exit 2) rather than a crash. LockHeld mid-run: the lock lapsed
 # (a run longer than KESSAI_RECONCILE_LOCK_SECONDS between renewals) and another run took it.
 FAILURES = (
@@ -90,6 +87,16 @@ class RunResult:
     @property
     def repaired_count(self) -> int:
         return sum(1 for f in self.findings if f.repaired)
+
+    def count_checked(self, payments: int) -> None:
+        """``payments`` more were compared (counted as they go: a stopped run says how far it
+        got)."""
+        self.payments_checked += payments
+
+    def conclude(self, findings: list[Finding]) -> None:
+        """The record phase's verdict: consistent when every finding was repaired."""
+        self.findings = findings
+        self.outcome = "consistent" if all(f.repaired for f in findings) else "drift"
 
 
 class Stopped(Exception):
@@ -205,30 +212,34 @@ class Reconciler:
             # the lock again for its whole lifetime.
             finished.set()
             await heartbeat
-            # Recording the run and releasing the lock are independent: a failure to record
-            # must not keep the lock held or lose the watermark.
-            if result.run_id is not None:
-                try:
-                    await asyncio.to_thread(
-                        records.finish_run,
-                        self.read,
-                        result.run_id,
-                        outcome=result.outcome,
-                        watermark_to=result.watermark_to,
-                        payments_checked=result.payments_checked,
-                        findings=result.findings,
-                        error=result.error,
-                    )
-                except FAILURES:
-                    log.exception("could not record the end of run %s", result.run_id)
-            try:
-                await asyncio.to_thread(
-                    records.release_lock, self.read, self.owner, watermark=new_watermark
-                )
-            except FAILURES:
-                log.exception("could not release the reconciler lock; it lapses by itself")
+            await self._finish(result, new_watermark)
             self._observe(result, started_at)
         return result
+
+    async def _finish(self, result: RunResult, new_watermark: str | None) -> None:
+        """Record the end of the run (its own read-database transaction) and release the lock,
+        storing ``new_watermark`` if given (another). Independent: a failure to record must not
+        keep the lock held or lose the watermark."""
+        if result.run_id is not None:
+            try:
+                await asyncio.to_thread(
+                    records.finish_run,
+                    self.read,
+                    result.run_id,
+                    outcome=result.outcome,
+                    watermark_to=result.watermark_to,
+                    payments_checked=result.payments_checked,
+                    findings=result.findings,
+                    error=result.error,
+                )
+            except FAILURES:
+                log.exception("could not record the end of run %s", result.run_id)
+        try:
+            await asyncio.to_thread(
+                records.release_lock, self.read, self.owner, watermark=new_watermark
+            )
+        except FAILURES:
+            log.exception("could not release the reconciler lock; it lapses by itself")
 
     def _observe(self, result: RunResult, started_at: datetime) -> None:
         if self.metrics is not None:
@@ -238,9 +249,9 @@ class Reconciler:
         """An incremental run's start in the id space: the watermark minus the safety margin
         (no watermark yet: the beginning)."""
         if watermark is None:
-            return compare.bound_at_ms(0)
+            return bound_at_ms(0)
         margin_ms = int(self.settings.reconcile_safety_margin_seconds * 1000)
-        return compare.bound_at_ms(timestamp_ms(uuid.UUID(watermark)) - margin_ms)
+        return bound_at_ms(timestamp_ms(uuid.UUID(watermark)) - margin_ms)
 
     async def _heartbeat(self, finished: asyncio.Event) -> None:
         """Renew the lock every third of its lifetime while the run works, whatever phase it is
@@ -283,501 +294,44 @@ class Reconciler:
         scope: Scope,
         progress: ProgressCallback | None,
     ) -> None:
-        """``lower``: where an incremental run starts in the id space (None: a full audit)."""
-        s = self.settings
-        now = utcnow()
-        outbox = await asyncio.to_thread(
-            self._in_write,
-            lambda c: compare.outbox_view(
-                c, now - timedelta(seconds=s.reconcile_outbox_stuck_seconds)
-            ),
+        """The phases of one run, in order: find, repair, verify, then the outcome (recorded by
+        ``run``). ``lower``: where an incremental run starts in the id space (None: a full
+        audit). Each phase begins its own transactions (see its module); none spans phases."""
+        ctx = RunContext(
+            write=self.write,
+            read=self.read,
+            settings=self.settings,
+            checkpoint=self._next_phase,
+            sleep=self._sleep,
+            pause_seconds=self._pause,
         )
-        # The next run starts from this run's start (UUIDv7 time), but never past an event the
-        # relay has not published yet.
-        upper = compare.bound_at(now)
-        if outbox.oldest_event_id is not None:
-            upper = min(upper, outbox.oldest_event_id)
-        result.watermark_to = str(upper)
-        cut = self._cut(lower, upper)
-
-        parked, letters = await asyncio.to_thread(self._in_read, compare.parked_and_dead_letters)
-        flagged = {pid for pid, _, _ in parked} | {pid for _, pid, _, _ in letters if pid}
-        zones = await asyncio.to_thread(
-            self._in_read, lambda c: totals.zone_lookup(c, s.default_merchant_time_zone)
-        )
-        fallback = ZoneInfo(s.default_merchant_time_zone)
-
-        suspects: dict[uuid.UUID, Finding] = {}
-        # Two blocks in flight, and the orphan scan alongside: while one waits for a database,
-        # another is worked on. SQLite: one thing at a time (its transactions lock the file,
-        # and two threads each holding one database while waiting for the other deadlock).
-        parallel = "sqlite" not in (self.write.dialect.name, self.read.dialect.name)
-        in_flight_at_most = CHUNKS_IN_FLIGHT if parallel else 1
-        checking: set[asyncio.Task[None]] = set()
-
-        in_flight = {pid.bytes for pid in outbox.in_flight}
-
-        async def checked(chunk: list[bytes], key_range: bool | None) -> None:
-            suspects.update(await asyncio.to_thread(self._check_chunk, chunk, key_range))
-
-        async def check(chunk: Sequence[bytes], *, whole_range: bool = False) -> None:
-            """``chunk``: sorted payment keys (``compare.key_of``). ``whole_range``: it is every
-            write-store payment from its first to its last key (a keyset page), so it is a key
-            range unless something was left out."""
-            kept = [key for key in chunk if key not in in_flight]
-            if not kept:
-                return
-            result.payments_checked += len(kept)
-            key_range = (len(kept) == len(chunk)) if whole_range else None
-            while len(checking) >= in_flight_at_most:
-                done, _ = await asyncio.wait(checking, return_when=asyncio.FIRST_COMPLETED)
-                checking.difference_update(done)
-                for task in done:
-                    task.result()
-            checking.add(asyncio.create_task(checked(kept, key_range)))
-
-        async def all_checked() -> None:
-            while checking:
-                done, _ = await asyncio.wait(checking, return_when=asyncio.FIRST_COMPLETED)
-                checking.difference_update(done)
-                for task in done:
-                    task.result()
-
-        block = max(s.reconcile_chunk_size, compare.FINGERPRINT_PAGE)
-        # Read rows with no payment behind them, looked for while the payments are compared.
-        # Certain at first sight: a read row exists only after its event committed, so there
-        # is no lag to wait out.
-        looking: asyncio.Task[list[compare.Orphan]] | None = None
-        # The write store's sums of the scope's events for the totals: they do not depend on
-        # what the comparison finds (the events are immutable), and the grouping is mostly the
-        # database's work, so it runs alongside the comparison.
-        summing: asyncio.Task[totals.Expected] | None = None
-        if parallel:
-            looking = asyncio.create_task(asyncio.to_thread(self._find_orphans, lower))
-            summing = asyncio.create_task(
-                asyncio.to_thread(self._sum_scope, lower, cut, outbox.in_flight, zones, fallback)
-            )
+        start = await asyncio.to_thread(find.look_around, ctx)
+        result.watermark_to = str(start.upper)
+        summing = verify.start_summing(ctx, lower, start)
         try:
-            if lower is None:
-                total = await asyncio.to_thread(self._in_write, compare.count_payments)
-                if progress:
-                    progress(0, total)
-                done = 0
-                after: bytes | None = None
-                while True:
-                    chunk = await asyncio.to_thread(self._next_keys, after, block)
-                    if not chunk:
-                        break
-                    after = chunk[-1]
-                    await check(chunk, whole_range=True)
-                    done += len(chunk)
-                    if self._pause > 0:
-                        await self._sleep(self._pause)
-                    self._next_phase()
-                    if progress:
-                        progress(done, total)
-            else:
-                keys = await asyncio.to_thread(
-                    self._in_write, lambda c: compare.payment_keys_since(c, lower)
-                )
-                keys |= {pid.bytes for pid in flagged}
-                ordered = sorted(keys)
-                if progress:
-                    progress(0, len(ordered))
-                for start in range(0, len(ordered), block):
-                    await check(ordered[start : start + block])
-                    self._next_phase()
-                    if progress:
-                        progress(min(start + block, len(ordered)), len(ordered))
-            await all_checked()
+            found = await find.find(
+                ctx, lower=lower, start=start, counted=result.count_checked, progress=progress
+            )
+            ctx.checkpoint()
+            findings = await find.confirm(ctx, found, start)
+            repaired = await repair.repair(ctx, findings, found.orphans, dry_run=result.dry_run)
+            totals_found = await verify.verify(
+                ctx,
+                scope=scope,
+                lower=lower,
+                start=start,
+                summing=summing,
+                repaired=repaired,
+                dry_run=result.dry_run,
+            )
         finally:
-            for task in checking:
-                task.cancel()
-            alongside: list[asyncio.Task[Any]] = [t for t in (looking, summing) if t is not None]
-            for side_task in alongside:
-                if not side_task.done():
-                    with contextlib.suppress(BaseException):
-                        await side_task
-        if looking is not None:
-            orphans = looking.result()
-        else:
-            orphans = await asyncio.to_thread(self._find_orphans, lower)
-        self._next_phase()
-
-        # A second look: what the projector was merely late with is not drift.
-        if (suspects or parked or letters) and s.reconcile_confirm_seconds > 0:
-            await self._sleep(s.reconcile_confirm_seconds)
-            suspects = await asyncio.to_thread(self._compare_chunk, sorted(suspects), None)
-            parked, letters = await asyncio.to_thread(
-                self._in_read, compare.parked_and_dead_letters
-            )
-
-        findings: list[Finding] = sorted(suspects.values(), key=lambda f: str(f.payment_id))
-        findings += [
-            Finding(kind="parked", payment_id=pid, details={"version": v, "reason": reason})
-            for pid, v, reason in parked
-            if pid not in outbox.in_flight
-        ]
-        findings += [
-            Finding(
-                kind="dead_letter",
-                payment_id=pid,
-                details={"dead_letter_id": i, "version": v, "reason": reason},
-            )
-            for i, pid, v, reason in letters
-            if pid is None or pid not in outbox.in_flight
-        ]
-        if outbox.stuck_count:
-            findings.append(
-                Finding(
-                    kind="outbox_stuck",
-                    details={
-                        "rows": outbox.stuck_count,
-                        "oldest_created_at": outbox.oldest_created_at,
-                        "older_than_seconds": s.reconcile_outbox_stuck_seconds,
-                    },
-                )
-            )
-
-        unresolved: set[uuid.UUID] = set()
-        # Where the repairs changed read rows: (merchant, moments) whose totals they may move.
-        touched: dict[str, list[datetime]] = {}
-        if not result.dry_run:
-            self._next_phase()
-            findings, unresolved, republished = await self._repair(findings)
-            for event in republished:
-                touched.setdefault(event.merchant_id, []).append(event.occurred_at)
-            if orphans:
-                await asyncio.to_thread(self._delete, sorted(o.payment_id for o in orphans))
-                for o in orphans:
-                    touched.setdefault(o.merchant_id, []).extend(o.moments)
-        findings += [
-            Finding(
-                kind="orphan",
-                payment_id=o.payment_id,
-                merchant_id=o.merchant_id,
-                details={
-                    "captured_amount": o.captured_amount,
-                    "refunded_amount": o.refunded_amount,
-                    "version": o.version,
-                },
-                repaired=not result.dry_run,
-            )
-            for o in orphans
-        ]
-
-        skip = {
-            f.merchant_id
-            for f in findings
-            if f.kind in PAYMENT_KINDS and not f.repaired and f.merchant_id
-        }
-        if result.dry_run:
-            skip = set()
-        # The days those repairs changed rows in, before the scope: checked too (their events
-        # read from the day's start), a few at most; any more are reported unverified.
-        beyond = totals.days_beyond(scope, touched, zones, fallback)
-        extra: dict[str, set[date]] = {}
-        left: dict[str, set[date]] = {}
-        for merchant_id, day in sorted((m, d) for m, ds in beyond.items() for d in ds):
-            taken = sum(len(ds) for ds in extra.values()) < totals.EXTRA_DAYS_AT_MOST
-            (extra if taken else left).setdefault(merchant_id, set()).add(day)
-        self._next_phase()
-        if summing is not None:
-            expected = summing.result()
-        else:
-            expected = await asyncio.to_thread(
-                self._sum_scope, lower, cut, outbox.in_flight, zones, fallback
-            )
-        findings += await asyncio.to_thread(
-            self._check_totals,
-            scope,
-            lower,
-            cut,
-            expected,
-            outbox.in_flight,
-            not result.dry_run,
-            skip,
-            extra,
-            totals.day_windows(extra, zones, fallback, slack=EXTRA_SLACK),
-            set(touched),
-        )
-        findings += totals.unverified(scope, left)
-        result.findings = findings
-        result.outcome = "consistent" if all(f.repaired for f in findings) else "drift"
-        if unresolved:
-            log.warning("%d payment(s) still differ after repair", len(unresolved))
-
-    # -- steps ---------------------------------------------------------------------------------
-
-    def _in_write(self, fn: Callable[[sa.Connection], T]) -> T:
-        with self.write.connect() as conn:
-            return fn(conn)
-
-    def _in_read(self, fn: Callable[[sa.Connection], T]) -> T:
-        with self.read.connect() as conn:
-            return fn(conn)
-
-    def _next_keys(self, after: bytes | None, limit: int) -> list[bytes]:
-        with self.write.connect() as conn:
-            return compare.payment_keys_after(conn, after, limit)
-
-    def _check_chunk(
-        self, chunk: Sequence[bytes], key_range: bool | None
-    ) -> dict[uuid.UUID, Finding]:
-        """Fingerprints of the chunk on both sides; payment by payment only if they differ.
-        ``chunk`` is sorted and distinct; ``key_range`` None: find out."""
-        with self.write.connect() as wconn, self.read.connect() as rconn:
-            if key_range is None:
-                key_range = compare.is_key_range(wconn, chunk)
-            expected = compare.write_fingerprint(wconn, chunk, key_range=key_range)
-            actual = compare.read_fingerprint(rconn, chunk, key_range=key_range)
-            if actual == expected:
-                return {}
-            size = self.settings.reconcile_chunk_size
-            if len(chunk) <= size:
-                ids = _ids(chunk)
-                events, rows = compare.load_events(wconn, ids), compare.load_read(rconn, ids)
-                return _compare_loaded(ids, events, rows, None)
-            found: dict[uuid.UUID, Finding] = {}
-            for start in range(0, len(chunk), size):
-                # The pieces of a key range are key ranges too.
-                piece = chunk[start : start + size]
-                expected = compare.write_fingerprint(wconn, piece, key_range=key_range)
-                actual = compare.read_fingerprint(rconn, piece, key_range=key_range)
-                if actual != expected:
-                    ids = _ids(piece)
-                    events, rows = compare.load_events(wconn, ids), compare.load_read(rconn, ids)
-                    found.update(_compare_loaded(ids, events, rows, None))
-            return found
-
-    def _compare_chunk(
-        self,
-        chunk: Sequence[uuid.UUID],
-        note_days: Callable[[Iterable[Event]], None] | None,
-    ) -> dict[uuid.UUID, Finding]:
-        if not chunk:
-            return {}
-        with self.write.connect() as wconn:
-            events = compare.load_events(wconn, chunk)
-        with self.read.connect() as rconn:
-            rows = compare.load_read(rconn, chunk)
-        return _compare_loaded(chunk, events, rows, note_days)
-
-    async def _repair(
-        self, findings: list[Finding]
-    ) -> tuple[list[Finding], set[uuid.UUID], list[totals.EventRow]]:
-        """Re-publish the affected payments and wait until the read side matches. Also returns
-        the re-published events (where the totals may move)."""
-        targets = sorted(
-            {f.payment_id for f in findings if f.kind in PAYMENT_KINDS and f.payment_id}
-        )
-        if not targets:
-            return findings, set(), []
-        bodies = await asyncio.to_thread(
-            self._in_write, lambda c: _bodies(c, targets, self.settings.reconcile_chunk_size)
-        )
-        known = {row[0] for row in bodies}
-        republished = await asyncio.to_thread(
-            self._in_write, lambda c: totals.events_one_by_one(c, since=None, payment_ids=known)
-        )
-        reset = sorted(
-            f.payment_id
-            for f in findings
-            if f.payment_id in known
-            and ((f.kind == "mismatch" and (f.details or {}).get("reset")) or f.kind == "missing")
-        )
-        async with republisher(self.settings) as send:
-            if reset:
-                resetting = set(reset)
-                await asyncio.to_thread(
-                    self._reset, reset, [e for e in republished if e.payment_id in resetting]
-                )
-            await send(bodies)
-        remaining = set(known)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.reconcile_verify_timeout_seconds
-        while remaining:
-            remaining = await asyncio.to_thread(self._still_wrong, sorted(remaining))
-            if not remaining or loop.time() > deadline:
-                break
-            await self._sleep(0.2)
-        merchants = await asyncio.to_thread(self._merchants_of, sorted(known))
-        repaired = [
-            replace(
-                f,
-                repaired=f.payment_id in known and f.payment_id not in remaining,
-                merchant_id=f.merchant_id or merchants.get(f.payment_id),
-            )
-            if f.kind in PAYMENT_KINDS and f.payment_id is not None
-            else f
-            for f in findings
-        ]
-        return repaired, remaining, republished
-
-    def _find_orphans(self, lower: uuid.UUID | None) -> list[compare.Orphan]:
-        """Read payments (and refund rows alone) at or above ``lower`` (None: all) that have no
-        event in the write store."""
-        page = max(self.settings.reconcile_chunk_size, 1)
-        # Fingerprinted pages are cheap: larger ones, fewer round trips.
-        fingerprinted = max(page, compare.FINGERPRINT_PAGE)
-        candidates: list[uuid.UUID] = []
-        with self.read.connect() as rconn, self.write.connect() as wconn:
-            after: uuid.UUID | None = None
-            # Pages whose ids fingerprint the same on both sides hold no orphan: skipped
-            # without reading their ids.
-            while page > 1 and (
-                last := compare.read_page_end(rconn, lower=lower, after=after, size=fingerprinted)
-            ):
-                same = compare.ids_fingerprint(
-                    rconn, read.payments, lower=lower, after=after, last=last
-                ) == compare.ids_fingerprint(
-                    wconn, write.events, lower=lower, after=after, last=last
-                )
-                if not same:
-                    candidates += compare.unknown_between(
-                        rconn, wconn, lower=lower, after=after, last=last
-                    )
-                after = last
-            while ids := compare.read_payment_ids(rconn, lower=lower, after=after, limit=page):
-                after = ids[-1]
-                candidates += sorted(set(ids) - compare.known_payments(wconn, ids))
-            alone = sorted(compare.refunds_without_payment(rconn, lower))
-            for start in range(0, len(alone), page):
-                chunk = alone[start : start + page]
-                candidates += sorted(set(chunk) - compare.known_payments(wconn, chunk))
-            orphans: list[compare.Orphan] = []
-            for start in range(0, len(candidates), page):
-                orphans += compare.load_orphans(rconn, candidates[start : start + page])
-        return orphans
-
-    def _reset(self, payment_ids: list[uuid.UUID], events: list[totals.EventRow]) -> None:
-        """Remove the read rows (payment and refunds) of payments that are wrong at their own
-        version, so the re-published ``events`` (all of theirs) are applied rather than skipped
-        as duplicates; in the same transaction, take out of the totals what applying them again
-        will add, so the totals end as they were (right ones stay right)."""
-        self._delete(payment_ids, compensate=events)
-
-    def _delete(
-        self, payment_ids: list[uuid.UUID], compensate: list[totals.EventRow] | None = None
-    ) -> None:
-        """Remove read rows (payment and refunds), under the projector's offset locks."""
-        with self.read.begin() as conn:
-            totals.lock_projector(conn, self.settings.topic)
-            if compensate:
-                totals.compensate(
-                    conn, compensate, default_zone=self.settings.default_merchant_time_zone
-                )
-            for start in range(0, len(payment_ids), self.settings.reconcile_chunk_size):
-                chunk = payment_ids[start : start + self.settings.reconcile_chunk_size]
-                conn.execute(read.refunds.delete().where(read.refunds.c.payment_id.in_(chunk)))
-                conn.execute(read.payments.delete().where(read.payments.c.payment_id.in_(chunk)))
-
-    def _still_wrong(self, payment_ids: list[uuid.UUID]) -> set[uuid.UUID]:
-        wrong = set(self._compare_chunk(payment_ids, None))
-        with self.read.connect() as conn:
-            wrong |= set(
-                conn.execute(
-                    sa.select(read.parked_events.c.payment_id).where(
-                        read.parked_events.c.payment_id.in_(payment_ids)
-                    )
-                ).scalars()
-            )
-            wrong |= set(
-                conn.execute(
-                    sa.select(read.dead_letters.c.payment_id).where(
-                        read.dead_letters.c.payment_id.in_(payment_ids),
-                        read.dead_letters.c.status == "open",
-                    )
-                ).scalars()
-            )
-        return wrong
-
-    def _merchants_of(self, payment_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
-        from kessai.schema.write import events
-
-        with self.write.connect() as conn:
-            return dict(
-                conn.execute(
-                    sa.select(events.c.payment_id, events.c.merchant_id).where(
-                        events.c.payment_id.in_(payment_ids), events.c.version == 1
-                    )
-                ).all()
-            )
-
-    def _cut(self, lower: uuid.UUID | None, upper: uuid.UUID) -> uuid.UUID:
-        """Where the totals stop trusting the checked payments: ``upper`` minus the safety
-        margin (never below ``lower``). Events from the cut on are counted one by one."""
-        margin_ms = int(self.settings.reconcile_safety_margin_seconds * 1000)
-        cut = compare.bound_at_ms(timestamp_ms(upper) - margin_ms)
-        return cut if lower is None else max(cut, lower)
-
-    def _sum_scope(
-        self,
-        lower: uuid.UUID | None,
-        cut: uuid.UUID,
-        in_flight: set[uuid.UUID],
-        zones: dict[str, ZoneInfo],
-        fallback: ZoneInfo,
-    ) -> totals.Expected:
-        """The scope's events before the cut, summed by the write store for the totals (no
-        lock: the write store's events never change), in each merchant's local buckets."""
-        if lower is not None and lower == compare.bound_at_ms(0):
-            lower = None  # the very beginning: no bound to read the index by
-        with self.write.connect() as wconn:
-            grouped = totals.sum_events(wconn, lower=lower, below=cut, leave_out=in_flight)
-        return totals.expected_from(grouped, zones, fallback)
-
-    def _check_totals(
-        self,
-        scope: Scope,
-        lower: uuid.UUID | None,
-        cut: uuid.UUID,
-        expected: totals.Expected,
-        in_flight: set[uuid.UUID],
-        repair: bool,
-        skip: set[str],
-        extra_days: dict[str, set[date]],
-        extra_windows: list[tuple[datetime, datetime]],
-        touched_merchants: set[str],
-    ) -> list[Finding]:
-        """The totals of every bucket ``scope`` covers against the events they count (see
-        ``reconciler.totals``). ``expected``: the scope's events before the ``cut``, summed by the
-        write store outside the projector's locks; the few after it are read under them, with
-        the totals."""
-        with self.write.connect() as wconn:
-            # ``extra_days``' events before the scope: each day's span of ids (widened for ids
-            # taken just after their occurred_at); no span reaches into the scope.
-            for start, end in extra_windows:
-                if lower is None:
-                    break
-                first = compare.bound_at(start)
-                below = min(compare.bound_at(end), lower)
-                if first < below:
-                    more = totals.sum_events(wconn, lower=first, below=below, leave_out=in_flight)
-                    expected = totals.expected_from(
-                        expected.grouped + more, expected.zones, expected.fallback
-                    )
-        check = functools.partial(
-            totals.check_totals,
-            scope=scope,
-            expected=expected,
-            default_zone=self.settings.default_merchant_time_zone,
-            skip_repair=skip,
-            also=extra_days,
-            touched_merchants=touched_merchants,
-        )
-        # A first look without the projector's locks (one snapshot): a clean run holds them
-        # only for the second look, at the merchants that differ, if any.
-        with self.read.connect() as rconn, self.write.connect() as wconn:
-            singles = totals.events_one_by_one(wconn, since=cut, payment_ids=in_flight)
-            first_look = check(rconn, one_by_one=singles, repair=False)
-        differ = {f.merchant_id for f in first_look if f.merchant_id is not None}
-        if not differ:
-            return []
-        with self.read.begin() as rconn, self.write.connect() as wconn:
-            totals.lock_projector(rconn, self.settings.topic)
-            singles = totals.events_one_by_one(wconn, since=cut, payment_ids=in_flight)
-            return check(rconn, one_by_one=singles, repair=repair, merchants=differ)
+            # Never leave the thread's work behind the run (nor its error unread).
+            if summing is not None:
+                with contextlib.suppress(BaseException):
+                    await summing
+        result.conclude(repaired.findings + totals_found)
+        if repaired.unresolved:
+            log.warning("%d payment(s) still differ after repair", len(repaired.unresolved))
 
     # -- on a schedule ---------------------------------------------------------------------------
 
@@ -832,35 +386,6 @@ class Reconciler:
 
 def _scope_of(lower: uuid.UUID | None) -> Scope:
     """A run from ``lower`` on (None, or the very beginning: everything)."""
-    if lower is None or lower == compare.bound_at_ms(0):
+    if lower is None or lower == bound_at_ms(0):
         return Scope()
     return Scope(after=datetime.fromtimestamp(timestamp_ms(lower) / 1000, UTC))
-
-
-def _ids(keys: Sequence[bytes]) -> list[uuid.UUID]:
-    return [uuid.UUID(bytes=key) for key in keys]
-
-
-def _compare_loaded(
-    chunk: Sequence[uuid.UUID],
-    events: dict[uuid.UUID, list[Event]],
-    rows: dict[uuid.UUID, compare.ReadPayment],
-    note_days: Callable[[Iterable[Event]], None] | None,
-) -> dict[uuid.UUID, Finding]:
-    """Payment by payment: the fold of each payment's events against its read rows."""
-    found: dict[uuid.UUID, Finding] = {}
-    for pid in chunk:
-        evs = events.get(pid, [])
-        if note_days is not None:
-            note_days(evs)
-        finding = compare.compare(pid, evs, rows.get(pid))
-        if finding is not None:
-            found[pid] = finding
-    return found
-
-
-def _bodies(conn: sa.Connection, ids: list[uuid.UUID], chunk: int) -> list[compare.EventRow]:
-    rows: list[compare.EventRow] = []
-    for start in range(0, len(ids), chunk):
-        rows += compare.load_bodies(conn, ids[start : start + chunk])
-    return rows

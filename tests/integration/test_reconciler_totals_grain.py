@@ -14,12 +14,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from kessai.db import create_db_engine
-from kessai.ids import new_id
+from kessai.ids import bound_at, new_id
 from kessai.schema.read import merchant_daily_totals, merchant_hourly_totals, merchants
 from kessai.schema.write import events
-from reconciler.compare import bound_at
+from reconciler.buckets import expected_from
 from reconciler.records import Scope
-from reconciler.totals import check_totals, expected_from, sum_events
+from reconciler.sums import sum_events
+from reconciler.totals import check_totals
 
 KOLKATA = "Asia/Kolkata"
 # Both at UTC 04:xx; in Kolkata 09:50 and 10:10, two local hours of one day.

@@ -1,0 +1,51 @@
+"""What every phase of a run works with: the two databases, the settings, and the run's pace.
+
+A phase is a function that takes values and returns values; it reaches the databases only
+through ``RunContext`` and opens its own connections (each phase says where its transactions
+begin). ``checkpoint`` ends the run between two steps (a stop signal, or the lock lost to another
+run); ``sleep`` waits, but wakes at once on a stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from kessai.settings import Settings
+
+T = TypeVar("T")
+ProgressCallback = Callable[[int, int | None], None]
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    write: Engine
+    read: Engine
+    settings: Settings
+    checkpoint: Callable[[], None]
+    """Raise if the run must end here (a stop signal, or the lock lost)."""
+    sleep: Callable[[float], Awaitable[None]]
+    """Wait that long (a stop ends the wait and the run)."""
+    pause_seconds: float = 0.0
+    """A pause between two blocks of payments (a throttled full audit)."""
+
+    @property
+    def parallel(self) -> bool:
+        """Whether work may overlap. SQLite: one thing at a time (its transactions lock the
+        file, and two threads each holding one database while waiting for the other
+        deadlock)."""
+        return "sqlite" not in (self.write.dialect.name, self.read.dialect.name)
+
+    def in_write(self, fn: Callable[[sa.Connection], T]) -> T:
+        """``fn`` on a write-store connection, returned to the pool at once (read only)."""
+        with self.write.connect() as conn:
+            return fn(conn)
+
+    def in_read(self, fn: Callable[[sa.Connection], T]) -> T:
+        """``fn`` on a read-database connection, returned to the pool at once (read only)."""
+        with self.read.connect() as conn:
+            return fn(conn)
