@@ -14,6 +14,7 @@ RUN groupadd --system --gid 10001 kessai \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY kessai ./kessai
+COPY kessai_cli ./kessai_cli
 COPY command_service ./command_service
 COPY query_service ./query_service
 COPY projector ./projector

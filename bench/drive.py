@@ -24,7 +24,7 @@ from rich.progress import Progress
 from bench.lag import AppliedCounter, Pipeline, Prober, Probes
 from bench.reconciler import process_cpu
 from bench.serving import Served
-from kessai import loadgen
+from kessai_cli import loadgen
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 

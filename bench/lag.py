@@ -30,9 +30,9 @@ import orjson
 
 from bench.serving import Served, served
 from bench.stores import Stores
-from kessai import loadgen
 from kessai.broker import EmbeddedBroker, ensure_topic, free_port
 from kessai.settings import Settings
+from kessai_cli import loadgen
 
 PROBE_MERCHANT = "m-probe"
 """The probes' merchant: not one of the load generator's (``shop-1``...)."""
@@ -69,10 +69,10 @@ class Pipeline:
             with contextlib.ExitStack() as stack:
                 for name in ("relay", "projector"):
                     pipeline.processes[name] = stack.enter_context(
-                        _background([sys.executable, "-m", "kessai.cli", name], env, home, name)
+                        _background([sys.executable, "-m", "kessai_cli", name], env, home, name)
                     )
                 port = free_port()
-                argv = [sys.executable, "-m", "kessai.cli", "query-api", "--host", "127.0.0.1"]
+                argv = [sys.executable, "-m", "kessai_cli", "query-api", "--host", "127.0.0.1"]
                 argv += ["--port", str(port)]
                 query = stack.enter_context(served(argv, env, port, home / "query-api.log"))
                 pipeline.processes["query-api"] = query

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from kessai import loadgen
+from kessai_cli import loadgen
 
 
 class GivingUp(loadgen.Schedule):

@@ -10,7 +10,7 @@
    measures its capacity: closed loop over ``--capacity-connections`` for
    ``--capacity-seconds`` after ``--warmup``, campaign traffic (``kessai loadgen``): answered
    2xx per second. Then drives it open loop at ``--factor`` times that capacity for
-   ``--seconds`` over ``--connections`` keep-alive connections (``kessai/loadgen.py``:
+   ``--seconds`` over ``--connections`` keep-alive connections (``kessai_cli/loadgen.py``:
    latency counts from when a request was due). A client gives up on a request after
    ``--timeout`` seconds: an answer that late, or a request still unsent that long after it
    was due, is a client time-out.
@@ -66,9 +66,9 @@ from bench.reconciler import DEFAULT_DB_URL
 from bench.serving import Served, interrupt, served, served_env
 from bench.stores import Stores, prepare_stores, scalar_of, temporary_home
 from bench.writes import console
-from kessai import loadgen
 from kessai.auth import PAYMENTS_WRITE
 from kessai.broker import free_port
+from kessai_cli import loadgen
 
 UNBOUNDED = "10000"
 """``KESSAI_OVERLOAD_MAX_IN_FLIGHT`` of the baseline: a bound the run never reaches."""
@@ -94,7 +94,7 @@ class Bench:
     def api(self, label: str, env: dict[str, str]) -> Iterator[Served]:
         """The command API, pinned to the server's CPUs if asked, warmed up."""
         port = free_port()
-        argv = [sys.executable, "-m", "kessai.cli", "command-api", "--host", "127.0.0.1"]
+        argv = [sys.executable, "-m", "kessai_cli", "command-api", "--host", "127.0.0.1"]
         argv += ["--port", str(port), "--workers", str(self.settings["workers"])]
         if self.server_cpus is not None:
             argv = ["taskset", "-c", self.server_cpus, *argv]

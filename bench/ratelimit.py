@@ -137,7 +137,7 @@ async def _exchange(
 
 async def closed_loop(url: str, key: str, connections: int, seconds: float) -> Tally:
     """``connections`` keep-alive connections, each sending its next payment when the last is
-    answered, for ``seconds``. A plain client of its own: ``kessai.loadgen`` does not keep the
+    answered, for ``seconds``. A plain client of its own: ``kessai_cli.loadgen`` does not keep the
     ``RateLimit-*`` headers."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
@@ -225,7 +225,7 @@ def measure(report: dict[str, Any], stores: Stores, created: list[str]) -> None:
     }
     for label, server_env in (("unlimited", env), ("limited", limited_env)):
         port = free_port()
-        argv = [sys.executable, "-m", "kessai.cli", "command-api", "--host", "127.0.0.1"]
+        argv = [sys.executable, "-m", "kessai_cli", "command-api", "--host", "127.0.0.1"]
         argv += ["--port", str(port), "--workers", str(s["workers"])]
         with served(argv, server_env, port, stores.home / f"{label}.log") as api:
             console.print(f"{label}: {s['connections']} connections, {s['seconds']:g} s")

@@ -4,7 +4,7 @@
 [--json out.json]``
 
 1. Creates two fresh databases on the server (write store and read database,
-   ``kessai_bench_<hex>_w`` / ``_r``), migrates them with ``kessai.migrate.upgrade``.
+   ``kessai_bench_<hex>_w`` / ``_r``), migrates them with ``migrations.upgrade``.
 2. Loads a consistent state in bulk: ``--events`` events in the write store (payments captured
    over ``--days`` days, some refunded once or twice; one merchant holds 30% of the payments;
    bodies built with the real event classes, ids from ``kessai.ids.new_id`` in time order; no
@@ -61,8 +61,8 @@ from kessai.db import create_db_engine
 from kessai.events import (
     parse_event,
 )
-from kessai.migrate import upgrade
 from kessai.settings import Settings
+from migrations import upgrade
 from reconciler.service import Reconciler, RunResult
 
 if TYPE_CHECKING:  # bench.stores imports this module's server helpers

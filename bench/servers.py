@@ -54,7 +54,7 @@ APPS = {"kessai": "command_service.app:create_served_app", "bare": "bench.bare_a
 def server_argv(server: str, app: str, port: int, workers: int) -> list[str]:
     """How ``server`` serves ``app`` (a key of ``APPS``) on 127.0.0.1:``port``."""
     if server == "uvicorn" and app == "kessai":
-        argv = [sys.executable, "-m", "kessai.cli", "command-api", "--host", "127.0.0.1"]
+        argv = [sys.executable, "-m", "kessai_cli", "command-api", "--host", "127.0.0.1"]
         return [*argv, "--port", str(port), "--workers", str(workers)]
     if server == "uvicorn":
         argv = [sys.executable, "-m", "uvicorn", APPS[app], "--factory", "--host", "127.0.0.1"]

@@ -27,7 +27,7 @@ from bench.reconciler import (
 )
 from kessai.auth import create_key
 from kessai.db import create_db_engine
-from kessai.migrate import upgrade
+from migrations import upgrade
 
 SQLITE = "sqlite"
 

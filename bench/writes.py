@@ -11,7 +11,7 @@
    query API over those databases (``bench/lag.py``).
 3. Serves the real command API (``kessai command-api --workers N``, uvicorn, group commit as
    configured, rate limits out of the way) in a subprocess, and drives it with the load
-   generator (``kessai/loadgen.py``): ``--connections`` keep-alive connections for
+   generator (``kessai_cli/loadgen.py``): ``--connections`` keep-alive connections for
    ``--seconds`` after ``--warmup`` seconds, campaign traffic (Zipf merchants, one with 30% of
    the payments, 3% refunds, 1% client retries with the same Idempotency-Key and body, device
    ids). Figures: answers/s, accepted/s (payments and refunds recorded), latency p50/p90/p99,
@@ -27,7 +27,7 @@
    them as JSON with ``--json``; drops the databases, also on failure and Ctrl-C.
 
 Client and servers share the machine's cores: the client's CPU is reported so a saturated
-client shows (see the client's note in ``kessai/loadgen.py``).
+client shows (see the client's note in ``kessai_cli/loadgen.py``).
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ from bench.lag import PROBE_MERCHANT, AppliedCounter, Pipeline
 from bench.reconciler import DEFAULT_DB_URL, machine_table, process_cpu
 from bench.serving import interrupt, served, served_env
 from bench.stores import Stores, prepare_stores, scalar_of, temporary_home
-from kessai import loadgen
 from kessai.auth import PAYMENTS_WRITE, merchant_scope
 from kessai.broker import free_port
+from kessai_cli import loadgen
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {
@@ -289,7 +289,7 @@ def _measure_kessai(
     """The real command API served and driven; with ``end_to_end``, the read side behind it."""
     write_db, read_db = databases
     port = free_port()
-    argv = [sys.executable, "-m", "kessai.cli", "command-api", "--host", "127.0.0.1"]
+    argv = [sys.executable, "-m", "kessai_cli", "command-api", "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--workers", str(workers)]
     with contextlib.ExitStack() as stack:
         e2e = None

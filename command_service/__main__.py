@@ -1,6 +1,12 @@
 """``python -m command_service``: serve the command API (same as ``kessai command-api``)."""
 
-from kessai.cli import run_command_api
+from kessai.runtime import serve_app
+from kessai.settings import Settings
 
 if __name__ == "__main__":
-    run_command_api()
+    settings = Settings()
+    serve_app(
+        "command_service.app:create_served_app",
+        settings.command_api_host,
+        settings.command_api_port,
+    )

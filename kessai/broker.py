@@ -30,7 +30,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.protocol.produce import ProduceRequest
 
-from kessai.supervisor import start_process
+from kessai.processes import start_process
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Process plumbing shared by the long-running components: logging and signal handling."""
+"""Process plumbing shared by the long-running components: logging, signal handling and
+serving an app."""
 
 from __future__ import annotations
 
@@ -39,3 +40,20 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def serve_app(factory: str, host: str, port: int, workers: int = 1) -> None:
+    """Serve an app factory (``module:create_app``) with uvicorn; each worker builds its
+    app from the same KESSAI_* settings."""
+    import uvicorn
+
+    configure_logging()
+    uvicorn.run(
+        factory,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=False,
+        log_level="warning",
+    )

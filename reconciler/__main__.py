@@ -2,7 +2,7 @@
 
 import typer
 
-from kessai.cli import reconcile
+from reconciler.cli import reconcile
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ from command_service.app import create_app
 from kessai.auth import PAYMENTS_WRITE
 from kessai.broker import EmbeddedBroker, free_port
 from kessai.db import create_db_engine
-from kessai.migrate import Tree, upgrade
 from kessai.settings import Settings
+from migrations import Tree, upgrade
 from tests import backends
 from tests.helpers import UNBOUNDED_IN_FLIGHT, UNLIMITED, api_key, bearer
 

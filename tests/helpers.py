@@ -23,9 +23,9 @@ from kessai.auth import create_key
 from kessai.broker import EmbeddedBroker, free_port
 from kessai.db import create_db_engine
 from kessai.events import parse_event
-from kessai.migrate import upgrade
 from kessai.schema.write import events, idempotency_keys, outbox, relay_leases
 from kessai.settings import Settings
+from migrations import upgrade
 
 _keys = itertools.count()
 

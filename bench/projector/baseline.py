@@ -20,7 +20,7 @@ from bench.reconciler import (
     sqlite_rows,
 )
 from bench.stores import Stores
-from kessai.migrate import upgrade
+from migrations import upgrade
 
 # -- the read databases ------------------------------------------------------------------------
 

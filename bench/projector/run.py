@@ -135,7 +135,7 @@ def run_projector(
         with log.open("ab") as out:
             started = time.perf_counter()
             process = subprocess.Popen(
-                [sys.executable, "-m", "kessai.cli", "projector"],
+                [sys.executable, "-m", "kessai_cli", "projector"],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -5,13 +5,13 @@ a bare GET endpoint on the same server.
 [--rate R | --rate-share 0.5] [--db-url mysql+pymysql://root@127.0.0.1:3306] [--json out.json]``
 
 1. Creates a fresh read database and key store on the server (``kessai_bench_<hex>_r`` /
-   ``_k``), migrates them with ``kessai.migrate.upgrade``, and creates one API key reading every
+   ``_k``), migrates them with ``migrations.upgrade``, and creates one API key reading every
    merchant (``merchant:<id>:read``).
 2. Loads the read side the projector would have written for ``--payments`` payments, generated
    by the server itself (``INSERT ... SELECT`` over MariaDB's Sequence engine, columns from
    CRC32 of the sequence number, so the data set is the same for the same seed): payments
    captured over ``--days`` days up to 10 minutes ago, one merchant (``m00000``) with 30% of
-   them, the others a Zipf tail (``kessai.loadgen.merchant_weights``); 5% in USD; 5% refunded
+   them, the others a Zipf tail (``kessai_cli.loadgen.merchant_weights``); 5% in USD; 5% refunded
    once, a fifth of the partly refunded ones a second time; ids UUIDv7-like in time order; one
    merchant in ten in Asia/Kolkata (a ``merchants`` row), the others in the default zone. The
    hour totals are grouped from the same generated columns, chunk by chunk, on an integer key
@@ -24,14 +24,14 @@ a bare GET endpoint on the same server.
 4. Serves the real query API (``kessai query-api --workers N``, rate limits out of the way,
    caches as configured) and ``bench/bare_app.py``'s bare GET endpoint (no database, no key)
    with the same worker count, and drives each kind of request closed-loop over
-   ``--connections`` keep-alive connections (the client of ``kessai/loadgen.py``) for
+   ``--connections`` keep-alive connections (the client of ``kessai_cli/loadgen.py``) for
    ``--seconds`` after ``--warmup``: bare GET with a summary-sized and a page-sized body (before
    and after the others), summaries (today through the cache, today without it, 7 and 30 days
    by day, 7 days by hour) and list pages (first pages, then pages following ``next_cursor``),
    each for the big merchant and for random tail merchants.
    Right after each kind's closed-loop run, the same kind open-loop at a stated rate
    (``--rate``, or ``--rate-share`` of the req/s it just reached closed-loop: half by
-   default), requests sent on schedule by ``kessai.loadgen``'s scheduler and their latency
+   default), requests sent on schedule by ``kessai_cli.loadgen``'s scheduler and their latency
    counted from when they were due; then the bare endpoint with the kind's body size at the
    same rate.
 5. Prints req/s, latency p50/p90/p99/max per kind (closed loop: the saturation figures), their

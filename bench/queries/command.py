@@ -33,8 +33,8 @@ from bench.stores import Stores, temporary_home
 from kessai.auth import create_key, merchant_scope
 from kessai.broker import free_port
 from kessai.db import create_db_engine
-from kessai.migrate import upgrade
 from kessai.settings import Settings
+from migrations import upgrade
 
 RATE_SHARE = 0.5
 """Open loop, by default, at half the rate the kind reached closed-loop in the same run."""
@@ -336,7 +336,7 @@ def _serve_and_measure(
     merchants, settings = measuring.merchants, measuring.settings
     report["explain"] = explain(read_url, settings, merchants)
     query_port, bare_port = free_port(), free_port()
-    api_argv = [sys.executable, "-m", "kessai.cli", "query-api", "--host", "127.0.0.1"]
+    api_argv = [sys.executable, "-m", "kessai_cli", "query-api", "--host", "127.0.0.1"]
     workers = measuring.options.workers
     api_argv += ["--port", str(query_port), "--workers", str(workers)]
     bare_argv = [sys.executable, "-m", "uvicorn", "bench.bare_app:create_app"]

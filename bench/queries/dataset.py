@@ -15,8 +15,8 @@ from rich.progress import Progress
 from bench.reconciler import (
     connect,
 )
-from kessai import loadgen
 from kessai.settings import Settings
+from kessai_cli import loadgen
 
 SLOTS = 65_536
 """Merchants are drawn by CRC32 modulo this many slots, each slot owned by one merchant in

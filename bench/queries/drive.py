@@ -27,8 +27,8 @@ from bench.reconciler import (
     process_cpu,
 )
 from bench.serving import Served
-from kessai import loadgen
 from kessai.settings import Settings
+from kessai_cli import loadgen
 
 SMALL_BODY_ITEMS = 3
 """Items of the bare baseline's summary-sized body (about 1.2 KB)."""
@@ -205,7 +205,7 @@ async def send(
     rate: float | None = None,
     on_progress: Callable[[Tally, float], None] | None = None,
 ) -> Tally:
-    """Each picker drives one keep-alive connection (``kessai.loadgen.drive``): closed loop
+    """Each picker drives one keep-alive connection (``kessai_cli.loadgen.drive``): closed loop
     (``rate`` None: a request when the previous one is answered) or open loop at ``rate``
     requests/s, latency counted from when each request was due."""
     host, port = url.removeprefix("http://").split(":")

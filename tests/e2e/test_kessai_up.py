@@ -31,9 +31,9 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from kessai.broker import free_port, port_is_open
-from kessai.cli import STOP_SECONDS
 from kessai.events import PaymentCaptured, PaymentRefunded, parse_event
 from kessai.settings import DEFAULT_TOPIC, Settings
+from kessai_cli.up import STOP_SECONDS
 from tests.helpers import consume_all, new_key, payment_body
 from tests.integration.read_model import create_mysql_database, drop_mysql_database
 
@@ -102,7 +102,7 @@ def _kessai_up(tmp_path: Path, extra_env: dict[str, str]) -> Iterator[RunningSys
     env.update(extra_env)
     log = (tmp_path / "up.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "kessai.cli", "up"],
+        [sys.executable, "-m", "kessai_cli", "up"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -571,7 +571,7 @@ def test_a_taken_port_is_one_clear_sentence_and_nothing_starts(tmp_path: Path) -
             holder.bind(("127.0.0.1", port))
             holder.listen()
         done = subprocess.run(
-            [sys.executable, "-m", "kessai.cli", "up"],
+            [sys.executable, "-m", "kessai_cli", "up"],
             env=_env(tmp_path, api_port, query_port, broker_port),
             capture_output=True,
             stdin=subprocess.DEVNULL,

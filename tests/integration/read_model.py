@@ -31,10 +31,10 @@ from kessai.events import (
     kafka_key,
 )
 from kessai.ids import new_id
-from kessai.migrate import upgrade
 from kessai.offsets import OffsetRow, save_offsets
 from kessai.schema.read import merchants, payments
 from kessai.settings import DEFAULT_TOPIC
+from migrations import upgrade
 from projector.apply import Changes, Record, apply_batch, payment_ids_of
 from projector.repository import load_snapshot, write_changes
 from tests.backends import create_mysql_database, drop_mysql_database, server_connection

@@ -43,8 +43,8 @@ from kessai.auth import ADMIN, PAYMENTS_WRITE, USERS_READ, merchant_scope
 from kessai.broker import free_port
 from kessai.clock import utcnow
 from kessai.db import create_db_engine
-from kessai.migrate import upgrade
 from kessai.settings import Settings
+from migrations import upgrade
 from query_service.app import create_app as create_query_app
 from tests import backends
 from tests.helpers import UNLIMITED, api_key, bearer

@@ -25,12 +25,12 @@ from typer.testing import CliRunner
 
 from command_service.app import create_app as create_command_app
 from kessai.auth import ADMIN, PAYMENTS_WRITE, USERS_READ, Authenticator, merchant_scope
-from kessai.cli import app as cli_app
 from kessai.clock import utcnow
 from kessai.db import create_db_engine
-from kessai.migrate import upgrade
 from kessai.schema.keys import api_keys
 from kessai.settings import MissingKeyStore, Settings
+from kessai_cli.main import app as cli_app
+from migrations import upgrade
 from query_service.app import create_app as create_query_app
 from tests import backends
 from tests.helpers import api_key, bearer, count_rows, new_key, payment_body

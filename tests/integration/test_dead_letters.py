@@ -10,11 +10,11 @@ from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
 import projector.apply
-from kessai.cli import app
 from kessai.clock import utcnow
 from kessai.events import event_to_json, kafka_headers, kafka_key
 from kessai.ids import new_id
 from kessai.schema.read import dead_letters, parked_events, payments
+from kessai_cli.main import app
 from projector.apply import Record, apply_batch, payment_ids_of
 from projector.repository import load_snapshot, write_changes
 from tests.unit.test_projector_apply import captured, refunded

@@ -41,7 +41,6 @@ import projector.apply
 from command_service import outbox as outbox_sql
 from command_service.relay import Relay
 from kessai.broker import log_ends
-from kessai.cli import app
 from kessai.clock import utcnow
 from kessai.events import PaymentRefunded, parse_event
 from kessai.schema.read import (
@@ -54,6 +53,7 @@ from kessai.schema.read import (
 )
 from kessai.schema.write import events, outbox
 from kessai.settings import Settings
+from kessai_cli.main import app
 from projector.service import Projector
 from reconciler.service import PAYMENT_KINDS, Reconciler, RunResult
 from tests.helpers import own_broker, restart_on_same_port

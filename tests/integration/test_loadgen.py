@@ -10,13 +10,13 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from command_service.app import create_app
-from kessai import loadgen
 from kessai.auth import PAYMENTS_WRITE, Principal
-from kessai.cli import DEV_KEYS
-from kessai.cli import app as cli_app
 from kessai.db import create_db_engine
 from kessai.schema.write import events, idempotency_keys
 from kessai.settings import Settings
+from kessai_cli import loadgen
+from kessai_cli.keys import DEV_KEYS
+from kessai_cli.main import app as cli_app
 from tests.helpers import UNLIMITED, api_key
 from tests.integration.test_api_schemas import Server
 

@@ -17,9 +17,9 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from command_service.app import create_app
-from kessai import loadgen
 from kessai.auth import PAYMENTS_WRITE, merchant_scope
 from kessai.settings import Settings
+from kessai_cli import loadgen
 from query_service.app import create_app as create_query_app
 from tests.helpers import api_key, count_rows, new_key, payment_body
 from tests.integration.read_model import migrated_read_db

@@ -23,7 +23,6 @@ from command_service.relay import Relay
 from command_service.schemas import CreatePayment, CreateRefund
 from kessai.auth import ADMIN
 from kessai.broker import free_port
-from kessai.cli import app
 from kessai.clock import parse_interval, utcnow
 from kessai.ids import new_id
 from kessai.schema.read import (
@@ -38,6 +37,7 @@ from kessai.schema.read import (
 )
 from kessai.schema.write import outbox
 from kessai.settings import Settings
+from kessai_cli.main import app
 from projector.service import Projector
 from query_service.app import create_app as create_query_app
 from reconciler import records

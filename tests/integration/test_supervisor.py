@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from kessai.broker import free_port
-from kessai.supervisor import (
+from kessai.processes import start_process
+from kessai_cli.supervisor import (
     Backoff,
     Child,
     Port,
     describe_exit,
     is_taken,
     port_problems,
-    start_process,
     supervise,
 )
 

@@ -18,8 +18,8 @@ from kessai.clock import utcnow
 from kessai.db import create_db_engine
 from kessai.events import PaymentCaptured, PaymentCapturedPayload
 from kessai.ids import new_id
-from kessai.migrate import alembic_config, upgrade
 from kessai.schema.write import events
+from migrations import alembic_config, upgrade
 from tests.helpers import count_rows, new_key, payment_body, stored_events
 
 WRITE_TABLES = {"events", "outbox", "idempotency_keys", "relay_leases"}

@@ -27,7 +27,7 @@ def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
 
 
 def registered_commands() -> set[str]:
-    from kessai.cli import app
+    from kessai_cli.main import app
 
     # A group of subcommands; recent Typer releases vendor click, so no isinstance check.
     commands = getattr(typer.main.get_command(app), "commands", None)

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from kessai import loadgen
+from kessai_cli import loadgen
 
 
 def test_the_hot_merchant_takes_its_share_and_the_tail_is_zipf() -> None:

@@ -1,89 +1,24 @@
-"""The child processes of ``kessai up``: started so that they die with it, restarted with
-backoff when they die on their own, and the ports they need checked before anything starts.
-
-A child is started in a process group of its own (what it starts goes with it on a stop) and,
-on Linux, with a parent-death signal: when ``kessai up`` dies, even of SIGKILL, the kernel
-SIGKILLs each child, so no orphan keeps a port or a consumer group. SIGKILL rather than SIGTERM
-because nobody is left to enforce a stop deadline, and every component is built to be killed
-at any point (the outbox, the projector's offsets and the reconciler are the recovery).
+"""The child processes of ``kessai up``: restarted with backoff when they die on their own,
+frozen while the embedded broker restarts, and the ports they need checked before anything
+starts. They are started by ``kessai.processes.start_process``, so they die with ``kessai up``
+(even of SIGKILL) and a stop reaches what they started.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGKILL when this process dies (Linux
-    ``prctl(PR_SET_PDEATHSIG)``); ``None`` elsewhere, where it is not available.
-
-    The kernel sends it when the *thread* that forked the child exits, so it is only asked
-    for from the main thread, which lives as long as the process.
-    """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not (
-        threading.main_thread()
-    ):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def in_child() -> None:
-        # Between fork and prctl the parent may have died already: then nobody would send the
-        # signal, so the child goes at once.
-        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return in_child
-
-
-def start_process(
-    argv: list[str], *, env: dict[str, str] | None, log_path: Path | None
-) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in its own process group, dying with this process, its output appended
-    to ``log_path`` (or discarded)."""
-    log = None
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = log_path.open("ab")
-    try:
-        return subprocess.Popen(
-            argv,
-            env=env,
-            stdout=subprocess.DEVNULL if log is None else log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=die_with_parent(),
-        )
-    finally:
-        if log is not None:
-            log.close()  # the child writes through its own copy of the descriptor
-
-
-def signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
-    """Send ``signum`` to the child's process group (itself and whatever it started)."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signum)
+from kessai.processes import signal_group
 
 
 def describe_exit(returncode: int) -> str:
@@ -247,3 +182,32 @@ def is_taken(host: str, port: int) -> bool:
         except OSError as exc:
             return exc.errno == errno.EADDRINUSE
     return False
+
+
+class StopRequested(Exception):
+    """SIGINT or SIGTERM arrived: stop everything cleanly."""
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into ``StopRequested`` wherever the main thread is, so a stop
+    during start-up cleans up what was already started."""
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        raise StopRequested
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def wait_for_exit(children: dict[str, subprocess.Popen[bytes]]) -> str:
+    """Block until a child exits (returns its name); a signal interrupts with StopRequested."""
+    while True:
+        for name, child in children.items():
+            if child.poll() is not None:
+                return name
+        time.sleep(0.2)

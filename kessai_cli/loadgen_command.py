@@ -1,0 +1,161 @@
+"""``kessai loadgen``: campaign traffic against a running command API, and what it answered."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from kessai.settings import Settings
+from kessai_cli import loadgen as lg
+from kessai_cli.screen import console
+
+
+def loadgen(
+    url: Annotated[
+        str | None,
+        typer.Option(help="Command API base URL. Default: KESSAI_COMMAND_API_HOST and _PORT."),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            help="A payments:write key. Default: `payments` in $KESSAI_HOME/dev-keys.json.",
+        ),
+    ] = None,
+    connections: Annotated[int, typer.Option(min=1, help="Concurrent connections.")] = 64,
+    requests: Annotated[
+        int | None, typer.Option(min=1, help="Stop after this many requests.")
+    ] = None,
+    duration: Annotated[
+        float | None,
+        typer.Option(min=0.1, help="Stop after this many seconds (default 10 without --requests)."),
+    ] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1, help="Open loop: this many requests/s (default: as fast as possible)."
+        ),
+    ] = None,
+    merchants: Annotated[
+        int,
+        typer.Option(min=1, help="Merchants shop-1 ... shop-N (Zipf; shop-1 takes --hot-share)."),
+    ] = 1_000,
+    hot_share: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.30,
+    refund_share: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of requests that are refunds.")
+    ] = 0.03,
+    retry_share: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Share of client retries (same key, same body)."),
+    ] = 0.01,
+    users: Annotated[int, typer.Option(min=1, help="Users (one device id each).")] = 100_000,
+    seed: Annotated[int, typer.Option(help="Seed of the request mix.")] = 1,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the summary here as JSON.")
+    ] = None,
+) -> None:
+    """Drive campaign traffic (payments, refunds, client retries) against a running command
+    API and print what it answered: counts by status, accepted/s, latency percentiles."""
+    settings = Settings()
+    if url is None:
+        url = f"http://{settings.command_api_host}:{settings.command_api_port}"
+    if requests is None and duration is None:
+        duration = 10.0
+    plan = lg.Run(
+        url=url,
+        api_key=_api_key(settings, api_key),
+        connections=connections,
+        requests=requests,
+        duration=duration,
+        rate=rate,
+    )
+    mix = lg.Mix(
+        merchants=merchants,
+        hot_share=hot_share,
+        refund_share=refund_share,
+        retry_share=retry_share,
+        users=users,
+        seed=seed,
+    )
+    console.print(_describe(plan))
+    result = _drive(plan, mix)
+    summary = result.summary()
+    console.print(_summary_table(result, summary))
+    if json_path is not None:
+        json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    if result.connection_errors or not result.latencies:
+        raise typer.Exit(1)
+
+
+def _describe(plan: lg.Run) -> str:
+    limit = f"{plan.requests:,} requests" if plan.requests else ""
+    if plan.duration:
+        limit += (" or " if limit else "") + f"{plan.duration:g} s"
+    pace = f", {plan.rate:g} requests/s" if plan.rate else ", closed loop"
+    return f"{plan.url}: {plan.connections} connections, {limit}{pace}"
+
+
+def _api_key(settings: Settings, given: str | None) -> str:
+    """The key given, else the development ``payments`` key that ``kessai up`` wrote."""
+    api_key = given
+    if api_key is None:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            api_key = str(json.loads((settings.home / "dev-keys.json").read_text())["payments"])
+    if not api_key:
+        console.print(
+            "[red]no API key: give --api-key (payments:write), or run `kessai up` first "
+            "(it writes $KESSAI_HOME/dev-keys.json)[/red]"
+        )
+        raise typer.Exit(2)
+    return api_key
+
+
+def _drive(plan: lg.Run, mix: lg.Mix) -> lg.Result:
+    """Run the traffic with a live line of counts on the screen."""
+    with Live(console=console, refresh_per_second=4, transient=True) as live:
+
+        def on_progress(result: lg.Result, elapsed: float) -> None:
+            statuses = " ".join(f"{k}:{v}" for k, v in sorted(result.by_status.items()))
+            live.update(
+                f"{elapsed:6.1f} s  sent {result.sent:,}  accepted {result.accepted:,} "
+                f"({result.accepted / elapsed if elapsed else 0:,.0f}/s)  "
+                f"errors {result.connection_errors}  {statuses}"
+            )
+
+        try:
+            return lg.run_sync(plan, mix, on_progress)
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from None
+
+
+def _summary_table(result: lg.Result, summary: dict[str, Any]) -> Table:
+    table = Table(title="loadgen", show_header=False)
+    table.add_row("sent", f"{result.sent:,} in {result.elapsed:.1f} s")
+    table.add_row(
+        "by status", ", ".join(f"{k}: {v:,}" for k, v in sorted(result.by_status.items())) or "-"
+    )
+    for kind, statuses in sorted(result.by_kind.items()):
+        table.add_row(f"  {kind}", ", ".join(f"{k}: {v:,}" for k, v in sorted(statuses.items())))
+    table.add_row("connection errors", f"{result.connection_errors:,}")
+    table.add_row(
+        "accepted",
+        f"{result.accepted:,} ({result.payments:,} payments, {result.refunds:,} refunds), "
+        f"{result.accepted_per_second:,.0f}/s",
+    )
+    table.add_row("replayed", f"{result.replayed:,}")
+    ms = summary["latency_ms"]
+    table.add_row(
+        "latency ms", f"p50 {ms['p50']}  p90 {ms['p90']}  p99 {ms['p99']}  max {ms['max']}"
+    )
+    if result.per_merchant and result.payments:
+        top, count = result.per_merchant.most_common(1)[0]
+        table.add_row("busiest merchant", f"{top}: {count / result.payments:.0%} of payments")
+    table.add_row("client CPU", f"{result.client_cpu_seconds:.1f} s")
+    return table
