@@ -21,7 +21,7 @@ help:
 	@echo 'make run       start the whole system (embedded defaults): .venv/bin/kessai up'
 	@echo 'make test      bring up MariaDB/Redis, then run pytest (extra args: PYTEST_ARGS=...)'
 	@echo 'make services  bring up MariaDB (127.0.0.1:3306) and Redis (127.0.0.1:6379)'
-	@echo 'make lint      ruff check, ruff format --check, mypy'
+	@echo 'make lint      ruff check, ruff format --check, mypy, lint-imports (the layers)'
 	@echo 'make bench     the benchmark suite on the local MariaDB (BENCH_ARGS=--size full, --db-url sqlite ...)'
 	@echo 'make clean     remove .venv, .kessai and caches'
 
@@ -52,6 +52,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy $(TYPED_PACKAGES)
+	$(BIN)/lint-imports
 
 # Needs MariaDB/MySQL at 127.0.0.1:3306 (make services); see docs/BENCHMARKS.md.
 bench: venv services
