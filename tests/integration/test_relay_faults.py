@@ -399,7 +399,8 @@ async def test_relay_process_sigkilled_mid_stream_loses_nothing(
                 creating.result()  # surface a failed request
             return await published_count(reader) >= 500
 
-        await eventually(streaming, within=20, interval=0.05)
+        # Deadlines against a hang, not measures of speed: a loaded machine takes its time.
+        await eventually(streaming, within=60, interval=0.05)
         assert processes[0].poll() is None
         assert not creating.done(), "payments were created too fast to kill mid-stream"
         processes[0].send_signal(signal.SIGKILL)
@@ -407,11 +408,11 @@ async def test_relay_process_sigkilled_mid_stream_loses_nothing(
         published_before = await published_count(reader)
 
         processes.append(spawn_relay(s, logs[1]))
-        created = await asyncio.wait_for(creating, 40)
+        created = await asyncio.wait_for(creating, 180)
         total = sum(created.values())
         assert total == 3000 + 450
         assert published_before < total
-        await wait_drained(reader, processes=processes[1:], within=30)
+        await wait_drained(reader, processes=processes[1:], within=90)
 
         processes[1].send_signal(signal.SIGTERM)  # a clean stop releases the leases
         assert processes[1].wait(timeout=20) == 0
@@ -459,8 +460,9 @@ def split_leases(engine: Engine, settings: Settings, owners: Sequence[str]) -> d
 async def test_two_relays_publish_exactly_once_and_a_clean_stop_hands_over_at_once(
     api: httpx.AsyncClient, settings: Settings, write_engine: Engine, reader: Engine
 ) -> None:
-    # A long lease, so that "took over without waiting for expiry" is unambiguous.
-    s = settings.model_copy(update={"relay_batch_size": 100, "relay_lease_seconds": 15.0})
+    # A long lease, so that "took over without waiting for expiry" is unambiguous, also on a
+    # loaded machine where the hand-over itself takes seconds.
+    s = settings.model_copy(update={"relay_batch_size": 100, "relay_lease_seconds": 60.0})
     shares = split_leases(write_engine, s, ["relay-a", "relay-b"])
     seen = {"relay-a": Recorder(s), "relay-b": Recorder(s)}
     relay_a, relay_b = (
@@ -470,7 +472,7 @@ async def test_two_relays_publish_exactly_once_and_a_clean_stop_hands_over_at_on
     async with running(relay_a, relay_b) as (run_a, run_b):
         created = await create_payments(api, 2000, refunded=200)
         total = sum(created.values())
-        await wait_drained(reader, relays=(run_a, run_b), within=30)
+        await wait_drained(reader, relays=(run_a, run_b), within=90)
         # Both published, each only the shards it holds.
         for owner, recorder in seen.items():
             assert recorder.rows > 0, owner
@@ -485,7 +487,7 @@ async def test_two_relays_publish_exactly_once_and_a_clean_stop_hands_over_at_on
         assert not any(owner == "relay-a" for owner, _ in leases.values()), leases
         stopped_at = utcnow()
         more = await create_payments(api, 100, refunded=20)
-        await wait_drained(reader, relays=(run_b,), within=5)
+        await wait_drained(reader, relays=(run_b,), within=20)
         handed_over = (utcnow() - stopped_at).total_seconds()
         assert handed_over < s.relay_lease_seconds / 3, handed_over
         assert seen["relay-b"].shards_published(since=stopped_at) >= shares["relay-a"]
