@@ -81,10 +81,6 @@ def long_text() -> sa.types.TypeEngine[str]:
     return sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql")
 
 
-def is_sqlite(url: str) -> bool:
-    return sa.make_url(url).get_backend_name() == "sqlite"
-
-
 def create_db_engine(url: str, *, pool_size: int = 10, write: bool = True) -> Engine:
     """An engine tuned for kessai: durable commits, short transactions, no surprises.
 

@@ -105,10 +105,6 @@ def parse_event(raw: bytes | str) -> PaymentCaptured | PaymentRefunded:
     return _event_adapter.validate_json(raw)
 
 
-def event_from_dict(data: dict[str, object]) -> PaymentCaptured | PaymentRefunded:
-    return _event_adapter.validate_python(data)
-
-
 def event_to_json(event: PaymentCaptured | PaymentRefunded) -> bytes:
     """The canonical JSON form, as stored in the write store and carried on Kafka."""
     return event.model_dump_json().encode()

@@ -34,8 +34,3 @@ CURRENCY_EXPONENTS: dict[str, int] = {
 def is_known_currency(code: str) -> bool:
     """True when ``code`` is an active ISO 4217 currency code (upper case)."""
     return code in CURRENCY_EXPONENTS
-
-
-def minor_unit_exponent(code: str) -> int:
-    """How many decimal places the currency's minor unit has (JPY 0, USD 2, KWD 3)."""
-    return CURRENCY_EXPONENTS[code]

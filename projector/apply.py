@@ -374,8 +374,3 @@ def apply_batch(
     for record, event in zip(decoded.records, decoded.decoded, strict=True):
         batch.handle(record, event)
     return batch.changes
-
-
-def payment_ids_of(records: Iterable[Record]) -> set[uuid.UUID]:
-    """The payments a batch may touch (by record key), to load their snapshot."""
-    return {pid for r in records if (pid := decode_payment_id(r.key)) is not None}

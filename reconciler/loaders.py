@@ -125,13 +125,6 @@ def outbox_view(conn: sa.Connection, stuck_before: datetime) -> OutboxView:
     return OutboxView(in_flight, int(stuck_count), oldest, oldest_event_id)
 
 
-def newest_event_id(conn: sa.Connection) -> uuid.UUID | None:
-    value = conn.execute(sa.select(sa.func.max(write.events.c.event_id))).scalar_one_or_none()
-    if isinstance(value, bytes):
-        return uuid.UUID(bytes=value)
-    return value if isinstance(value, uuid.UUID) else None
-
-
 # -- the read database -------------------------------------------------------------------------
 
 

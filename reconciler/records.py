@@ -255,22 +255,3 @@ def last_completed(engine: Engine, *, mode: str) -> datetime | None:
     if value is not None and value.tzinfo is None:  # aggregates lose the column type
         value = value.replace(tzinfo=UTC)
     return value
-
-
-def findings_of(engine: Engine, run_id: int) -> list[Finding]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(reconciliation_findings)
-            .where(reconciliation_findings.c.run_id == run_id)
-            .order_by(reconciliation_findings.c.seq)
-        )
-        return [
-            Finding(
-                kind=r.kind,
-                payment_id=r.payment_id,
-                merchant_id=r.merchant_id,
-                details=orjson.loads(r.details),
-                repaired=bool(r.repaired),
-            )
-            for r in rows
-        ]

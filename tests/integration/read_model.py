@@ -35,7 +35,7 @@ from kessai.offsets import OffsetRow, save_offsets
 from kessai.schema.read import merchants, payments
 from kessai.settings import DEFAULT_TOPIC
 from migrations import upgrade
-from projector.apply import Changes, Record, apply_batch, payment_ids_of
+from projector.apply import Changes, Record, apply_batch, decode_batch
 from projector.repository import load_snapshot, write_changes
 from tests.backends import create_mysql_database, drop_mysql_database, server_connection
 
@@ -170,7 +170,7 @@ def project(
         return ZoneInfo(zone if isinstance(zone, str) else zone(merchant_id))
 
     with engine.begin() as conn:
-        snapshot = load_snapshot(conn, payment_ids_of(records))
+        snapshot = load_snapshot(conn, decode_batch(records).payment_ids)
         changes = apply_batch(records, snapshot, zone_of)
         write_changes(conn, changes, snapshot, utcnow())
     assert not changes.dead_letters, changes.dead_letters

@@ -15,14 +15,14 @@ from kessai.events import event_to_json, kafka_headers, kafka_key
 from kessai.ids import new_id
 from kessai.schema.read import dead_letters, parked_events, payments
 from kessai_cli.main import app
-from projector.apply import Record, apply_batch, payment_ids_of
+from projector.apply import Record, apply_batch, decode_batch
 from projector.repository import load_snapshot, write_changes
 from tests.unit.test_projector_apply import captured, refunded
 
 
 def apply_records(engine: Engine, records: list[Record]) -> None:
     with engine.begin() as conn:
-        snapshot = load_snapshot(conn, payment_ids_of(records))
+        snapshot = load_snapshot(conn, decode_batch(records).payment_ids)
         changes = apply_batch(records, snapshot, lambda _m: ZoneInfo("Asia/Tokyo"))
         write_changes(conn, changes, snapshot, utcnow())
 

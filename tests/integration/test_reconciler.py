@@ -41,6 +41,7 @@ from kessai_cli.main import app
 from projector.service import Projector
 from query_service.app import create_app as create_query_app
 from reconciler import records
+from reconciler.records import Finding
 from reconciler.service import Reconciler, RunResult
 from tests.helpers import api_key, bearer
 from tests.integration.read_model import captured, refunded
@@ -151,7 +152,7 @@ async def test_deleted_and_altered_read_rows_are_found_and_repaired(
     assert all(f.repaired for f in result.findings)
     assert (result.outcome, result.exit_code) == ("consistent", 0)
     assert_read_side_matches(write_engine, read_engine)
-    stored = records.findings_of(read_engine, result.run_id or 0)
+    stored = findings_of(read_engine, result.run_id or 0)
     assert len(stored) == len(result.findings)
     assert all(f.repaired for f in stored)
 
@@ -561,3 +562,22 @@ async def test_runs_and_findings_are_readable_on_the_query_api(
         bad = await q.get("/v1/admin/reconciliation/runs", params={"limit": 0})
         assert bad.status_code == 422
         assert bad.json()["error"]["code"] == "validation_error"
+
+
+def findings_of(engine: Engine, run_id: int) -> list[Finding]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(reconciliation_findings)
+            .where(reconciliation_findings.c.run_id == run_id)
+            .order_by(reconciliation_findings.c.seq)
+        )
+        return [
+            Finding(
+                kind=r.kind,
+                payment_id=r.payment_id,
+                merchant_id=r.merchant_id,
+                details=orjson.loads(r.details),
+                repaired=bool(r.repaired),
+            )
+            for r in rows
+        ]
