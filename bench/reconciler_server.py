@@ -8,10 +8,6 @@ import contextlib
 import os
 import platform
 import queue
-import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import pymysql
 import sqlalchemy as sa
 from rich.table import Table
+
+from bench.profiling import py_spy
 
 if TYPE_CHECKING:  # bench.stores imports this module's server helpers
     from bench.stores import Stores
@@ -295,25 +293,6 @@ def machine_table(m: dict[str, Any]) -> Table:
     return about
 
 
-@contextlib.contextmanager
-def sampling(path: Path | None) -> Iterator[None]:
+def sampling(path: Path | None) -> contextlib.AbstractContextManager[None]:
     """py-spy attached to this process while the block runs (all threads, idle included)."""
-    if path is None:
-        yield
-        return
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    fmt = {".svg": "flamegraph", ".json": "speedscope"}.get(path.suffix, "raw")
-    command = [exe, "record", "--pid", str(os.getpid()), "--output", str(path)]
-    spy = subprocess.Popen(
-        [*command, "--format", fmt, "--rate", "100", "--idle", "--threads"],
-        stdout=subprocess.DEVNULL,
-    )
-    time.sleep(1.0)  # let it attach
-    try:
-        yield
-    finally:
-        spy.send_signal(signal.SIGINT)
-        try:
-            spy.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            spy.kill()
+    return py_spy(os.getpid(), path, "--idle", "--threads")

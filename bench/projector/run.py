@@ -4,13 +4,10 @@ offsets reach the end of the log."""
 from __future__ import annotations
 
 import contextlib
-import shutil
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from rich.progress import Progress, TaskID
 
+from bench.profiling import py_spy
 from bench.reconciler import (
     process_cpu,
 )
@@ -85,28 +83,9 @@ def settled(port: int, total: int, timeout: float = 10.0) -> dict[str, float]:
         time.sleep(POLL_SECONDS)
 
 
-@contextlib.contextmanager
-def sampling(pid: int, path: Path | None) -> Iterator[None]:
+def sampling(pid: int, path: Path | None) -> contextlib.AbstractContextManager[None]:
     """py-spy attached to process ``pid`` while the block runs (all threads, idle included)."""
-    if path is None:
-        yield
-        return
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    fmt = {".svg": "flamegraph", ".json": "speedscope"}.get(path.suffix, "raw")
-    command = [exe, "record", "--pid", str(pid), "--output", str(path), "--format", fmt]
-    spy = subprocess.Popen(
-        [*command, "--rate", "100", "--idle", "--threads"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        yield
-    finally:
-        spy.send_signal(signal.SIGINT)
-        try:
-            spy.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            spy.wait()
+    return py_spy(pid, path, "--idle", "--threads", attach_seconds=0.0)
 
 
 def run_projector(

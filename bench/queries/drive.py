@@ -5,13 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import shutil
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -21,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 from rich.progress import Progress
 
+from bench.profiling import py_spy
 from bench.queries.dataset import OTHER_ZONE, PAGE_SIZE, in_other_zone, merchant_id
 from bench.reconciler import (
     connect,
@@ -266,29 +263,10 @@ def latency(values: list[float]) -> dict[str, float]:
     }
 
 
-@contextlib.contextmanager
-def sampling(path: Path | None, pid: int) -> Iterator[None]:
+def sampling(path: Path | None, pid: int) -> contextlib.AbstractContextManager[None]:
     """py-spy attached to ``pid`` and its subprocesses (uvicorn's workers) while the block
     runs."""
-    if path is None:
-        yield
-        return
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    fmt = {".svg": "flamegraph", ".json": "speedscope"}.get(path.suffix, "raw")
-    command = [exe, "record", "--pid", str(pid), "--subprocesses", "--output", str(path)]
-    spy = subprocess.Popen(
-        [*command, "--format", fmt, "--rate", "100"],
-        stdout=subprocess.DEVNULL,
-    )
-    time.sleep(1.5)  # let it attach
-    try:
-        yield
-    finally:
-        spy.send_signal(signal.SIGINT)
-        try:
-            spy.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            spy.kill()
+    return py_spy(pid, path, "--subprocesses", attach_seconds=1.5)
 
 
 def connections_opened(server_url: str) -> int | None:
