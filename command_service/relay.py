@@ -318,16 +318,15 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
 
 async def serve(settings: Settings) -> None:
     """Run a relay until SIGINT/SIGTERM."""
-    from prometheus_client import start_http_server
-
     from kessai.db import create_db_engine
+    from kessai.observability import serve_metrics
     from kessai.runtime import freeze_startup_heap, stop_on_signals
 
     engine = create_db_engine(settings.resolved_write_db_url(), pool_size=4)
     freeze_startup_heap()
     registry = CollectorRegistry()
     if settings.relay_metrics_port is not None:
-        start_http_server(settings.relay_metrics_port, addr="127.0.0.1", registry=registry)
+        serve_metrics(settings, settings.relay_metrics_port, registry)
     stop = stop_on_signals()
     try:
         log.info(

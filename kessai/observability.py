@@ -1,15 +1,24 @@
-"""Prometheus metrics shared by the HTTP services: request counts and latencies by route."""
+"""Prometheus metrics: the HTTP services' request counts and latencies by route, and the
+metrics server of the processes that have no HTTP API (relay, projector, reconciler)."""
 
 from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["CONTENT_TYPE_LATEST", "HttpMetrics", "metrics_response"]
+from kessai.settings import Settings
+
+__all__ = ["CONTENT_TYPE_LATEST", "HttpMetrics", "metrics_response", "serve_metrics"]
 
 
 class HttpMetrics:
@@ -61,3 +70,9 @@ class HttpMetrics:
 
 def metrics_response(registry: CollectorRegistry) -> Response:
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def serve_metrics(settings: Settings, port: int, registry: CollectorRegistry) -> None:
+    """Serve ``registry`` at ``/metrics`` on ``port`` of ``KESSAI_METRICS_HOST`` (a daemon
+    thread, for the life of the process)."""
+    start_http_server(port, addr=settings.metrics_host, registry=registry)

@@ -200,6 +200,11 @@ class Settings(BaseSettings):
     relay_metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Serve the relay's Prometheus metrics here."
     )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address the relay's, projector's and reconciler's metrics listen on: "
+        "0.0.0.0 in a container, so a scraper outside it can reach them.",
+    )
     kafka_request_timeout_ms: int = Field(10_000, ge=1000)
 
     projector_group_id: str = Field("kessai-projector", min_length=1)

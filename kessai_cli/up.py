@@ -101,7 +101,9 @@ def _ports(settings: Settings) -> list[Port]:
             "KESSAI_RECONCILER_METRICS_PORT",
         ),
     ]
-    ports.extend(Port("127.0.0.1", port, name, env) for port, name, env in metrics if port)
+    ports.extend(
+        Port(settings.metrics_host, port, name, env) for port, name, env in metrics if port
+    )
     return ports
 
 

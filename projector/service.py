@@ -429,16 +429,15 @@ def _last_offset(records: list[Record], partition: int) -> int:
 
 
 async def serve(settings: Settings) -> None:
-    from prometheus_client import start_http_server
-
     from kessai.db import create_db_engine
+    from kessai.observability import serve_metrics
     from kessai.runtime import freeze_startup_heap, stop_on_signals
 
     engine = create_db_engine(settings.resolved_read_db_url(), pool_size=4)
     freeze_startup_heap()
     registry = CollectorRegistry()
     if settings.projector_metrics_port is not None:
-        start_http_server(settings.projector_metrics_port, addr="127.0.0.1", registry=registry)
+        serve_metrics(settings, settings.projector_metrics_port, registry)
     stop = stop_on_signals()
     try:
         log.info(

@@ -120,9 +120,10 @@ def _reconcile(
     interval: float | None,
     full_audit_every: float,
 ) -> int:
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
 
     from kessai.db import create_db_engine
+    from kessai.observability import serve_metrics
     from kessai.runtime import stop_on_signals
     from reconciler.service import Reconciler, ReconcilerMetrics
 
@@ -132,7 +133,7 @@ def _reconcile(
     if interval is not None and settings.reconciler_metrics_port is not None:
         registry = CollectorRegistry()
         metrics = ReconcilerMetrics(registry)
-        start_http_server(settings.reconciler_metrics_port, addr="127.0.0.1", registry=registry)
+        serve_metrics(settings, settings.reconciler_metrics_port, registry)
     reconciler = Reconciler(
         write_engine=write_engine, read_engine=read_engine, settings=settings, metrics=metrics
     )
