@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
 import signal
 import sys
 import time
@@ -54,7 +53,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 import typer
 from rich.progress import Progress, TaskID, TextColumn, TimeElapsedColumn
 
@@ -64,7 +62,7 @@ from bench.proxy import UNBOUNDED as PROXY_UNBOUNDED
 from bench.proxy import Proxy, nginx_binary, proxied
 from bench.reconciler import DEFAULT_DB_URL
 from bench.serving import Served, interrupt, served, served_env
-from bench.stores import Stores, prepare_stores, scalar_of, temporary_home
+from bench.stores import Stores, finish, prepare_stores, scalar_of, scratch, temporary_home
 from bench.writes import console
 from kessai.auth import PAYMENTS_WRITE
 from kessai.broker import free_port
@@ -263,24 +261,16 @@ def run(
         "targets": TARGETS,
         "directory": str(home),
     }
-    created: list[str] = []
     affinity = os.sched_getaffinity(0)
-    try:
-        if client_cpus is not None:
-            os.sched_setaffinity(0, client_cpus)
-        measure(report, stores, created, server_cpus)
-        report["ratios"] = ratios(report)
-        report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-        show(report)
-        if json_path is not None:
-            json_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-            console.print(f"figures written to {json_path}")
-    finally:
-        os.sched_setaffinity(0, affinity)
-        for db in created:
-            with contextlib.suppress(Exception):
-                stores.drop(db)
-        shutil.rmtree(home, ignore_errors=True)
+    with scratch(stores, home) as created:
+        try:
+            if client_cpus is not None:
+                os.sched_setaffinity(0, client_cpus)
+            measure(report, stores, created, server_cpus)
+            report["ratios"] = ratios(report)
+            finish(report, show, json_path, console)
+        finally:
+            os.sched_setaffinity(0, affinity)
 
 
 def measure(

@@ -28,11 +28,8 @@ nothing: the report says so (``vacuous``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
-import os
-import shutil
 import signal
 import sys
 import time
@@ -48,7 +45,7 @@ from rich.table import Table
 
 from bench.reconciler import DEFAULT_DB_URL, machine_table
 from bench.serving import interrupt, served, served_env
-from bench.stores import Stores, prepare_stores, temporary_home
+from bench.stores import Stores, finish, prepare_stores, scratch, temporary_home
 from bench.writes import console
 from kessai.auth import PAYMENTS_WRITE
 from kessai.broker import free_port
@@ -194,20 +191,10 @@ def main(
     settings["redis_url"] = redis_url
     report: dict[str, Any] = {"machine": stores.machine(), "settings": settings}
     report["directory"] = str(home)
-    created: list[str] = []
-    try:
+    with scratch(stores, home) as created:
         measure(report, stores, created)
         report["ratios"] = ratios(report)
-        report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-        show(report)
-        if json_path is not None:
-            json_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-            console.print(f"figures written to {json_path}")
-    finally:
-        for db in created:
-            with contextlib.suppress(Exception):
-                stores.drop(db)
-        shutil.rmtree(home, ignore_errors=True)
+        finish(report, show, json_path, console)
 
 
 def measure(report: dict[str, Any], stores: Stores, created: list[str]) -> None:

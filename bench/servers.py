@@ -19,11 +19,8 @@ and RSS of all of them together.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
-import os
-import shutil
 import signal
 import statistics
 import sys
@@ -32,7 +29,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 import typer
 from rich.console import Console
 from rich.progress import Progress, TextColumn, TimeElapsedColumn
@@ -41,7 +37,7 @@ from rich.table import Table
 from bench.drive import drive
 from bench.reconciler import DEFAULT_DB_URL, machine_table
 from bench.serving import interrupt, served, served_env
-from bench.stores import Stores, prepare_stores, temporary_home
+from bench.stores import Stores, finish, prepare_stores, scratch, temporary_home
 from kessai.auth import PAYMENTS_WRITE
 from kessai.broker import free_port
 
@@ -119,8 +115,7 @@ def main(
             "seed": seed,
         },
     }
-    created: list[str] = []
-    try:
+    with scratch(stores, home) as created:
         (key,) = prepare_stores(
             stores, (write_db, keys_db, read_db), created, "bench.servers", PAYMENTS_WRITE
         )
@@ -139,17 +134,8 @@ def main(
                 progress=progress,
             )
             report["runs"] = every_run(measure, env, home, rounds, counts, names)
-        report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         report["medians"] = medians(report["runs"])
-        show(report)
-        if json_path is not None:
-            json_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-            console.print(f"figures written to {json_path}")
-    finally:
-        for db in created:
-            with contextlib.suppress(Exception):
-                stores.drop(db)
-        shutil.rmtree(home, ignore_errors=True)
+        finish(report, show, json_path, console)
 
 
 def every_run(

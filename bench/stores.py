@@ -9,13 +9,17 @@ per name, dropped at the end.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
+from rich.console import Console
 
 from bench.reconciler import (
     connect,
@@ -133,3 +137,32 @@ def scalar_of(stores: Stores, database: str, sql: str) -> int:
         cursor.execute(sql)
         row = cursor.fetchone()
         return int(row[0]) if row else 0
+
+
+@contextlib.contextmanager
+def scratch(stores: Stores, home: Path) -> Iterator[list[str]]:
+    """The names of the databases a run creates (it appends each to the list it is given),
+    dropped, and its directory removed, when the block ends: also after a failure or Ctrl-C.
+    The logs go too: a failure's message already carries the tail of the log that says why."""
+    created: list[str] = []
+    try:
+        yield created
+    finally:
+        for db in created:
+            with contextlib.suppress(Exception):
+                stores.drop(db)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def finish(
+    report: dict[str, Any],
+    show: Callable[[dict[str, Any]], None],
+    json_path: Path | None,
+    console: Console,
+) -> None:
+    """Note the load after the run, print the report, and write it as JSON if asked."""
+    report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    show(report)
+    if json_path is not None:
+        json_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+        console.print(f"figures written to {json_path}")

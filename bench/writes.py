@@ -35,8 +35,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
-import shutil
 import signal
 import sys
 import threading
@@ -55,7 +53,7 @@ from bench.drive import EndToEnd, drive
 from bench.lag import PROBE_MERCHANT, AppliedCounter, Pipeline
 from bench.reconciler import DEFAULT_DB_URL, machine_table, process_cpu
 from bench.serving import interrupt, served, served_env
-from bench.stores import Stores, prepare_stores, scalar_of, temporary_home
+from bench.stores import Stores, finish, prepare_stores, scalar_of, scratch, temporary_home
 from kessai.auth import PAYMENTS_WRITE, merchant_scope
 from kessai.broker import free_port
 from kessai_cli import loadgen
@@ -197,25 +195,14 @@ def main(
         "targets": TARGETS,
         "directory": str(home),
     }
-    created: list[str] = []
-    try:
+    with scratch(stores, home) as created:
         _measure(
             report, stores, names, created, home,
             connections=connections, seconds=seconds, warmup=warmup, seed=seed,
             workers=workers, end_to_end=end_to_end, profile=profile,
         )  # fmt: skip
         report["ratios"] = _ratios(report)
-        report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-        show(report)
-        if json_path is not None:
-            json_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-            console.print(f"figures written to {json_path}")
-    finally:
-        for db in created:
-            with contextlib.suppress(Exception):
-                stores.drop(db)
-        # The logs too: a failure's message already carries the tail of the log that says why.
-        shutil.rmtree(home, ignore_errors=True)
+        finish(report, show, json_path, console)
 
 
 def _measure(
