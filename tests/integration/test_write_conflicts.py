@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -23,10 +24,11 @@ from sqlalchemy.engine import Engine
 
 from command_service import repository
 from command_service.app import create_app
+from command_service.handlers import WritePolicy, refund_command
+from command_service.schemas import CreateRefund
 from kessai.auth import PAYMENTS_WRITE
 from kessai.clock import utcnow
 from kessai.db import create_db_engine
-from kessai.events import PaymentRefunded, PaymentRefundedPayload
 from kessai.ids import new_id
 from kessai.ledger import fold
 from kessai.settings import Settings
@@ -73,26 +75,21 @@ def before_statement(
 
 
 def refund_from_elsewhere(engine: Engine, payment_id: uuid.UUID, shards: int) -> None:
-    """Another process refunds 1 of the payment at its next version, and commits."""
+    """Another process refunds 1 of the payment at its next version (the real refund
+    decision on the payment's folded state), and commits."""
+    policy = WritePolicy(
+        client_id="elsewhere",
+        idempotency_key=new_key(),
+        retention=timedelta(days=1),
+        shards=shards,
+        max_attempts=1,
+    )
+    command = refund_command(policy=policy, payment_id=payment_id, command=CreateRefund(amount=1))
     with engine.begin() as conn:
         state = fold(repository.load_events_of_payments(conn, {payment_id})[payment_id])
         assert state is not None
-        now = utcnow()
-        refund = PaymentRefunded(
-            event_id=new_id(),
-            payment_id=payment_id,
-            version=state.version + 1,
-            merchant_id=state.merchant_id,
-            occurred_at=now,
-            recorded_at=now,
-            payload=PaymentRefundedPayload(
-                refund_id=new_id(),
-                amount=1,
-                currency=state.currency,
-                refunded_amount=state.refunded_amount + 1,
-            ),
-        )
-        repository.append_events(conn, [refund], shards=shards)
+        _status, _body, events = command.decide(state, clock=utcnow, ids=new_id)
+        repository.append_events(conn, events, shards=shards)
 
 
 async def capture(api: httpx.AsyncClient, amount: int = 1000) -> uuid.UUID:
