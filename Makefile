@@ -14,13 +14,14 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := help
 .DELETE_ON_ERROR:
-.PHONY: help venv run test services lint bench clean
+.PHONY: help venv run test services tools lint bench clean
 
 help:
 	@echo 'make venv      create .venv and install the project with its dev extras'
 	@echo 'make run       start the whole system (embedded defaults): .venv/bin/kessai up'
-	@echo 'make test      bring up MariaDB/Redis, then run pytest (extra args: PYTEST_ARGS=...)'
+	@echo 'make test      bring up MariaDB/Redis, install nginx/wrk if missing, run pytest (PYTEST_ARGS=...)'
 	@echo 'make services  bring up MariaDB (127.0.0.1:3306) and Redis (127.0.0.1:6379)'
+	@echo 'make tools     install the OS programs the tests drive when missing (nginx, wrk)'
 	@echo 'make lint      ruff check, ruff format --check, mypy, lint-imports (the layers)'
 	@echo 'make bench     the benchmark suite on the local MariaDB (BENCH_ARGS=--size full, --db-url sqlite ...)'
 	@echo 'make clean     remove .venv, .kessai and caches'
@@ -42,10 +43,13 @@ run: venv
 services:
 	bash .ci/services
 
+tools:
+	bash .ci/tools
+
 # Two pytest workers (pytest-xdist), one test file at a time each: most tests wait on brokers,
 # databases and subprocesses, so two workers halve the suite's time on two cores. COLUMNS makes
 # the CLI's tables as wide in a worker as in a terminal, so the tests read whole cells.
-test: venv services
+test: venv services tools
 	COLUMNS=200 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: venv

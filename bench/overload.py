@@ -2,7 +2,8 @@
 
 ``python -m bench.overload [--factor 10] [--seconds 10] [--connections 512] [--workers 2]
 [--timeout 10] [--pin 0:1] [--proxy [--proxy-max-in-flight 8] [--proxy-refund-in-flight 2]]
-[--db-url mysql+pymysql://root@127.0.0.1:3306 | --db-url sqlite] [--json out.json]``
+[--client python|wrk] [--db-url mysql+pymysql://root@127.0.0.1:3306 | --db-url sqlite]
+[--json out.json]``
 
 1. Creates fresh databases and a ``payments:write`` key as ``bench/writes.py`` does.
 2. The baseline: serves the real command API (``kessai command-api --workers N``; rate limits
@@ -37,13 +38,17 @@ and at ten times the capacity it may not keep up itself; its CPU and the rate it
 are reported so that shows. ``--pin SERVER:CLIENT`` (``taskset -c`` CPU lists, e.g. ``0:1``
 with ``--workers 1`` on two cores) runs the server on the first CPUs and this process, the
 client, on the others, so neither takes the other's CPU (the database server stays where it
-is; nginx goes with the server). The table and the JSON come from ``bench/overload_report.py``.
+is; nginx goes with the server). ``--client wrk`` sends the open loop with wrk instead of this
+process (``bench/wrk_loop.py``, ``bench/overload.lua``): at ten times a core's capacity the
+Python client on one core is the limit, wrk is not. The table and the JSON come from
+``bench/overload_report.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import os
 import signal
 import sys
@@ -64,9 +69,16 @@ from bench.reconciler import DEFAULT_DB_URL
 from bench.serving import Served, interrupt, served, served_env
 from bench.stores import Stores, finish, prepare_stores, scalar_of, scratch, temporary_home
 from bench.writes import console
+from bench.wrk_loop import wrk_binary, wrk_open_loop
 from kessai.auth import PAYMENTS_WRITE
 from kessai.broker import free_port
 from kessai_cli import loadgen
+
+
+class Client(enum.StrEnum):
+    python = "python"
+    wrk = "wrk"
+
 
 UNBOUNDED = "10000"
 """``KESSAI_OVERLOAD_MAX_IN_FLIGHT`` of the baseline: a bound the run never reaches."""
@@ -138,9 +150,20 @@ class Bench:
         s = self.settings
         self.say(f"{label}: open loop at {rate:,.0f}/s for {s['seconds']:g} s")
         before, cpu_before = self.payments(), cpu()
-        figures, seen = open_loop(
-            url, self.key, rate, s["seconds"], s["connections"], s["timeout_seconds"], s["seed"]
-        )
+        if s["client"] == "wrk":
+            figures, seen = wrk_open_loop(
+                url, self.key, rate, s["seconds"], s["connections"], s["timeout_seconds"]
+            )
+        else:
+            figures, seen = open_loop(
+                url,
+                self.key,
+                rate,
+                s["seconds"],
+                s["connections"],
+                s["timeout_seconds"],
+                s["seed"],
+            )
         figures["server_cpu_seconds"] = round(cpu() - cpu_before, 2)
         figures["payments_committed_unseen"] = settled(self.payments) - before - seen
         return figures
@@ -218,6 +241,13 @@ def main(
     proxy_refund_in_flight: Annotated[
         int, typer.Option(min=1, help="nginx: refunds the API may hold, on top.")
     ] = 2,
+    client: Annotated[
+        Client,
+        typer.Option(
+            help="The open loop's client: this process (python), or wrk (Debian's wrk, "
+            "bench/overload.lua) when one Python core cannot offer the rate."
+        ),
+    ] = Client.python,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the figures here as JSON.")
     ] = None,
@@ -226,6 +256,8 @@ def main(
     server_cpus, client_cpus = pinning(pin)  # a wrong --pin is refused before anything is made
     if proxy:
         nginx_binary()  # no nginx: said before anything is made
+    if client is Client.wrk:
+        wrk_binary()
     settings: dict[str, Any] = {
         "factor": factor,
         "seconds": seconds,
@@ -240,6 +272,7 @@ def main(
         "proxy": proxy,
         "proxy_max_in_flight": proxy_max_in_flight,
         "proxy_refund_in_flight": proxy_refund_in_flight,
+        "client": client.value,
     }
     run(settings, db_url, server_cpus, client_cpus, json_path)
 

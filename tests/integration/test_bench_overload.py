@@ -54,3 +54,48 @@ def test_pin_takes_a_server_and_a_client_cpu_list() -> None:
     for wrong in ("0", "0:", ":1", "0:x"):
         with pytest.raises(typer.BadParameter):
             bench.pinning(wrong)
+
+
+def test_behind_nginx_driven_by_wrk_every_refusal_is_a_503_with_retry_after(
+    tmp_path: Path,
+) -> None:
+    """The production proxy (deploy/nginx/, run by nginx itself) in front of the API, and wrk's
+    open loop (bench/overload.lua): a bound of one request in flight refuses most of a flood,
+    each refusal the proxy's 503 with Retry-After, and the admitted payments are timed from
+    when they were due (the order_ref echo)."""
+    out = tmp_path / "figures.json"
+    bench.main(
+        factor=4,
+        seconds=1.5,
+        connections=32,
+        capacity_seconds=1,
+        capacity_connections=16,
+        warmup=0,
+        timeout=2,
+        workers=1,
+        db_url="sqlite",
+        seed=1,
+        pin=None,
+        proxy=True,
+        proxy_max_in_flight=1,
+        proxy_refund_in_flight=1,
+        client=bench.Client.wrk,
+        json_path=out,
+    )
+    report = orjson.loads(out.read_bytes())
+    assert report["settings"]["client"] == "wrk"
+    proxied = report["proxied"]
+    assert proxied["client"] == "wrk"
+    assert proxied["sent"] > 0
+    assert proxied["admitted"] > 0
+    assert proxied["refused"] > 0
+    assert set(proxied["by_status"]) <= {"201", "503"}
+    assert proxied["refusals_with_retry_after"] == 1.0
+    latency = proxied["admitted_latency_ms"]
+    assert 0 < latency["p50"] <= latency["p99"]
+    # From when a request was due is never less than from when it was sent.
+    assert latency["p99"] >= proxied["admitted_latency_from_sent_ms"]["p99"]
+    assert proxied["payments_committed_unseen"] >= 0
+    for label in ("shedding", "baseline"):
+        assert report[label]["client"] == "wrk"
+        assert report[label]["admitted"] > 0
