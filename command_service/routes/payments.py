@@ -1,0 +1,142 @@
+"""``POST /v1/payments``: capture a payment; a card payment is first authorized with the card
+acquirer (``command_service/acquirer.py``) with no transaction held while it answers."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from command_service import handlers
+from command_service.acquirer import (
+    Acquirer,
+    AcquirerUnavailable,
+    Authorization,
+    AuthorizationRequest,
+    acquirer_key,
+)
+from command_service.routes.dependencies import (
+    DEVICE_ID_DOC,
+    IDEMPOTENCY_KEY_DOC,
+    REFUND_LINK,
+    WRITE_ERRORS,
+    Resources,
+    ResourcesDep,
+    check_admission,
+    claimed,
+    parse_device_id,
+    parse_idempotency_key,
+    record,
+    respond,
+    write_policy,
+)
+from command_service.schemas import CreatePayment, PaymentOut
+from kessai.auth import PAYMENTS_WRITE, needs
+from kessai.errors import ApiError, ErrorOut
+
+router = APIRouter()
+
+_CARD_ERRORS: dict[int | str, dict[str, object]] = {
+    402: {
+        "model": ErrorOut,
+        "description": "`card_declined`: the acquirer declined the card; nothing was captured. "
+        "Recorded: the same key and body get the same answer.",
+    },
+    503: {
+        "model": ErrorOut,
+        "description": "`acquirer_unavailable` (card payments only; `details.reason`, "
+        "`Retry-After`): no answer from the acquirer, nothing was captured. Or "
+        "`write_store_unavailable`.",
+    },
+}
+
+
+@router.post(
+    "/v1/payments",
+    status_code=201,
+    response_model=PaymentOut,
+    responses={**WRITE_ERRORS, **_CARD_ERRORS, **REFUND_LINK},
+    operation_id="create_payment",
+    summary="Capture a payment",
+    dependencies=[Depends(needs(PAYMENTS_WRITE)), Depends(check_admission)],
+    openapi_extra={"parameters": [IDEMPOTENCY_KEY_DOC, DEVICE_ID_DOC]},
+)
+async def create_payment(
+    request: Request, body: CreatePayment, resources: ResourcesDep
+) -> Response:
+    """Record a captured payment. Repeating the request with the same Idempotency-Key and
+    body returns the original response with `Idempotent-Replayed: true`.
+
+    A `card` payment is first authorized with the card acquirer: a decline is
+    402 `card_declined` (recorded and replayed like any answer); no answer is
+    503 `acquirer_unavailable` and captures nothing (retry with the same key)."""
+    headers = request.headers
+    key = parse_idempotency_key(headers.get("idempotency-key"))
+    device_id = parse_device_id(headers.get("x-device-id"))
+    policy = write_policy(request, resources, key)
+    if body.method == "card":
+        return await _card_payment(resources, policy, body, device_id)
+    return await record(
+        resources, handlers.capture_command(policy=policy, command=body, device_id=device_id)
+    )
+
+
+async def _card_payment(
+    resources: Resources, policy: handlers.WritePolicy, body: CreatePayment, device_id: str | None
+) -> Response:
+    """A card payment: the recorded answer if the key has one; otherwise the acquirer's
+    authorization over HTTP, then the capture with its id (or the recorded decline).
+
+    Only the two short database steps run in worker threads. The acquirer is awaited on the
+    event loop with no transaction open and no thread or connection held, so a hanging
+    acquirer cannot take what balance payments and refunds need."""
+    # The request as the idempotency record holds it (the same whatever the acquirer says).
+    asked = handlers.capture_command(policy=policy, command=body, device_id=device_id)
+    engine = resources.engine
+    with claimed(resources, policy):
+        outcome = await resources.run(lambda: handlers.stored_answer(engine=engine, command=asked))
+        if outcome is None:
+            authorization = await _authorize(resources.acquirer, asked, body)
+            answer = (
+                handlers.capture_command if authorization.approved else handlers.decline_command
+            )
+            outcome = await resources.recorder.record(
+                answer(
+                    policy=policy,
+                    command=body,
+                    device_id=device_id,
+                    authorization_id=authorization.authorization_id,
+                ),
+            )
+    return respond(outcome)
+
+
+async def _authorize(
+    acquirer: Acquirer | None, command: handlers.WriteCommand, body: CreatePayment
+) -> Authorization:
+    """The acquirer's approval or decline; 503 ``acquirer_unavailable`` without one."""
+    if acquirer is None:
+        raise ApiError(
+            503,
+            "acquirer_unavailable",
+            "Card payments are unavailable: no card acquirer is configured.",
+            {"reason": "not_configured"},
+        )
+    request = AuthorizationRequest(
+        idempotency_key=acquirer_key(
+            command.policy.client_id, command.policy.idempotency_key, command.request_json
+        ),
+        amount=body.amount,
+        currency=body.currency,
+        merchant_id=body.merchant_id,
+        reference=body.order_ref,
+    )
+    try:
+        return await acquirer.authorize(request)
+    except AcquirerUnavailable as exc:
+        raise ApiError(
+            503,
+            "acquirer_unavailable",
+            str(exc),
+            {"reason": exc.reason},
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from exc
