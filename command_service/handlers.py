@@ -1,11 +1,12 @@
 """The write path after the route: decide each write command, and record it in one transaction.
 
-A route builds a ``WriteCommand`` (``capture_command``, ``decline_command``,
-``refund_command``): the normalized request and a pure ``decide`` step. It hands the command
-to ``Recorder.record``, which gathers the commands of concurrent requests into batches (group
-commit, with ``command_service/batching.py``), or records one alone (``record_alone``: a batch
-of one, run again from the top on a write conflict) when group commit is off or its batch
-failed as a whole.
+A route builds a ``WriteCommand`` (``capture_command`` and ``decline_command`` in
+``routes/payments.py``, ``refund_command`` in ``routes/refunds.py``): the normalized request
+and a pure ``decide`` step. It hands the command to ``Recorder.record``, which gathers the
+commands of concurrent requests into batches (group commit, with
+``command_service/batching.py``), or records one alone (``record_alone``: a batch of one, run
+again from the top on a write conflict) when group commit is off or its batch failed as a
+whole.
 
 ``commit_batch`` is the only transaction script of the command API: every write transaction
 begins and commits there (``engine.begin()``). It reads the idempotency records and payment
@@ -32,15 +33,9 @@ from sqlalchemy.engine import Engine
 
 from command_service import repository
 from command_service.batching import GroupCommitter
-from command_service.schemas import CreatePayment, CreateRefund, PaymentOut, RefundOut
 from kessai.clock import utcnow
 from kessai.errors import ApiError
-from kessai.events import (
-    PaymentCaptured,
-    PaymentCapturedPayload,
-    PaymentRefunded,
-    PaymentRefundedPayload,
-)
+from kessai.events import PaymentCaptured, PaymentRefunded
 from kessai.ids import new_id
 from kessai.ledger import PaymentState, apply, fold
 from kessai.settings import Settings
@@ -103,156 +98,9 @@ class WriteCommand:
         return (self.policy.client_id, self.policy.idempotency_key)
 
 
-def _canonical(request: dict[str, Any]) -> str:
+def canonical(request: dict[str, Any]) -> str:
     """The normalized request as stored with its idempotency record and compared on reuse."""
     return orjson.dumps(request, option=orjson.OPT_SORT_KEYS).decode()
-
-
-# -- the commands ------------------------------------------------------------------------------
-
-
-def _payment_request(command: CreatePayment, device_id: str | None) -> dict[str, Any]:
-    return {
-        "operation": "create_payment",
-        "device_id": device_id,
-        **command.model_dump(mode="json"),
-    }
-
-
-def capture_command(
-    *,
-    policy: WritePolicy,
-    command: CreatePayment,
-    device_id: str | None,
-    authorization_id: str | None = None,
-) -> WriteCommand:
-    """A captured payment: one ``PaymentCaptured`` event, version 1, carrying the
-    acquirer's ``authorization_id`` for a card payment that was authorized."""
-
-    def decide(_state: PaymentState | None, *, clock: Clock, ids: IdSource) -> Decision:
-        now = clock()
-        event = PaymentCaptured(
-            event_id=ids(),
-            payment_id=ids(),
-            version=1,
-            merchant_id=command.merchant_id,
-            occurred_at=now,
-            recorded_at=now,
-            payload=PaymentCapturedPayload(
-                amount=command.amount,
-                currency=command.currency,
-                user_id=command.user_id,
-                method=command.method,
-                store_id=command.store_id,
-                order_ref=command.order_ref,
-                metadata=command.metadata,
-                device_id=device_id,
-                authorization_id=authorization_id,
-            ),
-        )
-        body = PaymentOut(
-            payment_id=event.payment_id,
-            merchant_id=command.merchant_id,
-            user_id=command.user_id,
-            amount=command.amount,
-            currency=command.currency,
-            method=command.method,
-            store_id=command.store_id,
-            order_ref=command.order_ref,
-            metadata=command.metadata,
-            status="captured",
-            refunded_amount=0,
-            version=1,
-            created_at=now,
-        ).model_dump(mode="json")
-        return 201, body, [event]
-
-    request = _payment_request(command, device_id)
-    return WriteCommand(policy, request, _canonical(request), None, decide)
-
-
-def decline_command(
-    *, policy: WritePolicy, command: CreatePayment, device_id: str | None, authorization_id: str
-) -> WriteCommand:
-    """The acquirer's decline of a card payment as the request's answer: ``402
-    card_declined``, replayed for the same key, and no event (nothing was captured)."""
-    body = {
-        "error": {
-            "code": "card_declined",
-            "message": "The card issuer declined the payment; nothing was captured.",
-            "details": {"authorization_id": authorization_id},
-        }
-    }
-
-    def decide(_state: PaymentState | None, *, clock: Clock, ids: IdSource) -> Decision:
-        return 402, body, []
-
-    request = _payment_request(command, device_id)
-    return WriteCommand(policy, request, _canonical(request), None, decide)
-
-
-def refund_command(
-    *, policy: WritePolicy, payment_id: uuid.UUID, command: CreateRefund
-) -> WriteCommand:
-    """Refund part of a payment: one ``PaymentRefunded`` event at the next version of the
-    payment's folded state; 404 without a payment, 409 beyond what is left to refund."""
-    request = {
-        "operation": "refund_payment",
-        "payment_id": str(payment_id),
-        **command.model_dump(mode="json"),
-    }
-
-    def decide(state: PaymentState | None, *, clock: Clock, ids: IdSource) -> Decision:
-        if state is None:
-            raise ApiError(
-                404,
-                "payment_not_found",
-                "No payment with this id.",
-                {"payment_id": str(payment_id)},
-            )
-        if command.amount > state.refundable_amount:
-            raise ApiError(
-                409,
-                "refund_exceeds_captured",
-                f"A refund of {command.amount} would exceed what is left to refund "
-                f"({state.refundable_amount} of {state.captured_amount} {state.currency}).",
-                {
-                    "captured": state.captured_amount,
-                    "refunded": state.refunded_amount,
-                    "requested": command.amount,
-                },
-            )
-        now = clock()
-        refunded_total = state.refunded_amount + command.amount
-        event = PaymentRefunded(
-            event_id=ids(),
-            payment_id=payment_id,
-            version=state.version + 1,
-            merchant_id=state.merchant_id,
-            occurred_at=now,
-            recorded_at=now,
-            payload=PaymentRefundedPayload(
-                refund_id=ids(),
-                amount=command.amount,
-                currency=state.currency,
-                refunded_amount=refunded_total,
-                reason=command.reason,
-            ),
-        )
-        body = RefundOut(
-            refund_id=event.payload.refund_id,
-            payment_id=payment_id,
-            amount=command.amount,
-            currency=state.currency,
-            refunded_amount=refunded_total,
-            status="refunded" if refunded_total == state.captured_amount else "partially_refunded",
-            reason=command.reason,
-            version=event.version,
-            created_at=now,
-        ).model_dump(mode="json")
-        return 201, body, [event]
-
-    return WriteCommand(policy, request, _canonical(request), payment_id, decide)
 
 
 # -- replays -----------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy.engine import Engine
 
 from command_service import handlers
+from command_service.routes.payments import capture_command
+from command_service.routes.refunds import refund_command
 from command_service.schemas import CreatePayment, CreateRefund
 from kessai.events import (
     PaymentCaptured,
@@ -110,7 +112,7 @@ def make_traffic(
         merchant = "m0" if rng.random() < 1 / 3 else f"m{rng.randrange(1, merchants)}"
         outcome = handlers.record_alone(
             engine,
-            handlers.capture_command(
+            capture_command(
                 policy=policy(f"p-{seed}-{i}"),
                 command=CreatePayment(
                     merchant_id=merchant,
@@ -127,7 +129,7 @@ def make_traffic(
         if rng.random() < refund_share:
             handlers.record_alone(
                 engine,
-                handlers.refund_command(
+                refund_command(
                     policy=policy(f"r-{seed}-{i}"),
                     payment_id=pid,
                     command=CreateRefund(amount=rng.randrange(1, 100)),
@@ -138,7 +140,7 @@ def make_traffic(
                 # At most 99 + 1 refunded of at least 100 captured: never refused.
                 handlers.record_alone(
                     engine,
-                    handlers.refund_command(
+                    refund_command(
                         policy=policy(f"r2-{seed}-{i}"),
                         payment_id=pid,
                         command=CreateRefund(amount=1),

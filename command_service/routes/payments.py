@@ -1,18 +1,33 @@
 """``POST /v1/payments``: capture a payment; a card payment is first authorized with the card
-acquirer (``command_service/acquirer.py``) with no transaction held while it answers."""
+acquirer (``command_service/acquirer.py``) with no transaction held while it answers.
+
+The route builds the request's write command (``capture_command``, or ``decline_command`` for a
+card the acquirer declined) and hands it over to be decided and recorded
+(``command_service/handlers.py``).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from command_service import handlers
 from command_service.acquirer import (
     Acquirer,
     AcquirerUnavailable,
     Authorization,
     AuthorizationRequest,
     acquirer_key,
+)
+from command_service.handlers import (
+    Clock,
+    Decision,
+    IdSource,
+    WriteCommand,
+    WritePolicy,
+    canonical,
+    stored_answer,
 )
 from command_service.routes.dependencies import (
     DEVICE_ID_DOC,
@@ -32,6 +47,8 @@ from command_service.routes.dependencies import (
 from command_service.schemas import CreatePayment, PaymentOut
 from kessai.auth import PAYMENTS_WRITE, needs
 from kessai.errors import ApiError, ErrorOut
+from kessai.events import PaymentCaptured, PaymentCapturedPayload
+from kessai.ledger import PaymentState
 
 router = APIRouter()
 
@@ -76,12 +93,12 @@ async def create_payment(
     if body.method == "card":
         return await _card_payment(resources, policy, body, device_id)
     return await record(
-        resources, handlers.capture_command(policy=policy, command=body, device_id=device_id)
+        resources, capture_command(policy=policy, command=body, device_id=device_id)
     )
 
 
 async def _card_payment(
-    resources: Resources, policy: handlers.WritePolicy, body: CreatePayment, device_id: str | None
+    resources: Resources, policy: WritePolicy, body: CreatePayment, device_id: str | None
 ) -> Response:
     """A card payment: the recorded answer if the key has one; otherwise the acquirer's
     authorization over HTTP, then the capture with its id (or the recorded decline).
@@ -90,15 +107,13 @@ async def _card_payment(
     event loop with no transaction open and no thread or connection held, so a hanging
     acquirer cannot take what balance payments and refunds need."""
     # The request as the idempotency record holds it (the same whatever the acquirer says).
-    asked = handlers.capture_command(policy=policy, command=body, device_id=device_id)
+    asked = capture_command(policy=policy, command=body, device_id=device_id)
     engine = resources.engine
     with claimed(resources, policy):
-        outcome = await resources.run(lambda: handlers.stored_answer(engine=engine, command=asked))
+        outcome = await resources.run(lambda: stored_answer(engine=engine, command=asked))
         if outcome is None:
             authorization = await _authorize(resources.acquirer, asked, body)
-            answer = (
-                handlers.capture_command if authorization.approved else handlers.decline_command
-            )
+            answer = capture_command if authorization.approved else decline_command
             outcome = await resources.recorder.record(
                 answer(
                     policy=policy,
@@ -111,7 +126,7 @@ async def _card_payment(
 
 
 async def _authorize(
-    acquirer: Acquirer | None, command: handlers.WriteCommand, body: CreatePayment
+    acquirer: Acquirer | None, command: WriteCommand, body: CreatePayment
 ) -> Authorization:
     """The acquirer's approval or decline; 503 ``acquirer_unavailable`` without one."""
     if acquirer is None:
@@ -140,3 +155,86 @@ async def _authorize(
             {"reason": exc.reason},
             headers={"Retry-After": str(exc.retry_after)},
         ) from exc
+
+
+# -- the commands ------------------------------------------------------------------------------
+
+
+def _payment_request(command: CreatePayment, device_id: str | None) -> dict[str, Any]:
+    return {
+        "operation": "create_payment",
+        "device_id": device_id,
+        **command.model_dump(mode="json"),
+    }
+
+
+def capture_command(
+    *,
+    policy: WritePolicy,
+    command: CreatePayment,
+    device_id: str | None,
+    authorization_id: str | None = None,
+) -> WriteCommand:
+    """A captured payment: one ``PaymentCaptured`` event, version 1, carrying the
+    acquirer's ``authorization_id`` for a card payment that was authorized."""
+
+    def decide(_state: PaymentState | None, *, clock: Clock, ids: IdSource) -> Decision:
+        now = clock()
+        event = PaymentCaptured(
+            event_id=ids(),
+            payment_id=ids(),
+            version=1,
+            merchant_id=command.merchant_id,
+            occurred_at=now,
+            recorded_at=now,
+            payload=PaymentCapturedPayload(
+                amount=command.amount,
+                currency=command.currency,
+                user_id=command.user_id,
+                method=command.method,
+                store_id=command.store_id,
+                order_ref=command.order_ref,
+                metadata=command.metadata,
+                device_id=device_id,
+                authorization_id=authorization_id,
+            ),
+        )
+        body = PaymentOut(
+            payment_id=event.payment_id,
+            merchant_id=command.merchant_id,
+            user_id=command.user_id,
+            amount=command.amount,
+            currency=command.currency,
+            method=command.method,
+            store_id=command.store_id,
+            order_ref=command.order_ref,
+            metadata=command.metadata,
+            status="captured",
+            refunded_amount=0,
+            version=1,
+            created_at=now,
+        ).model_dump(mode="json")
+        return 201, body, [event]
+
+    request = _payment_request(command, device_id)
+    return WriteCommand(policy, request, canonical(request), None, decide)
+
+
+def decline_command(
+    *, policy: WritePolicy, command: CreatePayment, device_id: str | None, authorization_id: str
+) -> WriteCommand:
+    """The acquirer's decline of a card payment as the request's answer: ``402
+    card_declined``, replayed for the same key, and no event (nothing was captured)."""
+    body = {
+        "error": {
+            "code": "card_declined",
+            "message": "The card issuer declined the payment; nothing was captured.",
+            "details": {"authorization_id": authorization_id},
+        }
+    }
+
+    def decide(_state: PaymentState | None, *, clock: Clock, ids: IdSource) -> Decision:
+        return 402, body, []
+
+    request = _payment_request(command, device_id)
+    return WriteCommand(policy, request, canonical(request), None, decide)

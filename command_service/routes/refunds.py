@@ -1,4 +1,9 @@
-"""``POST /v1/payments/{payment_id}/refunds``: refund part or all of a payment."""
+"""``POST /v1/payments/{payment_id}/refunds``: refund part or all of a payment.
+
+The route builds the request's write command (``refund_command``: checked against the folded
+state of the payment, inside the transaction that records it) and hands it over to be decided
+and recorded (``command_service/handlers.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request
 from starlette.responses import Response
 
-from command_service import handlers
+from command_service.handlers import (
+    Clock,
+    Decision,
+    IdSource,
+    WriteCommand,
+    WritePolicy,
+    canonical,
+)
 from command_service.routes.dependencies import (
     IDEMPOTENCY_KEY_DOC,
     REFUND_LINK,
@@ -20,7 +32,9 @@ from command_service.routes.dependencies import (
 )
 from command_service.schemas import CreateRefund, RefundOut
 from kessai.auth import PAYMENTS_WRITE, needs
-from kessai.errors import ErrorOut
+from kessai.errors import ApiError, ErrorOut
+from kessai.events import PaymentRefunded, PaymentRefundedPayload
+from kessai.ledger import PaymentState
 
 router = APIRouter()
 
@@ -51,5 +65,69 @@ async def create_refund(
     key = parse_idempotency_key(request.headers.get("idempotency-key"))
     policy = write_policy(request, resources, key)
     return await record(
-        resources, handlers.refund_command(policy=policy, payment_id=payment_id, command=body)
+        resources, refund_command(policy=policy, payment_id=payment_id, command=body)
     )
+
+
+def refund_command(
+    *, policy: WritePolicy, payment_id: uuid.UUID, command: CreateRefund
+) -> WriteCommand:
+    """Refund part of a payment: one ``PaymentRefunded`` event at the next version of the
+    payment's folded state; 404 without a payment, 409 beyond what is left to refund."""
+    request = {
+        "operation": "refund_payment",
+        "payment_id": str(payment_id),
+        **command.model_dump(mode="json"),
+    }
+
+    def decide(state: PaymentState | None, *, clock: Clock, ids: IdSource) -> Decision:
+        if state is None:
+            raise ApiError(
+                404,
+                "payment_not_found",
+                "No payment with this id.",
+                {"payment_id": str(payment_id)},
+            )
+        if command.amount > state.refundable_amount:
+            raise ApiError(
+                409,
+                "refund_exceeds_captured",
+                f"A refund of {command.amount} would exceed what is left to refund "
+                f"({state.refundable_amount} of {state.captured_amount} {state.currency}).",
+                {
+                    "captured": state.captured_amount,
+                    "refunded": state.refunded_amount,
+                    "requested": command.amount,
+                },
+            )
+        now = clock()
+        refunded_total = state.refunded_amount + command.amount
+        event = PaymentRefunded(
+            event_id=ids(),
+            payment_id=payment_id,
+            version=state.version + 1,
+            merchant_id=state.merchant_id,
+            occurred_at=now,
+            recorded_at=now,
+            payload=PaymentRefundedPayload(
+                refund_id=ids(),
+                amount=command.amount,
+                currency=state.currency,
+                refunded_amount=refunded_total,
+                reason=command.reason,
+            ),
+        )
+        body = RefundOut(
+            refund_id=event.payload.refund_id,
+            payment_id=payment_id,
+            amount=command.amount,
+            currency=state.currency,
+            refunded_amount=refunded_total,
+            status="refunded" if refunded_total == state.captured_amount else "partially_refunded",
+            reason=command.reason,
+            version=event.version,
+            created_at=now,
+        ).model_dump(mode="json")
+        return 201, body, [event]
+
+    return WriteCommand(policy, request, canonical(request), payment_id, decide)

@@ -33,6 +33,7 @@ from sqlalchemy.engine import Engine
 from command_service import handlers
 from command_service import outbox as outbox_sql
 from command_service.relay import Relay
+from command_service.routes.payments import capture_command
 from command_service.schemas import CreatePayment
 from kessai.broker import EmbeddedBroker, ensure_topic, log_ends
 from kessai.schema.read import payments
@@ -120,7 +121,7 @@ async def partition_count(bootstrap: str, topic: str) -> int:
 def write_one_payment(engine: Engine) -> uuid.UUID:
     outcome = handlers.record_alone(
         engine,
-        handlers.capture_command(
+        capture_command(
             policy=handlers.WritePolicy(
                 client_id="test",
                 idempotency_key=f"after-restart-{uuid.uuid4()}",

@@ -20,6 +20,8 @@ from typer.testing import CliRunner
 
 from command_service import handlers
 from command_service.relay import Relay
+from command_service.routes.payments import capture_command
+from command_service.routes.refunds import refund_command
 from command_service.schemas import CreatePayment, CreateRefund
 from kessai.auth import ADMIN
 from kessai.broker import free_port
@@ -196,7 +198,7 @@ async def test_a_version_never_delivered_is_a_parked_gap_that_gets_filled(
 ) -> None:
     outcome = handlers.record_alone(
         write_engine,
-        handlers.capture_command(
+        capture_command(
             policy=_policy("gap-p"),
             command=CreatePayment(merchant_id="m1", user_id="u1", amount=1000, method="card"),
             device_id=None,
@@ -206,7 +208,7 @@ async def test_a_version_never_delivered_is_a_parked_gap_that_gets_filled(
     for i in range(2):
         handlers.record_alone(
             write_engine,
-            handlers.refund_command(
+            refund_command(
                 policy=_policy(f"gap-r{i}"),
                 payment_id=pid,
                 command=CreateRefund(amount=100),

@@ -34,6 +34,8 @@ from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
 from command_service import handlers
+from command_service.routes.payments import capture_command
+from command_service.routes.refunds import refund_command
 from command_service.schemas import CreatePayment, CreateRefund
 from kessai.broker import ensure_topic, new_producer
 from kessai.events import PaymentRefunded, event_to_json, kafka_headers, kafka_key, parse_event
@@ -118,7 +120,7 @@ def write_history(engine: Engine, plan: Plan, tag: str) -> list[uuid.UUID]:
     for i, p in enumerate(plan.payments):
         outcome = handlers.record_alone(
             engine,
-            handlers.capture_command(
+            capture_command(
                 policy=_policy(f"{tag}-p{i}"),
                 command=CreatePayment(
                     merchant_id=f"{tag}-m{p.merchant}",
@@ -134,7 +136,7 @@ def write_history(engine: Engine, plan: Plan, tag: str) -> list[uuid.UUID]:
         for j, amount in enumerate(p.refunds):
             handlers.record_alone(
                 engine,
-                handlers.refund_command(
+                refund_command(
                     policy=_policy(f"{tag}-p{i}-r{j}"),
                     payment_id=pid,
                     command=CreateRefund(amount=amount),

@@ -24,7 +24,8 @@ from sqlalchemy.engine import Engine
 
 from command_service import repository
 from command_service.app import create_app
-from command_service.handlers import WritePolicy, refund_command
+from command_service.handlers import WritePolicy
+from command_service.routes.refunds import refund_command
 from command_service.schemas import CreateRefund
 from kessai.auth import PAYMENTS_WRITE
 from kessai.clock import utcnow

@@ -13,6 +13,8 @@ from alembic import command
 from sqlalchemy.engine import Engine
 
 from command_service import handlers, repository
+from command_service.routes.payments import capture_command
+from command_service.routes.refunds import refund_command
 from command_service.schemas import CreatePayment, CreateRefund
 from kessai.clock import utcnow
 from kessai.db import create_db_engine
@@ -38,7 +40,7 @@ def policy() -> handlers.WritePolicy:
 def capture(engine: Engine, amount: int = 1000) -> uuid.UUID:
     outcome = handlers.record_alone(
         engine,
-        handlers.capture_command(
+        capture_command(
             policy=policy(),
             command=CreatePayment.model_validate(payment_body(amount=amount)),
             device_id=None,
@@ -71,7 +73,7 @@ def test_events_refuse_update_and_delete(write_engine: Engine, statement: str) -
     payment_id = capture(write_engine)
     outcome = handlers.record_alone(
         write_engine,
-        handlers.refund_command(
+        refund_command(
             policy=policy(),
             payment_id=payment_id,
             command=CreateRefund(amount=100),

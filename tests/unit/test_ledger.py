@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from command_service.handlers import WritePolicy, refund_command
+from command_service.handlers import WritePolicy
+from command_service.routes.refunds import refund_command
 from command_service.schemas import CreateRefund
 from kessai.errors import ApiError
 from kessai.events import (
