@@ -8,17 +8,16 @@ commands of concurrent requests into batches (group commit, with
 again from the top on a write conflict) when group commit is off or its batch failed as a
 whole.
 
-``commit_batch`` is the only transaction script of the command API: every write transaction
-begins and commits there (``engine.begin()``). It reads the idempotency records and payment
-histories of its commands, decides each in order (``decide_batch``), inserts what they append
-and commits: events, outbox rows and idempotency records, all or nothing. A refused command
-writes nothing, its key included.
+This module owns the transaction and holds its SQL (at the end). ``commit_batch`` is the only
+transaction script of the write path: every payment and refund is recorded there (events,
+outbox rows and idempotency records, all or nothing; ``engine.begin()``), and nothing else in
+the command API begins or commits one. A refused command writes nothing, its key included.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -31,13 +30,14 @@ import tenacity
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 
-from command_service import repository
 from command_service.batching import GroupCommitter
+from command_service.outbox import shard_of
 from kessai.clock import utcnow
 from kessai.errors import ApiError
-from kessai.events import PaymentCaptured, PaymentRefunded
+from kessai.events import PaymentCaptured, PaymentRefunded, event_to_json, parse_event
 from kessai.ids import new_id
 from kessai.ledger import PaymentState, apply, fold
+from kessai.schema.write import events, idempotency_keys, outbox
 from kessai.settings import Settings
 
 Event = PaymentCaptured | PaymentRefunded
@@ -107,7 +107,7 @@ def canonical(request: dict[str, Any]) -> str:
 
 
 def recorded_answer(
-    record: repository.IdempotencyRecord | None, command: WriteCommand, now: datetime
+    record: IdempotencyRecord | None, command: WriteCommand, now: datetime
 ) -> Outcome | None:
     """The replay check, the only one: the stored answer that a live record under the
     command's key gives it, or ``None`` without one (or once it expired); a record of another
@@ -137,7 +137,7 @@ def stored_answer(*, engine: Engine, command: WriteCommand) -> Outcome | None:
     is held across the call): a completed request is replayed without a second authorization.
     ``None``: not answered yet (or expired); ``commit_batch`` checks again when it records."""
     with engine.connect() as conn:
-        record = repository.get_idempotency(conn, *command.scope)
+        record = get_idempotency(conn, *command.scope)
     return recorded_answer(record, command, utcnow())
 
 
@@ -158,7 +158,7 @@ class BatchDecision:
 
 def decide_batch(
     commands: Sequence[WriteCommand],
-    records: Mapping[Scope, repository.IdempotencyRecord],
+    records: Mapping[Scope, IdempotencyRecord],
     histories: Mapping[uuid.UUID, list[Event]],
     *,
     now: datetime,
@@ -234,20 +234,20 @@ def commit_batch(
        MariaDB); commit.
 
     Raises if the transaction fails as a whole: nothing is then recorded (a version or key that
-    another transaction committed meanwhile is ``repository.is_write_conflict``).
+    another transaction committed meanwhile is ``is_write_conflict``).
     ``before_write`` runs inside the transaction after the decisions and before the inserts
     (tests use it to play a concurrent writer)."""
     now = clock()
     with engine.begin() as conn:
-        records = repository.get_idempotency_many(conn, {c.scope for c in commands})
+        records = get_idempotency_many(conn, {c.scope for c in commands})
         refunded = {c.payment_id for c in commands if c.payment_id is not None}
-        histories = repository.load_events_of_payments(conn, refunded)
+        histories = load_events_of_payments(conn, refunded)
         decided = decide_batch(commands, records, histories, now=now, clock=clock, ids=ids)
         if before_write is not None:
             before_write(conn)
-        repository.delete_idempotency_many(conn, decided.expired)
-        repository.append_events(conn, decided.events, shards=commands[0].policy.shards)
-        repository.save_idempotency_many(conn, decided.records)
+        delete_idempotency_many(conn, decided.expired)
+        append_events(conn, decided.events, shards=commands[0].policy.shards)
+        save_idempotency_many(conn, decided.records)
     return decided.results
 
 
@@ -257,7 +257,7 @@ def record_alone(engine: Engine, command: WriteCommand) -> Outcome:
     deadlock), so that the next attempt sees the winner's commit. Raises the command's
     ``ApiError``, or ``409 concurrent_modification`` after ``max_attempts`` conflicts."""
     retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception(repository.is_write_conflict),
+        retry=tenacity.retry_if_exception(is_write_conflict),
         stop=tenacity.stop_after_attempt(command.policy.max_attempts),
         wait=tenacity.wait_random_exponential(multiplier=0.002, max=0.05),
     )
@@ -341,3 +341,135 @@ class Recorder:
             if result is not None:
                 return result
         return await in_worker(self.limiter, lambda: record_alone(self.engine, command))
+
+
+# -- the SQL of the write store: nothing here begins or commits -------------------------------
+
+_MYSQL_RETRYABLE = {1205, 1213}  # lock wait timeout, deadlock
+
+
+def is_write_conflict(exc: BaseException) -> bool:
+    """A failure that another transaction caused and a fresh attempt can resolve."""
+    if isinstance(exc, sa.exc.IntegrityError):
+        return True
+    if isinstance(exc, sa.exc.OperationalError):
+        orig = exc.orig
+        code = orig.args[0] if orig is not None and orig.args else None
+        return code in _MYSQL_RETRYABLE or "database is locked" in str(orig)
+    return False
+
+
+def load_events_of_payments(
+    conn: sa.Connection, payment_ids: Collection[uuid.UUID]
+) -> dict[uuid.UUID, list[Event]]:
+    """The events of several payments, each in version order, in one primary-key read."""
+    found: dict[uuid.UUID, list[Event]] = {}
+    if not payment_ids:
+        return found
+    rows = conn.execute(
+        sa.select(events.c.payment_id, events.c.body)
+        .where(events.c.payment_id.in_(sorted(payment_ids)))
+        .order_by(events.c.payment_id, events.c.version)
+    )
+    for payment_id, body in rows:
+        found.setdefault(payment_id, []).append(parse_event(body))
+    return found
+
+
+def append_events(conn: sa.Connection, new_events: Sequence[Event], *, shards: int) -> None:
+    """Append events and their outbox rows. A duplicate (payment_id, version) raises
+    ``IntegrityError``: that is the optimistic-concurrency check."""
+    if not new_events:  # a recorded answer without events (a declined card payment)
+        return
+    event_rows = []
+    outbox_rows = []
+    for event in new_events:
+        row = {
+            "payment_id": event.payment_id,
+            "version": event.version,
+            "event_id": event.event_id,
+            "event_type": event.event_type,
+            "schema_version": event.schema_version,
+            "body": event_to_json(event).decode(),
+        }
+        event_rows.append(
+            {
+                **row,
+                "merchant_id": event.merchant_id,
+                "amount": event.payload.amount,
+                "currency": event.payload.currency,
+                "occurred_at": event.occurred_at,
+                "recorded_at": event.recorded_at,
+            }
+        )
+        outbox_rows.append(
+            {
+                **row,
+                "shard": shard_of(event.payment_id, shards),
+                "created_at": event.recorded_at,
+            }
+        )
+    conn.execute(events.insert(), event_rows)
+    conn.execute(outbox.insert(), outbox_rows)
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    request: str
+    response_status: int
+    response_body: str
+    expires_at: datetime
+
+
+_RECORD_COLUMNS = (
+    idempotency_keys.c.request,
+    idempotency_keys.c.response_status,
+    idempotency_keys.c.response_body,
+    idempotency_keys.c.expires_at,
+)
+
+
+def _scope_in(scopes: Collection[Scope]) -> sa.ColumnElement[bool]:
+    """(client_id, idempotency_key) among ``scopes``, in primary-key order."""
+    return sa.tuple_(idempotency_keys.c.client_id, idempotency_keys.c.idempotency_key).in_(
+        sorted(scopes)
+    )
+
+
+def get_idempotency(conn: sa.Connection, client_id: str, key: str) -> IdempotencyRecord | None:
+    row = conn.execute(
+        sa.select(*_RECORD_COLUMNS).where(
+            idempotency_keys.c.client_id == client_id,
+            idempotency_keys.c.idempotency_key == key,
+        )
+    ).first()
+    return None if row is None else IdempotencyRecord(*row)
+
+
+def get_idempotency_many(
+    conn: sa.Connection, scopes: Collection[Scope]
+) -> dict[Scope, IdempotencyRecord]:
+    """The records of several (client_id, idempotency_key) pairs, in one primary-key read."""
+    if not scopes:
+        return {}
+    rows = conn.execute(
+        sa.select(
+            idempotency_keys.c.client_id, idempotency_keys.c.idempotency_key, *_RECORD_COLUMNS
+        ).where(_scope_in(scopes))
+    )
+    return {(row[0], row[1]): IdempotencyRecord(*row[2:]) for row in rows}
+
+
+def delete_idempotency_many(conn: sa.Connection, scopes: Collection[Scope]) -> None:
+    if scopes:
+        conn.execute(idempotency_keys.delete().where(_scope_in(scopes)))
+
+
+def save_idempotency_many(conn: sa.Connection, records: Sequence[dict[str, Any]]) -> None:
+    """Insert idempotency records (rows of ``idempotency_keys``) in one multi-row INSERT, in
+    primary-key order. A key that another transaction holds raises ``IntegrityError``."""
+    if records:
+        conn.execute(
+            idempotency_keys.insert(),
+            sorted(records, key=lambda r: (r["client_id"], r["idempotency_key"])),
+        )

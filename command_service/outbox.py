@@ -1,4 +1,5 @@
-"""SQL of the relay: shard leases, reading unpublished outbox rows, marking them published.
+"""SQL of the relay: shard leases, reading unpublished outbox rows, marking them published,
+and its housekeeping (forgetting expired idempotency records).
 
 Each outbox shard is published by at most one relay at a time (a lease with an expiry), so two
 relays never interleave one payment's events and a crashed relay's shards are taken over once
@@ -10,13 +11,19 @@ commit out of order, and such a reader would skip a late commit forever).
 from __future__ import annotations
 
 import uuid
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from kessai.schema.write import outbox, relay_leases
+from kessai.schema.write import idempotency_keys, outbox, relay_leases
+
+
+def shard_of(payment_id: uuid.UUID, shards: int) -> int:
+    """The outbox shard of a payment: every event of one payment lands in the same shard."""
+    return zlib.crc32(payment_id.bytes) % shards
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,3 +106,21 @@ def mark_published(conn: sa.Connection, outbox_ids: Sequence[int]) -> None:
         conn.execute(
             outbox.delete().where(outbox.c.outbox_id.in_(outbox_ids[start : start + 1000]))
         )
+
+
+def purge_expired_idempotency(conn: sa.Connection, now: datetime, *, limit: int = 1000) -> int:
+    """Forget up to ``limit`` expired keys (by the ``expires_at`` index); returns how many."""
+    doomed = conn.execute(
+        sa.select(idempotency_keys.c.client_id, idempotency_keys.c.idempotency_key)
+        .where(idempotency_keys.c.expires_at < now)
+        .limit(limit)
+    ).all()
+    if doomed:
+        conn.execute(
+            idempotency_keys.delete().where(
+                sa.tuple_(idempotency_keys.c.client_id, idempotency_keys.c.idempotency_key).in_(
+                    [tuple(row) for row in doomed]
+                )
+            )
+        )
+    return len(doomed)

@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from sqlalchemy.engine import Engine
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
-from command_service import outbox, repository
+from command_service import outbox
 from kessai.broker import BrokerUnavailable, TopicMismatch, ensure_topic, new_producer
 from kessai.clock import utcnow
 from kessai.events import kafka_headers, kafka_key
@@ -180,7 +180,7 @@ class Relay:
 
         def purge() -> int:
             with self.engine.begin() as conn:
-                return repository.purge_expired_idempotency(conn, utcnow())
+                return outbox.purge_expired_idempotency(conn, utcnow())
 
         try:
             while await anyio.to_thread.run_sync(purge) > 0:

@@ -17,10 +17,11 @@ chunk whose fingerprints differ is compared payment by payment as before (bodies
 folded with ``kessai.ledger.fold``), and that exact comparison alone produces findings, so what
 is reported and repaired is unchanged. What the first pass trusts: that an event's typed columns
 say what its body says. Both are written by the same INSERT from the same event object
-(``command_service/repository.py``) and the store refuses UPDATE and DELETE; a body that
-disagrees with its columns is noticed only when its payment differs for another reason. And a
-sum of 32-bit checksums: a difference escapes it only if it changes that sum by exactly nothing
-(about one chance in four billion per block, for damage that is not made to measure).
+(``command_service/handlers.py``, ``append_events``) and the store refuses UPDATE and DELETE; a
+body that disagrees with its columns is noticed only when its payment differs for another
+reason. And a sum of 32-bit checksums: a difference escapes it only if it changes that sum by
+exactly nothing (about one chance in four billion per block, for damage that is not made to
+measure).
 A block whose ids are exactly the write store's payments between its first and last id (the
 usual case: a full audit, or the new payments of an incremental run) is given to both databases
 as that primary-key range rather than as an IN list. Looking for orphans (read rows with no

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import Engine
 
-from command_service import repository
+from command_service import handlers
 from command_service.app import create_app
 from command_service.handlers import Recorder
 from kessai.auth import PAYMENTS_WRITE
@@ -159,7 +159,7 @@ def events_and_outbox(
 def payment_state(engine: Engine, payment_id: str) -> Any:
     with engine.connect() as conn:
         payment = uuid.UUID(payment_id)
-        return fold(repository.load_events_of_payments(conn, {payment})[payment])
+        return fold(handlers.load_events_of_payments(conn, {payment})[payment])
 
 
 async def test_concurrent_payments_share_transactions_and_each_is_recorded_once(
@@ -338,9 +338,9 @@ async def test_a_batch_that_fails_as_a_whole_falls_back_to_one_transaction_per_r
             return
         if mysql:
             with other.begin() as theirs:
-                repository.append_events(theirs, [foreign_refund()], shards=settings.outbox_shards)
+                handlers.append_events(theirs, [foreign_refund()], shards=settings.outbox_shards)
         else:
-            repository.append_events(conn, [foreign_refund()], shards=settings.outbox_shards)
+            handlers.append_events(conn, [foreign_refund()], shards=settings.outbox_shards)
 
     try:
         async with running(

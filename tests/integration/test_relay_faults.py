@@ -33,8 +33,8 @@ from aiokafka.structs import ConsumerRecord
 from sqlalchemy.engine import Engine
 
 from command_service import outbox as outbox_sql
+from command_service.outbox import shard_of
 from command_service.relay import Relay
-from command_service.repository import shard_of
 from kessai.broker import EmbeddedBroker, ensure_topic
 from kessai.clock import utcnow
 from kessai.db import create_db_engine

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 from sqlalchemy.engine import Engine
 
-from command_service import repository
+from command_service import handlers
 from command_service.app import create_app
 from command_service.handlers import WritePolicy
 from command_service.routes.refunds import refund_command
@@ -87,10 +87,10 @@ def refund_from_elsewhere(engine: Engine, payment_id: uuid.UUID, shards: int) ->
     )
     command = refund_command(policy=policy, payment_id=payment_id, command=CreateRefund(amount=1))
     with engine.begin() as conn:
-        state = fold(repository.load_events_of_payments(conn, {payment_id})[payment_id])
+        state = fold(handlers.load_events_of_payments(conn, {payment_id})[payment_id])
         assert state is not None
         _status, _body, events = command.decide(state, clock=utcnow, ids=new_id)
-        repository.append_events(conn, events, shards=shards)
+        handlers.append_events(conn, events, shards=shards)
 
 
 async def capture(api: httpx.AsyncClient, amount: int = 1000) -> uuid.UUID:

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.engine import Engine
 
-from command_service import handlers, repository
+from command_service import handlers
 from command_service.routes.payments import capture_command
 from command_service.routes.refunds import refund_command
 from command_service.schemas import CreatePayment, CreateRefund
@@ -116,7 +116,7 @@ def test_duplicate_payment_version_is_refused(write_engine: Engine) -> None:
     )
 
     with pytest.raises(sa.exc.IntegrityError), write_engine.begin() as conn:
-        repository.append_events(conn, [impostor], shards=8)
+        handlers.append_events(conn, [impostor], shards=8)
 
     assert event_rows(write_engine) == before
     assert count_rows(write_engine) == {"events": 1, "outbox": 1, "idempotency_keys": 1}
@@ -125,11 +125,11 @@ def test_duplicate_payment_version_is_refused(write_engine: Engine) -> None:
 def test_duplicate_event_id_is_refused(write_engine: Engine) -> None:
     payment_id = capture(write_engine)
     with write_engine.connect() as conn:
-        stored = repository.load_events_of_payments(conn, {payment_id})[payment_id][0]
+        stored = handlers.load_events_of_payments(conn, {payment_id})[payment_id][0]
     elsewhere = stored.model_copy(update={"payment_id": uuid.uuid4()})
 
     with pytest.raises(sa.exc.IntegrityError), write_engine.begin() as conn:
-        repository.append_events(conn, [elsewhere], shards=8)
+        handlers.append_events(conn, [elsewhere], shards=8)
 
     assert stored_events(write_engine) == [(payment_id, 1)]
 
