@@ -2,7 +2,8 @@
 it owns (opened and ended here, never committed: there is nothing to commit).
 
 They return plain dicts in the shapes of ``query_service.schemas``; the routes add freshness and
-send them.
+send them. The merchant summary is not here: its read, SQL and answer are one read view with its
+route, in ``routes/summary.py``.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import orjson
 import sqlalchemy as sa
@@ -21,7 +21,6 @@ from sqlalchemy.engine import Engine
 from query_service import repository
 from query_service.cursor import Position
 from query_service.repository import Condition
-from query_service.time_range import Bucket, BucketKey, Granularity
 
 
 def payment_dict(row: sa.Row[Any]) -> dict[str, Any]:
@@ -129,140 +128,6 @@ def read_as_of(*, engine: Engine, topic: str) -> datetime | None:
         if stamps
     ]
     return min(per_partition) if per_partition else None
-
-
-def _bucket_start(key: BucketKey, zone: ZoneInfo) -> datetime:
-    if isinstance(key, datetime):
-        return key.replace(tzinfo=zone)
-    return datetime.combine(key, time(), tzinfo=zone)
-
-
-def bucket_end(last: Bucket, granularity: Granularity, zone: ZoneInfo) -> datetime:
-    """The first instant after ``last``, in the merchant's time zone."""
-    if granularity == "day":
-        assert isinstance(last.key, date)
-        return datetime.combine(last.key + timedelta(days=1), time(), tzinfo=zone)
-    return (last.start.astimezone(UTC) + timedelta(hours=1)).astimezone(zone)
-
-
-def merchant_summary(
-    *,
-    engine: Engine,
-    merchant_id: str,
-    zone: ZoneInfo,
-    granularity: Granularity,
-    buckets: Sequence[Bucket],
-) -> dict[str, Any]:
-    """Totals per currency over ``buckets``, each with its zero-filled series."""
-    with engine.connect() as conn:
-        rows = repository.totals(
-            conn,
-            merchant_id,
-            granularity=granularity,
-            first=buckets[0].key,
-            last=buckets[-1].key,
-        )
-    return summary_body(
-        [
-            (
-                r.bucket,
-                r.currency,
-                r.payments_count,
-                r.payments_amount,
-                r.refunds_count,
-                r.refunds_amount,
-            )
-            for r in rows
-        ],
-        merchant_id=merchant_id,
-        zone=zone,
-        granularity=granularity,
-        buckets=buckets,
-    )
-
-
-SummaryRow = tuple[BucketKey, str, int, int, int, int]
-"""(bucket, currency, payments_count, payments_amount, refunds_count, refunds_amount)."""
-
-
-def summary_body(
-    rows: Sequence[SummaryRow],
-    *,
-    merchant_id: str,
-    zone: ZoneInfo,
-    granularity: Granularity,
-    buckets: Sequence[Bucket],
-) -> dict[str, Any]:
-    """The summary's answer from its totals rows, in one pass per currency over the buckets:
-    a dict literal per bucket, sums kept in locals (a 7-day hourly summary has 168 buckets per
-    currency, and building them was most of the request's own work)."""
-    starts: dict[BucketKey, datetime] = {b.key: b.start for b in buckets}
-    by_currency: dict[str, dict[BucketKey, tuple[int, int, int, int]]] = {}
-    walked = True
-    for bucket, currency, pc, pa, rc, ra in rows:
-        if bucket not in starts:
-            # A bucket the walk did not produce (a DST corner) is still counted, never dropped.
-            starts[bucket] = _bucket_start(bucket, zone)
-            walked = False
-        by_currency.setdefault(currency, {})[bucket] = (int(pc), int(pa), int(rc), int(ra))
-    ordered = list(starts.items())
-    if not walked:
-        ordered.sort(key=lambda item: item[1])
-    currencies = []
-    for currency in sorted(by_currency):
-        filled = by_currency[currency]
-        series = []
-        total_pc = total_pa = total_rc = total_ra = 0
-        for key, start in ordered:
-            found = filled.get(key)
-            if found is None:
-                series.append(
-                    {
-                        "bucket": key,
-                        "start": start,
-                        "payments_count": 0,
-                        "payments_amount": 0,
-                        "refunds_count": 0,
-                        "refunds_amount": 0,
-                        "net_amount": 0,
-                    }
-                )
-                continue
-            pc, pa, rc, ra = found
-            total_pc += pc
-            total_pa += pa
-            total_rc += rc
-            total_ra += ra
-            series.append(
-                {
-                    "bucket": key,
-                    "start": start,
-                    "payments_count": pc,
-                    "payments_amount": pa,
-                    "refunds_count": rc,
-                    "refunds_amount": ra,
-                    "net_amount": pa - ra,
-                }
-            )
-        currencies.append(
-            {
-                "currency": currency,
-                "payments_count": total_pc,
-                "payments_amount": total_pa,
-                "refunds_count": total_rc,
-                "refunds_amount": total_ra,
-                "net_amount": total_pa - total_ra,
-                "buckets": series,
-            }
-        )
-    return {
-        "merchant_id": merchant_id,
-        "time_zone": zone.key,
-        "granularity": granularity,
-        "from": buckets[0].start,
-        "to": bucket_end(buckets[-1], granularity, zone),
-        "currencies": currencies,
-    }
 
 
 def reconciliation_runs(*, engine: Engine, before: int | None, limit: int) -> dict[str, Any]:

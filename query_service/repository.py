@@ -2,23 +2,21 @@
 
 Every list is ordered ``created_at DESC, payment_id DESC`` and paged by keyset on that pair,
 served by ``ix_payments_merchant_id_created_at_payment_id`` (a merchant's payments) or
-``ix_payments_user_id_created_at_payment_id`` (a user's); summaries are one range scan of a
-totals table's primary key ``(merchant_id, bucket, currency)``. Nothing here begins or commits:
-the handler owns the (read-only) transaction.
+``ix_payments_user_id_created_at_payment_id`` (a user's). Nothing here begins or commits: the
+handler owns the (read-only) transaction. The summary's SQL is with its route, in
+``routes/summary.py``.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import date, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 
 from kessai.schema.read import (
-    merchant_daily_totals,
-    merchant_hourly_totals,
     merchants,
     payments,
     projector_offsets,
@@ -29,8 +27,6 @@ from kessai.schema.read import (
 from query_service.cursor import Position
 
 Condition = sa.ColumnElement[bool]
-
-TOTALS_COLUMNS = ("payments_count", "payments_amount", "refunds_count", "refunds_amount")
 
 
 def payment(conn: sa.Connection, payment_id: uuid.UUID) -> sa.Row[Any] | None:
@@ -178,24 +174,6 @@ def count_up_to(conn: sa.Connection, where: Sequence[Condition], cap: int) -> in
     """How many payments match, counting no further than ``cap``: the cost stays bounded."""
     matching = sa.select(sa.literal(1)).select_from(payments).where(*where).limit(cap).subquery()
     return int(conn.execute(sa.select(sa.func.count()).select_from(matching)).scalar_one())
-
-
-def totals(
-    conn: sa.Connection,
-    merchant_id: str,
-    *,
-    granularity: str,
-    first: date | datetime,
-    last: date | datetime,
-) -> Sequence[sa.Row[Any]]:
-    """A merchant's totals rows for buckets ``first`` to ``last`` (inclusive), in key order."""
-    table = merchant_daily_totals if granularity == "day" else merchant_hourly_totals
-    bucket = table.c.day if granularity == "day" else table.c.hour
-    return conn.execute(
-        sa.select(bucket.label("bucket"), table.c.currency, *(table.c[c] for c in TOTALS_COLUMNS))
-        .where(table.c.merchant_id == merchant_id, bucket >= first, bucket <= last)
-        .order_by(bucket, table.c.currency)
-    ).all()
 
 
 def reconciliation_runs_page(

@@ -1,5 +1,6 @@
 """Routes of the query API: each parses and validates, then hands the read to a handler
-(``query_service.handlers``) that owns its transaction.
+(``query_service.handlers``) that owns its transaction. The summary is one read view in its
+own module (route, read, SQL and answer: ``summary.py``).
 
 One module per resource, included here in the order the OpenAPI document lists them; what
 they share (resources, parameter types, authorization, freshness) is in ``dependencies``.

@@ -1,17 +1,29 @@
 """``GET /v1/merchants/{merchant_id}/summary``: a merchant's totals by day or hour, from the
-totals tables the projector maintains in the same transaction as the payments they sum."""
+totals tables the projector maintains in the same transaction as the payments they sum.
+
+One read view, top to bottom: the route (the range in the merchant's time zone, today through a
+short cache); the read (``read_summary``, in a worker thread, inside one read-only transaction
+it owns, never committed); its SQL (``totals``, one range scan of a totals table's primary key
+``(merchant_id, bucket, currency)``); and the answer built from the rows (``summary_body``:
+every bucket of the range, zero when nothing happened).
+"""
 
 from __future__ import annotations
 
-from datetime import timedelta
-from typing import Annotated, Literal
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
 
+import sqlalchemy as sa
 from fastapi import APIRouter, Query, Request
+from sqlalchemy.engine import Engine
 from starlette.responses import Response
 
 from kessai.clock import utcnow
 from kessai.errors import ErrorOut
-from query_service import handlers, time_range
+from kessai.schema.read import merchant_daily_totals, merchant_hourly_totals
+from query_service import time_range
 from query_service.cache import CachedSummary
 from query_service.routes.dependencies import (
     DATA_ERRORS,
@@ -25,11 +37,12 @@ from query_service.routes.dependencies import (
     expensive,
 )
 from query_service.schemas import SummaryOut
-from query_service.time_range import Granularity
+from query_service.time_range import Bucket, BucketKey, Granularity
 
 EXPENSIVE_RANGE = timedelta(days=31)
 """A summary over a longer range counts against the key's tighter rate limit."""
 _ONE_MICROSECOND = timedelta(microseconds=1)
+TOTALS_COLUMNS = ("payments_count", "payments_amount", "refunds_count", "refunds_amount")
 
 router = APIRouter()
 
@@ -78,7 +91,7 @@ async def merchant_summary(
     async def compute(buckets: list[time_range.Bucket]) -> CachedSummary:
         as_of = await resources.freshness.as_of()
         body = await resources.run(
-            lambda: handlers.merchant_summary(
+            lambda: read_summary(
                 engine=resources.engine,
                 merchant_id=merchant_id,
                 zone=zone,
@@ -105,3 +118,161 @@ async def merchant_summary(
         await expensive(request)
     summary = await compute(time_range.buckets(start, end, zone, g))
     return data_response(summary.body, summary.as_of)
+
+
+# -- the read and its SQL ---------------------------------------------------------------------
+
+
+def read_summary(
+    *,
+    engine: Engine,
+    merchant_id: str,
+    zone: ZoneInfo,
+    granularity: Granularity,
+    buckets: Sequence[Bucket],
+) -> dict[str, Any]:
+    """Totals per currency over ``buckets``, each with its zero-filled series."""
+    with engine.connect() as conn:
+        rows = totals(
+            conn,
+            merchant_id,
+            granularity=granularity,
+            first=buckets[0].key,
+            last=buckets[-1].key,
+        )
+    return summary_body(
+        [
+            (
+                r.bucket,
+                r.currency,
+                r.payments_count,
+                r.payments_amount,
+                r.refunds_count,
+                r.refunds_amount,
+            )
+            for r in rows
+        ],
+        merchant_id=merchant_id,
+        zone=zone,
+        granularity=granularity,
+        buckets=buckets,
+    )
+
+
+def totals(
+    conn: sa.Connection,
+    merchant_id: str,
+    *,
+    granularity: str,
+    first: date | datetime,
+    last: date | datetime,
+) -> Sequence[sa.Row[Any]]:
+    """A merchant's totals rows for buckets ``first`` to ``last`` (inclusive), in key order."""
+    table = merchant_daily_totals if granularity == "day" else merchant_hourly_totals
+    bucket = table.c.day if granularity == "day" else table.c.hour
+    return conn.execute(
+        sa.select(bucket.label("bucket"), table.c.currency, *(table.c[c] for c in TOTALS_COLUMNS))
+        .where(table.c.merchant_id == merchant_id, bucket >= first, bucket <= last)
+        .order_by(bucket, table.c.currency)
+    ).all()
+
+
+# -- the answer ------------------------------------------------------------------------------
+
+
+SummaryRow = tuple[BucketKey, str, int, int, int, int]
+"""(bucket, currency, payments_count, payments_amount, refunds_count, refunds_amount)."""
+
+
+def summary_body(
+    rows: Sequence[SummaryRow],
+    *,
+    merchant_id: str,
+    zone: ZoneInfo,
+    granularity: Granularity,
+    buckets: Sequence[Bucket],
+) -> dict[str, Any]:
+    """The summary's answer from its totals rows, in one pass per currency over the buckets:
+    a dict literal per bucket, sums kept in locals (a 7-day hourly summary has 168 buckets per
+    currency, and building them was most of the request's own work)."""
+    starts: dict[BucketKey, datetime] = {b.key: b.start for b in buckets}
+    by_currency: dict[str, dict[BucketKey, tuple[int, int, int, int]]] = {}
+    walked = True
+    for bucket, currency, pc, pa, rc, ra in rows:
+        if bucket not in starts:
+            # A bucket the walk did not produce (a DST corner) is still counted, never dropped.
+            starts[bucket] = _bucket_start(bucket, zone)
+            walked = False
+        by_currency.setdefault(currency, {})[bucket] = (int(pc), int(pa), int(rc), int(ra))
+    ordered = list(starts.items())
+    if not walked:
+        ordered.sort(key=lambda item: item[1])
+    currencies = []
+    for currency in sorted(by_currency):
+        filled = by_currency[currency]
+        series = []
+        total_pc = total_pa = total_rc = total_ra = 0
+        for key, start in ordered:
+            found = filled.get(key)
+            if found is None:
+                series.append(
+                    {
+                        "bucket": key,
+                        "start": start,
+                        "payments_count": 0,
+                        "payments_amount": 0,
+                        "refunds_count": 0,
+                        "refunds_amount": 0,
+                        "net_amount": 0,
+                    }
+                )
+                continue
+            pc, pa, rc, ra = found
+            total_pc += pc
+            total_pa += pa
+            total_rc += rc
+            total_ra += ra
+            series.append(
+                {
+                    "bucket": key,
+                    "start": start,
+                    "payments_count": pc,
+                    "payments_amount": pa,
+                    "refunds_count": rc,
+                    "refunds_amount": ra,
+                    "net_amount": pa - ra,
+                }
+            )
+        currencies.append(
+            {
+                "currency": currency,
+                "payments_count": total_pc,
+                "payments_amount": total_pa,
+                "refunds_count": total_rc,
+                "refunds_amount": total_ra,
+                "net_amount": total_pa - total_ra,
+                "buckets": series,
+            }
+        )
+    return {
+        "merchant_id": merchant_id,
+        "time_zone": zone.key,
+        "granularity": granularity,
+        "from": buckets[0].start,
+        "to": bucket_end(buckets[-1], granularity, zone),
+        "currencies": currencies,
+    }
+
+
+def _bucket_start(key: BucketKey, zone: ZoneInfo) -> datetime:
+    if isinstance(key, datetime):
+        return key.replace(tzinfo=zone)
+    return datetime.combine(key, time(), tzinfo=zone)
+
+
+def bucket_end(last: Bucket, granularity: Granularity, zone: ZoneInfo) -> datetime:
+    """The first instant after ``last``, in the merchant's time zone."""
+    if granularity == "day":
+        assert isinstance(last.key, date)
+        return datetime.combine(last.key + timedelta(days=1), time(), tzinfo=zone)
+    return (last.start.astimezone(UTC) + timedelta(hours=1)).astimezone(zone)

@@ -13,7 +13,7 @@ import pytest
 
 from kessai.errors import ApiError
 from query_service import time_range
-from query_service.handlers import SummaryRow, bucket_end, summary_body
+from query_service.routes.summary import SummaryRow, bucket_end, summary_body
 from query_service.time_range import Bucket, BucketKey, Granularity
 
 COLUMNS = ("payments_count", "payments_amount", "refunds_count", "refunds_amount")
