@@ -6,13 +6,16 @@ happened). Names are past tense. ``version`` counts a payment's events: 1 is alw
 being gap-free per payment; the write store's primary key ``(payment_id, version)`` enforces it.
 
 Changing a payload in a way old readers cannot parse means a new ``schema_version``; readers
-refuse (dead-letter) a schema version newer than they know.
+refuse (dead-letter) a schema version newer than they know. Version 2 added ``postings``: how
+the event moves money between accounts (``kessai/postings.py``), balanced. Events of version 1
+have none; their readers derive them (``kessai.ledger.postings_of``): stored events are never
+rewritten.
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AwareDatetime,
@@ -20,12 +23,16 @@ from pydantic import (
     ConfigDict,
     Field,
     TypeAdapter,
+    model_validator,
 )
 
 from kessai.money import MAX_AMOUNT
+from kessai.postings import Posting, imbalance
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The schema version this code writes, and the newest it can read."""
+POSTINGS_SINCE = 2
+"""The first schema version whose events carry their postings."""
 
 MerchantId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 UserId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
@@ -73,7 +80,8 @@ class PaymentRefundedPayload(_Frozen):
 class _Envelope(_Frozen):
     event_id: uuid.UUID
     """UUIDv7, unique per event, time-ordered by when the write side recorded it."""
-    schema_version: int = Field(SCHEMA_VERSION, ge=1)
+    schema_version: int = Field(1, ge=1)
+    """1 without postings, 2 with them, unless given (see ``_schema_version_by_postings``)."""
     payment_id: uuid.UUID
     version: int = Field(ge=1)
     """Position of this event in its payment's history: 1, 2, 3, ... without gaps."""
@@ -82,6 +90,33 @@ class _Envelope(_Frozen):
     """When the business fact happened (the request's time)."""
     recorded_at: AwareDatetime
     """When the write store recorded it."""
+    postings: tuple[Posting, ...] | None = Field(
+        None, min_length=2, exclude_if=lambda value: value is None
+    )
+    """How the event moves money, balanced (schema version 2 on; absent before)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _schema_version_by_postings(cls, data: Any) -> Any:
+        """An event built without a schema version gets the one its postings say: the
+        current one with postings, 1 without (what it would have been stored as)."""
+        if isinstance(data, dict) and "schema_version" not in data:
+            with_postings = data.get("postings") is not None
+            return {**data, "schema_version": SCHEMA_VERSION if with_postings else 1}
+        return data
+
+    @model_validator(mode="after")
+    def _postings_match_the_schema_version(self) -> Self:
+        if self.schema_version > SCHEMA_VERSION:
+            return self  # the readers refuse what they do not know (dead letters), not parsing
+        if self.schema_version < POSTINGS_SINCE:
+            if self.postings is not None:
+                raise ValueError(f"schema_version {self.schema_version} carries no postings")
+        elif self.postings is None:
+            raise ValueError(f"schema_version {self.schema_version} carries its postings")
+        elif imbalance(self.postings) != 0:
+            raise ValueError(f"postings sum to {imbalance(self.postings)}, not 0")
+        return self
 
 
 class PaymentCaptured(_Envelope):

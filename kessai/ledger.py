@@ -2,7 +2,8 @@
 
 This is the ledger's single definition of a payment's state. The command side folds a
 payment's events to validate a refund; the projector and the reconciler fold the same way,
-so "the read side equals the fold of the write store" has one meaning everywhere.
+so "the read side equals the fold of the write store" has one meaning everywhere. Likewise
+``postings_of`` is the one definition of the postings of an event, stored with them or not.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from datetime import datetime
 from typing import Literal
 
 from kessai.events import PaymentCaptured, PaymentRefunded
+from kessai.postings import Posting, capture_postings, refund_postings
 
 PaymentStatus = Literal["captured", "partially_refunded", "refunded"]
 
@@ -94,3 +96,27 @@ def fold(events: Iterable[PaymentCaptured | PaymentRefunded]) -> PaymentState | 
     for event in events:
         state = apply(state, event)
     return state
+
+
+def postings_of(
+    event: PaymentCaptured | PaymentRefunded, payment: PaymentState | None = None
+) -> tuple[Posting, ...]:
+    """The postings of ``event``: its own (schema version 2 on), or, for an event stored before
+    events carried postings, those ``derived_postings`` gives (the upcaster)."""
+    if event.postings is not None:
+        return event.postings
+    return derived_postings(event, payment)
+
+
+def derived_postings(
+    event: PaymentCaptured | PaymentRefunded, payment: PaymentState | None = None
+) -> tuple[Posting, ...]:
+    """The postings ``event`` makes by what it says: a capture's from its payload, a refund's
+    from its ``payment``'s state before it (the payment's method and user say where the money
+    goes back to). An event that carries postings must carry exactly these."""
+    if isinstance(event, PaymentCaptured):
+        p = event.payload
+        return capture_postings(p.method, p.user_id, event.merchant_id, p.amount)
+    if payment is None:
+        raise ValueError(f"the postings of refund {event.payload.refund_id} need its payment")
+    return refund_postings(payment.method, payment.user_id, event.merchant_id, event.payload.amount)

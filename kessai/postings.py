@@ -19,8 +19,8 @@ Only wallets must never go negative; they are the accounts the write path checks
 balances are derived from the postings on the read side, so a merchant with a third of the
 traffic never becomes one hot row to update on every payment.
 
-Events written before postings existed carry none: ``postings_of`` derives theirs from what
-they do carry (the upcaster), so no stored event is ever rewritten.
+Events written before postings existed carry none: ``kessai.ledger.postings_of`` derives
+theirs from what they do carry (the upcaster), so no stored event is ever rewritten.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from kessai.events import PaymentCaptured, PaymentRefunded
-from kessai.ledger import PaymentState
 from kessai.money import MAX_AMOUNT
 
 AccountKind = Literal["user", "merchant", "campaign", "world"]
@@ -133,20 +131,6 @@ def refund_postings(
 ) -> tuple[Posting, ...]:
     """A refund: the reverse of its payment's route, for the refunded amount."""
     return transfer(merchant_account(merchant_id), payment_source(method, user_id), amount)
-
-
-def postings_of(
-    event: PaymentCaptured | PaymentRefunded, payment: PaymentState | None = None
-) -> tuple[Posting, ...]:
-    """The postings of ``event``. An event that predates postings (schema version 1) carries
-    none: they are derived from its payload, and for a refund from its ``payment``'s state
-    before it (the payment's method and user say where the money goes back to)."""
-    if isinstance(event, PaymentCaptured):
-        p = event.payload
-        return capture_postings(p.method, p.user_id, event.merchant_id, p.amount)
-    if payment is None:
-        raise ValueError(f"the postings of refund {event.payload.refund_id} need its payment")
-    return refund_postings(payment.method, payment.user_id, event.merchant_id, event.payload.amount)
 
 
 def imbalance(postings: Iterable[Posting]) -> int:

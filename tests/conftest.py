@@ -23,6 +23,7 @@ from kessai.settings import Settings
 from migrations import Tree, upgrade
 from tests import backends
 from tests.helpers import UNBOUNDED_IN_FLIGHT, UNLIMITED, api_key, bearer
+from tests.ledger_check import ledger_problems
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -72,14 +73,25 @@ def _migrated_database(
         url = f"sqlite:///{tmp_path / f'{tree}.db'}"
         upgrade(tree, url)
         yield url
+        _check_ledger(tree, url)
         return
     server = request.getfixturevalue("mysql_server")
     url, name = backends.create_mysql_database(server)
     try:
         upgrade(tree, url)
         yield url
+        _check_ledger(tree, url)
     finally:
         backends.drop_mysql_database(server, name)
+
+
+def _check_ledger(tree: Tree, url: str) -> None:
+    """Every test that wrote money leaves a balanced ledger (tests/ledger_check.py)."""
+    if tree == "write":
+        problems = ledger_problems(url)
+        assert not problems, "the write store's postings do not balance:\n" + "\n".join(
+            problems[:20]
+        )
 
 
 @pytest.fixture

@@ -49,6 +49,7 @@ from kessai.auth import PAYMENTS_WRITE, needs
 from kessai.errors import ApiError, ErrorOut
 from kessai.events import PaymentCaptured, PaymentCapturedPayload
 from kessai.ledger import PaymentState
+from kessai.postings import capture_postings
 
 router = APIRouter()
 
@@ -176,7 +177,9 @@ def capture_command(
     authorization_id: str | None = None,
 ) -> WriteCommand:
     """A captured payment: one ``PaymentCaptured`` event, version 1, carrying the
-    acquirer's ``authorization_id`` for a card payment that was authorized."""
+    acquirer's ``authorization_id`` for a card payment that was authorized, and its postings:
+    the payment's amount from the user's wallet (``balance``) or the acquirer (``card``) to the
+    merchant."""
 
     def decide(_state: PaymentState | None, *, clock: Clock, ids: IdSource) -> Decision:
         now = clock()
@@ -187,6 +190,9 @@ def capture_command(
             merchant_id=command.merchant_id,
             occurred_at=now,
             recorded_at=now,
+            postings=capture_postings(
+                command.method, command.user_id, command.merchant_id, command.amount
+            ),
             payload=PaymentCapturedPayload(
                 amount=command.amount,
                 currency=command.currency,

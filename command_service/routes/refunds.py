@@ -35,6 +35,7 @@ from kessai.auth import PAYMENTS_WRITE, needs
 from kessai.errors import ApiError, ErrorOut
 from kessai.events import PaymentRefunded, PaymentRefundedPayload
 from kessai.ledger import PaymentState
+from kessai.postings import refund_postings
 
 router = APIRouter()
 
@@ -109,6 +110,10 @@ def refund_command(
             merchant_id=state.merchant_id,
             occurred_at=now,
             recorded_at=now,
+            # The reverse of the payment's route: back to the wallet or the acquirer.
+            postings=refund_postings(
+                state.method, state.user_id, state.merchant_id, command.amount
+            ),
             payload=PaymentRefundedPayload(
                 refund_id=ids(),
                 amount=command.amount,

@@ -11,13 +11,16 @@ from typer.testing import CliRunner
 
 import projector.apply
 from kessai.clock import utcnow
-from kessai.events import event_to_json, kafka_headers, kafka_key
+from kessai.events import SCHEMA_VERSION, event_to_json, kafka_headers, kafka_key
 from kessai.ids import new_id
 from kessai.schema.read import dead_letters, parked_events, payments
 from kessai_cli.main import app
 from projector.apply import Record, apply_batch, decode_batch
 from projector.repository import load_snapshot, write_changes
 from tests.unit.test_projector_apply import captured, refunded
+
+NEWER = str(SCHEMA_VERSION + 1).encode()
+"""A schema version newer than this projector reads (a writer deployed ahead of it)."""
 
 
 def apply_records(engine: Engine, records: list[Record]) -> None:
@@ -81,7 +84,7 @@ def test_a_letter_a_newer_projector_understands_is_applied_with_everything_behin
         read_engine,
         [
             as_record(captured(pid), 0),
-            as_record(refunded(pid, 2, 100, 100), 1, schema_header=b"2"),
+            as_record(refunded(pid, 2, 100, 100), 1, schema_header=NEWER),
             as_record(refunded(pid, 3, 50, 150), 2),
         ],
     )
@@ -89,8 +92,8 @@ def test_a_letter_a_newer_projector_understands_is_applied_with_everything_behin
         assert conn.execute(sa.select(payments.c.version)).scalar_one() == 1
         assert conn.execute(sa.select(parked_events.c.reason)).scalar_one() == "blocked"
 
-    # The operator deploys a projector that reads schema 2, then retries every open letter.
-    monkeypatch.setattr(projector.apply, "SCHEMA_VERSION", 2)
+    # The operator deploys a projector that reads the newer schema, then retries every letter.
+    monkeypatch.setattr(projector.apply, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     retried = cli.invoke(app, ["dead-letters", "retry", "--all"])
     assert retried.exit_code == 0, retried.output
     assert "resolved" in retried.output

@@ -42,7 +42,7 @@ from command_service import outbox as outbox_sql
 from command_service.relay import Relay
 from kessai.broker import log_ends
 from kessai.clock import utcnow
-from kessai.events import PaymentRefunded, parse_event
+from kessai.events import SCHEMA_VERSION, PaymentRefunded, parse_event
 from kessai.schema.read import (
     dead_letters,
     merchant_daily_totals,
@@ -577,7 +577,7 @@ class PoisonRelay(Relay):
         for r in rows:
             if r.version == 2 and len(PoisonRelay.newer) < 3:
                 PoisonRelay.newer.append(r.payment_id)
-                r = dataclasses.replace(r, schema_version=2)
+                r = dataclasses.replace(r, schema_version=SCHEMA_VERSION + 1)
             elif r.version == 2 and len(PoisonRelay.mangled) < 3:
                 PoisonRelay.mangled.append(r.payment_id)
                 r = dataclasses.replace(r, body=r.body[: len(r.body) // 2])
@@ -607,7 +607,7 @@ async def test_poison_events_dead_lettered_then_fixed_and_retried(
         assert "6 dead letter(s)" in listed.output, listed.output
         # The fix: a projector that reads the newer schema is deployed, and the operator
         # retries every open letter. The mangled ones still fail: nothing can read them.
-        monkeypatch.setattr(projector.apply, "SCHEMA_VERSION", 2)
+        monkeypatch.setattr(projector.apply, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
         retried = await asyncio.to_thread(cli.invoke, app, ["dead-letters", "retry", "--all"])
         assert retried.exit_code == 1, retried.output
         assert await asyncio.to_thread(drifted, write_engine, read_engine) == set(

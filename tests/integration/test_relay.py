@@ -10,6 +10,7 @@ from sqlalchemy.engine import Engine
 
 from command_service.relay import Relay
 from kessai.events import PaymentCaptured, PaymentRefunded, parse_event
+from kessai.postings import capture_postings, refund_postings
 from kessai.settings import Settings
 from tests.helpers import consume_all, count_rows, eventually, new_key, payment_body
 
@@ -60,10 +61,13 @@ async def test_published_event_carries_key_headers_and_envelope(
     assert captured.payload.amount == 500
     assert refunded.payload.amount == 200
     assert refunded.payload.refunded_amount == 200
+    # Schema version 2: each event carries how it moves money (kessai/postings.py).
+    assert captured.postings == capture_postings("balance", "user-1", "merchant-1", 500)
+    assert refunded.postings == refund_postings("balance", "user-1", "merchant-1", 200)
     headers = dict(first.headers)
     assert headers == {
         "event_type": b"PaymentCaptured",
-        "schema_version": b"1",
+        "schema_version": b"2",
         "event_id": str(captured.event_id).encode(),
     }
     assert dict(second.headers)["event_type"] == b"PaymentRefunded"

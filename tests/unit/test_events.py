@@ -121,7 +121,8 @@ def test_json_form_carries_the_envelope() -> None:
     event = refunded()
     data = as_dict(event)
     assert data["event_type"] == "PaymentRefunded"
-    assert data["schema_version"] == SCHEMA_VERSION == 1
+    # Built without postings, as events were stored before postings existed: version 1.
+    assert data["schema_version"] == 1 < SCHEMA_VERSION
     assert data["payment_id"] == str(PAYMENT_ID)
     assert data["version"] == 2
     assert data["payload"]["refunded_amount"] == 300

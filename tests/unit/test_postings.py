@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -12,13 +13,16 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from kessai.events import (
+    SCHEMA_VERSION,
     PaymentCaptured,
     PaymentCapturedPayload,
     PaymentRefunded,
     PaymentRefundedPayload,
+    event_to_json,
+    parse_event,
 )
 from kessai.ids import new_id
-from kessai.ledger import fold
+from kessai.ledger import fold, postings_of
 from kessai.money import MAX_AMOUNT
 from kessai.postings import (
     WORLD_ACQUIRER,
@@ -28,7 +32,6 @@ from kessai.postings import (
     imbalance,
     kind_of,
     may_go_negative,
-    postings_of,
     refund_postings,
     topup_account,
     transfer,
@@ -38,8 +41,9 @@ T0 = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
 PAYMENT_ID = uuid.UUID("0190c0de-1234-7abc-8def-0123456789ab")
 
 
-def captured(method: str, amount: int = 1_000) -> PaymentCaptured:
+def captured(method: str, amount: int = 1_000, **envelope: Any) -> PaymentCaptured:
     return PaymentCaptured(
+        **envelope,
         event_id=new_id(),
         payment_id=PAYMENT_ID,
         version=1,
@@ -55,8 +59,9 @@ def captured(method: str, amount: int = 1_000) -> PaymentCaptured:
     )
 
 
-def refunded(amount: int, total: int, version: int = 2) -> PaymentRefunded:
+def refunded(amount: int, total: int, version: int = 2, **envelope: Any) -> PaymentRefunded:
     return PaymentRefunded(
+        **envelope,
         event_id=new_id(),
         payment_id=PAYMENT_ID,
         version=version,
@@ -176,3 +181,40 @@ def test_a_posting_moves_a_whole_non_zero_amount(amount: object) -> None:
 def test_a_transfer_moves_a_positive_amount(amount: int) -> None:
     with pytest.raises(ValueError, match="positive"):
         transfer("user:u1", "merchant:shop-1", amount)
+
+
+def test_an_event_with_its_postings_is_of_the_current_schema_version_and_keeps_them() -> None:
+    route = capture_postings("balance", "u1", "shop-1", 1_000)
+    event = captured("balance", postings=route)
+    assert event.schema_version == SCHEMA_VERSION == 2
+    again = parse_event(event_to_json(event))
+    assert again == event
+    assert postings_of(again) == route
+    assert b'"postings":[{"account":"user:u1","amount":-1000}' in event_to_json(event)
+
+
+def test_an_event_without_postings_is_of_version_1_and_its_json_has_no_postings() -> None:
+    event = captured("card")
+    assert event.schema_version == 1
+    assert b"postings" not in event_to_json(event)
+
+
+def test_postings_that_do_not_balance_are_refused() -> None:
+    with pytest.raises(ValidationError, match="sum to 1"):
+        captured(
+            "balance",
+            postings=(
+                Posting(account="user:u1", amount=-999),
+                Posting(account="merchant:shop-1", amount=1_000),
+            ),
+        )
+
+
+def test_the_schema_version_and_the_postings_must_agree() -> None:
+    route = capture_postings("card", "u1", "shop-1", 1_000)
+    with pytest.raises(ValidationError, match="carries no postings"):
+        captured("card", schema_version=1, postings=route)
+    with pytest.raises(ValidationError, match="carries its postings"):
+        captured("card", schema_version=2)
+    with pytest.raises(ValidationError):
+        captured("card", postings=route[:1])  # one posting cannot balance a movement

@@ -1,0 +1,80 @@
+"""The suite's own ledger check (tests/ledger_check.py, run when every test's write store goes)
+finds postings that do not say what their event says, and lets right ones through."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from kessai.db import create_db_engine
+from kessai.events import PaymentCaptured, PaymentRefunded, event_to_json
+from kessai.postings import Posting, capture_postings, refund_postings
+from migrations import upgrade
+from tests.ledger_check import ledger_problems
+from tests.unit.test_postings import captured, refunded
+
+ROW = ("payment_id", "version", "event_id", "event_type", "schema_version", "merchant_id")
+
+
+def store(tmp_path: Path, *stored: PaymentCaptured | PaymentRefunded) -> str:
+    url = f"sqlite:///{tmp_path / 'write.db'}"
+    upgrade("write", url)
+    engine = create_db_engine(url, pool_size=1)
+    with engine.begin() as conn:
+        for event in stored:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO events (payment_id, version, event_id, event_type, "
+                    "schema_version, merchant_id, amount, currency, occurred_at, recorded_at, "
+                    "body) VALUES (:payment_id, :version, :event_id, :event_type, "
+                    ":schema_version, :merchant_id, :amount, :currency, :at, :at, :body)"
+                ),
+                {
+                    **{name: getattr(event, name) for name in ROW},
+                    "payment_id": event.payment_id.bytes,
+                    "event_id": event.event_id.bytes,
+                    "amount": event.payload.amount,
+                    "currency": event.payload.currency,
+                    "at": "2026-12-02 09:00:00.000000",
+                    "body": event_to_json(event).decode(),
+                },
+            )
+    engine.dispose()
+    return url
+
+
+def test_right_postings_and_postings_derived_from_old_events_pass(tmp_path: Path) -> None:
+    url = store(
+        tmp_path,
+        captured("balance", postings=capture_postings("balance", "u1", "shop-1", 1_000)),
+        refunded(200, 200, postings=refund_postings("balance", "u1", "shop-1", 200)),
+        refunded(300, 500, version=3),  # stored before postings existed: derived
+    )
+    assert ledger_problems(url) == []
+
+
+def test_balanced_postings_that_move_the_wrong_money_are_found(tmp_path: Path) -> None:
+    # Balanced, but a balance payment must come out of the user's wallet, not the acquirer.
+    wrong = capture_postings("card", "u1", "shop-1", 1_000)
+    url = store(tmp_path, captured("balance", postings=wrong))
+    (problem,) = ledger_problems(url)
+    assert "its payload says" in problem
+    assert "user:u1" in problem
+
+
+def test_a_refund_posted_to_another_merchant_is_found(tmp_path: Path) -> None:
+    url = store(
+        tmp_path,
+        captured("card"),
+        refunded(
+            200,
+            200,
+            postings=(
+                Posting(account="merchant:shop-2", amount=-200),
+                Posting(account="world:acquirer", amount=200),
+            ),
+        ),
+    )
+    (problem,) = ledger_problems(url)
+    assert "merchant:shop-2" in problem
