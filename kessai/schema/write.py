@@ -4,7 +4,8 @@ The write store serves no queries. ``events`` has its primary key ``(payment_id,
 which is both how a payment's history is read (a primary-key range) and the optimistic
 concurrency check (two writers of the same next version collide on it), plus one unique key on
 ``event_id`` (UUIDv7, so it is time-ordered: the reconciler scans new events by it).
-Triggers make the database refuse UPDATE and DELETE on events.
+Triggers make the database refuse UPDATE and DELETE on events. ``wallet_events`` is the same
+for each user's wallet, keyed ``(user_id, version)``, and also refuses a negative balance.
 """
 
 from __future__ import annotations
@@ -31,6 +32,27 @@ events = sa.Table(
     sa.Column("recorded_at", UTCDateTime(), nullable=False),
     # The canonical JSON envelope, exactly what is published.
     sa.Column("body", long_text(), nullable=False),
+)
+
+wallet_events = sa.Table(
+    "wallet_events",
+    metadata,
+    # A wallet is its own stream (kessai/wallets.py): its movements by version, the newest one
+    # holding the balance, so the balance is one primary-key read however long the history.
+    # The primary key is the optimistic concurrency check, as (payment_id, version) is above.
+    sa.Column("user_id", ascii_id(64), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("event_id", BinaryUUID(), nullable=False, unique=True),
+    sa.Column("event_type", sa.String(40), nullable=False),
+    sa.Column("schema_version", sa.SmallInteger, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    # This movement, signed (into the wallet: positive), and the balance it leaves.
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("balance_after", sa.BigInteger, nullable=False),
+    sa.Column("recorded_at", UTCDateTime(), nullable=False),
+    sa.Column("body", long_text(), nullable=False),
+    # Beneath the write path's own check: the database itself never holds a negative balance.
+    sa.CheckConstraint("balance_after >= 0", name="balance_after_not_negative"),
 )
 
 outbox = sa.Table(
