@@ -10,6 +10,9 @@ refuse (dead-letter) a schema version newer than they know. Version 2 added ``po
 the event moves money between accounts (``kessai/postings.py``), balanced. Events of version 1
 have none; their readers derive them (``kessai.ledger.postings_of``): stored events are never
 rewritten.
+
+Wallets have streams of their own (``wallet_events``; the end of this module): a top-up, and
+the wallet's side of a balance payment and of its refund, each with the balance it leaves.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from pydantic import (
 )
 
 from kessai.money import MAX_AMOUNT
-from kessai.postings import Posting, imbalance
+from kessai.postings import (
+    TOPUP_SOURCE_PATTERN,
+    Posting,
+    imbalance,
+    topup_account,
+    transfer,
+    user_account,
+)
 
 SCHEMA_VERSION = 2
 """The schema version this code writes, and the newest it can read."""
@@ -163,3 +173,120 @@ def kafka_headers(
 def kafka_key(payment_id: uuid.UUID) -> bytes:
     """Kafka key = payment id, so one payment's events share a partition and keep their order."""
     return str(payment_id).encode()
+
+
+# -- wallet streams ----------------------------------------------------------------------------
+# Each user's wallet is a stream of its own (``wallet_events``, kessai/wallets.py): version 1,
+# 2, ... without gaps, each movement with the balance it leaves. Born at schema version 2.
+
+WALLET_NAMESPACE = uuid.UUID("0193a6c1-5e7a-7b3c-9d2e-6b61c0ffee01")
+"""The namespace of wallets' stream ids (UUIDv5 of ``user:<id>``)."""
+TopUpSource = Annotated[str, Field(pattern=TOPUP_SOURCE_PATTERN)]
+Reference = Annotated[str, Field(pattern=r"^[\x20-\x7e]{1,128}$")]
+Balance = Annotated[int, Field(ge=0, strict=True)]
+"""A wallet's balance after a movement: never below zero."""
+
+
+def wallet_stream_id(user_id: str) -> uuid.UUID:
+    """The id of a user's wallet stream: the same for the same user everywhere (its Kafka key
+    and outbox rows), and never a payment's (UUIDv5, where payments are UUIDv7)."""
+    return uuid.uuid5(WALLET_NAMESPACE, user_account(user_id))
+
+
+class _WalletEnvelope(_Frozen):
+    event_id: uuid.UUID
+    schema_version: int = Field(SCHEMA_VERSION, ge=2)
+    user_id: UserId
+    version: int = Field(ge=1)
+    """Position of this movement in the wallet's stream: 1, 2, 3, ... without gaps."""
+    occurred_at: AwareDatetime
+    recorded_at: AwareDatetime
+    postings: tuple[Posting, ...] | None = Field(
+        None, min_length=2, exclude_if=lambda value: value is None
+    )
+
+
+class TopUpReceivedPayload(_Frozen):
+    top_up_id: uuid.UUID
+    amount: Amount
+    currency: CurrencyCode
+    source: TopUpSource
+    """Where the money came from: ``bank``, ``card``, ``convenience_store``, ..."""
+    reference: Reference | None = None
+    balance_after: Balance
+
+
+class TopUpReceived(_WalletEnvelope):
+    """Money into a wallet from outside: the only wallet movement that posts itself
+    (``world:topup:<source>`` -> ``user:<id>``)."""
+
+    event_type: Literal["TopUpReceived"] = "TopUpReceived"
+    payload: TopUpReceivedPayload
+
+    @model_validator(mode="after")
+    def _posts_from_its_source_to_the_wallet(self) -> Self:
+        p = self.payload
+        expected = transfer(topup_account(p.source), user_account(self.user_id), p.amount)
+        if self.schema_version <= SCHEMA_VERSION and self.postings != expected:
+            raise ValueError(f"a top-up posts {expected}, not {self.postings}")
+        return self
+
+
+class WalletDebitedPayload(_Frozen):
+    payment_id: uuid.UUID
+    merchant_id: MerchantId
+    amount: Amount
+    currency: CurrencyCode
+    balance_after: Balance
+
+
+class WalletCreditedPayload(_Frozen):
+    payment_id: uuid.UUID
+    refund_id: uuid.UUID
+    merchant_id: MerchantId
+    amount: Amount
+    currency: CurrencyCode
+    balance_after: Balance
+
+
+class _WalletSideOfAPayment(_WalletEnvelope):
+    @model_validator(mode="after")
+    def _posts_nothing_itself(self) -> Self:
+        # The payment's (or refund's) own event carries the postings: posting them here too
+        # would count the movement twice in the trial balance.
+        if self.postings is not None:
+            raise ValueError(f"{type(self).__name__} carries no postings; its payment does")
+        return self
+
+
+class WalletDebited(_WalletSideOfAPayment):
+    """A balance payment, as its wallet sees it: the amount out and the balance left."""
+
+    event_type: Literal["WalletDebited"] = "WalletDebited"
+    payload: WalletDebitedPayload
+
+
+class WalletCredited(_WalletSideOfAPayment):
+    """A refund of a balance payment, as its wallet sees it: the amount back."""
+
+    event_type: Literal["WalletCredited"] = "WalletCredited"
+    payload: WalletCreditedPayload
+
+
+WalletEvent = Annotated[
+    TopUpReceived | WalletDebited | WalletCredited, Field(discriminator="event_type")
+]
+WALLET_EVENT_TYPES: tuple[str, ...] = ("TopUpReceived", "WalletDebited", "WalletCredited")
+
+_wallet_event_adapter: TypeAdapter[TopUpReceived | WalletDebited | WalletCredited] = TypeAdapter(
+    WalletEvent
+)
+
+
+def parse_wallet_event(raw: bytes | str) -> TopUpReceived | WalletDebited | WalletCredited:
+    """Parse a wallet event from its JSON form (raises ``pydantic.ValidationError``)."""
+    return _wallet_event_adapter.validate_json(raw)
+
+
+def wallet_event_to_json(event: TopUpReceived | WalletDebited | WalletCredited) -> bytes:
+    return event.model_dump_json().encode()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from kessai.errors import ApiError
+from kessai.events import TopUpReceived, WalletCredited, WalletDebited
 from kessai.ledger import InvariantViolation
 
 MovementKind = Literal["top_up", "payment", "refund"]
@@ -155,3 +156,22 @@ def credit(wallet: Wallet, amount: int, currency: str) -> Movement:
             f"a refund in {currency} to wallet {wallet.user_id} holding {wallet.currency}"
         )
     return _movement(wallet, "refund", amount, currency)
+
+
+def movement_of(event: TopUpReceived | WalletDebited | WalletCredited) -> Movement:
+    """The movement a stored wallet event records (its stream's fold is ``fold_wallet``)."""
+    p = event.payload
+    if isinstance(event, TopUpReceived):
+        kind: MovementKind = "top_up"
+        amount = p.amount
+    elif isinstance(event, WalletDebited):
+        kind, amount = "payment", -p.amount
+    else:
+        kind, amount = "refund", p.amount
+    return Movement(
+        kind=kind,
+        version=event.version,
+        amount=amount,
+        currency=p.currency,
+        balance_after=p.balance_after,
+    )
