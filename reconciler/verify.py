@@ -85,6 +85,13 @@ async def verify(
             for f in repaired.findings
             if f.kind in PAYMENT_KINDS and not f.repaired and f.merchant_id
         }
+    # Payments found wrong and not repaired (all of them in a dry run): their latest events
+    # cannot be told applied or not, so the buckets holding them are not judged.
+    suspects = {
+        f.payment_id
+        for f in repaired.findings
+        if f.kind in PAYMENT_KINDS and not f.repaired and f.payment_id is not None
+    }
     extra, left = _days_to_check(scope, repaired, start)
     ctx.checkpoint()
     found = await asyncio.to_thread(
@@ -100,6 +107,7 @@ async def verify(
         extra_days=extra,
         extra_windows=totals.day_windows(extra, start.zones, start.fallback, slack=EXTRA_SLACK),
         touched_merchants=set(repaired.touched),
+        suspects=suspects,
     )
     return found + totals.unverified(scope, left)
 
@@ -131,6 +139,7 @@ def check_totals(
     extra_days: dict[str, set[date]],
     extra_windows: list[tuple[datetime, datetime]],
     touched_merchants: set[str],
+    suspects: set[uuid.UUID],
 ) -> list[Finding]:
     """The totals of every bucket ``scope`` covers against the events they count. ``expected``:
     the scope's events before the ``cut``; the few after it are read under the projector's
@@ -157,6 +166,7 @@ def check_totals(
         skip_repair=skip,
         also=extra_days,
         touched_merchants=touched_merchants,
+        suspects=suspects,
     )
     with ctx.read.connect() as rconn, ctx.write.connect() as wconn:
         singles = sums.events_one_by_one(wconn, since=cut, payment_ids=in_flight)

@@ -46,7 +46,9 @@ def test_the_reconciler_bench_runs_on_sqlite_and_cleans_up(tmp_path: Path) -> No
     for name in ("incremental", "full audit"):
         assert figures[name]["findings"] == {}, figures[name]
         assert figures[name]["payments_checked"] == report["data"]["payments"]
-    assert figures["incremental, drift, --dry-run"]["findings"]["missing"] == 50
+    drift = figures["incremental, drift, --dry-run"]["findings"]
+    assert drift["missing"] == 50
+    assert set(drift) <= {"missing", "totals_unverified"}, drift  # right totals never "wrong"
     for f in report["figures"]:
         assert f["seconds"] > 0, f
         assert f["events_per_second"] > 0, f
