@@ -276,7 +276,6 @@ class WalletCredited(_WalletSideOfAPayment):
 WalletEvent = Annotated[
     TopUpReceived | WalletDebited | WalletCredited, Field(discriminator="event_type")
 ]
-WALLET_EVENT_TYPES: tuple[str, ...] = ("TopUpReceived", "WalletDebited", "WalletCredited")
 
 _wallet_event_adapter: TypeAdapter[TopUpReceived | WalletDebited | WalletCredited] = TypeAdapter(
     WalletEvent

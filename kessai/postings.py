@@ -47,10 +47,6 @@ TOPUP_SOURCE_PATTERN = r"^[a-z0-9_]{1,32}$"
 
 WORLD_ACQUIRER = "world:acquirer"
 """Card payments: the money the acquirer collects from the card holder."""
-WORLD_BANK = "world:bank"
-"""Payouts: the merchant's bank account."""
-WORLD_FEES = "world:fees"
-"""Fees kessai keeps."""
 
 
 def _not_zero(amount: int) -> int:
@@ -80,10 +76,6 @@ def user_account(user_id: str) -> str:
 
 def merchant_account(merchant_id: str) -> str:
     return f"merchant:{merchant_id}"
-
-
-def campaign_account(campaign_id: str) -> str:
-    return f"campaign:{campaign_id}"
 
 
 def topup_account(source: str) -> str:
