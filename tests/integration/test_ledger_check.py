@@ -5,41 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import sqlalchemy as sa
-
+from command_service import handlers
 from kessai.db import create_db_engine
-from kessai.events import PaymentCaptured, PaymentRefunded, event_to_json
+from kessai.events import PaymentCaptured, PaymentRefunded
 from kessai.postings import Posting, capture_postings, refund_postings
 from migrations import upgrade
 from tests.ledger_check import ledger_problems
 from tests.unit.test_postings import captured, refunded
 
-ROW = ("payment_id", "version", "event_id", "event_type", "schema_version", "merchant_id")
-
 
 def store(tmp_path: Path, *stored: PaymentCaptured | PaymentRefunded) -> str:
+    """A write store holding ``stored``, appended as the command API appends (its own SQL)."""
     url = f"sqlite:///{tmp_path / 'write.db'}"
     upgrade("write", url)
     engine = create_db_engine(url, pool_size=1)
     with engine.begin() as conn:
-        for event in stored:
-            conn.execute(
-                sa.text(
-                    "INSERT INTO events (payment_id, version, event_id, event_type, "
-                    "schema_version, merchant_id, amount, currency, occurred_at, recorded_at, "
-                    "body) VALUES (:payment_id, :version, :event_id, :event_type, "
-                    ":schema_version, :merchant_id, :amount, :currency, :at, :at, :body)"
-                ),
-                {
-                    **{name: getattr(event, name) for name in ROW},
-                    "payment_id": event.payment_id.bytes,
-                    "event_id": event.event_id.bytes,
-                    "amount": event.payload.amount,
-                    "currency": event.payload.currency,
-                    "at": "2026-12-02 09:00:00.000000",
-                    "body": event_to_json(event).decode(),
-                },
-            )
+        handlers.append_events(conn, list(stored), shards=1)
     engine.dispose()
     return url
 
