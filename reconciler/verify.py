@@ -77,21 +77,12 @@ async def verify(
         expected = await summing
     else:
         expected = await asyncio.to_thread(sum_scope, ctx, lower, start)
+    still_wrong = [f for f in repaired.findings if f.kind in PAYMENT_KINDS and not f.repaired]
     # Merchants with payments still wrong are only reported: their rows are not all applied.
-    skip: set[str] = set()
-    if not dry_run:
-        skip = {
-            f.merchant_id
-            for f in repaired.findings
-            if f.kind in PAYMENT_KINDS and not f.repaired and f.merchant_id
-        }
-    # Payments found wrong and not repaired (all of them in a dry run): their latest events
-    # cannot be told applied or not, so the buckets holding them are not judged.
-    suspects = {
-        f.payment_id
-        for f in repaired.findings
-        if f.kind in PAYMENT_KINDS and not f.repaired and f.payment_id is not None
-    }
+    skip = set() if dry_run else {f.merchant_id for f in still_wrong if f.merchant_id}
+    # Those payments (all of them in a dry run): their latest events cannot be told applied or
+    # not, so the buckets holding them are not judged.
+    suspects = {f.payment_id for f in still_wrong if f.payment_id is not None}
     extra, left = _days_to_check(scope, repaired, start)
     ctx.checkpoint()
     found = await asyncio.to_thread(
