@@ -1,23 +1,27 @@
 """The write path after the route: decide each write command, and record it in one transaction.
 
 A route builds a ``WriteCommand`` (``capture_command`` and ``decline_command`` in
-``routes/payments.py``, ``refund_command`` in ``routes/refunds.py``): the normalized request
-and a pure ``decide`` step. It hands the command to ``Recorder.record``, which gathers the
-commands of concurrent requests into batches (group commit, with
+``routes/payments.py``, ``refund_command`` in ``routes/refunds.py``, ``top_up_command`` in
+``routes/top_ups.py``): the normalized request and a pure ``decide`` step, given the state of
+the payment and of the wallet it touches. It hands the command to ``Recorder.record``, which
+gathers the commands of concurrent requests into batches (group commit, with
 ``command_service/batching.py``), or records one alone (``record_alone``: a batch of one, run
 again from the top on a write conflict) when group commit is off or its batch failed as a
 whole.
 
-This module owns the transaction and holds its SQL (at the end). ``commit_batch`` is the only
-transaction script of the write path: every payment and refund is recorded there (events,
-outbox rows and idempotency records, all or nothing; ``engine.begin()``), and nothing else in
-the command API begins or commits one. A refused command writes nothing, its key included.
+This module owns the transaction; its SQL is in ``command_service/store.py``.
+``commit_batch`` is the only transaction script of the write path: every payment, refund and
+top-up is recorded there (events of payments and of wallets, outbox rows and idempotency
+records, all or nothing; ``engine.begin()``), and nothing else in the command API begins or
+commits one. A refused command writes nothing, its key included.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Callable, Collection, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -31,18 +35,29 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 
 from command_service.batching import GroupCommitter
-from command_service.outbox import shard_of
+from command_service.store import (
+    Event,
+    IdempotencyRecord,
+    PaymentEvent,
+    Scope,
+    append_events,
+    delete_idempotency_many,
+    get_idempotency,
+    get_idempotency_many,
+    is_write_conflict,
+    load_events_of_payments,
+    load_wallets,
+    save_idempotency_many,
+)
 from kessai.clock import utcnow
 from kessai.errors import ApiError
-from kessai.events import PaymentCaptured, PaymentRefunded, event_to_json, parse_event
+from kessai.events import PaymentCaptured, PaymentRefunded
 from kessai.ids import new_id
 from kessai.ledger import PaymentState, apply, fold
-from kessai.schema.write import events, idempotency_keys, outbox
 from kessai.settings import Settings
+from kessai.wallets import Wallet, apply_movement, movement_of
 
-Event = PaymentCaptured | PaymentRefunded
-Scope = tuple[str, str]
-"""(API key id, Idempotency-Key): idempotency keys are scoped per API client."""
+__all__ = ["Event", "append_events", "is_write_conflict", "load_events_of_payments"]
 Clock = Callable[[], datetime]
 IdSource = Callable[[], uuid.UUID]
 Hook = Callable[[sa.Connection], None]
@@ -73,9 +88,23 @@ Decision = tuple[int, dict[str, Any], list[Event]]
 
 
 class Decide(Protocol):
-    def __call__(self, state: PaymentState | None, /, *, clock: Clock, ids: IdSource) -> Decision:
-        """The answer to the command given its payment's folded state, or ``ApiError``."""
+    def __call__(
+        self,
+        state: PaymentState | None,
+        wallet: Wallet | None,
+        /,
+        *,
+        clock: Clock,
+        ids: IdSource,
+    ) -> Decision:
+        """The answer to the command given its payment's folded state and the wallet it
+        touches (``None`` if none), or ``ApiError``."""
         ...
+
+
+def no_wallet(_state: PaymentState | None) -> str | None:
+    """A command that touches no wallet (a card payment, a refund of one)."""
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +113,8 @@ class WriteCommand:
 
     ``decide`` touches no database and reads the time and new ids only from ``clock`` and
     ``ids``: given the folded state of ``payment_id`` (``None`` for a new payment, or a refund
-    of a payment that does not exist), it returns the answer and the events to append, or
+    of a payment that does not exist) and the wallet of the user ``wallet_of(state)`` names
+    (its running balance in the batch), it returns the answer and the events to append, or
     raises ``ApiError`` for a refusal."""
 
     policy: WritePolicy
@@ -92,6 +122,8 @@ class WriteCommand:
     request_json: str
     payment_id: uuid.UUID | None
     decide: Decide
+    wallet_of: Callable[[PaymentState | None], str | None] = no_wallet
+    """The user whose wallet the command moves money in, given its payment's state."""
 
     @property
     def scope(self) -> Scope:
@@ -156,23 +188,42 @@ class BatchDecision:
     records: list[dict[str, object]] = field(default_factory=list)
 
 
+def payment_states(
+    commands: Sequence[WriteCommand], histories: Mapping[uuid.UUID, list[PaymentEvent]]
+) -> dict[uuid.UUID, PaymentState | None]:
+    """The folded state of every payment ``commands`` refund."""
+    return {
+        payment_id: fold(histories.get(payment_id, []))
+        for payment_id in {c.payment_id for c in commands if c.payment_id is not None}
+    }
+
+
+def wallets_touched(
+    commands: Sequence[WriteCommand], states: Mapping[uuid.UUID, PaymentState | None]
+) -> set[str]:
+    return {
+        user_id
+        for c in commands
+        if (user_id := c.wallet_of(None if c.payment_id is None else states[c.payment_id]))
+    }
+
+
 def decide_batch(
     commands: Sequence[WriteCommand],
     records: Mapping[Scope, IdempotencyRecord],
-    histories: Mapping[uuid.UUID, list[Event]],
+    states: dict[uuid.UUID, PaymentState | None],
+    wallets: dict[str, Wallet],
     *,
     now: datetime,
     clock: Clock,
     ids: IdSource,
 ) -> BatchDecision:
     """Decide ``commands`` in order, in memory, each exactly as it would be alone: a replay,
-    ``422 idempotency_key_reused``, a capture, or a refund checked against the running fold of
-    its payment (two refunds of one payment get versions n+1 and n+2, and the second is checked
-    against what the first left). New events come out in (payment, version) order."""
-    states = {
-        payment_id: fold(histories.get(payment_id, []))
-        for payment_id in {c.payment_id for c in commands if c.payment_id is not None}
-    }
+    ``422 idempotency_key_reused``, a capture, a top-up, or a refund, each checked against
+    the running fold of its payment and the running balance of its wallet (two refunds of one
+    payment get versions n+1 and n+2, two payments from one wallet its versions m+1 and m+2,
+    and the second is checked against what the first left). ``states`` and ``wallets`` are
+    advanced in place. New events come out in (stream, version) order."""
     decided = BatchDecision(results=[None] * len(commands))
     seen: set[Scope] = set()
     for index, command in enumerate(commands):
@@ -182,19 +233,23 @@ def decide_batch(
         seen.add(scope)
         record = records.get(scope)
         state = None if command.payment_id is None else states[command.payment_id]
+        user_id = command.wallet_of(state)
         try:
             replayed = recorded_answer(record, command, now)
             if replayed is not None:
                 decided.results[index] = replayed
                 continue
-            status, body, events = command.decide(state, clock=clock, ids=ids)
+            wallet = None if user_id is None else wallets[user_id]
+            status, body, events = command.decide(state, wallet, clock=clock, ids=ids)
         except ApiError as exc:
             decided.results[index] = exc
             continue
-        if command.payment_id is not None:
-            for event in events:
+        for event in events:
+            if isinstance(event, PaymentCaptured | PaymentRefunded):
                 state = apply(state, event)
-            states[command.payment_id] = state
+                states[event.payment_id] = state
+            else:
+                wallets[event.user_id] = apply_movement(wallets[event.user_id], movement_of(event))
         if record is not None:
             decided.expired.append(scope)
         body_json = orjson.dumps(body).decode()
@@ -211,7 +266,6 @@ def decide_batch(
             }
         )
         decided.results[index] = Outcome(status, body_json.encode(), False)
-    decided.events.sort(key=lambda e: (e.payment_id, e.version))
     return decided
 
 
@@ -227,22 +281,25 @@ def commit_batch(
     result per command, in order (see ``BatchDecision.results``).
 
     1. one read of the idempotency records of every command, one primary-key read of the events
-       of every payment being refunded;
+       of every payment being refunded, one read of the newest movement of every wallet the
+       commands touch (a balance payment's, a top-up's, a refund of a balance payment's);
     2. ``decide_batch``;
     3. the new events, their outbox rows and the idempotency records as multi-row INSERTs in
        primary-key order (two writers inserting overlapping keys in different orders deadlock on
        MariaDB); commit.
 
-    Raises if the transaction fails as a whole: nothing is then recorded (a version or key that
-    another transaction committed meanwhile is ``is_write_conflict``).
+    Raises if the transaction fails as a whole: nothing is then recorded (a payment's or a
+    wallet's version, or a key, that another transaction committed meanwhile is
+    ``is_write_conflict``).
     ``before_write`` runs inside the transaction after the decisions and before the inserts
     (tests use it to play a concurrent writer)."""
     now = clock()
     with engine.begin() as conn:
         records = get_idempotency_many(conn, {c.scope for c in commands})
         refunded = {c.payment_id for c in commands if c.payment_id is not None}
-        histories = load_events_of_payments(conn, refunded)
-        decided = decide_batch(commands, records, histories, now=now, clock=clock, ids=ids)
+        states = payment_states(commands, load_events_of_payments(conn, refunded))
+        wallets = load_wallets(conn, wallets_touched(commands, states))
+        decided = decide_batch(commands, records, states, wallets, now=now, clock=clock, ids=ids)
         if before_write is not None:
             before_write(conn)
         delete_idempotency_many(conn, decided.expired)
@@ -267,7 +324,7 @@ def record_alone(engine: Engine, command: WriteCommand) -> Outcome:
         raise ApiError(
             409,
             "concurrent_modification",
-            "The payment changed concurrently too many times; retry the request.",
+            "The payment or wallet changed concurrently too many times; retry the request.",
             {"attempts": command.policy.max_attempts},
         ) from exc
     if isinstance(result, Outcome):
@@ -301,6 +358,10 @@ class Recorder:
         self.committer: GroupCommitter[WriteCommand, Result] | None = None
         self.before_write: Hook | None = None
         """Passed to ``commit_batch`` for group commits (tests play a concurrent writer)."""
+        self._wallet_writers: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        """Per wallet, the lock its commands recorded alone take in turn (while any holds it)."""
 
     @classmethod
     def start(
@@ -340,136 +401,14 @@ class Recorder:
                 raise result
             if result is not None:
                 return result
-        return await in_worker(self.limiter, lambda: record_alone(self.engine, command))
-
-
-# -- the SQL of the write store: nothing here begins or commits -------------------------------
-
-_MYSQL_RETRYABLE = {1205, 1213}  # lock wait timeout, deadlock
-
-
-def is_write_conflict(exc: BaseException) -> bool:
-    """A failure that another transaction caused and a fresh attempt can resolve."""
-    if isinstance(exc, sa.exc.IntegrityError):
-        return True
-    if isinstance(exc, sa.exc.OperationalError):
-        orig = exc.orig
-        code = orig.args[0] if orig is not None and orig.args else None
-        return code in _MYSQL_RETRYABLE or "database is locked" in str(orig)
-    return False
-
-
-def load_events_of_payments(
-    conn: sa.Connection, payment_ids: Collection[uuid.UUID]
-) -> dict[uuid.UUID, list[Event]]:
-    """The events of several payments, each in version order, in one primary-key read."""
-    found: dict[uuid.UUID, list[Event]] = {}
-    if not payment_ids:
-        return found
-    rows = conn.execute(
-        sa.select(events.c.payment_id, events.c.body)
-        .where(events.c.payment_id.in_(sorted(payment_ids)))
-        .order_by(events.c.payment_id, events.c.version)
-    )
-    for payment_id, body in rows:
-        found.setdefault(payment_id, []).append(parse_event(body))
-    return found
-
-
-def append_events(conn: sa.Connection, new_events: Sequence[Event], *, shards: int) -> None:
-    """Append events and their outbox rows. A duplicate (payment_id, version) raises
-    ``IntegrityError``: that is the optimistic-concurrency check."""
-    if not new_events:  # a recorded answer without events (a declined card payment)
-        return
-    event_rows = []
-    outbox_rows = []
-    for event in new_events:
-        row = {
-            "payment_id": event.payment_id,
-            "version": event.version,
-            "event_id": event.event_id,
-            "event_type": event.event_type,
-            "schema_version": event.schema_version,
-            "body": event_to_json(event).decode(),
-        }
-        event_rows.append(
-            {
-                **row,
-                "merchant_id": event.merchant_id,
-                "amount": event.payload.amount,
-                "currency": event.payload.currency,
-                "occurred_at": event.occurred_at,
-                "recorded_at": event.recorded_at,
-            }
-        )
-        outbox_rows.append(
-            {
-                **row,
-                "shard": shard_of(event.payment_id, shards),
-                "created_at": event.recorded_at,
-            }
-        )
-    conn.execute(events.insert(), event_rows)
-    conn.execute(outbox.insert(), outbox_rows)
-
-
-@dataclass(frozen=True, slots=True)
-class IdempotencyRecord:
-    request: str
-    response_status: int
-    response_body: str
-    expires_at: datetime
-
-
-_RECORD_COLUMNS = (
-    idempotency_keys.c.request,
-    idempotency_keys.c.response_status,
-    idempotency_keys.c.response_body,
-    idempotency_keys.c.expires_at,
-)
-
-
-def _scope_in(scopes: Collection[Scope]) -> sa.ColumnElement[bool]:
-    """(client_id, idempotency_key) among ``scopes``, in primary-key order."""
-    return sa.tuple_(idempotency_keys.c.client_id, idempotency_keys.c.idempotency_key).in_(
-        sorted(scopes)
-    )
-
-
-def get_idempotency(conn: sa.Connection, client_id: str, key: str) -> IdempotencyRecord | None:
-    row = conn.execute(
-        sa.select(*_RECORD_COLUMNS).where(
-            idempotency_keys.c.client_id == client_id,
-            idempotency_keys.c.idempotency_key == key,
-        )
-    ).first()
-    return None if row is None else IdempotencyRecord(*row)
-
-
-def get_idempotency_many(
-    conn: sa.Connection, scopes: Collection[Scope]
-) -> dict[Scope, IdempotencyRecord]:
-    """The records of several (client_id, idempotency_key) pairs, in one primary-key read."""
-    if not scopes:
-        return {}
-    rows = conn.execute(
-        sa.select(
-            idempotency_keys.c.client_id, idempotency_keys.c.idempotency_key, *_RECORD_COLUMNS
-        ).where(_scope_in(scopes))
-    )
-    return {(row[0], row[1]): IdempotencyRecord(*row[2:]) for row in rows}
-
-
-def delete_idempotency_many(conn: sa.Connection, scopes: Collection[Scope]) -> None:
-    if scopes:
-        conn.execute(idempotency_keys.delete().where(_scope_in(scopes)))
-
-
-def save_idempotency_many(conn: sa.Connection, records: Sequence[dict[str, Any]]) -> None:
-    """Insert idempotency records (rows of ``idempotency_keys``) in one multi-row INSERT, in
-    primary-key order. A key that another transaction holds raises ``IntegrityError``."""
-    if records:
-        conn.execute(
-            idempotency_keys.insert(),
-            sorted(records, key=lambda r: (r["client_id"], r["idempotency_key"])),
-        )
+        # Commands of one wallet recorded alone take turns within this process: racing each
+        # other for the wallet's next version, 200 payments from one wallet at once would run
+        # out of attempts (409) where a batch decides them all. Other processes still race.
+        user_id = command.wallet_of(None)
+        if user_id is None:
+            return await in_worker(self.limiter, lambda: record_alone(self.engine, command))
+        lock = self._wallet_writers.get(user_id)
+        if lock is None:
+            lock = self._wallet_writers[user_id] = asyncio.Lock()
+        async with lock:
+            return await in_worker(self.limiter, lambda: record_alone(self.engine, command))

@@ -7,7 +7,15 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, WithJsonSchema, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    WithJsonSchema,
+    field_validator,
+)
 
 from kessai.events import MerchantId, PaymentMethod, UserId
 from kessai.money import CURRENCY_EXPONENTS, MAX_AMOUNT, is_known_currency
@@ -50,6 +58,24 @@ _METADATA_SCHEMA = {
 }
 
 
+def _known_currency(value: str) -> str:
+    if not is_known_currency(value):
+        raise ValueError("must be an active ISO 4217 currency code in upper case, e.g. JPY")
+    return value
+
+
+Currency = Annotated[
+    str,
+    Field(
+        description="Active ISO 4217 code, upper case; the amount is in its minor unit.",
+        json_schema_extra={"enum": _CURRENCY_CODES},
+    ),
+    AfterValidator(_known_currency),
+]
+
+TopUpSource = Literal["bank", "card", "convenience_store"]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
@@ -62,11 +88,7 @@ class CreatePayment(_Request):
     amount: RequestAmount = Field(
         description="Integer amount in minor units, 1 to 10^12." + _INTEGER_AS_WRITTEN
     )
-    currency: str = Field(
-        "JPY",
-        description="Active ISO 4217 code, upper case; the amount is in its minor unit.",
-        json_schema_extra={"enum": _CURRENCY_CODES},
-    )
+    currency: Currency = "JPY"
     method: PaymentMethod
     store_id: Annotated[str, Field(min_length=1, max_length=64, pattern=PrintableText)] | None = (
         None
@@ -81,13 +103,6 @@ class CreatePayment(_Request):
         ],
         WithJsonSchema(_METADATA_SCHEMA),
     ] = Field(default_factory=dict)
-
-    @field_validator("currency")
-    @classmethod
-    def _known_currency(cls, value: str) -> str:
-        if not is_known_currency(value):
-            raise ValueError("must be an active ISO 4217 currency code in upper case, e.g. JPY")
-        return value
 
     @field_validator("metadata")
     @classmethod
@@ -108,6 +123,19 @@ class CreateRefund(_Request):
         + _INTEGER_AS_WRITTEN
     )
     reason: Annotated[str, Field(min_length=1, max_length=500, pattern=PrintableText)] | None = None
+
+
+class CreateTopUp(_Request):
+    """Put money into a user's wallet from outside kessai."""
+
+    amount: RequestAmount = Field(
+        description="Integer amount in minor units, 1 to 10^12." + _INTEGER_AS_WRITTEN
+    )
+    currency: Currency = "JPY"
+    source: TopUpSource = Field(description="Where the money comes from.")
+    reference: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[ -~]+$")] | None = (
+        Field(None, description="The source's own reference (printable ASCII), e.g. a bank's.")
+    )
 
 
 class PaymentOut(BaseModel):
@@ -135,4 +163,16 @@ class RefundOut(BaseModel):
     status: Literal["partially_refunded", "refunded"]
     reason: str | None
     version: int
+    created_at: datetime
+
+
+class TopUpOut(BaseModel):
+    top_up_id: uuid.UUID
+    user_id: str
+    amount: int
+    currency: str
+    source: TopUpSource
+    reference: str | None
+    balance: int = Field(description="The wallet's balance after this top-up.")
+    version: int = Field(description="The wallet's version after this top-up (1 for its first).")
     created_at: datetime

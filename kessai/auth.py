@@ -46,6 +46,7 @@ from kessai.errors import ApiError, error_response
 from kessai.schema.keys import api_keys
 
 PAYMENTS_WRITE = "payments:write"
+WALLETS_WRITE = "wallets:write"
 USERS_READ = "users:read"
 ADMIN = "admin"
 _MERCHANT_SCOPE = re.compile(r"merchant:([A-Za-z0-9_-]{1,64}):read")
@@ -61,10 +62,12 @@ def merchant_scope(merchant_id: str) -> str:
 
 def check_scope(scope: str) -> str:
     """``scope`` if it is one kessai knows, else ValueError naming the valid forms."""
-    if scope in (PAYMENTS_WRITE, USERS_READ, ADMIN) or _MERCHANT_SCOPE.fullmatch(scope):
+    if scope in (PAYMENTS_WRITE, WALLETS_WRITE, USERS_READ, ADMIN) or _MERCHANT_SCOPE.fullmatch(
+        scope
+    ):
         return scope
     raise ValueError(
-        f"unknown scope {scope!r}: use payments:write, merchant:<merchant_id>:read "
+        f"unknown scope {scope!r}: use payments:write, wallets:write, merchant:<merchant_id>:read "
         "(merchant id: 1-64 of A-Z a-z 0-9 _ -), users:read or admin"
     )
 

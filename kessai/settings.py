@@ -69,7 +69,17 @@ class Settings(BaseSettings):
         16 * 1024, ge=1024, description="Requests whose headers add up to more get 431."
     )
     refund_max_attempts: int = Field(
-        30, ge=1, description="Optimistic-concurrency attempts before a refund gives up (409)."
+        30,
+        ge=1,
+        description="Optimistic-concurrency attempts before a write that lost a race to the "
+        "same payment or wallet gives up (409 concurrent_modification).",
+    )
+    wallet_max_balance: int = Field(
+        1_000_000,
+        ge=1,
+        le=10**12,
+        description="The most a wallet may hold, in minor units of its currency (default "
+        "1,000,000 JPY): a top-up past it is 409 balance_limit_exceeded; refunds may pass it.",
     )
     group_commit: bool = Field(
         True,

@@ -150,8 +150,11 @@ def debit(wallet: Wallet, amount: int, currency: str) -> Movement:
 
 def credit(wallet: Wallet, amount: int, currency: str) -> Movement:
     """Put ``amount`` (> 0) back for a refund of a payment from this wallet. Never refused: a
-    refund in another currency than the wallet's is a ledger bug (``InvariantViolation``)."""
-    if wallet.currency != currency:
+    refund in another currency than the wallet's is a ledger bug (``InvariantViolation``).
+    The wallet may be empty: a balance payment recorded before wallets were (schema version
+    1) debited none, and its refund is the wallet's first movement, in the payment's
+    currency."""
+    if wallet.currency is not None and wallet.currency != currency:
         raise InvariantViolation(
             f"a refund in {currency} to wallet {wallet.user_id} holding {wallet.currency}"
         )

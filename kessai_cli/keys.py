@@ -35,8 +35,8 @@ def keys_create(
         list[str],
         typer.Option(
             "--scope",
-            help="payments:write, merchant:<merchant_id>:read, users:read or admin; repeat "
-            "for several.",
+            help="payments:write, wallets:write, merchant:<merchant_id>:read, users:read or "
+            "admin; repeat for several.",
         ),
     ],
     name: Annotated[str, typer.Option(help="What the key is for (at most 100 characters).")] = "",

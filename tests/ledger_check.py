@@ -1,19 +1,23 @@
 """The trial balance of a test's write store, checked when the test ends (``write_db_url``):
 every event's postings balance, and an event that carries postings carries the ones its payload
-(and, for a refund, its payment) say. So every test that writes money enforces the ledger."""
+(and, for a refund, its payment) say; each wallet's chain of ``balance_after`` adds up and never
+goes below zero, and ends where the postings to its account (since wallets exist) add up to. So
+every test that writes money enforces the ledger."""
 
 from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 
 import sqlalchemy as sa
 
 from kessai.db import create_db_engine
-from kessai.events import parse_event
+from kessai.events import TopUpReceived, parse_event, parse_wallet_event
 from kessai.ledger import PaymentState, apply, derived_postings, postings_of
-from kessai.postings import imbalance
-from kessai.schema.write import events
+from kessai.postings import Posting, imbalance, kind_of
+from kessai.schema.write import events, wallet_events
+from kessai.wallets import Wallet, apply_movement, movement_of
 
 
 def ledger_problems(url: str) -> list[str]:
@@ -28,10 +32,32 @@ def ledger_problems(url: str) -> list[str]:
                     events.c.payment_id, events.c.version
                 )
             ).all()
+            movements = conn.execute(
+                sa.select(wallet_events.c.user_id, wallet_events.c.body).order_by(
+                    wallet_events.c.user_id, wallet_events.c.version
+                )
+            ).all()
     finally:
         engine.dispose()
     problems: list[str] = []
     total: dict[str, int] = defaultdict(int)
+    posted_to_wallets: dict[str, int] = defaultdict(int)
+    wallets: dict[str, Wallet] = {}
+    for user_id, body in movements:
+        movement = parse_wallet_event(body)
+        wallet = wallets.get(user_id, Wallet.empty(user_id))
+        try:
+            wallets[user_id] = apply_movement(wallet, movement_of(movement))
+        except ValueError as broken:
+            problems.append(str(broken))
+            continue
+        if isinstance(movement, TopUpReceived) and movement.postings is not None:
+            if imbalance(movement.postings) != 0:
+                problems.append(
+                    f"{movement.event_id}: postings sum to {imbalance(movement.postings)}"
+                )
+            total[movement.payload.currency] += imbalance(movement.postings)
+            _add_wallet_postings(posted_to_wallets, movement.postings)
     state: dict[uuid.UUID, PaymentState | None] = {}
     for payment_id, body in rows:
         try:
@@ -49,5 +75,17 @@ def ledger_problems(url: str) -> list[str]:
                 f"its payload says {derived_postings(event, before)}"
             )
         total[event.payload.currency] += imbalance(postings)
+        if event.postings is not None:  # written since wallets exist: its wallet moved too
+            _add_wallet_postings(posted_to_wallets, event.postings)
     problems += [f"trial balance in {c}: {s}, not 0" for c, s in total.items() if s != 0]
+    for user_id, posted in posted_to_wallets.items():
+        held = wallets.get(user_id, Wallet.empty(user_id)).balance
+        if posted != held:
+            problems.append(f"wallet {user_id} holds {held}; its postings add up to {posted}")
     return problems
+
+
+def _add_wallet_postings(posted: dict[str, int], postings: Iterable[Posting]) -> None:
+    for posting in postings:
+        if kind_of(posting.account) == "user":
+            posted[posting.account.partition(":")[2]] += posting.amount

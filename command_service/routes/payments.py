@@ -47,16 +47,25 @@ from command_service.routes.dependencies import (
 from command_service.schemas import CreatePayment, PaymentOut
 from kessai.auth import PAYMENTS_WRITE, needs
 from kessai.errors import ApiError, ErrorOut
-from kessai.events import PaymentCaptured, PaymentCapturedPayload
+from kessai.events import (
+    PaymentCaptured,
+    PaymentCapturedPayload,
+    WalletDebited,
+    WalletDebitedPayload,
+)
 from kessai.ledger import PaymentState
 from kessai.postings import capture_postings
+from kessai.wallets import Wallet, debit
 
 router = APIRouter()
 
 _CARD_ERRORS: dict[int | str, dict[str, object]] = {
     402: {
         "model": ErrorOut,
-        "description": "`card_declined`: the acquirer declined the card; nothing was captured. "
+        "description": "`insufficient_balance` (balance payments): the wallet does not cover "
+        "the amount; `details` {`balance`, `requested`, `shortfall`, `currency`}. Nothing is "
+        "written, the key included: top up and retry with the same key. "
+        "`card_declined`: the acquirer declined the card; nothing was captured. "
         "Recorded: the same key and body get the same answer.",
     },
     503: {
@@ -83,6 +92,10 @@ async def create_payment(
 ) -> Response:
     """Record a captured payment. Repeating the request with the same Idempotency-Key and
     body returns the original response with `Idempotent-Replayed: true`.
+
+    A `balance` payment is taken from the user's wallet in the same transaction: a balance
+    that does not cover it is 402 `insufficient_balance` (with the numbers in `details`), a
+    wallet in another currency 422 `currency_mismatch`; neither writes anything.
 
     A `card` payment is first authorized with the card acquirer: a decline is
     402 `card_declined` (recorded and replayed like any answer); no answer is
@@ -179,9 +192,14 @@ def capture_command(
     """A captured payment: one ``PaymentCaptured`` event, version 1, carrying the
     acquirer's ``authorization_id`` for a card payment that was authorized, and its postings:
     the payment's amount from the user's wallet (``balance``) or the acquirer (``card``) to the
-    merchant."""
+    merchant. A balance payment also debits the wallet (``WalletDebited``, at the wallet's next
+    version), if its balance covers the amount."""
 
-    def decide(_state: PaymentState | None, *, clock: Clock, ids: IdSource) -> Decision:
+    def decide(
+        _state: PaymentState | None, wallet: Wallet | None, *, clock: Clock, ids: IdSource
+    ) -> Decision:
+        # Refused before anything is built: a payment the balance cannot cover writes nothing.
+        taken = None if wallet is None else debit(wallet, command.amount, command.currency)
         now = clock()
         event = PaymentCaptured(
             event_id=ids(),
@@ -220,10 +238,29 @@ def capture_command(
             version=1,
             created_at=now,
         ).model_dump(mode="json")
-        return 201, body, [event]
+        if taken is None:
+            return 201, body, [event]
+        debited = WalletDebited(
+            event_id=ids(),
+            user_id=command.user_id,
+            version=taken.version,
+            occurred_at=now,
+            recorded_at=now,
+            payload=WalletDebitedPayload(
+                payment_id=event.payment_id,
+                merchant_id=command.merchant_id,
+                amount=command.amount,
+                currency=command.currency,
+                balance_after=taken.balance_after,
+            ),
+        )
+        return 201, body, [event, debited]
 
     request = _payment_request(command, device_id)
-    return WriteCommand(policy, request, canonical(request), None, decide)
+    payer = command.user_id if command.method == "balance" else None
+    return WriteCommand(
+        policy, request, canonical(request), None, decide, wallet_of=lambda _state: payer
+    )
 
 
 def decline_command(
@@ -239,7 +276,9 @@ def decline_command(
         }
     }
 
-    def decide(_state: PaymentState | None, *, clock: Clock, ids: IdSource) -> Decision:
+    def decide(
+        _state: PaymentState | None, _wallet: Wallet | None, *, clock: Clock, ids: IdSource
+    ) -> Decision:
         return 402, body, []
 
     request = _payment_request(command, device_id)

@@ -33,9 +33,15 @@ from command_service.routes.dependencies import (
 from command_service.schemas import CreateRefund, RefundOut
 from kessai.auth import PAYMENTS_WRITE, needs
 from kessai.errors import ApiError, ErrorOut
-from kessai.events import PaymentRefunded, PaymentRefundedPayload
+from kessai.events import (
+    PaymentRefunded,
+    PaymentRefundedPayload,
+    WalletCredited,
+    WalletCreditedPayload,
+)
 from kessai.ledger import PaymentState
 from kessai.postings import refund_postings
+from kessai.wallets import Wallet, credit
 
 router = APIRouter()
 
@@ -62,7 +68,8 @@ async def create_refund(
 ) -> Response:
     """Refund `amount` of the payment. The total refunded never exceeds the captured amount,
     even under concurrent refunds: a refund that would is refused with
-    409 `refund_exceeds_captured`."""
+    409 `refund_exceeds_captured`. A refund of a `balance` payment puts the amount back in the
+    user's wallet in the same transaction (its balance limit does not refuse a refund)."""
     key = parse_idempotency_key(request.headers.get("idempotency-key"))
     policy = write_policy(request, resources, key)
     return await record(
@@ -74,14 +81,17 @@ def refund_command(
     *, policy: WritePolicy, payment_id: uuid.UUID, command: CreateRefund
 ) -> WriteCommand:
     """Refund part of a payment: one ``PaymentRefunded`` event at the next version of the
-    payment's folded state; 404 without a payment, 409 beyond what is left to refund."""
+    payment's folded state, and for a balance payment a ``WalletCredited`` at the next version
+    of the payer's wallet; 404 without a payment, 409 beyond what is left to refund."""
     request = {
         "operation": "refund_payment",
         "payment_id": str(payment_id),
         **command.model_dump(mode="json"),
     }
 
-    def decide(state: PaymentState | None, *, clock: Clock, ids: IdSource) -> Decision:
+    def decide(
+        state: PaymentState | None, wallet: Wallet | None, *, clock: Clock, ids: IdSource
+    ) -> Decision:
         if state is None:
             raise ApiError(
                 404,
@@ -133,6 +143,36 @@ def refund_command(
             version=event.version,
             created_at=now,
         ).model_dump(mode="json")
-        return 201, body, [event]
+        if wallet is None:
+            return 201, body, [event]
+        return 201, body, [event, _credited(wallet, state, event, ids)]
 
-    return WriteCommand(policy, request, canonical(request), payment_id, decide)
+    return WriteCommand(policy, request, canonical(request), payment_id, decide, wallet_of=_payer)
+
+
+def _credited(
+    wallet: Wallet, state: PaymentState, refund: PaymentRefunded, ids: IdSource
+) -> WalletCredited:
+    """The wallet's side of a refund of a balance payment: the amount back."""
+    p = refund.payload
+    returned = credit(wallet, p.amount, p.currency)
+    return WalletCredited(
+        event_id=ids(),
+        user_id=state.user_id,
+        version=returned.version,
+        occurred_at=refund.occurred_at,
+        recorded_at=refund.recorded_at,
+        payload=WalletCreditedPayload(
+            payment_id=refund.payment_id,
+            refund_id=p.refund_id,
+            merchant_id=refund.merchant_id,
+            amount=p.amount,
+            currency=p.currency,
+            balance_after=returned.balance_after,
+        ),
+    )
+
+
+def _payer(state: PaymentState | None) -> str | None:
+    """The wallet a refund puts money back in: its payment's payer's, for a balance payment."""
+    return state.user_id if state is not None and state.method == "balance" else None

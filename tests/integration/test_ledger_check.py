@@ -7,14 +7,75 @@ from pathlib import Path
 
 from command_service import handlers
 from kessai.db import create_db_engine
-from kessai.events import PaymentCaptured, PaymentRefunded
-from kessai.postings import Posting, capture_postings, refund_postings
+from kessai.events import (
+    TopUpReceived,
+    TopUpReceivedPayload,
+    WalletCredited,
+    WalletCreditedPayload,
+    WalletDebited,
+    WalletDebitedPayload,
+)
+from kessai.ids import new_id
+from kessai.postings import Posting, capture_postings, refund_postings, transfer
 from migrations import upgrade
 from tests.ledger_check import ledger_problems
-from tests.unit.test_postings import captured, refunded
+from tests.unit.test_postings import PAYMENT_ID, T0, captured, refunded
 
 
-def store(tmp_path: Path, *stored: PaymentCaptured | PaymentRefunded) -> str:
+def topped_up(amount: int, balance_after: int, version: int = 1) -> TopUpReceived:
+    return TopUpReceived(
+        event_id=new_id(),
+        user_id="u1",
+        version=version,
+        occurred_at=T0,
+        recorded_at=T0,
+        postings=transfer("world:topup:bank", "user:u1", amount),
+        payload=TopUpReceivedPayload(
+            top_up_id=new_id(),
+            amount=amount,
+            currency="JPY",
+            source="bank",
+            balance_after=balance_after,
+        ),
+    )
+
+
+def debited(amount: int, balance_after: int, version: int) -> WalletDebited:
+    return WalletDebited(
+        event_id=new_id(),
+        user_id="u1",
+        version=version,
+        occurred_at=T0,
+        recorded_at=T0,
+        payload=WalletDebitedPayload(
+            payment_id=PAYMENT_ID,
+            merchant_id="shop-1",
+            amount=amount,
+            currency="JPY",
+            balance_after=balance_after,
+        ),
+    )
+
+
+def credited(amount: int, balance_after: int, version: int) -> WalletCredited:
+    return WalletCredited(
+        event_id=new_id(),
+        user_id="u1",
+        version=version,
+        occurred_at=T0,
+        recorded_at=T0,
+        payload=WalletCreditedPayload(
+            payment_id=PAYMENT_ID,
+            refund_id=new_id(),
+            merchant_id="shop-1",
+            amount=amount,
+            currency="JPY",
+            balance_after=balance_after,
+        ),
+    )
+
+
+def store(tmp_path: Path, *stored: handlers.Event) -> str:
     """A write store holding ``stored``, appended as the command API appends (its own SQL)."""
     url = f"sqlite:///{tmp_path / 'write.db'}"
     upgrade("write", url)
@@ -28,11 +89,34 @@ def store(tmp_path: Path, *stored: PaymentCaptured | PaymentRefunded) -> str:
 def test_right_postings_and_postings_derived_from_old_events_pass(tmp_path: Path) -> None:
     url = store(
         tmp_path,
+        topped_up(1_500, 1_500),
         captured("balance", postings=capture_postings("balance", "u1", "shop-1", 1_000)),
+        debited(1_000, 500, version=2),
         refunded(200, 200, postings=refund_postings("balance", "u1", "shop-1", 200)),
+        credited(200, 700, version=3),
         refunded(300, 500, version=3),  # stored before postings existed: derived
     )
     assert ledger_problems(url) == []
+
+
+def test_a_balance_payment_whose_wallet_was_not_debited_is_found(tmp_path: Path) -> None:
+    url = store(
+        tmp_path,
+        topped_up(1_500, 1_500),
+        captured("balance", postings=capture_postings("balance", "u1", "shop-1", 1_000)),
+    )
+    (problem,) = ledger_problems(url)
+    assert problem == "wallet u1 holds 1500; its postings add up to 500"
+
+
+def test_a_wallet_chain_that_does_not_add_up_is_found(tmp_path: Path) -> None:
+    url = store(
+        tmp_path,
+        topped_up(1_500, 1_500),
+        captured("balance", postings=capture_postings("balance", "u1", "shop-1", 1_000)),
+        debited(1_000, 600, version=2),  # 1,500 - 1,000 is 500
+    )
+    assert ledger_problems(url)[0] == "wallet u1: 1500 -1000 is not 600"
 
 
 def test_balanced_postings_that_move_the_wrong_money_are_found(tmp_path: Path) -> None:

@@ -210,7 +210,7 @@ def _decide(state: PaymentState, amount: int) -> PaymentRefunded | None:
     )
     try:
         _status, _body, events = command.decide(
-            state, clock=lambda: T0 + timedelta(minutes=1), ids=new_id
+            state, None, clock=lambda: T0 + timedelta(minutes=1), ids=new_id
         )
     except ApiError as refused:
         if refused.code != "refund_exceeds_captured":

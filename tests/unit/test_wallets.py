@@ -137,3 +137,14 @@ def test_whatever_is_asked_the_wallet_never_goes_below_zero_and_is_the_fold(
     assert refusals <= {"insufficient_balance", "balance_limit_exceeded"}
     assert fold_wallet("u1", accepted) == wallet
     assert wallet.balance == sum(m.amount for m in accepted)
+
+
+def test_a_refund_of_a_payment_from_before_wallets_opens_the_wallet_in_its_currency() -> None:
+    """A balance payment recorded before wallets existed debited no wallet: its refund is the
+    wallet's first movement, and fixes its currency."""
+    movement = credit(Wallet.empty("u1"), 700, "USD")
+    wallet = apply_movement(Wallet.empty("u1"), movement)
+    assert (wallet.currency, wallet.balance, wallet.version) == ("USD", 700, 1)
+    with pytest.raises(ApiError) as refused:
+        debit(wallet, 100, "JPY")
+    assert refused.value.code == "currency_mismatch"
