@@ -7,6 +7,7 @@ Every index serves a named query of the query service and nothing else:
 - ``ix_payments_merchant_id_created_at_payment_id``: a merchant's payments, newest first
   (list, CSV), keyset-paged on ``(created_at, payment_id)``;
 - ``ix_payments_user_id_created_at_payment_id``: a user's own history;
+- ``wallet_movements``' primary key ``(user_id, version)``: a user's statement, newest first;
 - the totals' primary keys: a merchant's summary over a range of days or hours.
 """
 
@@ -89,6 +90,47 @@ merchants = sa.Table(
     metadata,
     sa.Column("merchant_id", ascii_id(64), primary_key=True),
     sa.Column("time_zone", sa.String(64), nullable=False),
+)
+
+# -- wallets ---------------------------------------------------------------------------------
+# A user's wallet as its stream (kessai/events.py, the wallet events) left it: the balance of
+# its newest movement, and every movement for the statement. Written by the projector only.
+
+wallets = sa.Table(
+    "wallets",
+    metadata,
+    sa.Column("user_id", ascii_id(64), primary_key=True),
+    # wallet_stream_id(user_id): the wallet's Kafka key, by which a batch finds the rows of the
+    # wallets its records touch (and their parked events and dead letters) without parsing.
+    sa.Column("stream_id", BinaryUUID(), nullable=False, unique=True),
+    sa.Column("currency", sa.String(3), nullable=False),
+    # Money in minor units of `currency`: the balance after the newest movement, never < 0.
+    sa.Column("balance", sa.BigInteger, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    # When the newest movement happened.
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+wallet_movements = sa.Table(
+    "wallet_movements",
+    metadata,
+    sa.Column("user_id", ascii_id(64), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("event_id", BinaryUUID(), nullable=False, unique=True),
+    # "top_up", "payment" or "refund" (kessai.wallets.MovementKind).
+    sa.Column("kind", sa.String(16), nullable=False),
+    # Signed, in minor units: positive into the wallet (top-up, refund), negative out of it.
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("balance_after", sa.BigInteger, nullable=False),
+    # What the movement belongs to: a payment (and its refund) at a merchant, or a top-up.
+    sa.Column("payment_id", BinaryUUID(), nullable=True),
+    sa.Column("refund_id", BinaryUUID(), nullable=True),
+    sa.Column("top_up_id", BinaryUUID(), nullable=True),
+    sa.Column("merchant_id", ascii_id(64), nullable=True),
+    sa.Column("source", sa.String(32), nullable=True),
+    sa.Column("reference", sa.String(128), nullable=True),
+    sa.Column("recorded_at", UTCDateTime(), nullable=False),
 )
 
 projector_offsets = sa.Table(
