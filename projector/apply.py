@@ -1,13 +1,17 @@
 """What a batch of consumed records does to the read model, computed without I/O.
 
-Given the current read-side state of the payments a batch touches (their rows, parked events
-and open dead letters), ``apply_batch`` decides for each record, in offset order:
+A record is an event of a stream: a payment's (keyed by its ``payment_id``) or a wallet's (keyed
+by ``wallet_stream_id(user_id)``, a UUIDv5, never a payment's id). Both follow the same rules,
+by stream id and version. Given the current read-side state of the streams a batch touches
+(their rows, parked events and open dead letters), ``apply_batch`` decides for each record, in
+offset order:
 
 - version at or below the stored one: a duplicate, nothing changes;
-- exactly the next version: applied through the ledger fold (``kessai.ledger.apply``), then
-  any parked successors are applied in turn;
+- exactly the next version: applied through the ledger fold (``kessai.ledger.apply``; for a
+  wallet ``kessai.wallets.apply_movement``, ``projector.wallet_rows``), then any parked
+  successors are applied in turn;
 - more than one ahead: parked as a ``gap`` until its predecessor arrives (exact, no timeout);
-- a payment with an open dead letter at version d: versions after d are parked as
+- a stream with an open dead letter at version d: versions after d are parked as
   ``blocked``; a valid event for version d itself supersedes the dead letter;
 - undecodable, unknown type, newer schema, or breaking a ledger invariant: a dead letter.
 
@@ -22,15 +26,45 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
+from typing import Annotated
 from zoneinfo import ZoneInfo
 
 import orjson
-from pydantic import ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
-from kessai.events import SCHEMA_VERSION, PaymentCaptured, PaymentRefunded, parse_event
+from kessai.events import (
+    SCHEMA_VERSION,
+    PaymentCaptured,
+    PaymentRefunded,
+    TopUpReceived,
+    WalletCredited,
+    WalletDebited,
+    wallet_stream_id,
+)
 from kessai.ledger import InvariantViolation, PaymentState, apply
+from projector.wallet_rows import MovementRow, WalletRow, apply_wallet_event
 
-Event = PaymentCaptured | PaymentRefunded
+PaymentEvent = PaymentCaptured | PaymentRefunded
+WalletEvent = TopUpReceived | WalletDebited | WalletCredited
+Event = PaymentEvent | WalletEvent
+
+# Every event the topic carries, told apart by ``event_type`` (the classes of kessai.events).
+_event_adapter: TypeAdapter[Event] = TypeAdapter(
+    Annotated[Event, Field(discriminator="event_type")]
+)
+
+
+def parse_any_event(raw: bytes | str) -> Event:
+    """A payment's or a wallet's event from its JSON form (raises ``ValidationError``)."""
+    return _event_adapter.validate_json(raw)
+
+
+def stream_of(event: Event) -> uuid.UUID:
+    """The id of the event's stream: its Kafka key, and the key of its parked events and dead
+    letters (their ``payment_id`` column holds a wallet's stream id for a wallet's events)."""
+    if isinstance(event, PaymentCaptured | PaymentRefunded):
+        return event.payment_id
+    return wallet_stream_id(event.user_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +92,7 @@ class PaymentRow:
 @dataclass(frozen=True, slots=True)
 class Parked:
     payment_id: uuid.UUID
+    """The stream's id: the payment's, or the wallet's (``stream_of``)."""
     version: int
     reason: str
     body: str
@@ -103,11 +138,13 @@ class TotalsDelta:
 
 @dataclass(slots=True)
 class Snapshot:
-    """Read-side state of the payments a batch touches, loaded inside the batch transaction."""
+    """Read-side state of the streams a batch touches, loaded inside the batch transaction."""
 
     payments: dict[uuid.UUID, PaymentRow] = field(default_factory=dict)
+    # By stream id (``wallet_stream_id(user_id)``).
+    wallets: dict[uuid.UUID, WalletRow] = field(default_factory=dict)
     parked: dict[tuple[uuid.UUID, int], Parked] = field(default_factory=dict)
-    # payment_id -> versions of its open dead letters.
+    # stream id -> versions of its open dead letters.
     dead_lettered: dict[uuid.UUID, set[int]] = field(default_factory=dict)
 
 
@@ -117,10 +154,13 @@ class Changes:
     refunds: list[RefundRow] = field(default_factory=list)
     daily: dict[tuple[str, date, str], TotalsDelta] = field(default_factory=dict)
     hourly: dict[tuple[str, datetime, str], TotalsDelta] = field(default_factory=dict)
+    # By stream id; and the statement lines the batch adds.
+    wallets: dict[uuid.UUID, WalletRow] = field(default_factory=dict)
+    movements: list[MovementRow] = field(default_factory=list)
     parked: dict[tuple[uuid.UUID, int], Parked] = field(default_factory=dict)
     unparked: set[tuple[uuid.UUID, int]] = field(default_factory=set)
     dead_letters: list[DeadLetter] = field(default_factory=list)
-    # Dead letters superseded by a valid event of the same version: (payment_id, version).
+    # Dead letters superseded by a valid event of the same version: (stream id, version).
     resolved: set[tuple[uuid.UUID, int]] = field(default_factory=set)
     applied: int = 0
     duplicates: int = 0
@@ -146,7 +186,7 @@ def _raw_version(value: bytes | None) -> int | None:
 
 def decode(record: Record, key_id: uuid.UUID | None = None) -> Event | DeadLetter:
     """The record's event, or the dead letter saying why it cannot be one. ``key_id``: the
-    record key's payment id, when the caller decoded it already."""
+    record key's stream id, when the caller decoded it already."""
     if key_id is None:
         key_id = decode_payment_id(record.key)
     headers = dict(record.headers)
@@ -156,7 +196,7 @@ def decode(record: Record, key_id: uuid.UUID | None = None) -> Event | DeadLette
         reason = f"schema_version {int(declared)} is newer than {SCHEMA_VERSION}, the newest known"
     else:
         try:
-            event = parse_event(record.value or b"")
+            event = parse_any_event(record.value or b"")
         except ValidationError as exc:
             errors = exc.errors()
             if errors:
@@ -165,8 +205,12 @@ def decode(record: Record, key_id: uuid.UUID | None = None) -> Event | DeadLette
             else:
                 reason = f"undecodable event: {exc}"[:1000]
         else:
-            if key_id is not None and key_id != event.payment_id:
-                reason = "record key does not match the event's payment_id"
+            if key_id is not None and key_id != stream_of(event):
+                reason = (
+                    "record key does not match the event's payment_id"
+                    if isinstance(event, PaymentCaptured | PaymentRefunded)
+                    else "record key is not the wallet stream of the event's user_id"
+                )
             elif event.schema_version > SCHEMA_VERSION:
                 reason = f"schema_version {event.schema_version} is newer than {SCHEMA_VERSION}"
             else:
@@ -190,18 +234,22 @@ class DecodedBatch:
 
     records: list[Record]
     decoded: list[Event | DeadLetter]
-    payment_ids: set[uuid.UUID]
-    """The payments the batch may touch (by record key): the snapshot to load."""
+    stream_ids: set[uuid.UUID]
+    """The payments and wallets the batch may touch (by record key, else by event): the
+    snapshot to load."""
 
 
 def decode_batch(records: Iterable[Record]) -> DecodedBatch:
     listed = list(records)
     keys = [decode_payment_id(r.key) for r in listed]
-    return DecodedBatch(
-        records=listed,
-        decoded=[decode(r, key) for r, key in zip(listed, keys, strict=True)],
-        payment_ids={key for key in keys if key is not None},
+    decoded = [decode(r, key) for r, key in zip(listed, keys, strict=True)]
+    stream_ids = {key for key in keys if key is not None}
+    stream_ids.update(
+        stream_of(event)
+        for key, event in zip(keys, decoded, strict=True)
+        if key is None and not isinstance(event, DeadLetter)
     )
+    return DecodedBatch(records=listed, decoded=decoded, stream_ids=stream_ids)
 
 
 ZoneLookup = Callable[[str], ZoneInfo]
@@ -213,6 +261,7 @@ class _Batch:
         self.zone_of = zone_of
         self.changes = Changes()
         self.rows = dict(snapshot.payments)
+        self.wallets = dict(snapshot.wallets)
         self.parked = dict(snapshot.parked)
         self.dead_lettered = {pid: set(vs) for pid, vs in snapshot.dead_lettered.items()}
 
@@ -220,9 +269,12 @@ class _Batch:
         versions = self.dead_lettered.get(payment_id)
         return min(versions) if versions else None
 
-    def version_of(self, payment_id: uuid.UUID) -> int:
-        row = self.rows.get(payment_id)
-        return row.state.version if row is not None else 0
+    def version_of(self, stream_id: uuid.UUID) -> int:
+        row = self.rows.get(stream_id)
+        if row is not None:
+            return row.state.version
+        wallet = self.wallets.get(stream_id)
+        return wallet.wallet.version if wallet is not None else 0
 
     def handle(self, record: Record, decoded: Event | DeadLetter) -> None:
         if isinstance(decoded, DeadLetter):
@@ -233,7 +285,7 @@ class _Batch:
             event.recorded_at,
             self.changes.last_event_at.get(record.partition, event.recorded_at),
         )
-        pid = event.payment_id
+        pid = stream_of(event)
         current = self.version_of(pid)
         if event.version <= current:
             self.changes.duplicates += 1
@@ -253,24 +305,14 @@ class _Batch:
         self.drain(pid)
 
     def apply(self, event: Event, record: Record | Parked) -> bool:
+        if not isinstance(event, PaymentCaptured | PaymentRefunded):
+            return self.apply_wallet(event, record)
         pid = event.payment_id
         row = self.rows.get(pid)
         try:
             state = apply(row.state if row is not None else None, event)
         except InvariantViolation as exc:
-            self.dead_letter(
-                DeadLetter(
-                    payment_id=pid,
-                    version=event.version,
-                    topic=record.topic,
-                    partition=record.partition,
-                    offset=record.offset,
-                    raw_key=str(pid).encode(),
-                    raw_value=event.model_dump_json().encode(),
-                    headers="{}",
-                    reason=f"ledger invariant broken: {exc}"[:1000],
-                )
-            )
+            self.invariant_broken(event, record, exc)
             return False
         zone = self.zone_of(event.merchant_id)
         local = event.occurred_at.astimezone(zone)
@@ -315,6 +357,37 @@ class _Batch:
         self.changes.applied += 1
         return True
 
+    def apply_wallet(self, event: WalletEvent, record: Record | Parked) -> bool:
+        """A wallet's movement: its balance and its statement line. Merchant totals are not
+        touched: the payment's (or refund's) own event counts there."""
+        sid = stream_of(event)
+        try:
+            wallet, movement = apply_wallet_event(self.wallets.get(sid), event)
+        except InvariantViolation as exc:
+            self.invariant_broken(event, record, exc)
+            return False
+        self.wallets[sid] = wallet
+        self.changes.wallets[sid] = wallet
+        self.changes.movements.append(movement)
+        self.changes.applied += 1
+        return True
+
+    def invariant_broken(self, event: Event, record: Record | Parked, exc: Exception) -> None:
+        sid = stream_of(event)
+        self.dead_letter(
+            DeadLetter(
+                payment_id=sid,
+                version=event.version,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                raw_key=str(sid).encode(),
+                raw_value=event.model_dump_json().encode(),
+                headers="{}",
+                reason=f"ledger invariant broken: {exc}"[:1000],
+            )
+        )
+
     def drain(self, pid: uuid.UUID) -> None:
         """Apply parked successors of ``pid`` for as long as the next version is there."""
         while True:
@@ -329,16 +402,16 @@ class _Batch:
             self.changes.parked.pop(next_key, None)
             if next_key in self.snapshot.parked:
                 self.changes.unparked.add(next_key)
-            event = parse_event(parked.body)
+            event = parse_any_event(parked.body)
             if not self.apply(event, parked):
                 return
 
     def park(self, event: Event, record: Record, reason: str) -> None:
-        key = (event.payment_id, event.version)
+        key = (stream_of(event), event.version)
         if key in self.parked:
             return  # the same version parked twice: a duplicate delivery
         parked = Parked(
-            payment_id=event.payment_id,
+            payment_id=key[0],
             version=event.version,
             reason=reason,
             body=event.model_dump_json(),

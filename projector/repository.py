@@ -22,11 +22,17 @@ from kessai.schema.read import (
     parked_events,
     payments,
     refunds,
+    wallet_movements,
+    wallets,
 )
+from kessai.wallets import Wallet
 from projector.apply import Changes, Parked, PaymentRow, Snapshot, TotalsDelta
+from projector.wallet_rows import WalletRow
 
 T = TypeVar("T")
 CHUNK = 2_000
+WALLET_STREAM_UUID_VERSION = 5
+"""``kessai.events.wallet_stream_id`` is a UUIDv5; payments are UUIDv7."""
 
 
 def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterable[Sequence[T]]:
@@ -34,9 +40,25 @@ def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterable[Sequence[T]]:
         yield items[start : start + size]
 
 
-def load_snapshot(conn: sa.Connection, payment_ids: set[uuid.UUID]) -> Snapshot:
+def load_snapshot(conn: sa.Connection, stream_ids: set[uuid.UUID]) -> Snapshot:
+    """The rows, parked events and open dead letters of the payments and wallets ``stream_ids``
+    name (payment ids and wallet stream ids, which are UUIDv5: only a batch holding some asks
+    for wallets)."""
     snapshot = Snapshot()
-    ids = sorted(payment_ids)
+    ids = sorted(stream_ids)
+    wallet_ids = [i for i in ids if i.version == WALLET_STREAM_UUID_VERSION]
+    for chunk in _chunks(wallet_ids):
+        for row in conn.execute(sa.select(wallets).where(wallets.c.stream_id.in_(chunk))):
+            snapshot.wallets[row.stream_id] = WalletRow(
+                wallet=Wallet(
+                    user_id=row.user_id,
+                    currency=row.currency,
+                    balance=row.balance,
+                    version=row.version,
+                ),
+                stream_id=row.stream_id,
+                updated_at=row.updated_at,
+            )
     for chunk in _chunks(ids):
         for row in conn.execute(sa.select(payments).where(payments.c.payment_id.in_(chunk))):
             snapshot.payments[row.payment_id] = _payment_row(row)
@@ -90,6 +112,8 @@ def merchant_time_zone(conn: sa.Connection, merchant_id: str) -> str | None:
 # Rows are written as tuples in the tables' own column order (``_payment_values``, refunds).
 PAYMENT_COLUMNS = tuple(c.name for c in payments.columns)
 REFUND_COLUMNS = tuple(c.name for c in refunds.columns)
+WALLET_COLUMNS = tuple(c.name for c in wallets.columns)
+MOVEMENT_COLUMNS = tuple(c.name for c in wallet_movements.columns)
 TOTALS = ("payments_count", "payments_amount", "refunds_count", "refunds_amount")
 
 
@@ -97,6 +121,7 @@ def write_changes(conn: sa.Connection, changes: Changes, snapshot: Snapshot, now
     """Write a batch's changes, every multi-row statement sorted by primary key."""
     _write_payments(conn, changes)
     _write_totals(conn, changes)
+    _write_wallets(conn, changes)
     _write_parked(conn, changes, snapshot, now)
     _write_dead_letters(conn, changes, now)
 
@@ -137,6 +162,33 @@ def _write_totals(conn: sa.Connection, changes: Changes) -> None:
         [(*key, *_delta(delta)) for key, delta in sorted(changes.hourly.items())],
         add=TOTALS,
     )
+
+
+def _write_wallets(conn: sa.Connection, changes: Changes) -> None:
+    """Each wallet's new state and its statement lines. A movement is inserted only when its
+    version is applied (the next one), so a replay of an applied version never gets here."""
+    upsert_rows(
+        conn,
+        wallets,
+        WALLET_COLUMNS,
+        sorted(
+            (w.wallet.user_id, w.stream_id, w.wallet.currency, w.wallet.balance,
+             w.wallet.version, w.updated_at)
+            for w in changes.wallets.values()
+        ),
+        replace=("currency", "balance", "version", "updated_at"),
+    )  # fmt: skip
+    upsert_rows(
+        conn,
+        wallet_movements,
+        MOVEMENT_COLUMNS,
+        [
+            (m.user_id, m.version, m.event_id, m.kind, m.amount, m.currency, m.balance_after,
+             m.payment_id, m.refund_id, m.top_up_id, m.merchant_id, m.source, m.reference,
+             m.recorded_at)
+            for m in sorted(changes.movements, key=lambda m: (m.user_id, m.version))
+        ],
+    )  # fmt: skip
 
 
 def _write_parked(conn: sa.Connection, changes: Changes, snapshot: Snapshot, now: datetime) -> None:

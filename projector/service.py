@@ -223,7 +223,7 @@ class Projector:
                 row = stored.get(p)
                 if (row.next_offset if row is not None else None) != position:
                     raise StaleAssignment(p)
-            snapshot = repository.load_snapshot(conn, batch.payment_ids)
+            snapshot = repository.load_snapshot(conn, batch.stream_ids)
             changes = apply_batch(batch, snapshot, lambda m: self._zone(conn, m))
             repository.write_changes(conn, changes, snapshot, now)
             new_offsets = stored_offsets.offsets_after(batch, stored, changes, caught_up, now)

@@ -26,17 +26,11 @@ from command_service import handlers
 from command_service.routes.payments import capture_command
 from command_service.routes.refunds import refund_command
 from command_service.schemas import CreatePayment, CreateRefund
-from kessai.events import (
-    PaymentCaptured,
-    PaymentRefunded,
-    event_to_json,
-    kafka_headers,
-    kafka_key,
-    parse_event,
-)
+from kessai.events import PaymentCaptured, PaymentRefunded, parse_event
 from kessai.ledger import PaymentState, fold
 from kessai.schema.read import merchant_daily_totals, merchant_hourly_totals, payments
 from kessai.schema.write import events
+from tests.wallet_streams import AnyEvent, record_parts
 
 TOKYO = ZoneInfo("Asia/Tokyo")
 Event = PaymentCaptured | PaymentRefunded
@@ -241,19 +235,15 @@ def assert_read_side_matches(write_engine: Engine, read_engine: Engine) -> None:
 async def produce(
     bootstrap: str,
     topic: str,
-    items: Sequence[Event | tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
+    items: Sequence[AnyEvent | tuple[bytes | None, bytes, list[tuple[str, bytes]]]],
 ) -> None:
-    """Put events (or raw (key, value, headers) records) on the topic, in this order."""
+    """Put events (payments' or wallets', as the relay would) or raw (key, value, headers)
+    records on the topic, in this order."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
         for item in items:
-            if isinstance(item, tuple):
-                key, value, headers = item
-            else:
-                key = kafka_key(item.payment_id)
-                value = event_to_json(item)
-                headers = kafka_headers(item.event_type, item.schema_version, item.event_id)
+            key, value, headers = item if isinstance(item, tuple) else record_parts(item)
             await producer.send_and_wait(topic, value, key=key, headers=headers)
     finally:
         await producer.stop()

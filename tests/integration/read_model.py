@@ -26,9 +26,6 @@ from kessai.events import (
     PaymentCapturedPayload,
     PaymentRefunded,
     PaymentRefundedPayload,
-    event_to_json,
-    kafka_headers,
-    kafka_key,
 )
 from kessai.ids import new_id
 from kessai.offsets import OffsetRow, save_offsets
@@ -38,6 +35,7 @@ from migrations import upgrade
 from projector.apply import Changes, Record, apply_batch, decode_batch
 from projector.repository import load_snapshot, write_changes
 from tests.backends import create_mysql_database, drop_mysql_database, server_connection
+from tests.wallet_streams import AnyEvent, record_parts
 
 Event = PaymentCaptured | PaymentRefunded
 _offsets = itertools.count()
@@ -136,15 +134,16 @@ def refunded(
     )
 
 
-def record_of(event: Event, *, topic: str = DEFAULT_TOPIC, partition: int = 0) -> Record:
-    """The Kafka record the relay would publish for ``event``."""
+def record_of(event: AnyEvent, *, topic: str = DEFAULT_TOPIC, partition: int = 0) -> Record:
+    """The Kafka record the relay would publish for ``event`` (a payment's or a wallet's)."""
+    key, value, headers = record_parts(event)
     return Record(
         topic=topic,
         partition=partition,
         offset=next(_offsets),
-        key=kafka_key(event.payment_id),
-        value=event_to_json(event),
-        headers=tuple(kafka_headers(event.event_type, event.schema_version, event.event_id)),
+        key=key,
+        value=value,
+        headers=tuple(headers),
     )
 
 
@@ -153,7 +152,7 @@ def record_of(event: Event, *, topic: str = DEFAULT_TOPIC, partition: int = 0) -
 
 def project(
     engine: Engine,
-    events: Iterable[Event],
+    events: Iterable[AnyEvent],
     *,
     zone: str | Callable[[str], str] = "Asia/Tokyo",
     topic: str = DEFAULT_TOPIC,
@@ -170,7 +169,7 @@ def project(
         return ZoneInfo(zone if isinstance(zone, str) else zone(merchant_id))
 
     with engine.begin() as conn:
-        snapshot = load_snapshot(conn, decode_batch(records).payment_ids)
+        snapshot = load_snapshot(conn, decode_batch(records).stream_ids)
         changes = apply_batch(records, snapshot, zone_of)
         write_changes(conn, changes, snapshot, utcnow())
     assert not changes.dead_letters, changes.dead_letters
