@@ -1,10 +1,13 @@
-"""Opaque keyset cursors: the position of the last row of a page, ``(created_at, payment_id)``.
+"""Opaque keyset cursors: the position of the last row of a page, ``(created_at, payment_id)``
+in a list of payments, the movement's ``version`` in a wallet's statement.
 
-A cursor is base64url (unpadded) of the compact JSON ``[1, <created_at as integer microseconds
-since the Unix epoch, UTC>, "<payment_id as 32 hex digits>"]``; the leading 1 is the format
-version. It holds no filter and no secret: it only says where the previous page stopped, and
-the query that uses it still selects only the caller's merchant (or user). Anything that does
-not decode to exactly that shape is refused with 400 ``invalid_cursor`` before any SQL runs.
+A cursor is base64url (unpadded) of a compact JSON array whose first element, 1, is the format
+version: ``[1, <created_at as integer microseconds since the Unix epoch, UTC>, "<payment_id as
+32 hex digits>"]`` for payments, ``[1, "statement", <version>]`` for a statement. It holds no
+filter and no secret: it only says where the previous page stopped, and the query that uses it
+still selects only the caller's merchant (or user). Anything that does not decode to exactly the
+shape the list takes (a statement's cursor given to a list of payments, say) is refused with
+400 ``invalid_cursor`` before any SQL runs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 
@@ -33,6 +37,8 @@ CURSOR_SCHEMA = {
 }
 """A cursor in the OpenAPI documents: the shape of every cursor this module writes."""
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_STATEMENT = "statement"
+MAX_VERSION = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +50,12 @@ class Position:
     payment_id: uuid.UUID
 
 
-def encode_cursor(position: Position) -> str:
-    micros = (position.created_at.astimezone(UTC) - _EPOCH) // timedelta(microseconds=1)
-    raw = orjson.dumps([CURSOR_VERSION, micros, position.payment_id.hex])
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+def _encode(value: list[Any]) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(value)).rstrip(b"=").decode("ascii")
 
 
-def decode_cursor(token: str) -> Position:
-    """The position ``token`` stands for, or ``ApiError(400, "invalid_cursor")``."""
+def _decode(token: str) -> list[Any]:
+    """The three-element array ``token`` encodes, or ``ApiError(400, "invalid_cursor")``."""
     if not _TOKEN.match(token):
         raise _invalid()
     try:
@@ -61,7 +65,17 @@ def decode_cursor(token: str) -> Position:
         raise _invalid() from None
     if not (isinstance(value, list) and len(value) == 3):
         raise _invalid()
-    version, micros, payment_hex = value
+    return value
+
+
+def encode_cursor(position: Position) -> str:
+    micros = (position.created_at.astimezone(UTC) - _EPOCH) // timedelta(microseconds=1)
+    return _encode([CURSOR_VERSION, micros, position.payment_id.hex])
+
+
+def decode_cursor(token: str) -> Position:
+    """The position ``token`` stands for, or ``ApiError(400, "invalid_cursor")``."""
+    version, micros, payment_hex = _decode(token)
     if (
         type(version) is not int
         or version != CURSOR_VERSION
@@ -78,6 +92,27 @@ def decode_cursor(token: str) -> Position:
     if encode_cursor(position) != token:
         raise _invalid()
     return position
+
+
+def encode_statement_cursor(version: int) -> str:
+    """The cursor of a statement page that ended at the movement ``version``."""
+    return _encode([CURSOR_VERSION, _STATEMENT, version])
+
+
+def decode_statement_cursor(token: str) -> int:
+    """The movement version ``token`` stands for (the next page holds the older ones), or
+    ``ApiError(400, "invalid_cursor")``."""
+    version, kind, movement = _decode(token)
+    if (
+        type(version) is not int
+        or version != CURSOR_VERSION
+        or kind != _STATEMENT
+        or type(movement) is not int
+        or not 1 <= movement <= MAX_VERSION
+        or encode_statement_cursor(movement) != token
+    ):
+        raise _invalid()
+    return movement
 
 
 def _invalid() -> ApiError:

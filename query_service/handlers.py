@@ -91,6 +91,63 @@ def payments_page(
     )
 
 
+def balance(*, engine: Engine, user_id: str) -> dict[str, Any]:
+    """The user's balance; a user nothing has moved money for yet has an empty wallet (balance
+    0, no currency, version 0), never an error: the read side cannot tell a new user from an
+    unknown one, and both hold nothing."""
+    with engine.connect() as conn:
+        row = repository.wallet(conn, user_id)
+    if row is None:
+        return {"user_id": user_id, "balance": 0, "currency": None, "version": 0}
+    return {
+        "user_id": user_id,
+        "balance": row.balance,
+        "currency": row.currency,
+        "version": row.version,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class StatementPage:
+    items: list[dict[str, Any]]
+    next_version: int | None
+    """The version the page ended at, where the next (older) page starts; ``None`` when this
+    page is the last."""
+
+
+def statement_page(
+    *, engine: Engine, user_id: str, limit: int, before_version: int | None
+) -> StatementPage:
+    """One page of the user's wallet movements, newest first (one row more is read to know
+    whether another page follows)."""
+    with engine.connect() as conn:
+        rows = repository.statement_page(
+            conn, user_id, before_version=before_version, limit=limit + 1
+        )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return StatementPage(
+        items=[
+            {
+                "version": r.version,
+                "kind": r.kind,
+                "amount": r.amount,
+                "currency": r.currency,
+                "balance_after": r.balance_after,
+                "payment_id": r.payment_id,
+                "refund_id": r.refund_id,
+                "top_up_id": r.top_up_id,
+                "merchant_id": r.merchant_id,
+                "source": r.source,
+                "reference": r.reference,
+                "recorded_at": r.recorded_at,
+            }
+            for r in rows
+        ],
+        next_version=rows[-1].version if more and rows else None,
+    )
+
+
 def count_matching(*, engine: Engine, where: Sequence[Condition], cap: int) -> int:
     with engine.connect() as conn:
         return repository.count_up_to(conn, where, cap)

@@ -2,7 +2,9 @@
 
 Every list is ordered ``created_at DESC, payment_id DESC`` and paged by keyset on that pair,
 served by ``ix_payments_merchant_id_created_at_payment_id`` (a merchant's payments) or
-``ix_payments_user_id_created_at_payment_id`` (a user's). Nothing here begins or commits: the
+``ix_payments_user_id_created_at_payment_id`` (a user's); a user's statement is ordered
+``version DESC`` and paged on it, within the primary key ``(user_id, version)`` of
+``wallet_movements``. Nothing here begins or commits: the
 handler owns the (read-only) transaction. The summary's SQL is with its route, in
 ``routes/summary.py``.
 """
@@ -23,6 +25,8 @@ from kessai.schema.read import (
     reconciliation_findings,
     reconciliation_runs,
     refunds,
+    wallet_movements,
+    wallets,
 )
 from query_service.cursor import Position
 
@@ -174,6 +178,23 @@ def count_up_to(conn: sa.Connection, where: Sequence[Condition], cap: int) -> in
     """How many payments match, counting no further than ``cap``: the cost stays bounded."""
     matching = sa.select(sa.literal(1)).select_from(payments).where(*where).limit(cap).subquery()
     return int(conn.execute(sa.select(sa.func.count()).select_from(matching)).scalar_one())
+
+
+def wallet(conn: sa.Connection, user_id: str) -> sa.Row[Any] | None:
+    """The user's wallet as the projector last applied it (a primary-key read)."""
+    return conn.execute(sa.select(wallets).where(wallets.c.user_id == user_id)).first()
+
+
+def statement_page(
+    conn: sa.Connection, user_id: str, *, before_version: int | None, limit: int
+) -> Sequence[sa.Row[Any]]:
+    """Up to ``limit`` of the user's wallet movements, newest first, older than
+    ``before_version``: one range scan of the primary key."""
+    m = wallet_movements.c
+    query = sa.select(wallet_movements).where(m.user_id == user_id)
+    if before_version is not None:
+        query = query.where(m.version < before_version)
+    return conn.execute(query.order_by(m.version.desc()).limit(limit)).all()
 
 
 def reconciliation_runs_page(

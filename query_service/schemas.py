@@ -65,6 +65,51 @@ class PaymentPageOut(Freshness):
     )
 
 
+class BalanceOut(Freshness):
+    user_id: str
+    balance: int = Field(
+        description="The wallet's balance in minor units of `currency`; 0 for a user whose "
+        "wallet nothing has moved money in yet."
+    )
+    currency: str | None = Field(
+        description="The wallet's currency, fixed by its first movement; null before it."
+    )
+    version: int = Field(
+        description="How many movements the wallet has had (0: none); its statement's newest "
+        "`version`."
+    )
+
+
+MovementKind = Literal["top_up", "payment", "refund"]
+
+
+class MovementOut(BaseModel):
+    version: int = Field(description="The movement's position in the wallet: 1, 2, 3, ...")
+    kind: MovementKind = Field(
+        description="`top_up`: money in from outside; `payment`: a balance payment; "
+        "`refund`: a refund of one."
+    )
+    amount: int = Field(
+        description="Signed, in minor units: positive into the wallet, negative out of it."
+    )
+    currency: str
+    balance_after: int = Field(description="The balance this movement left.")
+    payment_id: uuid.UUID | None = Field(description="The payment (`payment`, `refund`).")
+    refund_id: uuid.UUID | None = Field(description="The refund (`refund`).")
+    top_up_id: uuid.UUID | None = Field(description="The top-up (`top_up`).")
+    merchant_id: str | None = Field(description="The merchant paid (`payment`, `refund`).")
+    source: str | None = Field(description="Where a top-up's money came from (`top_up`).")
+    reference: str | None = Field(description="The top-up's reference, if it had one.")
+    recorded_at: datetime = Field(description="When the write side recorded it (UTC).")
+
+
+class StatementPageOut(Freshness):
+    items: list[MovementOut] = Field(description="Newest first (by `version`).")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next (older) page; null on the last page."
+    )
+
+
 class TotalsOut(BaseModel):
     payments_count: int
     payments_amount: int

@@ -39,6 +39,8 @@ async def test_every_data_response_says_how_fresh_it_is(
         ("/v1/payments/{payment_id}", f"/v1/payments/{payment.payment_id}"),
         ("/v1/merchants/{merchant_id}/payments", "/v1/merchants/shop-a/payments"),
         ("/v1/users/{user_id}/payments", "/v1/users/user-1/payments"),
+        ("/v1/users/{user_id}/balance", "/v1/users/user-1/balance"),
+        ("/v1/users/{user_id}/statement", "/v1/users/user-1/statement"),
         ("/v1/merchants/{merchant_id}/summary", "/v1/merchants/shop-a/summary"),
         (
             "/v1/merchants/{merchant_id}/summary",

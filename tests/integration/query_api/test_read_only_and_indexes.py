@@ -31,6 +31,7 @@ from tests.integration.read_model import (
     project,
     server_execute,
 )
+from tests.wallet_streams import wallet_history
 
 # -- read only -------------------------------------------------------------------------------
 
@@ -135,11 +136,22 @@ async def test_mysql_queries_use_the_intended_indexes(
         )
         for i in range(4000)
     ]
+    wallet_streams = [
+        wallet_history(f"u-{i:03d}", [("top_up", 10_000), *[("payment", 10)] * 19])
+        for i in range(50)
+    ]
     for engine in read_db_writer(mysql_read_db_url):
         for start in range(0, len(events), 1000):
             project(engine, events[start : start + 1000])
+        project(engine, [e for stream in wallet_streams for e in stream])
         with engine.connect() as conn:
-            for table in ("payments", "merchant_daily_totals", "merchant_hourly_totals"):
+            for table in (
+                "payments",
+                "merchant_daily_totals",
+                "merchant_hourly_totals",
+                "wallets",
+                "wallet_movements",
+            ):
                 conn.exec_driver_sql(f"ANALYZE TABLE {table}").all()
 
     async with running(query_settings(mysql_read_db_url, tmp_path)) as (app, client):
@@ -174,6 +186,11 @@ async def test_mysql_queries_use_the_intended_indexes(
         await client.get(
             "/v1/users/u-042/payments", params={"limit": 5, "cursor": users["next_cursor"]}
         )
+        assert (await client.get("/v1/users/u-042/balance")).json()["version"] == 20
+        lines = (await client.get("/v1/users/u-042/statement", params={"limit": 5})).json()
+        await client.get(
+            "/v1/users/u-042/statement", params={"limit": 5, "cursor": lines["next_cursor"]}
+        )
         log.close()
 
     def explain(statement: str, params: Any) -> list[dict[str, Any]]:
@@ -196,6 +213,8 @@ async def test_mysql_queries_use_the_intended_indexes(
         "user history": "ix_payments_user_id_created_at_payment_id",
         "daily totals": "PRIMARY",
         "hourly totals": "PRIMARY",
+        "balance": "PRIMARY",
+        "statement": "PRIMARY",
     }
     checked: dict[str, int] = dict.fromkeys(expected_keys, 0)
     for statement, params in log.statements:
@@ -207,6 +226,10 @@ async def test_mysql_queries_use_the_intended_indexes(
             kind, table = "merchant list", "payments"
         elif "FROM payments" in statement and "payments.user_id =" in statement:
             kind, table = "user history", "payments"
+        elif "FROM wallets" in statement:
+            kind, table = "balance", "wallets"
+        elif "FROM wallet_movements" in statement:
+            kind, table = "statement", "wallet_movements"
         else:
             continue
         plan = [row for row in explain(statement, params) if row["table"] == table]
@@ -216,5 +239,13 @@ async def test_mysql_queries_use_the_intended_indexes(
             assert row["key"] == expected_keys[kind], (kind, statement, row)
             assert "filesort" not in (row["Extra"] or ""), (kind, statement, row)
         checked[kind] += 1
-    # list: 3 pages + the export's count and chunk; history: 2 pages; one scan per summary.
-    assert checked == {"merchant list": 5, "user history": 3, "daily totals": 1, "hourly totals": 1}
+    # list: 3 pages + the export's count and chunk; history: 2 pages; one scan per summary;
+    # one balance; two statement pages.
+    assert checked == {
+        "merchant list": 5,
+        "user history": 3,
+        "daily totals": 1,
+        "hourly totals": 1,
+        "balance": 1,
+        "statement": 2,
+    }
