@@ -19,10 +19,11 @@ from command_service.app import create_app
 from kessai.auth import PAYMENTS_WRITE
 from kessai.broker import EmbeddedBroker, free_port
 from kessai.db import create_db_engine
+from kessai.money import MAX_AMOUNT
 from kessai.settings import Settings
 from migrations import Tree, upgrade
 from tests import backends
-from tests.helpers import UNBOUNDED_IN_FLIGHT, UNLIMITED, api_key, bearer
+from tests.helpers import PAYER, UNBOUNDED_IN_FLIGHT, UNLIMITED, api_key, bearer, fund
 from tests.ledger_check import ledger_problems
 
 
@@ -132,6 +133,8 @@ def settings(write_db_url: str, kafka_bootstrap: str, topic: str, tmp_path: Path
         rate_limit_reads=UNLIMITED,
         rate_limit_expensive=UNLIMITED,
         overload_max_in_flight=UNBOUNDED_IN_FLIGHT,
+        # Tests top wallets up far past what one should hold: the limit is tested alone.
+        wallet_max_balance=MAX_AMOUNT,
     )
 
 
@@ -158,7 +161,9 @@ def write_engine(settings: Settings) -> Iterator[Engine]:
 @pytest.fixture
 async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The command API in process (real app, real database) behind an HTTP client that sends
-    a key with the ``payments:write`` scope."""
+    a key with the ``payments:write`` scope; ``payment_body``'s payer (``user-1``) starts with
+    a funded wallet (``fund``)."""
+    fund(settings, PAYER)
     app = create_app(settings)
     key = api_key(settings, PAYMENTS_WRITE)
     async with (

@@ -9,7 +9,7 @@ import signal
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,61 @@ def new_key(prefix: str = "key") -> str:
     return f"{prefix}-{uuid.uuid4().hex}-{next(_keys)}"
 
 
+FUNDS = 10**11
+"""What ``fund`` puts in a test's wallet: more than any test pays (the limit is tested alone,
+``tests/integration/test_wallet_payments.py``)."""
+
+
+def fund(
+    target: Settings | Engine, *user_ids: str, amount: int = FUNDS, currency: str = "JPY"
+) -> None:
+    """Top up each user's wallet by ``amount`` through the command API's own write path (a
+    ``top_up_command`` recorded by ``handlers.record_alone``, as the top-ups route records it;
+    no HTTP, so any test can fund the payers of its balance payments, whatever key it holds).
+    A balance payment from a wallet nobody funded is 402 ``insufficient_balance``."""
+    from command_service import handlers
+    from command_service.routes.top_ups import top_up_command
+    from command_service.schemas import CreateTopUp
+
+    if isinstance(target, Settings):
+        engine, shards = (
+            create_db_engine(target.resolved_write_db_url(), pool_size=1),
+            (target.outbox_shards),
+        )
+    else:
+        engine, shards = target, Settings().outbox_shards
+    try:
+        for user_id in user_ids:
+            policy = handlers.WritePolicy(
+                client_id="test-funding",
+                idempotency_key=new_key("fund"),
+                retention=timedelta(hours=1),
+                shards=shards,
+                max_attempts=30,
+            )
+            handlers.record_alone(
+                engine,
+                top_up_command(
+                    policy=policy,
+                    user_id=user_id,
+                    command=CreateTopUp(amount=amount, currency=currency, source="bank"),
+                    limit=10**12,
+                ),
+            )
+    finally:
+        if engine is not target:
+            engine.dispose()
+
+
+PAYER = "user-1"
+"""Who pays in ``payment_body``."""
+
+
 def payment_body(**overrides: Any) -> dict[str, Any]:
+    """A balance payment of 1,000 yen by ``PAYER``: fund the payer's wallet first (``fund``)."""
     body: dict[str, Any] = {
         "merchant_id": "merchant-1",
-        "user_id": "user-1",
+        "user_id": PAYER,
         "amount": 1000,
         "currency": "JPY",
         "method": "balance",

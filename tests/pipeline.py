@@ -30,6 +30,7 @@ from kessai.events import PaymentCaptured, PaymentRefunded, parse_event
 from kessai.ledger import PaymentState, fold
 from kessai.schema.read import merchant_daily_totals, merchant_hourly_totals, payments
 from kessai.schema.write import events
+from tests.helpers import fund
 from tests.wallet_streams import AnyEvent, record_parts
 
 TOKYO = ZoneInfo("Asia/Tokyo")
@@ -87,8 +88,9 @@ def make_traffic(
     seed: int = 7,
 ) -> Traffic:
     """Payments and refunds through the real command handlers, with a skewed merchant mix:
-    merchant m0 takes a third of the traffic. A refunded payment gets a second refund (a
-    version 3) with probability ``second_refund_share``."""
+    merchant m0 takes a third of the traffic; the payers' wallets (u0-u49) are funded first.
+    ``Traffic.events`` counts the payments' events, not the wallets'. A refunded payment gets
+    a second refund (a version 3) with probability ``second_refund_share``."""
     rng = random.Random(seed)
 
     def policy(key: str) -> handlers.WritePolicy:
@@ -100,6 +102,7 @@ def make_traffic(
             max_attempts=30,
         )
 
+    fund(engine, *(f"u{n}" for n in range(50)))
     ids: list[uuid.UUID] = []
     count = 0
     for i in range(payments_count):
