@@ -26,6 +26,7 @@ from reconciler.context import RunContext
 from reconciler.find import compare_payments
 from reconciler.records import Finding
 from reconciler.republish import republisher
+from reconciler.wallets import is_wallet_stream
 
 PAYMENT_KINDS = {"missing", "mismatch", "parked", "dead_letter"}
 
@@ -81,7 +82,13 @@ async def republish(
     """Re-publish the affected payments and wait until the read side matches. Returns the
     findings marked, the payments still wrong, and the re-published events (where the totals
     may move)."""
-    targets = sorted({f.payment_id for f in findings if f.kind in PAYMENT_KINDS and f.payment_id})
+    targets = sorted(
+        {
+            f.payment_id
+            for f in findings
+            if f.kind in PAYMENT_KINDS and f.payment_id and not is_wallet_stream(f.payment_id)
+        }
+    )
     if not targets:
         return findings, set(), []
     size = ctx.settings.reconcile_chunk_size
@@ -103,6 +110,7 @@ async def republish(
             await asyncio.to_thread(delete_read_rows, ctx, reset, events)
         await send(bodies)
     remaining = await _wait_until_right(ctx, known)
+    targets_set = set(targets)
     merchants = await asyncio.to_thread(merchants_of, ctx, sorted(known))
     marked = [
         replace(
@@ -110,7 +118,7 @@ async def republish(
             repaired=f.payment_id in known and f.payment_id not in remaining,
             merchant_id=f.merchant_id or merchants.get(f.payment_id),
         )
-        if f.kind in PAYMENT_KINDS and f.payment_id is not None
+        if f.kind in PAYMENT_KINDS and f.payment_id is not None and f.payment_id in targets_set
         else f
         for f in findings
     ]

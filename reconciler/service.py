@@ -15,7 +15,10 @@ its phases in order, each a function that takes values and returns values:
    has brought them in line; orphan rows are removed;
 3. verify (``reconciler.verify``): the merchant totals of every bucket in scope against the
    events they count, wrong ones rewritten;
-4. record: the outcome, the findings and the run are recorded; the watermark advances only
+4. the ledger (``reconciler.wallets``): the trial balance of the events in scope, each
+   wallet's chain of balances, and the read side's balances (repaired by re-publishing the
+   wallet's movements);
+5. record: the outcome, the findings and the run are recorded; the watermark advances only
    when everything checked is consistent, and never past an event still in the outbox.
 
 No transaction spans two phases: each phase begins its own, and says where.
@@ -44,7 +47,7 @@ from kessai.broker import BrokerUnavailable
 from kessai.clock import utcnow
 from kessai.ids import bound_at_ms, timestamp_ms
 from kessai.settings import Settings
-from reconciler import find, records, repair, verify
+from reconciler import find, records, repair, verify, wallets
 from reconciler.context import ProgressCallback, RunContext
 from reconciler.records import Finding, LockHeld, Scope
 from reconciler.repair import PAYMENT_KINDS
@@ -329,7 +332,10 @@ class Reconciler:
             if summing is not None:
                 with contextlib.suppress(BaseException):
                     await summing
-        result.conclude(repaired.findings + totals_found)
+        ctx.checkpoint()
+        of_wallets = await wallets.check(ctx, lower, repaired.findings, dry_run=result.dry_run)
+        settled = wallets.settle_flagged(repaired.findings, of_wallets)
+        result.conclude(settled + totals_found + of_wallets)
         if repaired.unresolved:
             log.warning("%d payment(s) still differ after repair", len(repaired.unresolved))
 

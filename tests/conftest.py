@@ -74,21 +74,22 @@ def _migrated_database(
         url = f"sqlite:///{tmp_path / f'{tree}.db'}"
         upgrade(tree, url)
         yield url
-        _check_ledger(tree, url)
+        _check_ledger(request, tree, url)
         return
     server = request.getfixturevalue("mysql_server")
     url, name = backends.create_mysql_database(server)
     try:
         upgrade(tree, url)
         yield url
-        _check_ledger(tree, url)
+        _check_ledger(request, tree, url)
     finally:
         backends.drop_mysql_database(server, name)
 
 
-def _check_ledger(tree: Tree, url: str) -> None:
-    """Every test that wrote money leaves a balanced ledger (tests/ledger_check.py)."""
-    if tree == "write":
+def _check_ledger(request: pytest.FixtureRequest, tree: Tree, url: str) -> None:
+    """Every test that wrote money leaves a balanced ledger (tests/ledger_check.py), except
+    one that says it breaks it on purpose (``@pytest.mark.breaks_the_ledger``)."""
+    if tree == "write" and request.node.get_closest_marker("breaks_the_ledger") is None:
         problems = ledger_problems(url)
         assert not problems, "the write store's postings do not balance:\n" + "\n".join(
             problems[:20]
