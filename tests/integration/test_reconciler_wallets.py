@@ -142,7 +142,7 @@ async def test_wrong_and_missing_balances_on_the_read_side_are_found_and_repaire
             )
         dry = await reconciler.run(dry_run=True)
         assert kinds(dry) == {"wallet_balance": 3}, dry.findings
-        by_user = {str((f.details or {})["user_id"]): f.details for f in dry.findings}
+        by_user = {str((f.details or {})["user_id"]): f.details or {} for f in dry.findings}
         assert by_user["u1"] == {
             "user_id": "u1",
             "write_balance": truth["u1"][1],
