@@ -1,5 +1,5 @@
 """What the command API tests share: paths, the error format's check, payments and refunds
-made over HTTP."""
+made over HTTP, and what a test's requests added to the write store."""
 
 from __future__ import annotations
 
@@ -7,11 +7,23 @@ import json
 from typing import Any
 
 import httpx
+from sqlalchemy.engine import Engine
 
-from tests.helpers import new_key, payment_body
+from tests.helpers import count_rows, new_key, payment_body
 
 PAYMENTS = "/v1/payments"
 JSON = {"content-type": "application/json"}
+
+
+def rows_added(engine: Engine, since: dict[str, int]) -> dict[str, int]:
+    """How many rows each write-store table (``count_rows``) gained since the baseline
+    ``since``, a ``count_rows`` taken once the test's payers were funded: a top-up leaves an
+    outbox row and a key of its own, which are not the test's requests' doing.
+
+    An accepted balance payment adds one event, two outbox rows (the payment's, and its
+    wallet's ``WalletDebited``) and one key; so does a refund of one (``WalletCredited``)."""
+    now = count_rows(engine)
+    return {table: now[table] - since[table] for table in now}
 
 
 def json_body(value: Any) -> bytes:

@@ -26,12 +26,15 @@ from sqlalchemy.engine import Engine
 from command_service.app import create_app
 from kessai.auth import PAYMENTS_WRITE
 from kessai.clock import utcnow
-from kessai.schema.write import idempotency_keys
+from kessai.events import wallet_stream_id
+from kessai.schema.write import idempotency_keys, outbox
 from kessai.settings import Settings
 from tests.helpers import (
+    PAYER,
     api_key,
     bearer,
     count_rows,
+    fund,
     new_key,
     payment_body,
     stored_events,
@@ -44,12 +47,18 @@ from tests.integration.command_api import (
     create_payment,
     json_body,
     refund,
+    rows_added,
 )
+
+ONE_PAYMENT = {"events": 1, "outbox": 2, "idempotency_keys": 1}
+"""What an accepted balance payment adds: its event; its outbox row and its wallet's; its key."""
 
 
 @pytest.fixture
 async def app_and_api(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    """Like the ``api`` fixture, with the app itself at hand (its ``state``)."""
+    """Like the ``api`` fixture, with the app itself at hand (its ``state``); ``payment_body``'s
+    payer starts with a funded wallet, as there."""
+    fund(settings, PAYER)
     app = create_app(settings)
     async with (
         app.router.lifespan_context(app),
@@ -65,9 +74,19 @@ async def app_and_api(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.
 # --- capture ---------------------------------------------------------------------------------
 
 
+def queued(engine: Engine) -> set[tuple[uuid.UUID, int, str]]:
+    """(stream id, version, event type) of every row in the outbox."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(outbox.c.payment_id, outbox.c.version, outbox.c.event_type))
+        return {(row[0], row[1], row[2]) for row in rows}
+
+
 async def test_create_payment_records_one_event_one_outbox_row_one_key(
     api: httpx.AsyncClient, write_engine: Engine
 ) -> None:
+    """One event, its outbox row, one key; and its wallet's debit, queued under the wallet's
+    stream at the version after the funding top-up."""
+    funded, funded_queue = count_rows(write_engine), queued(write_engine)
     response = await api.post(
         PAYMENTS,
         json=payment_body(
@@ -96,8 +115,12 @@ async def test_create_payment_records_one_event_one_outbox_row_one_key(
         "created_at": None,
     }
     assert body["created_at"].endswith("Z") or body["created_at"].endswith("+00:00")
-    assert count_rows(write_engine) == {"events": 1, "outbox": 1, "idempotency_keys": 1}
+    assert rows_added(write_engine, funded) == ONE_PAYMENT
     assert stored_events(write_engine) == [(uuid.UUID(body["payment_id"]), 1)]
+    assert queued(write_engine) - funded_queue == {
+        (uuid.UUID(body["payment_id"]), 1, "PaymentCaptured"),
+        (wallet_stream_id(PAYER), 2, "WalletDebited"),
+    }
 
 
 async def test_unicode_metadata_round_trips_and_replays_byte_identical(
@@ -122,6 +145,7 @@ async def test_unicode_metadata_round_trips_and_replays_byte_identical(
 async def test_replay_returns_the_original_response_byte_for_byte(
     api: httpx.AsyncClient, write_engine: Engine
 ) -> None:
+    funded = count_rows(write_engine)
     key = new_key()
     first = await api.post(PAYMENTS, json=payment_body(), headers={"Idempotency-Key": key})
     second = await api.post(PAYMENTS, json=payment_body(), headers={"Idempotency-Key": key})
@@ -131,7 +155,7 @@ async def test_replay_returns_the_original_response_byte_for_byte(
     assert second.status_code == first.status_code
     assert second.content == first.content
     assert second.headers["Idempotent-Replayed"] == "true"
-    assert count_rows(write_engine) == {"events": 1, "outbox": 1, "idempotency_keys": 1}
+    assert rows_added(write_engine, funded) == ONE_PAYMENT
 
 
 async def test_replay_answers_the_original_response_even_after_later_changes(
@@ -235,6 +259,7 @@ async def test_payment_key_reused_for_a_refund_names_the_operation(
 
 
 async def test_keys_are_case_sensitive(api: httpx.AsyncClient, write_engine: Engine) -> None:
+    funded = count_rows(write_engine)
     upper = await api.post(PAYMENTS, json=payment_body(), headers={"Idempotency-Key": "Key-A"})
     lower = await api.post(
         PAYMENTS, json=payment_body(amount=7), headers={"Idempotency-Key": "key-a"}
@@ -244,7 +269,7 @@ async def test_keys_are_case_sensitive(api: httpx.AsyncClient, write_engine: Eng
     assert lower.status_code == 201, lower.text  # not 422 idempotency_key_reused
     assert "Idempotent-Replayed" not in lower.headers
     assert upper.json()["payment_id"] != lower.json()["payment_id"]
-    assert count_rows(write_engine) == {"events": 2, "outbox": 2, "idempotency_keys": 2}
+    assert rows_added(write_engine, funded) == {"events": 2, "outbox": 4, "idempotency_keys": 2}
     # and each still replays its own payment
     again = await api.post(
         PAYMENTS, json=payment_body(amount=7), headers={"Idempotency-Key": "key-a"}
@@ -252,25 +277,30 @@ async def test_keys_are_case_sensitive(api: httpx.AsyncClient, write_engine: Eng
     assert again.content == lower.content
 
 
+def stored_keys(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.execute(sa.select(idempotency_keys.c.idempotency_key)).scalars())
+
+
 async def test_longest_allowed_key_is_stored_and_replayed(
     api: httpx.AsyncClient, write_engine: Engine
 ) -> None:
     key = "K" * 254 + "~"
+    funding_keys = stored_keys(write_engine)
     first = await api.post(PAYMENTS, json=payment_body(), headers={"Idempotency-Key": key})
     again = await api.post(PAYMENTS, json=payment_body(), headers={"Idempotency-Key": key})
 
     assert first.status_code == 201, first.text
     assert again.headers["Idempotent-Replayed"] == "true"
     assert again.content == first.content
-    with write_engine.connect() as conn:
-        stored = conn.execute(sa.select(idempotency_keys.c.idempotency_key)).scalar_one()
-    assert stored == key
+    assert stored_keys(write_engine) - funding_keys == {key}
 
 
 async def test_refused_request_does_not_consume_its_key(
     api: httpx.AsyncClient, write_engine: Engine
 ) -> None:
     """A refusal is not recorded: the same key then works for a valid request."""
+    funded = count_rows(write_engine)
     key = new_key()
     missing = await refund(api, str(uuid.uuid4()), 100, key=key)
     assert_error(missing, 404, "payment_not_found")
@@ -279,10 +309,11 @@ async def test_refused_request_does_not_consume_its_key(
 
     assert created.status_code == 201, created.text
     assert "Idempotent-Replayed" not in created.headers
-    assert count_rows(write_engine) == {"events": 1, "outbox": 1, "idempotency_keys": 1}
+    assert rows_added(write_engine, funded) == ONE_PAYMENT
 
 
 async def test_expired_key_is_forgotten(api: httpx.AsyncClient, write_engine: Engine) -> None:
+    funded = count_rows(write_engine)
     key = new_key()
     first = await create_payment(api, key=key, amount=100)
     still_known = await api.post(
@@ -309,7 +340,8 @@ async def test_expired_key_is_forgotten(api: httpx.AsyncClient, write_engine: En
     second = response.json()
     assert second["payment_id"] != first["payment_id"]
     assert second["amount"] == 200
-    assert count_rows(write_engine) == {"events": 2, "outbox": 2, "idempotency_keys": 1}
+    # Two payments, each with its wallet's debit; one key, now the second payment's.
+    assert rows_added(write_engine, funded) == {"events": 2, "outbox": 4, "idempotency_keys": 1}
     # The key now stands for the new request.
     replay = await api.post(
         PAYMENTS, json=payment_body(amount=200), headers={"Idempotency-Key": key}
@@ -378,6 +410,7 @@ async def test_same_key_while_first_is_in_flight_gets_409_at_once(
     app_and_api: tuple[FastAPI, httpx.AsyncClient], settings: Settings, write_engine: Engine
 ) -> None:
     app, api = app_and_api
+    funded = count_rows(write_engine)
     url = settings.resolved_write_db_url()
     key = new_key()
     headers = {"Idempotency-Key": key}
@@ -416,7 +449,7 @@ async def test_same_key_while_first_is_in_flight_gets_409_at_once(
     assert retry.status_code == 201
     assert retry.headers["Idempotent-Replayed"] == "true"
     assert retry.content == response.content
-    assert count_rows(write_engine) == {"events": 1, "outbox": 1, "idempotency_keys": 1}
+    assert rows_added(write_engine, funded) == ONE_PAYMENT
 
 
 # --- operational endpoints -------------------------------------------------------------------
@@ -437,10 +470,14 @@ def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
-async def test_metrics_report_outbox_backlog_and_requests(api: httpx.AsyncClient) -> None:
-    empty = await api.get("/metrics")
-    assert empty.status_code == 200
-    assert _samples(empty.text)[("kessai_outbox_backlog", frozenset())] == 0
+async def test_metrics_report_outbox_backlog_and_requests(
+    api: httpx.AsyncClient, write_engine: Engine
+) -> None:
+    funded = await api.get("/metrics")
+    assert funded.status_code == 200
+    # The funding top-up's outbox row (no relay runs here).
+    assert count_rows(write_engine)["outbox"] == 1
+    assert _samples(funded.text)[("kessai_outbox_backlog", frozenset())] == 1
 
     for _ in range(3):
         await create_payment(api)
@@ -451,7 +488,8 @@ async def test_metrics_report_outbox_backlog_and_requests(api: httpx.AsyncClient
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     samples = _samples(response.text)
-    assert samples[("kessai_outbox_backlog", frozenset())] == 3
+    # Three balance payments: each its event and its wallet's debit.
+    assert samples[("kessai_outbox_backlog", frozenset())] == 1 + 3 * 2
 
     def requests(status: str) -> float:
         labels = {"service": "command", "method": "POST", "route": PAYMENTS, "status": status}
@@ -469,8 +507,9 @@ async def test_unknown_route_is_404_in_the_error_format(api: httpx.AsyncClient) 
 async def test_wrong_method_is_405_in_the_error_format(
     api: httpx.AsyncClient, write_engine: Engine
 ) -> None:
+    funded = count_rows(write_engine)
     response = await api.delete(PAYMENTS, headers={"Idempotency-Key": new_key()})
     assert_error(response, 405, "method_not_allowed")
     assert response.headers["allow"] == "POST"
     assert_error(await api.post("/healthz"), 405, "method_not_allowed")
-    assert count_rows(write_engine) == {"events": 0, "outbox": 0, "idempotency_keys": 0}
+    assert count_rows(write_engine) == funded
