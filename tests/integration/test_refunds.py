@@ -13,17 +13,20 @@ import httpx
 import pytest
 from sqlalchemy.engine import Engine
 
-from tests.helpers import count_rows, new_key, stored_events
+from kessai.settings import Settings
+from tests.helpers import count_rows, fund, new_key, stored_events
 from tests.integration.command_api import (
     assert_error,
     create_payment,
     error_fields,
     refund,
     refunds_path,
+    rows_added,
 )
 
 
 async def test_partial_then_full_refund(api: httpx.AsyncClient, write_engine: Engine) -> None:
+    funded = count_rows(write_engine)
     payment = await create_payment(api, amount=1000)
     pid = payment["payment_id"]
 
@@ -54,11 +57,14 @@ async def test_partial_then_full_refund(api: httpx.AsyncClient, write_engine: En
     assert full.json()["version"] == 3
     assert full.json()["reason"] is None
     assert sorted(stored_events(write_engine)) == [(uuid.UUID(pid), v) for v in (1, 2, 3)]
-    assert count_rows(write_engine) == {"events": 3, "outbox": 3, "idempotency_keys": 3}
+    # Each event queued with its wallet's: the payment's debit, the refunds' credits.
+    assert rows_added(write_engine, funded) == {"events": 3, "outbox": 6, "idempotency_keys": 3}
 
 
-async def test_refund_in_a_payments_currency(api: httpx.AsyncClient) -> None:
-    payment = await create_payment(api, amount=1999, currency="USD")
+async def test_refund_in_a_payments_currency(api: httpx.AsyncClient, settings: Settings) -> None:
+    # A wallet holds one currency: a dollar payment needs a payer whose wallet holds dollars.
+    fund(settings, "dollar-payer", currency="USD")
+    payment = await create_payment(api, amount=1999, currency="USD", user_id="dollar-payer")
     response = await refund(api, payment["payment_id"], 999)
     assert response.status_code == 201, response.text
     assert response.json()["currency"] == "USD"
@@ -153,6 +159,7 @@ async def test_refund_replay_is_idempotent(api: httpx.AsyncClient, write_engine:
 async def test_concurrent_refunds_never_exceed_the_captured_amount(
     api: httpx.AsyncClient, write_engine: Engine
 ) -> None:
+    funded = count_rows(write_engine)
     payment = await create_payment(api, amount=10)
     pid = payment["payment_id"]
 
@@ -172,4 +179,5 @@ async def test_concurrent_refunds_never_exceed_the_captured_amount(
     assert bodies[-1]["refunded_amount"] == 10
     assert bodies[-1]["status"] == "refunded"
     assert sorted(stored_events(write_engine)) == [(uuid.UUID(pid), v) for v in range(1, 12)]
-    assert count_rows(write_engine) == {"events": 11, "outbox": 11, "idempotency_keys": 11}
+    # Each event queued with its wallet's: the payment's debit, the ten refunds' credits.
+    assert rows_added(write_engine, funded) == {"events": 11, "outbox": 22, "idempotency_keys": 11}
