@@ -1,5 +1,9 @@
 """The write store's own guarantees, enforced by the database: events are append-only, a
-payment's versions are unique, and the migrations can be re-run and rolled back."""
+payment's versions are unique, and the migrations can be re-run and rolled back. (The wallet
+streams' own: ``test_wallet_store.py``.)
+
+The payments here are balance payments recorded through the write path: each test funds the
+payer (``fund``) first."""
 
 from __future__ import annotations
 
@@ -22,9 +26,9 @@ from kessai.events import PaymentCaptured, PaymentCapturedPayload
 from kessai.ids import new_id
 from kessai.schema.write import events
 from migrations import alembic_config, upgrade
-from tests.helpers import count_rows, new_key, payment_body, stored_events
+from tests.helpers import PAYER, count_rows, fund, new_key, payment_body, stored_events
 
-WRITE_TABLES = {"events", "outbox", "idempotency_keys", "relay_leases"}
+WRITE_TABLES = {"events", "wallet_events", "outbox", "idempotency_keys", "relay_leases"}
 
 
 def policy() -> handlers.WritePolicy:
@@ -70,6 +74,7 @@ def event_rows(engine: Engine) -> list[tuple[object, ...]]:
     ],
 )
 def test_events_refuse_update_and_delete(write_engine: Engine, statement: str) -> None:
+    fund(write_engine, PAYER)
     payment_id = capture(write_engine)
     outcome = handlers.record_alone(
         write_engine,
@@ -92,6 +97,7 @@ def test_events_refuse_update_and_delete(write_engine: Engine, statement: str) -
 
 def test_other_tables_are_not_append_only(write_engine: Engine) -> None:
     """The refusal is specific to events (the outbox is drained, keys expire)."""
+    fund(write_engine, PAYER)
     capture(write_engine)
     with write_engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM outbox"))
@@ -100,8 +106,9 @@ def test_other_tables_are_not_append_only(write_engine: Engine) -> None:
 
 
 def test_duplicate_payment_version_is_refused(write_engine: Engine) -> None:
+    fund(write_engine, PAYER)
     payment_id = capture(write_engine, amount=1000)
-    before = event_rows(write_engine)
+    before, rows_before = event_rows(write_engine), count_rows(write_engine)
     now = utcnow()
     impostor = PaymentCaptured(
         event_id=new_id(),
@@ -119,10 +126,11 @@ def test_duplicate_payment_version_is_refused(write_engine: Engine) -> None:
         handlers.append_events(conn, [impostor], shards=8)
 
     assert event_rows(write_engine) == before
-    assert count_rows(write_engine) == {"events": 1, "outbox": 1, "idempotency_keys": 1}
+    assert count_rows(write_engine) == rows_before  # its outbox row was not written either
 
 
 def test_duplicate_event_id_is_refused(write_engine: Engine) -> None:
+    fund(write_engine, PAYER)
     payment_id = capture(write_engine)
     with write_engine.connect() as conn:
         stored = handlers.load_events_of_payments(conn, {payment_id})[payment_id][0]
@@ -143,6 +151,7 @@ def _tables(url: str) -> set[str]:
 
 
 def test_upgrade_twice_is_harmless(write_db_url: str, write_engine: Engine) -> None:
+    fund(write_engine, PAYER)
     payment_id = capture(write_engine)
 
     upgrade("write", write_db_url)
@@ -165,6 +174,7 @@ def test_downgrade_to_base_then_upgrade(write_db_url: str) -> None:
 
     engine = create_db_engine(write_db_url, pool_size=1)
     try:
+        fund(engine, PAYER)
         payment_id = capture(engine)
         assert stored_events(engine) == [(payment_id, 1)]
         with pytest.raises(sa.exc.DBAPIError) as refused, engine.begin() as conn:
