@@ -1,14 +1,24 @@
 """What the command API tests share: paths, the error format's check, payments and refunds
-made over HTTP, and what a test's requests added to the write store."""
+made over HTTP, what a test's requests added to the write store, and another process's refund."""
 
 from __future__ import annotations
 
 import json
+import uuid
+from datetime import timedelta
 from typing import Any
 
 import httpx
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from command_service import handlers
+from command_service.routes.refunds import refund_command
+from command_service.schemas import CreateRefund
+from command_service.store import load_wallets
+from kessai.clock import utcnow
+from kessai.ids import new_id
+from kessai.ledger import fold
 from tests.helpers import count_rows, new_key, payment_body
 
 PAYMENTS = "/v1/payments"
@@ -75,3 +85,28 @@ async def refund(
         json={"amount": amount},
         headers={"Idempotency-Key": key or new_key()},
     )
+
+
+def refund_from_elsewhere(
+    conn: sa.Connection, payment_id: uuid.UUID, amount: int = 1
+) -> list[handlers.Event]:
+    """The events another process's refund of ``amount`` appends (``handlers.append_events``),
+    decided as the write path decides it (``refund_command``) on the state ``conn`` sees of the
+    payment and of its payer's wallet: the refund at the payment's next version and, for a
+    balance payment, the wallet's ``WalletCredited`` at the wallet's next version."""
+    policy = handlers.WritePolicy(
+        client_id="elsewhere",
+        idempotency_key=new_key(),
+        retention=timedelta(days=1),
+        shards=1,
+        max_attempts=1,
+    )
+    command = refund_command(
+        policy=policy, payment_id=payment_id, command=CreateRefund(amount=amount)
+    )
+    state = fold(handlers.load_events_of_payments(conn, {payment_id})[payment_id])
+    assert state is not None
+    user_id = command.wallet_of(state)
+    wallet = None if user_id is None else load_wallets(conn, {user_id})[user_id]
+    _status, _body, events = command.decide(state, wallet, clock=utcnow, ids=new_id)
+    return events

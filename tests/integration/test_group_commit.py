@@ -2,7 +2,9 @@
 and every request still gets the answer, and the failure, that it would have got alone.
 
 Every test runs on SQLite and on MySQL/MariaDB, with the real app and real write stores. Commits
-are counted with a SQLAlchemy event listener on the app's own write engine.
+are counted with a SQLAlchemy event listener on the app's own write engine. The payments are
+balance payments by ``PAYER``, whose wallet each test funds first (``fund``): each one also
+debits the wallet, in the same transaction, and queues the wallet's event too.
 """
 
 from __future__ import annotations
@@ -24,14 +26,13 @@ from command_service import handlers
 from command_service.app import create_app
 from command_service.handlers import Recorder
 from kessai.auth import PAYMENTS_WRITE
-from kessai.clock import utcnow
 from kessai.db import create_db_engine
-from kessai.events import PaymentRefunded, PaymentRefundedPayload
-from kessai.ids import new_id
+from kessai.events import wallet_stream_id
 from kessai.ledger import fold
 from kessai.schema.write import events, idempotency_keys, outbox
 from kessai.settings import Settings
-from tests.helpers import api_key, bearer, count_rows, new_key, payment_body
+from tests.helpers import PAYER, api_key, bearer, count_rows, fund, new_key, payment_body
+from tests.integration.command_api import refund_from_elsewhere, rows_added
 
 PAYMENTS = "/v1/payments"
 
@@ -141,7 +142,11 @@ def stored_answers(engine: Engine) -> dict[str, tuple[int, str]]:
 
 def events_and_outbox(
     engine: Engine,
-) -> tuple[list[tuple[uuid.UUID, int]], list[tuple[uuid.UUID, int]]]:
+) -> tuple[list[tuple[uuid.UUID, int]], list[tuple[uuid.UUID, int]], list[int]]:
+    """The payments' events in the store, sorted; the payments' outbox rows, and the versions
+    of the outbox rows of ``PAYER``'s wallet (its funding top-up and its movements), each in
+    outbox order. Checks that the outbox holds nothing else."""
+    wallet = wallet_stream_id(PAYER)
     with engine.connect() as conn:
         stored = sorted(
             (row.payment_id, row.version)
@@ -153,7 +158,11 @@ def events_and_outbox(
                 sa.select(outbox.c.payment_id, outbox.c.version).order_by(outbox.c.outbox_id)
             )
         ]
-    return stored, queued
+    payments = {payment_id for payment_id, _ in stored}
+    of_payments = [(stream, version) for stream, version in queued if stream in payments]
+    of_wallet = [version for stream, version in queued if stream == wallet]
+    assert len(of_payments) + len(of_wallet) == len(queued), "the outbox holds other streams"
+    return stored, of_payments, of_wallet
 
 
 def payment_state(engine: Engine, payment_id: str) -> Any:
@@ -166,7 +175,10 @@ async def test_concurrent_payments_share_transactions_and_each_is_recorded_once(
     settings: Settings, key: str, write_engine: Engine
 ) -> None:
     """200 payments from 64 concurrent clients: one event, one outbox row and one
-    idempotency record each (holding the answer the client got), in fewer transactions."""
+    idempotency record each (holding the answer the client got), and one movement of the
+    payer's wallet each, in fewer transactions."""
+    fund(settings, PAYER)
+    funded = count_rows(write_engine)
     async with running(settings, key) as (app, api):
         gate = asyncio.Semaphore(64)
         keys = [new_key("gc") for _ in range(200)]
@@ -192,10 +204,16 @@ async def test_concurrent_payments_share_transactions_and_each_is_recorded_once(
         assert [r.headers.get("Idempotent-Replayed") for r in replays] == ["true"] * 50
         assert [r.content for r in replays] == [r.content for r in responses[:50]]
 
-    assert count_rows(write_engine) == {"events": 200, "outbox": 200, "idempotency_keys": 200}
-    stored, queued = events_and_outbox(write_engine)
+    assert rows_added(write_engine, funded) == {
+        "events": 200,
+        "outbox": 200 + 200,  # each payment's event and its wallet's debit
+        "idempotency_keys": 200,
+    }
+    stored, queued, wallet_queued = events_and_outbox(write_engine)
     assert stored == sorted((uuid.UUID(p), 1) for p in payment_ids)
     assert sorted(queued) == stored
+    # The wallet's movements, one per payment after its top-up, queued in version order.
+    assert wallet_queued == list(range(1, 202))
     answers = stored_answers(write_engine)
     for idempotency_key, response in zip(keys, responses, strict=True):
         assert answers[idempotency_key] == (201, response.text)
@@ -207,6 +225,8 @@ async def test_a_bad_request_gets_its_own_answer_while_its_batch_mates_succeed(
     """One batch of nine: a refund beyond the captured amount, a refund of an unknown
     payment and a key reused with another body each get their own 4xx and record nothing;
     the payments, the refunds that fit and a replay in the same batch succeed."""
+    fund(settings, PAYER)
+    funded = count_rows(write_engine)
     reused, replayed = new_key("reused"), new_key("replayed")
     async with running(settings, key, group_commit=False) as (_, api):
         paid = await post_payment(api, new_key(), amount=10)
@@ -265,8 +285,9 @@ async def test_a_bad_request_gets_its_own_answer_while_its_batch_mates_succeed(
 
     state = payment_state(write_engine, pid)
     assert (state.version, state.refunded_amount) == (3, 10)
-    # Before: 3 payments. The batch: 3 payments, 2 refunds. After: 1 payment.
-    assert count_rows(write_engine) == {"events": 9, "outbox": 9, "idempotency_keys": 9}
+    # Before: 3 payments. The batch: 3 payments, 2 refunds. After: 1 payment. Each event is
+    # queued with its wallet's (a payment's debit, a refund's credit).
+    assert rows_added(write_engine, funded) == {"events": 9, "outbox": 18, "idempotency_keys": 9}
 
 
 async def test_concurrent_refunds_in_one_batch_never_exceed_the_captured_amount(
@@ -274,6 +295,8 @@ async def test_concurrent_refunds_in_one_batch_never_exceed_the_captured_amount(
 ) -> None:
     """50 one-yen refunds of a ten-yen payment in one transaction: the running fold gives
     the ten that fit versions 2 to 11, and refuses the forty others."""
+    fund(settings, PAYER)
+    funded = count_rows(write_engine)
     async with running(settings, key, group_commit=False) as (_, api):
         pid = (await post_payment(api, new_key(), amount=10)).json()["payment_id"]
     async with running(
@@ -293,10 +316,12 @@ async def test_concurrent_refunds_in_one_batch_never_exceed_the_captured_amount(
     for response in refused:
         assert error_code(response) == "refund_exceeds_captured"
         assert response.json()["error"]["details"]["refunded"] == 10
-    assert count_rows(write_engine) == {"events": 11, "outbox": 11, "idempotency_keys": 11}
-    stored, queued = events_and_outbox(write_engine)
+    assert rows_added(write_engine, funded) == {"events": 11, "outbox": 22, "idempotency_keys": 11}
+    stored, queued, wallet_queued = events_and_outbox(write_engine)
     assert stored == [(uuid.UUID(pid), v) for v in range(1, 12)]
     assert queued == stored  # outbox ids follow the versions: published in order
+    # So do the wallet's: its top-up, the payment's debit, the ten refunds' credits.
+    assert wallet_queued == list(range(1, 13))
 
 
 async def test_a_batch_that_fails_as_a_whole_falls_back_to_one_transaction_per_request(
@@ -306,9 +331,11 @@ async def test_a_batch_that_fails_as_a_whole_falls_back_to_one_transaction_per_r
     read it: the batch's insert collides, the whole batch rolls back, and each request is
     recorded alone, with the answer it would have got without group commit.
 
-    On MySQL the other writer is a second engine that commits a 1-yen refund first; on SQLite
-    (where the batch holds the write lock) its row is written through the batch's own
-    connection and rolled back with it."""
+    On MySQL the other writer is a second engine that commits a 1-yen refund first (and its
+    wallet's credit); on SQLite (where the batch holds the write lock) its rows are written
+    through the batch's own connection and rolled back with it."""
+    fund(settings, PAYER)
+    funded = count_rows(write_engine)
     async with running(settings, key, group_commit=False) as (_, api):
         paid = await post_payment(api, new_key(), amount=10)
     pid = paid.json()["payment_id"]
@@ -316,19 +343,10 @@ async def test_a_batch_that_fails_as_a_whole_falls_back_to_one_transaction_per_r
     mysql = sa.make_url(url).get_backend_name() == "mysql"
     other = create_db_engine(url, pool_size=1)
 
-    def foreign_refund() -> PaymentRefunded:
-        now = utcnow()
-        return PaymentRefunded(
-            event_id=new_id(),
-            payment_id=uuid.UUID(pid),
-            version=2,
-            merchant_id="merchant-1",
-            occurred_at=now,
-            recorded_at=now,
-            payload=PaymentRefundedPayload(
-                refund_id=new_id(), amount=1, currency="JPY", refunded_amount=1
-            ),
-        )
+    def foreign_refund(conn: sa.Connection) -> list[handlers.Event]:
+        refund = refund_from_elsewhere(conn, uuid.UUID(pid), 1)
+        assert refund[0].version == 2  # the version the batch read as free
+        return refund
 
     attempts: list[int] = []
 
@@ -338,9 +356,11 @@ async def test_a_batch_that_fails_as_a_whole_falls_back_to_one_transaction_per_r
             return
         if mysql:
             with other.begin() as theirs:
-                handlers.append_events(theirs, [foreign_refund()], shards=settings.outbox_shards)
+                handlers.append_events(
+                    theirs, foreign_refund(theirs), shards=settings.outbox_shards
+                )
         else:
-            handlers.append_events(conn, [foreign_refund()], shards=settings.outbox_shards)
+            handlers.append_events(conn, foreign_refund(conn), shards=settings.outbox_shards)
 
     try:
         async with running(
@@ -384,9 +404,9 @@ async def test_a_batch_that_fails_as_a_whole_falls_back_to_one_transaction_per_r
         else:
             assert idempotency_key not in answers
     events_now = 1 + foreign + 3 + 2
-    assert count_rows(write_engine) == {
+    assert rows_added(write_engine, funded) == {
         "events": events_now,
-        "outbox": events_now,
+        "outbox": 2 * events_now,  # each event with its wallet's (a debit, or a credit)
         "idempotency_keys": 1 + 3 + 2,
     }
 
@@ -394,6 +414,8 @@ async def test_a_batch_that_fails_as_a_whole_falls_back_to_one_transaction_per_r
 async def test_with_group_commit_off_each_request_is_its_own_transaction(
     settings: Settings, key: str, write_engine: Engine
 ) -> None:
+    fund(settings, PAYER)
+    funded = count_rows(write_engine)
     async with running(settings, key, group_commit=False) as (app, api):
         assert app.state.resources.recorder.committer is None
         with counting_commits(app.state.resources.engine) as commits:
@@ -402,4 +424,4 @@ async def test_with_group_commit_off_each_request_is_its_own_transaction(
         assert commits[0] == 20
         metrics = (await api.get("/metrics")).text
         assert "kessai_group_commit_batch_size" not in metrics
-    assert count_rows(write_engine) == {"events": 20, "outbox": 20, "idempotency_keys": 20}
+    assert rows_added(write_engine, funded) == {"events": 20, "outbox": 40, "idempotency_keys": 20}

@@ -5,7 +5,9 @@ twice, and the client's answer says what happened.
 
 The other writer is played from a SQLAlchemy event on the app's own write engine, at the moment
 the app inserts its events. Conflicting writers exist on MySQL/MariaDB only (SQLite takes the
-write lock for the whole transaction), so the conflict tests run there.
+write lock for the whole transaction), so the conflict tests run there. The payments are
+balance payments by ``PAYER``, whose wallet each test funds first (``fund``): a payment and a
+refund of one each also move the wallet and queue its event.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -24,16 +25,12 @@ from sqlalchemy.engine import Engine
 
 from command_service import handlers
 from command_service.app import create_app
-from command_service.handlers import WritePolicy
-from command_service.routes.refunds import refund_command
-from command_service.schemas import CreateRefund
 from kessai.auth import PAYMENTS_WRITE
-from kessai.clock import utcnow
 from kessai.db import create_db_engine
-from kessai.ids import new_id
-from kessai.ledger import fold
 from kessai.settings import Settings
-from tests.helpers import api_key, bearer, count_rows, new_key, payment_body
+from tests.helpers import PAYER, api_key, bearer, count_rows, fund, new_key, payment_body
+from tests.integration import command_api
+from tests.integration.command_api import rows_added
 
 
 def write_engine_of(app: FastAPI) -> Engine:
@@ -77,19 +74,9 @@ def before_statement(
 
 def refund_from_elsewhere(engine: Engine, payment_id: uuid.UUID, shards: int) -> None:
     """Another process refunds 1 of the payment at its next version (the real refund
-    decision on the payment's folded state), and commits."""
-    policy = WritePolicy(
-        client_id="elsewhere",
-        idempotency_key=new_key(),
-        retention=timedelta(days=1),
-        shards=shards,
-        max_attempts=1,
-    )
-    command = refund_command(policy=policy, payment_id=payment_id, command=CreateRefund(amount=1))
+    decision on the payment's folded state and its payer's wallet), and commits."""
     with engine.begin() as conn:
-        state = fold(handlers.load_events_of_payments(conn, {payment_id})[payment_id])
-        assert state is not None
-        _status, _body, events = command.decide(state, clock=utcnow, ids=new_id)
+        events = command_api.refund_from_elsewhere(conn, payment_id, 1)
         handlers.append_events(conn, events, shards=shards)
 
 
@@ -121,6 +108,8 @@ def other_writer(backend: str, settings: Settings) -> Iterator[Engine]:
 async def test_a_refund_that_lost_its_version_to_another_process_is_decided_again(
     settings: Settings, other_writer: Engine, write_engine: Engine
 ) -> None:
+    fund(settings, PAYER)
+    funded = count_rows(write_engine)
     async with running(settings, group_commit=False) as (app, api):
         payment_id = await capture(api)
         fired: list[int] = []
@@ -137,12 +126,16 @@ async def test_a_refund_that_lost_its_version_to_another_process_is_decided_agai
     assert response.status_code == 201, response.text
     # Decided again on the other refund's state: the next version, the running total.
     assert (response.json()["version"], response.json()["refunded_amount"]) == (3, 101)
-    assert count_rows(write_engine) == {"events": 3, "outbox": 3, "idempotency_keys": 2}
+    # The payment and two refunds, each queued with its wallet's movement; the other process
+    # records no key here.
+    assert rows_added(write_engine, funded) == {"events": 3, "outbox": 6, "idempotency_keys": 2}
 
 
 async def test_a_refund_that_keeps_losing_its_version_is_409_and_keeps_its_key(
     settings: Settings, other_writer: Engine, write_engine: Engine
 ) -> None:
+    fund(settings, PAYER)
+    funded = count_rows(write_engine)
     async with running(settings, group_commit=False, refund_max_attempts=2) as (app, api):
         payment_id = await capture(api)
         key = new_key("contended")
@@ -156,12 +149,16 @@ async def test_a_refund_that_keeps_losing_its_version_is_409_and_keeps_its_key(
         assert refused.json()["error"]["code"] == "concurrent_modification"
         assert refused.json()["error"]["details"] == {"attempts": 2}
         # Two other refunds got in, the refused one wrote nothing, its key included.
-        assert count_rows(write_engine) == {"events": 3, "outbox": 3, "idempotency_keys": 1}
+        assert rows_added(write_engine, funded) == {
+            "events": 3,
+            "outbox": 6,  # each event with its wallet's movement
+            "idempotency_keys": 1,
+        }
 
         retried = await post_refund(api, payment_id, key)
     assert retried.status_code == 201, retried.text
     assert (retried.json()["version"], retried.json()["refunded_amount"]) == (4, 102)
-    assert count_rows(write_engine) == {"events": 4, "outbox": 4, "idempotency_keys": 2}
+    assert rows_added(write_engine, funded) == {"events": 4, "outbox": 8, "idempotency_keys": 2}
 
 
 class Crash(RuntimeError):
@@ -175,6 +172,8 @@ async def test_a_failure_between_insert_and_commit_records_nothing_twice(
     """The transaction is rolled back. In a batch, the request is then recorded alone and
     answered 201; alone, the client gets a 500 and its retry with the same key is recorded
     once."""
+    fund(settings, PAYER)
+    funded = count_rows(write_engine)
     async with running(settings, group_commit=group_commit) as (app, api):
         crashes: list[int] = []
 
@@ -197,7 +196,7 @@ async def test_a_failure_between_insert_and_commit_records_nothing_twice(
             assert first.status_code == 201, first.text
         else:
             assert first.status_code == 500, first.text
-            assert count_rows(write_engine) == {"events": 0, "outbox": 0, "idempotency_keys": 0}
+            assert count_rows(write_engine) == funded
         second = await api.post(
             "/v1/payments", json=payment_body(), headers={"Idempotency-Key": key}
         )
@@ -205,4 +204,5 @@ async def test_a_failure_between_insert_and_commit_records_nothing_twice(
     if group_commit:
         assert second.headers["Idempotent-Replayed"] == "true"
         assert second.content == first.content
-    assert count_rows(write_engine) == {"events": 1, "outbox": 1, "idempotency_keys": 1}
+    # One payment, its wallet's debit, one key.
+    assert rows_added(write_engine, funded) == {"events": 1, "outbox": 2, "idempotency_keys": 1}
