@@ -403,7 +403,8 @@ class Recorder:
                 return result
         # Commands of one wallet recorded alone take turns within this process: racing each
         # other for the wallet's next version, 200 payments from one wallet at once would run
-        # out of attempts (409) where a batch decides them all. Other processes still race.
+        # out of attempts (409) where a batch decides them all. Other processes still race, and
+        # so do refunds (their wallet is known only once their payment is read).
         user_id = command.wallet_of(None)
         if user_id is None:
             return await in_worker(self.limiter, lambda: record_alone(self.engine, command))

@@ -101,7 +101,7 @@ async def test_200_payments_of_100_yen_from_10000_yen_exactly_100_succeed(
     assert history[-1][2] == 0
     assert min(balance for _, _, balance in history) == 0
     assert sum(amount for _, amount, _ in history) == 0
-    # A refused payment writes nothing: one event per accepted payment, plus the top-up's row.
+    # A refused payment writes nothing: one payment event per accepted payment.
     assert count_rows(write_engine)["events"] == 100
 
 
