@@ -17,7 +17,7 @@ from kessai.auth import USERS_READ, merchant_scope
 from kessai.clock import utcnow
 from kessai.settings import Settings
 from query_service.app import create_app as create_query_app
-from tests.helpers import api_key, bearer, count_rows, new_key, payment_body
+from tests.helpers import api_key, bearer, count_rows, fund, new_key, payment_body
 from tests.integration.read_model import captured, migrated_read_db, project
 from tests.pipeline import write_store_events
 
@@ -75,18 +75,20 @@ def assert_security_headers(response: httpx.Response) -> None:
 async def test_hostile_payment_bodies_are_refused_and_change_nothing(
     api: httpx.AsyncClient, write_engine: Engine, name: str, body: bytes | dict[str, Any]
 ) -> None:
+    before = count_rows(write_engine)  # the api fixture's top-up of the payer
     headers = {"Idempotency-Key": new_key(), "Content-Type": "application/json"}
     if isinstance(body, bytes):
         response = await api.post("/v1/payments", content=body, headers=headers)
     else:
         response = await api.post("/v1/payments", json=body, headers=headers)
     assert_clean_4xx(response)
-    assert count_rows(write_engine) == {"events": 0, "outbox": 0, "idempotency_keys": 0}
+    assert count_rows(write_engine) == before
 
 
 async def test_hostile_headers_and_paths_on_the_command_api(
     api: httpx.AsyncClient, write_engine: Engine
 ) -> None:
+    before = count_rows(write_engine)  # the api fixture's top-up of the payer
     for headers in (
         {"Idempotency-Key": "k" * 300},
         {"Idempotency-Key": "has space"},
@@ -101,7 +103,7 @@ async def test_hostile_headers_and_paths_on_the_command_api(
     ):
         response = await api.post(path, json={"amount": 1}, headers={"Idempotency-Key": new_key()})
         assert_clean_4xx(response)
-    assert count_rows(write_engine) == {"events": 0, "outbox": 0, "idempotency_keys": 0}
+    assert count_rows(write_engine) == before
     ok = await api.post("/v1/payments", json=payment_body(), headers={"Idempotency-Key": "ok"})
     assert ok.status_code == 201
     assert_security_headers(ok)
@@ -156,6 +158,7 @@ async def test_csv_export_defuses_text_that_a_spreadsheet_would_run_as_a_formula
     """Text a client sent that starts with =, +, -, @, tab or carriage return is exported with
     a leading `'`, so a spreadsheet opening the export shows it instead of running it; numbers
     stay numbers."""
+    fund(write_engine, "-2")  # the second payer; the api fixture funded the first
     sent = [
         {"store_id": '=HYPERLINK("http://x.example","x")', "order_ref": "+cmd|' /C calc'!A0"},
         {"user_id": "-2", "store_id": "-2+3+cmd|' /C calc'!A0", "order_ref": "@SUM(1+9)"},
