@@ -33,7 +33,7 @@ from kessai_cli.main import app as cli_app
 from migrations import upgrade
 from query_service.app import create_app as create_query_app
 from tests import backends
-from tests.helpers import api_key, bearer, count_rows, new_key, payment_body
+from tests.helpers import PAYER, api_key, bearer, count_rows, fund, new_key, payment_body
 from tests.integration.read_model import captured, migrated_read_db, project, refunded
 
 
@@ -81,6 +81,11 @@ def error_code(response: httpx.Response) -> str:
     return code
 
 
+def rows_added(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """How many rows each write-store table gained (``count_rows`` before and after)."""
+    return {table: after[table] - before[table] for table in after}
+
+
 # -- the command API --------------------------------------------------------------------------
 
 
@@ -113,6 +118,7 @@ async def test_writes_without_a_valid_key_are_401_and_change_nothing(
         assert response.headers["WWW-Authenticate"] == "Bearer"
         assert good not in response.text
     assert count_rows(write_engine) == {"events": 0, "outbox": 0, "idempotency_keys": 0}
+    fund(write_engine, PAYER)  # so that the valid key's payment below goes through
     # Probes and metrics need no key.
     for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
         assert (await command.get(path)).status_code == 200, path
@@ -151,6 +157,8 @@ async def test_idempotency_keys_belong_to_their_api_key(
     command: httpx.AsyncClient, auth_settings: Settings, write_engine: Engine
 ) -> None:
     first, second = (api_key(auth_settings, PAYMENTS_WRITE) for _ in range(2))
+    fund(write_engine, PAYER)
+    before = count_rows(write_engine)
     shared = new_key()
     a = await command.post(
         "/v1/payments",
@@ -171,7 +179,12 @@ async def test_idempotency_keys_belong_to_their_api_key(
     )
     assert replay.headers["Idempotent-Replayed"] == "true"
     assert replay.json() == a.json()
-    assert count_rows(write_engine) == {"events": 2, "outbox": 2, "idempotency_keys": 2}
+    # Two payments, each with its wallet debit in the outbox too; the replay wrote nothing.
+    assert rows_added(before, count_rows(write_engine)) == {
+        "events": 2,
+        "outbox": 4,
+        "idempotency_keys": 2,
+    }
 
 
 async def test_a_revoked_key_stops_working_within_the_cache_time(
@@ -179,6 +192,7 @@ async def test_a_revoked_key_stops_working_within_the_cache_time(
 ) -> None:
     cached = auth_settings.model_copy(update={"auth_cache_seconds": 60})
     key = api_key(cached, PAYMENTS_WRITE)
+    fund(cached, PAYER)
     async for client in client_of(create_command_app(cached), headers=bearer(key)):
         body = payment_body()
         first = await client.post("/v1/payments", json=body, headers={"Idempotency-Key": "k1"})
@@ -203,6 +217,7 @@ async def test_concurrent_requests_of_an_uncached_key_look_it_up_once(
     for one key-store lookup instead of each running one; all of them are served."""
     cached = auth_settings.model_copy(update={"auth_cache_seconds": 60})
     key = api_key(cached, PAYMENTS_WRITE)
+    fund(cached, PAYER)
     app = create_command_app(cached)
     lookups: list[str] = []
 
@@ -267,6 +282,7 @@ async def test_both_apis_answer_a_tight_loop_while_the_key_keeps_expiring(
     (the stepping clock) is served every time: no 500."""
     settings = auth_settings.model_copy(update={"read_db_url": read_db})
     key = bearer(api_key(settings, PAYMENTS_WRITE, merchant_scope("shop-1")))
+    fund(settings, PAYER)
     for app, path in (
         (create_command_app(settings), "/v1/payments"),
         (create_query_app(settings), "/v1/merchants/shop-1/payments"),
@@ -301,6 +317,7 @@ async def test_logs_never_contain_keys(
     command: httpx.AsyncClient, auth_settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     key = api_key(auth_settings, PAYMENTS_WRITE)
+    fund(auth_settings, PAYER)  # the valid key's payment is accepted, logged as a success
     with caplog.at_level(logging.DEBUG):
         for auth in (bearer(key), bearer(key + "x")):
             await command.post(
