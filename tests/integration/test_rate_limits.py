@@ -25,7 +25,16 @@ from kessai.auth import PAYMENTS_WRITE, merchant_scope
 from kessai.broker import free_port
 from kessai.settings import Settings
 from query_service.app import create_app as create_query_app
-from tests.helpers import UNLIMITED, api_key, bearer, count_rows, new_key, payment_body
+from tests.helpers import (
+    PAYER,
+    UNLIMITED,
+    api_key,
+    bearer,
+    count_rows,
+    fund,
+    new_key,
+    payment_body,
+)
 from tests.integration.read_model import migrated_read_db
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -42,6 +51,7 @@ async def started(app: FastAPI, ip: str = "192.0.2.10") -> AsyncIterator[httpx.A
 
 
 async def pay(client: httpx.AsyncClient, key: str) -> httpx.Response:
+    """A balance payment by ``PAYER``: the tests fund that wallet first."""
     return await client.post(
         "/v1/payments", json=payment_body(), headers={"Idempotency-Key": new_key(), **bearer(key)}
     )
@@ -63,6 +73,7 @@ async def test_writes_are_limited_per_key_and_refused_ones_write_nothing(
 ) -> None:
     limited = settings.model_copy(update={"rate_limit_writes": "5/minute"})
     busy, other = api_key(limited, PAYMENTS_WRITE), api_key(limited, PAYMENTS_WRITE)
+    fund(limited, PAYER)
     async for client in started(create_command_app(limited)):
         assert [(await pay(client, busy)).status_code for _ in range(5)] == [201] * 5
         refused = await pay(client, busy)
@@ -77,6 +88,7 @@ async def test_writes_are_limited_per_key_and_refused_ones_write_nothing(
 async def test_the_per_ip_limit_comes_before_the_key(settings: Settings) -> None:
     limited = settings.model_copy(update={"rate_limit_per_ip": "3/minute"})
     key = api_key(limited, PAYMENTS_WRITE)
+    fund(limited, PAYER)
     async for client in started(create_command_app(limited), ip="198.51.100.1"):
         guesses = [
             await client.post("/v1/payments", json={}, headers=bearer(f"kessai_{i:016x}_x"))
@@ -128,6 +140,7 @@ async def test_expensive_reads_have_a_tighter_limit_that_spares_the_rest(
 async def test_counters_in_redis_are_shared_by_every_process(settings: Settings) -> None:
     shared = settings.model_copy(update={"redis_url": REDIS_URL, "rate_limit_writes": "4/minute"})
     key = api_key(shared, PAYMENTS_WRITE)  # a new key id: counters of no earlier run
+    fund(shared, PAYER)
     codes = []
     async for first in started(create_command_app(shared)):
         async for second in started(create_command_app(shared)):
@@ -151,6 +164,7 @@ async def test_an_unreachable_counter_store_follows_the_on_error_setting(
         }
     )
     key = api_key(down, PAYMENTS_WRITE)
+    fund(down, PAYER)
     caplog.set_level(logging.INFO)
     async for client in started(create_command_app(down)):
         responses = await asyncio.gather(*(pay(client, key) for _ in range(40)))
@@ -253,6 +267,7 @@ async def test_a_per_key_limit_holds_under_512_concurrent_clients(
         update={"redis_url": REDIS_URL, "rate_limit_writes": f"{LIMIT_PER_SECOND}/second"}
     )
     key = api_key(limited, PAYMENTS_WRITE)  # a new key id: counters of no earlier run
+    fund(limited, PAYER)
     statuses: Counter[int] = Counter()
     refused: list[httpx.Response] = []
     with served_command_api(limited) as url:
