@@ -31,7 +31,16 @@ from kessai.auth import PAYMENTS_WRITE
 from kessai.events import PaymentCaptured, parse_event
 from kessai.schema.write import events
 from kessai.settings import Settings
-from tests.helpers import api_key, bearer, count_rows, new_key, payment_body, until_true
+from tests.helpers import (
+    PAYER,
+    api_key,
+    bearer,
+    count_rows,
+    fund,
+    new_key,
+    payment_body,
+    until_true,
+)
 
 PAYMENTS = "/v1/payments"
 TIMEOUT_S = 0.3  # KESSAI_ACQUIRER_TIMEOUT_MS of these tests
@@ -229,6 +238,11 @@ def error_of(response: httpx.Response, status: int, code: str) -> dict[str, Any]
     return error
 
 
+def rows_added(engine: Engine, before: dict[str, int]) -> dict[str, int]:
+    """How many rows each write-store table gained since ``before`` (``count_rows``)."""
+    return {table: count - before[table] for table, count in count_rows(engine).items()}
+
+
 def captured_events(engine: Engine) -> list[PaymentCaptured]:
     with engine.connect() as conn:
         bodies = conn.execute(sa.select(events.c.body).where(events.c.version == 1)).scalars()
@@ -290,6 +304,8 @@ async def test_a_card_payment_is_captured_with_the_authorization_the_acquirer_is
     card_api: tuple[FastAPI, httpx.AsyncClient], acquirer: AcquirerDouble, write_engine: Engine
 ) -> None:
     _, api = card_api
+    fund(write_engine, PAYER)  # for the balance payment at the end
+    before = count_rows(write_engine)
     key = new_key("card")
     body = card_body(key, amount=1500, merchant_id="shop-1")
 
@@ -305,7 +321,8 @@ async def test_a_card_payment_is_captured_with_the_authorization_the_acquirer_is
     (event,) = captured_events(write_engine)
     assert str(event.payment_id) == first.json()["payment_id"]
     assert event.payload.authorization_id == acquirer.issued[acquirer_key].authorization_id
-    assert count_rows(write_engine) == {"events": 1, "outbox": 1, "idempotency_keys": 1}
+    # A card payment moves no wallet: its event, its outbox row, its key.
+    assert rows_added(write_engine, before) == {"events": 1, "outbox": 1, "idempotency_keys": 1}
 
     # A replay answers from the store: the acquirer is not asked again.
     again = await pay(api, body, key)
@@ -428,11 +445,12 @@ async def test_without_an_acquirer_card_payments_are_refused_and_balance_works(
     api: httpx.AsyncClient, write_engine: Engine
 ) -> None:
     """KESSAI_ACQUIRER_URL unset (the ``api`` fixture): never capture a card unauthorized."""
+    before = count_rows(write_engine)  # the api fixture's top-up of the payer
     key = new_key()
     refused = await pay(api, card_body(key), key)
 
     assert error_of(refused, 503, "acquirer_unavailable")["details"] == {"reason": "not_configured"}
-    assert count_rows(write_engine) == {"events": 0, "outbox": 0, "idempotency_keys": 0}
+    assert rows_added(write_engine, before) == {"events": 0, "outbox": 0, "idempotency_keys": 0}
     assert (await pay(api, payment_body(), new_key())).status_code == 201
 
 
@@ -444,6 +462,7 @@ async def test_the_breaker_opens_fails_fast_then_probes_once_and_closes(
     settings: Settings, acquirer: AcquirerDouble, write_engine: Engine
 ) -> None:
     reset = 1.5  # long enough to see "open" again after a probe on a busy machine
+    fund(write_engine, PAYER)  # for the balance payment made while the breaker is open
     slow_reset = card_settings(settings, acquirer, acquirer_breaker_reset_seconds=reset)
     async with running(slow_reset) as (app, api):
         await _breaker_scenario(app, api, acquirer, reset)
@@ -531,6 +550,7 @@ async def test_a_hanging_acquirer_leaves_balance_payments_and_workers_alone(
         acquirer_max_attempts=1,
         acquirer_breaker_failures=1_000,  # keep calling the hanging acquirer: the bulkhead's turn
     )
+    fund(write_engine, PAYER)  # for the balance payments timed before, during and after
     async with running(hung_settings) as (app, api):
         await balance_latencies(api, 5)  # warm-up
         baseline = await balance_latencies(api, 30)
