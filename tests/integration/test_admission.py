@@ -14,7 +14,7 @@ from command_service.admission import MESSAGE_JA, admitted, window_end
 from command_service.app import create_app
 from kessai.auth import ADMIN, PAYMENTS_WRITE
 from kessai.settings import Settings
-from tests.helpers import api_key, bearer, count_rows, new_key, payment_body
+from tests.helpers import PAYER, api_key, bearer, count_rows, fund, new_key, payment_body
 
 POLICY = {"enabled": True, "percent": 50.0, "window_seconds": 600, "without_device": "refuse"}
 
@@ -51,6 +51,7 @@ async def client(settings: Settings, keys: dict[str, str]) -> AsyncIterator[http
 async def pay(
     client: httpx.AsyncClient, key: str, device: str | None, **body: object
 ) -> httpx.Response:
+    """A balance payment by ``PAYER`` (unless ``body`` says otherwise): fund the payer first."""
     headers = {"Idempotency-Key": new_key(), **bearer(key)}
     if device is not None:
         headers["X-Device-Id"] = device
@@ -69,6 +70,7 @@ def split_devices(policy: dict[str, object], count: int = 200) -> tuple[list[str
 async def test_off_by_default_and_changed_live_by_an_operator(
     client: httpx.AsyncClient, keys: dict[str, str], write_engine: Engine
 ) -> None:
+    fund(write_engine, PAYER)
     assert (await pay(client, keys["payments"], None)).status_code == 201
     current = await client.get("/v1/admin/admission", headers=bearer(keys["admin"]))
     assert current.json()["enabled"] is False
@@ -132,6 +134,7 @@ async def test_the_live_policy_is_shared_and_outlives_restarts(
     settings: Settings, keys: dict[str, str]
 ) -> None:
     policy = {**POLICY, "percent": 0.0, "without_device": "admit"}
+    fund(settings, PAYER)
     async for first in started(settings):
         changed = await first.put("/v1/admin/admission", json=policy, headers=bearer(keys["admin"]))
         assert changed.status_code == 200
@@ -141,6 +144,7 @@ async def test_the_live_policy_is_shared_and_outlives_restarts(
 
 
 async def test_allowlisted_networks_bypass_it(settings: Settings, keys: dict[str, str]) -> None:
+    fund(settings, PAYER)
     configured = settings.model_copy(
         update={
             "admission_enabled": True,
