@@ -21,13 +21,11 @@ from kessai.auth import PAYMENTS_WRITE, merchant_scope
 from kessai.settings import Settings
 from kessai_cli import loadgen
 from query_service.app import create_app as create_query_app
-from tests.helpers import api_key, count_rows, new_key, payment_body
+from tests.helpers import api_key, count_rows, fund, new_key, payment_body
 from tests.integration.read_model import migrated_read_db
 from tests.integration.test_api_schemas import Server
 
 pytestmark = pytest.mark.timeout(120)
-
-_serial = itertools.count()
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,15 +56,29 @@ def _request(
     return loadgen.Request(head.encode(), body, answered)
 
 
-def new_payments(key: str, seen: list[Seen]) -> Callable[[], loadgen.Request]:
-    """Payments of devices never seen before (a surge of new users)."""
+SURGE = 48
+"""Connections of the flood of new devices: each one a user paying over and over."""
+
+
+def surge_users() -> list[str]:
+    """The payers of the flood, one per connection: the tests fund them (``fund``)."""
+    return [f"new-{i}" for i in range(SURGE)]
+
+
+def new_payments(key: str, seen: list[Seen], user_id: str) -> Callable[[], loadgen.Request]:
+    """Payments by ``user_id``, each from a device never seen before (a surge of new devices;
+    the load shedder and admission tell requests apart by device, not by user)."""
 
     def source() -> loadgen.Request:
-        n = next(_serial)
-        body = orjson.dumps(payment_body(user_id=f"new-{n}"))
+        body = orjson.dumps(payment_body(user_id=user_id))
         return _request("new", key, "POST", "/v1/payments", body, f"new-{uuid.uuid4().hex}", seen)
 
     return source
+
+
+def rows_added(engine: Engine, before: dict[str, int]) -> dict[str, int]:
+    """How many rows each write-store table gained since ``before`` (``count_rows``)."""
+    return {table: count - before[table] for table, count in count_rows(engine).items()}
 
 
 def probes(seen: list[Seen]) -> Callable[[], loadgen.Request]:
@@ -98,9 +110,13 @@ async def test_a_flood_past_the_bound_is_shed_at_once_and_refused_payments_recor
         update={"overload_max_in_flight": 4, "overload_max_queue_wait_ms": 5.0}
     )
     key = api_key(bounded, PAYMENTS_WRITE)
+    users = surge_users()
+    fund(bounded, *users)
+    before = count_rows(write_engine)
     seen: list[Seen] = []
     with Server(create_app(bounded)) as server:
-        errors = await flood(server.url, 2.5, [new_payments(key, seen)] * 48 + [probes(seen)] * 2)
+        surge = [new_payments(key, seen, user) for user in users]
+        errors = await flood(server.url, 2.5, surge + [probes(seen)] * 2)
     assert errors == 0  # no client time-out, no broken connection
     created = [s for s in seen if s.kind == "new" and s.status == 201]
     shed = [s for s in seen if s.kind == "new" and s.status == 503]
@@ -116,9 +132,14 @@ async def test_a_flood_past_the_bound_is_shed_at_once_and_refused_payments_recor
     assert statistics.median(s.seconds for s in shed) < admitted_p99 / 3, admitted_p99
     # Probes and metrics are never shed.
     assert {s.status for s in seen if s.kind == "probe"} == {200}
-    # Exactly the payments answered 201 were recorded: nothing of the refused ones.
-    rows = count_rows(write_engine)
-    assert rows["events"] == rows["idempotency_keys"] == len(created)
+    # Exactly the payments answered 201 were recorded (each with its wallet debit in the
+    # outbox): nothing of the refused ones.
+    added = rows_added(write_engine, before)
+    assert added == {
+        "events": len(created),
+        "outbox": 2 * len(created),
+        "idempotency_keys": len(created),
+    }
 
 
 async def test_refunds_and_returning_devices_get_through_a_flood_of_new_payments(
@@ -132,6 +153,8 @@ async def test_refunds_and_returning_devices_get_through_a_flood_of_new_payments
         }
     )
     key = api_key(bounded, PAYMENTS_WRITE)
+    users = surge_users()
+    fund(bounded, "early-0", "early-1", *users)
     seen: list[Seen] = []
     with Server(create_app(bounded)) as server:
         payment_ids = []
@@ -163,7 +186,8 @@ async def test_refunds_and_returning_devices_get_through_a_flood_of_new_payments
             return source
 
         preferred = [refunds(payment_ids[0]), refunds(payment_ids[1]), returning(0), returning(1)]
-        errors = await flood(server.url, 2.5, [new_payments(key, seen)] * 48 + preferred)
+        surge = [new_payments(key, seen, user) for user in users]
+        errors = await flood(server.url, 2.5, surge + preferred)
     assert errors == 0
     by_kind: dict[str, list[int]] = {}
     for s in seen:
@@ -224,6 +248,8 @@ async def test_the_adaptive_admitted_share_falls_under_overload_and_rises_after(
         }
     )
     key = api_key(adaptive, PAYMENTS_WRITE)
+    users = surge_users()
+    fund(adaptive, *users)
     seen: list[Seen] = []
     with Server(create_app(adaptive)) as server:
         async with httpx.AsyncClient(base_url=server.url) as client:
@@ -232,7 +258,7 @@ async def test_the_adaptive_admitted_share_falls_under_overload_and_rises_after(
                 return admitted_percent((await client.get("/metrics")).text)
 
             assert await share() == 100.0
-            await flood(server.url, 3.5, [new_payments(key, seen)] * 48)
+            await flood(server.url, 3.5, [new_payments(key, seen, user) for user in users])
             low = await share()
             assert low is not None
             assert low < 100.0
