@@ -15,6 +15,15 @@ more buckets than a summary may have (``range_too_large``), whether ``to`` is af
 (``"amount": 1200.0``, refused on purpose, though to a JSON Schema validator it is the integer
 1200). Idempotency keys are made unique per request, as a client makes them; replays are tested
 in ``test_command_api.py``.
+
+Wallets: whether a wallet covers a balance payment, and which currency it holds, is state, not
+schema. So the payer of every valid balance payment is first topped up by its amount in its
+currency (``fund_the_payer``, through the command API's own write path): the payment must then
+be accepted, and ``402 insufficient_balance`` or ``422 currency_mismatch`` for it is a failure.
+Only when the wallet cannot take that top-up (it holds another currency, or generated top-ups
+filled it to its limit: the key may top up too) do those two refusals answer a schema-valid
+request; they are then not held against "schema-valid requests are accepted", and are still
+checked like every answer (a documented status, a body as documented).
 """
 
 from __future__ import annotations
@@ -35,19 +44,23 @@ import pytest
 import schemathesis
 import uvicorn
 from hypothesis import HealthCheck, settings
+from pydantic import ValidationError
 from schemathesis import Case, CheckContext, Response
 from schemathesis.specs.openapi.checks import positive_data_acceptance
+from sqlalchemy.engine import Engine
 
 from command_service.app import create_app as create_command_app
-from kessai.auth import ADMIN, PAYMENTS_WRITE, USERS_READ, merchant_scope
+from command_service.schemas import CreatePayment
+from kessai.auth import ADMIN, PAYMENTS_WRITE, USERS_READ, WALLETS_WRITE, merchant_scope
 from kessai.broker import free_port
 from kessai.clock import utcnow
 from kessai.db import create_db_engine
+from kessai.errors import ApiError
 from kessai.settings import Settings
 from migrations import upgrade
 from query_service.app import create_app as create_query_app
 from tests import backends
-from tests.helpers import UNLIMITED, api_key, bearer
+from tests.helpers import UNLIMITED, api_key, bearer, fund
 from tests.integration.read_model import captured, project, refunded
 from tests.integration.test_acquirer import AcquirerDouble
 
@@ -62,6 +75,8 @@ LEAKS = ("Traceback", "sqlalchemy", "pymysql")
 IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 SEMANTIC_REFUSALS = {"invalid_cursor", "range_too_large"}
 SEMANTIC_VALIDATION_ERRORS = {"range_empty"}
+WALLET_REFUSALS = {"insufficient_balance", "currency_mismatch"}
+"""Refusals by a wallet's state (its balance, its currency): see the module docstring."""
 
 
 class Server:
@@ -121,6 +136,7 @@ def deployment(mysql_server: str, tmp_path_factory: pytest.TempPathFactory) -> I
     }
     acquirer = AcquirerDouble()
     acquirer.start()
+    funding: Engine | None = None
     try:
         for tree, (url, _) in created.items():
             upgrade(tree, url)  # type: ignore[arg-type]
@@ -137,14 +153,18 @@ def deployment(mysql_server: str, tmp_path_factory: pytest.TempPathFactory) -> I
             rate_limit_reads=UNLIMITED,
             rate_limit_expensive=UNLIMITED,
         )
-        scopes = [PAYMENTS_WRITE, USERS_READ, ADMIN, *(merchant_scope(f"m{i}") for i in range(3))]
+        scopes = [PAYMENTS_WRITE, WALLETS_WRITE, USERS_READ, ADMIN]
+        scopes += [merchant_scope(f"m{i}") for i in range(3)]
         key = api_key(settings, *scopes, name="schemathesis")
+        funding = create_db_engine(settings.resolved_write_db_url(), pool_size=1)
         with (
             Server(create_command_app(settings)) as command,
             Server(create_query_app(settings)) as query,
         ):
-            yield {"command": command.url, "query": query.url, "key": key}
+            yield {"command": command.url, "query": query.url, "key": key, "funding": funding}
     finally:
+        if funding is not None:
+            funding.dispose()
         acquirer.stop()
         for _, name in created.values():
             backends.drop_mysql_database(mysql_server, name)
@@ -190,6 +210,8 @@ def _inexpressible(response: Response, case: Case) -> bool:
     """Whether the refusal is one no OpenAPI document can express (see the module docstring)."""
     try:
         error = response.json()["error"]
+        if error["code"] in WALLET_REFUSALS:
+            return response.status_code == (402 if error["code"] == "insufficient_balance" else 422)
         if error["code"] != "validation_error":
             return error["code"] in SEMANTIC_REFUSALS
         floats = _integers_written_as_floats(case)
@@ -205,7 +227,7 @@ def _inexpressible(response: Response, case: Case) -> bool:
 def accepted_unless_semantic(ctx: CheckContext, response: Response, case: Case) -> bool | None:
     """schemathesis' "schema-valid requests are accepted", but for the refusals no schema can
     express."""
-    if response.status_code in (400, 422) and _inexpressible(response, case):
+    if response.status_code in (400, 402, 422) and _inexpressible(response, case):
         return None
     return positive_data_acceptance(ctx, response, case)  # type: ignore[no-any-return]
 
@@ -230,25 +252,58 @@ def fresh_idempotency_key(case: Case) -> None:
             headers[name] = f"st-{uuid.uuid4().hex}"
 
 
-def call_and_check(case: Case, base_url: str, key: str) -> None:
+def fund_the_payer(case: Case, engine: Engine) -> bool:
+    """Top up the payer of a valid balance payment by its amount, in its currency (``fund``),
+    so that the payment must be accepted. False if the case is no such payment, or if the
+    wallet cannot take the top-up (it holds another currency, or is at its limit)."""
+    if (case.method, case.path) != ("POST", "/v1/payments") or not isinstance(case.body, dict):
+        return False
+    try:
+        payment = CreatePayment.model_validate_json(json.dumps(case.body))
+    except ValidationError:  # refused before any wallet is looked at
+        return False
+    if payment.method != "balance":
+        return False
+    try:
+        fund(engine, payment.user_id, amount=payment.amount, currency=payment.currency)
+    except ApiError:  # currency_mismatch or balance_limit_exceeded: the wallet's state decides
+        return False
+    return True
+
+
+def refused_by_the_wallet(response: Response | httpx.Response) -> str | None:
+    """The code of a wallet refusal (``WALLET_REFUSALS``) the response is, if any."""
+    if response.status_code not in (402, 422):
+        return None
+    try:
+        code = response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if code in WALLET_REFUSALS else None
+
+
+def call_and_check(case: Case, base_url: str, key: str, funding: Engine) -> None:
     fresh_idempotency_key(case)
+    funded = fund_the_payer(case, funding)
     response = case.call_and_validate(base_url=base_url, headers=bearer(key), **CHECKS)
     for leak in LEAKS:
         assert leak not in response.text, leak
+    if funded:
+        assert refused_by_the_wallet(response) is None, ("funded payer refused", response.text)
 
 
 @command_schema.parametrize()
 def test_the_command_api_answers_every_request_as_documented(
-    case: Case, deployment: dict[str, str]
+    case: Case, deployment: dict[str, Any]
 ) -> None:
-    call_and_check(case, deployment["command"], deployment["key"])
+    call_and_check(case, deployment["command"], deployment["key"], deployment["funding"])
 
 
 @query_schema.parametrize()
 def test_the_query_api_answers_every_request_as_documented(
-    case: Case, deployment: dict[str, str]
+    case: Case, deployment: dict[str, Any]
 ) -> None:
-    call_and_check(case, deployment["query"], deployment["key"])
+    call_and_check(case, deployment["query"], deployment["key"], deployment["funding"])
 
 
 STATEFUL = settings(
@@ -261,13 +316,17 @@ STATEFUL = settings(
 )
 
 
-def run_stateful(schema: Any, base_url: str, key: str) -> None:
+def run_stateful(schema: Any, base_url: str, key: str, funding: Engine) -> None:
     """The stateful phase: sequences of calls that follow the document's links."""
     base = schema.as_state_machine()
 
     class Workflow(base):  # type: ignore[misc, valid-type]
+        funded = False
+        """Whether the payer of the call being made was topped up for it (``fund_the_payer``)."""
+
         def before_call(self, case: Case) -> None:
             fresh_idempotency_key(case)
+            self.funded = fund_the_payer(case, funding)
 
         def get_call_kwargs(self, case: Case) -> dict[str, Any]:
             return {"base_url": base_url, "headers": bearer(key)}
@@ -280,23 +339,70 @@ def run_stateful(schema: Any, base_url: str, key: str) -> None:
             case.validate_response(
                 response, headers=bearer(key), transport_kwargs=kwargs or None, **CHECKS
             )
+            if self.funded:
+                refusal = refused_by_the_wallet(response)
+                assert refusal is None, ("funded payer refused", response.text)
 
     Workflow.run(settings=STATEFUL)
 
 
 def test_payments_and_their_refunds_in_sequence_stay_as_documented(
-    deployment: dict[str, str],
+    deployment: dict[str, Any],
 ) -> None:
-    run_stateful(command_schema, deployment["command"], deployment["key"])
+    run_stateful(command_schema, deployment["command"], deployment["key"], deployment["funding"])
 
 
 def test_pages_and_their_payments_in_sequence_stay_as_documented(
-    deployment: dict[str, str],
+    deployment: dict[str, Any],
 ) -> None:
-    run_stateful(query_schema, deployment["query"], deployment["key"])
+    run_stateful(query_schema, deployment["query"], deployment["key"], deployment["funding"])
 
 
-def test_both_schemas_are_served_without_a_key(deployment: dict[str, str]) -> None:
+def test_a_payment_the_wallet_cannot_cover_is_a_documented_402_until_the_payer_is_funded(
+    deployment: dict[str, Any],
+) -> None:
+    """The exemption above, both ways: a schema-valid balance payment by a payer nobody funded
+    is ``402 insufficient_balance``, a status and body the document declares for
+    ``create_payment``, and passes every other check; once ``fund_the_payer`` topped the payer
+    up, the same request is accepted."""
+    responses = DOCUMENTS["command"]["paths"]["/v1/payments"]["post"]["responses"]
+    assert "insufficient_balance" in responses["402"]["description"]
+    assert responses["402"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorOut"
+    }
+    body = {
+        "merchant_id": MERCHANT,
+        "user_id": f"unfunded-{uuid.uuid4().hex[:12]}",
+        "amount": 1200,
+        "currency": "JPY",
+        "method": "balance",
+    }
+    operation = command_schema["/v1/payments"]["POST"]
+    base_url, key = deployment["command"], deployment["key"]
+
+    def send() -> Response:
+        case = operation.Case(body=body, headers={"Idempotency-Key": f"st-{uuid.uuid4().hex}"})
+        response: Response = case.call_and_validate(
+            base_url=base_url, headers=bearer(key), **CHECKS
+        )
+        return response
+
+    refused = send()
+    assert refused.status_code == 402, refused.text
+    assert refused.json()["error"]["details"] == {
+        "balance": 0,
+        "requested": 1200,
+        "shortfall": 1200,
+        "currency": "JPY",
+    }
+    payment = operation.Case(body=body, headers={"Idempotency-Key": "unused"})
+    assert fund_the_payer(payment, deployment["funding"])
+    paid = send()
+    assert paid.status_code == 201, paid.text
+    assert paid.json()["user_id"] == body["user_id"]
+
+
+def test_both_schemas_are_served_without_a_key(deployment: dict[str, Any]) -> None:
     """The documents tested above are the ones the running services serve."""
     for service, document in DOCUMENTS.items():
         response = httpx.get(f"{deployment[service]}/openapi.json", timeout=10)
@@ -304,7 +410,7 @@ def test_both_schemas_are_served_without_a_key(deployment: dict[str, str]) -> No
         assert response.json() == document
 
 
-def test_a_405_names_every_method_of_the_path(deployment: dict[str, str]) -> None:
+def test_a_405_names_every_method_of_the_path(deployment: dict[str, Any]) -> None:
     """GET and PUT of the admission policy are two routes on one path: `Allow` names both."""
     for url, allowed in (
         (f"{deployment['command']}/v1/admin/admission", {"GET", "PUT"}),
