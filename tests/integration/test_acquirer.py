@@ -41,6 +41,7 @@ from tests.helpers import (
     payment_body,
     until_true,
 )
+from tests.integration.command_api import rows_added
 
 PAYMENTS = "/v1/payments"
 TIMEOUT_S = 0.3  # KESSAI_ACQUIRER_TIMEOUT_MS of these tests
@@ -236,11 +237,6 @@ def error_of(response: httpx.Response, status: int, code: str) -> dict[str, Any]
     error: dict[str, Any] = response.json()["error"]
     assert error["code"] == code, error
     return error
-
-
-def rows_added(engine: Engine, before: dict[str, int]) -> dict[str, int]:
-    """How many rows each write-store table gained since ``before`` (``count_rows``)."""
-    return {table: count - before[table] for table, count in count_rows(engine).items()}
 
 
 def captured_events(engine: Engine) -> list[PaymentCaptured]:

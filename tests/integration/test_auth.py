@@ -34,6 +34,7 @@ from migrations import upgrade
 from query_service.app import create_app as create_query_app
 from tests import backends
 from tests.helpers import PAYER, api_key, bearer, count_rows, fund, new_key, payment_body
+from tests.integration.command_api import rows_added
 from tests.integration.read_model import captured, migrated_read_db, project, refunded
 
 
@@ -79,11 +80,6 @@ async def command(auth_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 def error_code(response: httpx.Response) -> str:
     code: str = response.json()["error"]["code"]
     return code
-
-
-def rows_added(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    """How many rows each write-store table gained (``count_rows`` before and after)."""
-    return {table: after[table] - before[table] for table in after}
 
 
 # -- the command API --------------------------------------------------------------------------
@@ -180,7 +176,7 @@ async def test_idempotency_keys_belong_to_their_api_key(
     assert replay.headers["Idempotent-Replayed"] == "true"
     assert replay.json() == a.json()
     # Two payments, each with its wallet debit in the outbox too; the replay wrote nothing.
-    assert rows_added(before, count_rows(write_engine)) == {
+    assert rows_added(write_engine, before) == {
         "events": 2,
         "outbox": 4,
         "idempotency_keys": 2,

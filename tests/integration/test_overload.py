@@ -22,6 +22,7 @@ from kessai.settings import Settings
 from kessai_cli import loadgen
 from query_service.app import create_app as create_query_app
 from tests.helpers import api_key, count_rows, fund, new_key, payment_body
+from tests.integration.command_api import rows_added
 from tests.integration.read_model import migrated_read_db
 from tests.integration.test_api_schemas import Server
 
@@ -74,11 +75,6 @@ def new_payments(key: str, seen: list[Seen], user_id: str) -> Callable[[], loadg
         return _request("new", key, "POST", "/v1/payments", body, f"new-{uuid.uuid4().hex}", seen)
 
     return source
-
-
-def rows_added(engine: Engine, before: dict[str, int]) -> dict[str, int]:
-    """How many rows each write-store table gained since ``before`` (``count_rows``)."""
-    return {table: count - before[table] for table, count in count_rows(engine).items()}
 
 
 def probes(seen: list[Seen]) -> Callable[[], loadgen.Request]:
