@@ -59,7 +59,7 @@ from kessai.wallets import Wallet, debit
 
 router = APIRouter()
 
-_CARD_ERRORS: dict[int | str, dict[str, object]] = {
+_PAYMENT_ERRORS: dict[int | str, dict[str, object]] = {
     402: {
         "model": ErrorOut,
         "description": "`insufficient_balance` (balance payments): the wallet does not cover "
@@ -67,6 +67,12 @@ _CARD_ERRORS: dict[int | str, dict[str, object]] = {
         "written, the key included: top up and retry with the same key. "
         "`card_declined`: the acquirer declined the card; nothing was captured. "
         "Recorded: the same key and body get the same answer.",
+    },
+    422: {
+        "model": ErrorOut,
+        "description": "Invalid body; `currency_mismatch` (balance payments: the wallet holds "
+        "another currency, `details` {`wallet_currency`, `requested_currency`}); or a key "
+        "reused for another body.",
     },
     503: {
         "model": ErrorOut,
@@ -81,7 +87,7 @@ _CARD_ERRORS: dict[int | str, dict[str, object]] = {
     "/v1/payments",
     status_code=201,
     response_model=PaymentOut,
-    responses={**WRITE_ERRORS, **_CARD_ERRORS, **REFUND_LINK},
+    responses={**WRITE_ERRORS, **_PAYMENT_ERRORS, **REFUND_LINK},
     operation_id="create_payment",
     summary="Capture a payment",
     dependencies=[Depends(needs(PAYMENTS_WRITE)), Depends(check_admission)],
