@@ -110,6 +110,7 @@ DEV_MERCHANTS = ("shop-1", "shop-2")
 """The merchants of the README's examples: the development merchant key reads these."""
 DEV_KEYS = {
     "payments": ("development payments backend", ["payments:write"]),
+    "wallets": ("development top-up backend", ["wallets:write"]),
     "merchant": (
         "development merchant dashboard",
         [f"merchant:{m}:read" for m in DEV_MERCHANTS],

@@ -12,7 +12,14 @@ is not hidden by the client waiting for it). The traffic looks like a cashback c
 - ``refund_share`` (3%) of requests refund part of a payment accepted earlier in the run;
 - ``retry_share`` (1%) repeat an earlier, answered payment request with the same
   Idempotency-Key and body (a client retry: kessai must replay it, not record it twice);
-- every payment carries ``X-Device-Id`` (one device per user), so admission control applies.
+- ``top_up_share`` (none by default; 2% with ``kessai loadgen``) top up a payer's wallet
+  (``POST /v1/users/{id}/top-ups``, with a ``wallets:write`` key);
+- payments are balance payments by users ``u0`` ... ``u<users - 1>``, and every payment
+  carries ``X-Device-Id`` (one device per user), so admission control applies.
+
+A balance payment debits the payer's wallet, and one the wallet cannot cover is ``402
+insufficient_balance``: ``fund`` tops up every payer's wallet first (``kessai loadgen`` does
+before its traffic, the benches before their measured runs), and the result counts the 402s.
 
 The client is a minimal HTTP/1.1 client on asyncio streams (keep-alive, one request at a time
 per connection, no pipelining). httpx.AsyncClient is the bottleneck at this concurrency:
@@ -32,7 +39,7 @@ import random
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,6 +55,7 @@ from kessai_cli.http_client import drive as drive
 
 __all__ = [
     "Answer",
+    "Funding",
     "Mix",
     "Observer",
     "Request",
@@ -55,10 +63,16 @@ __all__ = [
     "Run",
     "Schedule",
     "drive",
+    "fund",
     "merchant_weights",
+    "payers",
     "run",
     "run_sync",
 ]
+
+
+USERS = 10_000
+"""How many users pay by default: few enough that funding them all takes seconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +84,11 @@ class Mix:
     """Share of payments going to the busiest merchant (``shop-1``)."""
     refund_share: float = 0.03
     retry_share: float = 0.01
-    users: int = 100_000
+    top_up_share: float = 0.0
+    """Share of requests that top up a payer's wallet. None by default: the benches measure
+    payments and refunds only, against a bare endpoint that has no wallet."""
+    users: int = USERS
+    """Payers ``u0`` ... ``u<users - 1>`` (one device each): the wallets ``fund`` tops up."""
     seed: int = 1
 
 
@@ -90,11 +108,19 @@ class Run:
     rate: float | None = None
     """Open loop at this many requests/s; None: as fast as the connections go."""
     timeout: float = 30.0
+    wallets_key: str | None = None
+    """The ``wallets:write`` key of the mix's top-ups; None: ``api_key`` (one key may hold
+    both scopes)."""
 
 
 def merchant_id(rank: int) -> str:
     """The merchant of popularity ``rank`` (0: the hot one): ``shop-1``, ``shop-2``, ..."""
     return f"shop-{rank + 1}"
+
+
+def payers(mix: Mix) -> list[str]:
+    """The users whose wallets the traffic of ``mix`` pays from: fund them first."""
+    return [f"u{n}" for n in range(mix.users)]
 
 
 def merchant_weights(mix: Mix) -> list[float]:
@@ -115,12 +141,16 @@ class Result:
     sent: int = 0
     by_status: Counter[int] = field(default_factory=Counter)
     by_kind: dict[str, Counter[int]] = field(default_factory=dict)
-    """kind (payment, refund, retry) -> status -> count."""
+    """kind (payment, refund, retry, top_up) -> status -> count."""
     connection_errors: int = 0
     payments: int = 0
     """Payments recorded (201, not replayed)."""
     refunds: int = 0
     """Refunds recorded (201, not replayed)."""
+    top_ups: int = 0
+    """Top-ups recorded (201, not replayed)."""
+    insufficient_balance: int = 0
+    """Payments refused with 402: the payer's wallet did not cover them."""
     replayed: int = 0
     """Answers with ``Idempotent-Replayed: true``."""
     per_merchant: Counter[str] = field(default_factory=Counter)
@@ -132,7 +162,8 @@ class Result:
 
     @property
     def accepted(self) -> int:
-        return self.payments + self.refunds
+        """Writes recorded: payments, refunds and top-ups."""
+        return self.payments + self.refunds + self.top_ups
 
     @property
     def accepted_per_second(self) -> float:
@@ -160,6 +191,8 @@ class Result:
             "connection_errors": self.connection_errors,
             "payments": self.payments,
             "refunds": self.refunds,
+            "top_ups": self.top_ups,
+            "insufficient_balance": self.insufficient_balance,
             "replayed": self.replayed,
             "elapsed_seconds": round(self.elapsed, 3),
             "accepted_per_second": round(self.accepted_per_second, 1),
@@ -180,6 +213,17 @@ class _Sent:
     device: str
 
 
+TOP_UP_SOURCES = ("bank", "card", "convenience_store")
+
+
+def _common_headers(url: str, api_key: str) -> str:
+    """The headers every POST of a run carries, ``api_key`` as its bearer token."""
+    return (
+        f"Host: {urlsplit(url).netloc}\r\nAuthorization: Bearer {api_key}\r\n"
+        "Content-Type: application/json\r\nUser-Agent: kessai-loadgen\r\n"
+    )
+
+
 class _Traffic:
     """Decides each request; shared by every connection (one event loop, no locks needed)."""
 
@@ -195,17 +239,16 @@ class _Traffic:
         """Payment requests already answered with 201: candidates for a client retry."""
         parts = urlsplit(run.url)
         self.base_path = parts.path.rstrip("/")
-        host = parts.netloc
-        self.common = (
-            f"Host: {host}\r\nAuthorization: Bearer {run.api_key}\r\n"
-            "Content-Type: application/json\r\nUser-Agent: kessai-loadgen\r\n"
-        )
+        self.common = _common_headers(run.url, run.api_key)
+        self.wallets = _common_headers(run.url, run.wallets_key or run.api_key)
 
-    def _head(self, path: str, key: str, length: int, device: str | None) -> bytes:
+    def _head(
+        self, path: str, key: str, length: int, device: str | None, common: str | None = None
+    ) -> bytes:
         extra = f"X-Device-Id: {device}\r\n" if device else ""
         return (
-            f"POST {self.base_path}{path} HTTP/1.1\r\n{self.common}Idempotency-Key: {key}\r\n"
-            f"{extra}Content-Length: {length}\r\n\r\n"
+            f"POST {self.base_path}{path} HTTP/1.1\r\n{common or self.common}"
+            f"Idempotency-Key: {key}\r\n{extra}Content-Length: {length}\r\n\r\n"
         ).encode()
 
     def next(self) -> tuple[str, bytes, bytes, _Sent | None]:
@@ -229,6 +272,18 @@ class _Traffic:
             sent = self.answered[self.rng.randrange(len(self.answered))]
             head = self._head("/v1/payments", sent.key, len(sent.body), sent.device)
             return "retry", head, sent.body, None
+        if roll < self.mix.refund_share + self.mix.retry_share + self.mix.top_up_share:
+            user = self.rng.randrange(self.mix.users)
+            body = orjson.dumps(
+                {
+                    "amount": self.rng.randint(1_000, 30_000),
+                    "currency": "JPY",
+                    "source": self.rng.choice(TOP_UP_SOURCES),
+                }
+            )
+            path = f"/v1/users/u{user}/top-ups"
+            head = self._head(path, f"{self.prefix}-t{n}", len(body), None, self.wallets)
+            return "top_up", head, body, None
         rank = bisect.bisect_left(self.cumulative, self.rng.random() * self.cumulative[-1])
         user = self.rng.randrange(self.mix.users)
         body = orjson.dumps(
@@ -268,6 +323,10 @@ def _tally(
         result.replayed += 1
     elif answer.status == 201 and kind == "refund":
         result.refunds += 1
+    elif answer.status == 201 and kind == "top_up":
+        result.top_ups += 1
+    elif answer.status == 402 and kind in ("payment", "retry"):
+        result.insufficient_balance += 1
     elif answer.status == 201 and kind == "payment":
         result.payments += 1
         with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -346,3 +405,149 @@ async def run(
 
 def run_sync(plan: Run, mix: Mix = Mix(), progress: Progress | None = None) -> Result:
     return asyncio.run(run(plan, mix, progress))
+
+
+@dataclass(slots=True)
+class Funding:
+    """What topping up the payers' wallets before a run did (``fund``)."""
+
+    users: int = 0
+    """Wallets asked to be funded."""
+    amount: int = 0
+    """Top-up per wallet (JPY)."""
+    funded: int = 0
+    """Wallets topped up (201)."""
+    at_limit: int = 0
+    """Wallets refused the top-up with 409 ``balance_limit_exceeded``: they already hold more
+    than their limit minus ``amount`` (an earlier run funded them)."""
+    by_status: Counter[int] = field(default_factory=Counter)
+    """The last answer of each wallet's top-up."""
+    codes: Counter[str] = field(default_factory=Counter)
+    """``status code`` -> count, of the last answers that were neither."""
+    retried: int = 0
+    """Top-ups sent again (same Idempotency-Key) after a refusal that said to retry (429,
+    503) or no answer."""
+    connection_errors: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        """Every wallet was topped up, or already held about its limit."""
+        return self.funded + self.at_limit == self.users
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "users": self.users,
+            "amount": self.amount,
+            "funded": self.funded,
+            "at_limit": self.at_limit,
+            "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
+            "error_codes": dict(self.codes.most_common()),
+            "retried": self.retried,
+            "connection_errors": self.connection_errors,
+            "elapsed_seconds": round(self.elapsed, 3),
+        }
+
+
+@dataclass(slots=True)
+class _TopUp:
+    user: str
+    attempt: int = 1
+    not_before: float = 0.0
+
+
+class _Queue(Schedule):
+    """Closed loop over a queue of top-ups, some waiting to be retried: a connection stops
+    when the queue is empty (one whose top-up is then refused puts it back and goes on)."""
+
+    def __init__(self, todo: deque[_TopUp]) -> None:
+        super().__init__(None, None)
+        self.todo = todo
+
+    async def next(self) -> float | None:
+        while self.todo:
+            wait = self.todo[0].not_before - time.perf_counter()
+            if wait <= 0:
+                return time.perf_counter()  # the caller pops it before anything else runs
+            await asyncio.sleep(wait)
+        return None
+
+
+FUNDING_ATTEMPTS = 10
+"""Tries of one wallet's top-up refused with 429/503 (each after its Retry-After, at most
+1 s) or unanswered, before ``fund`` gives up on that wallet."""
+
+
+async def fund(
+    url: str,
+    wallets_key: str,
+    users: Sequence[str],
+    *,
+    amount: int,
+    connections: int = 64,
+    request_timeout: float = 30.0,
+) -> Funding:
+    """Top up the wallet of each of ``users`` by ``amount`` JPY through ``POST
+    /v1/users/{id}/top-ups`` (``wallets_key`` must hold ``wallets:write``), closed loop over
+    ``connections`` keep-alive connections. Each user's top-up has an Idempotency-Key of its
+    own, new with every call; one refused for the load (429, 503) or unanswered is sent again
+    with the same key, up to ``FUNDING_ATTEMPTS`` times. What the top-ups answered in the end
+    is in the result (``complete``: every wallet funded)."""
+    funding = Funding(users=len(users), amount=amount)
+    common = _common_headers(url, wallets_key)
+    base_path = urlsplit(url).path.rstrip("/")
+    prefix = f"lg-fund-{uuid.uuid4().hex[:12]}"
+    body = orjson.dumps({"amount": amount, "currency": "JPY", "source": "bank"})
+    todo = deque(_TopUp(user) for user in users)
+    unanswered: dict[str, _TopUp] = {}
+    """Sent, no answer yet: after the loop, those that never got one."""
+    start = time.perf_counter()
+
+    def again(top_up: _TopUp, delay: float) -> bool:
+        if top_up.attempt >= FUNDING_ATTEMPTS:
+            return False
+        funding.retried += 1
+        todo.append(_TopUp(top_up.user, top_up.attempt + 1, time.perf_counter() + delay))
+        return True
+
+    def request() -> Request:
+        top_up = todo.popleft()
+        head = (
+            f"POST {base_path}/v1/users/{top_up.user}/top-ups HTTP/1.1\r\n{common}"
+            f"Idempotency-Key: {prefix}-{top_up.user}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+
+        def answered(answer: Answer, seconds: float) -> None:
+            del unanswered[top_up.user]
+            if answer.status in (429, 503):
+                delay = 0.1
+                with contextlib.suppress(ValueError, TypeError):
+                    delay = min(1.0, max(0.05, float(answer.retry_after or delay)))
+                if again(top_up, delay):
+                    return
+            funding.by_status[answer.status] += 1
+            if answer.status == 201:
+                funding.funded += 1
+                return
+            code = "?"
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                code = str(orjson.loads(answer.body)["error"]["code"])
+            if answer.status == 409 and code == "balance_limit_exceeded":
+                funding.at_limit += 1
+            else:
+                funding.codes[f"{answer.status} {code}"] += 1
+
+        unanswered[top_up.user] = top_up
+        return Request(head, body, answered)
+
+    def failed() -> None:
+        funding.connection_errors += 1
+
+    sources = [request] * min(connections, max(1, len(users)))
+    while todo:
+        await drive(url, _Queue(todo), sources, failed, request_timeout)
+        for top_up in unanswered.values():  # the same key again: a replay if it was recorded
+            again(top_up, 0.1)
+        unanswered.clear()
+    funding.elapsed = time.perf_counter() - start
+    return funding

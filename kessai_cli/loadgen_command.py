@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from pathlib import Path
@@ -26,6 +27,15 @@ def loadgen(
         typer.Option(
             "--api-key",
             help="A payments:write key. Default: `payments` in $KESSAI_HOME/dev-keys.json.",
+        ),
+    ] = None,
+    wallets_key: Annotated[
+        str | None,
+        typer.Option(
+            "--wallets-key",
+            help="A wallets:write key, to fund the payers and send the top-ups. Default: the "
+            "--api-key if given (a key may hold both scopes), else `wallets` in "
+            "$KESSAI_HOME/dev-keys.json.",
         ),
     ] = None,
     connections: Annotated[int, typer.Option(min=1, help="Concurrent connections.")] = 64,
@@ -54,39 +64,62 @@ def loadgen(
         float,
         typer.Option(min=0.0, max=1.0, help="Share of client retries (same key, same body)."),
     ] = 0.01,
-    users: Annotated[int, typer.Option(min=1, help="Users (one device id each).")] = 100_000,
+    top_up_share: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Share of requests that top up a payer's wallet."),
+    ] = 0.02,
+    users: Annotated[
+        int, typer.Option(min=1, help="Payers u0 ... uN-1 (one device id each), funded first.")
+    ] = lg.USERS,
+    fund_amount: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Top-up (JPY) of every payer's wallet before the traffic; 0: fund nobody "
+            "(the wallets hold money already).",
+        ),
+    ] = 500_000,
     seed: Annotated[int, typer.Option(help="Seed of the request mix.")] = 1,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the summary here as JSON.")
     ] = None,
 ) -> None:
-    """Drive campaign traffic (payments, refunds, client retries) against a running command
-    API and print what it answered: counts by status, accepted/s, latency percentiles."""
+    """Fund the payers' wallets, then drive campaign traffic (balance payments, refunds,
+    top-ups, client retries) against a running command API and print what it answered: counts
+    by status, the payments refused for want of balance (402), accepted/s, latency
+    percentiles."""
     settings = Settings()
     if url is None:
         url = f"http://{settings.command_api_host}:{settings.command_api_port}"
     if requests is None and duration is None:
         duration = 10.0
+    payments_key = _api_key(settings, api_key)
+    needs_wallets = fund_amount > 0 or top_up_share > 0
     plan = lg.Run(
         url=url,
-        api_key=_api_key(settings, api_key),
+        api_key=payments_key,
         connections=connections,
         requests=requests,
         duration=duration,
         rate=rate,
+        wallets_key=_wallets_key(settings, wallets_key, api_key) if needs_wallets else None,
     )
     mix = lg.Mix(
         merchants=merchants,
         hot_share=hot_share,
         refund_share=refund_share,
         retry_share=retry_share,
+        top_up_share=top_up_share,
         users=users,
         seed=seed,
     )
     console.print(_describe(plan))
+    funding = _fund(plan, mix, fund_amount) if fund_amount > 0 else None
     result = _drive(plan, mix)
     summary = result.summary()
-    console.print(_summary_table(result, summary))
+    if funding is not None:
+        summary["funding"] = funding.summary()
+    console.print(_summary_table(result, summary, funding))
     if json_path is not None:
         json_path.write_text(json.dumps(summary, indent=2) + "\n")
     if result.connection_errors or not result.latencies:
@@ -116,6 +149,65 @@ def _api_key(settings: Settings, given: str | None) -> str:
     return api_key
 
 
+def _wallets_key(settings: Settings, given: str | None, api_key: str | None) -> str:
+    """The wallets key given, else the ``--api-key`` given, else the development ``wallets``
+    key that ``kessai up`` wrote."""
+    key = given or api_key
+    if key is None:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            key = str(json.loads((settings.home / "dev-keys.json").read_text())["wallets"])
+    if not key:
+        console.print(
+            "[red]no key to fund the payers' wallets: give --wallets-key (wallets:write), run "
+            "`kessai up` first (it writes $KESSAI_HOME/dev-keys.json), or --fund-amount 0 "
+            "--top-up-share 0[/red]"
+        )
+        raise typer.Exit(2)
+    return key
+
+
+def _fund(plan: lg.Run, mix: lg.Mix, amount: int) -> lg.Funding:
+    """Top up every payer's wallet by ``amount`` before the traffic, or stop: payments from
+    wallets nobody funded would all be 402."""
+    assert plan.wallets_key is not None
+    with console.status(f"funding {mix.users:,} wallets with {amount:,} JPY each"):
+        try:
+            funding = asyncio.run(
+                lg.fund(
+                    plan.url,
+                    plan.wallets_key,
+                    lg.payers(mix),
+                    amount=amount,
+                    connections=plan.connections,
+                    request_timeout=plan.timeout,
+                )
+            )
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from None
+    console.print(_funding_line(funding))
+    if not funding.complete:
+        failures = ", ".join(f"{code}: {n:,}" for code, n in funding.codes.most_common())
+        console.print(
+            f"[red]funding failed for {funding.users - funding.funded - funding.at_limit:,} "
+            f"wallets ({failures or 'no answer'}; connection errors "
+            f"{funding.connection_errors:,}): a 403 means the key lacks wallets:write "
+            "(--wallets-key)[/red]"
+        )
+        raise typer.Exit(1)
+    return funding
+
+
+def _funding_line(funding: lg.Funding) -> str:
+    line = (
+        f"funded {funding.funded:,} of {funding.users:,} wallets with {funding.amount:,} JPY "
+        f"each in {funding.elapsed:.1f} s"
+    )
+    if funding.at_limit:
+        line += f"; {funding.at_limit:,} already held about their limit (409, not topped up)"
+    return line
+
+
 def _drive(plan: lg.Run, mix: lg.Mix) -> lg.Result:
     """Run the traffic with a live line of counts on the screen."""
     with Live(console=console, refresh_per_second=4, transient=True) as live:
@@ -135,8 +227,16 @@ def _drive(plan: lg.Run, mix: lg.Mix) -> lg.Result:
             raise typer.Exit(2) from None
 
 
-def _summary_table(result: lg.Result, summary: dict[str, Any]) -> Table:
+def _summary_table(
+    result: lg.Result, summary: dict[str, Any], funding: lg.Funding | None = None
+) -> Table:
     table = Table(title="loadgen", show_header=False)
+    if funding is not None:
+        table.add_row(
+            "funded users",
+            f"{funding.funded + funding.at_limit:,} of {funding.users:,} "
+            f"({funding.amount:,} JPY top-up each; {funding.at_limit:,} at their limit)",
+        )
     table.add_row("sent", f"{result.sent:,} in {result.elapsed:.1f} s")
     table.add_row(
         "by status", ", ".join(f"{k}: {v:,}" for k, v in sorted(result.by_status.items())) or "-"
@@ -146,9 +246,10 @@ def _summary_table(result: lg.Result, summary: dict[str, Any]) -> Table:
     table.add_row("connection errors", f"{result.connection_errors:,}")
     table.add_row(
         "accepted",
-        f"{result.accepted:,} ({result.payments:,} payments, {result.refunds:,} refunds), "
-        f"{result.accepted_per_second:,.0f}/s",
+        f"{result.accepted:,} ({result.payments:,} payments, {result.refunds:,} refunds, "
+        f"{result.top_ups:,} top-ups), {result.accepted_per_second:,.0f}/s",
     )
+    table.add_row("insufficient balance (402)", f"{result.insufficient_balance:,}")
     table.add_row("replayed", f"{result.replayed:,}")
     ms = summary["latency_ms"]
     table.add_row(
