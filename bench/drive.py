@@ -1,9 +1,11 @@
 """Driving a served API with the load generator, and what a run measured.
 
-``drive`` warms the server up, runs ``kessai loadgen``'s traffic against it for the measured
-seconds, and returns the figures: answers, latencies, CPU of client, server and database, peak
-RSS; with ``EndToEnd``, how fast the read side shows the payments (``bench/lag.py``); with a
-profile path, py-spy samples of the server (``sampling``).
+``fund_payers`` tops up the wallets the traffic pays from, once per bench and before anything
+is measured (a balance payment from a wallet nobody funded is 402). ``drive`` warms the server
+up, runs ``kessai loadgen``'s traffic against it for the measured seconds, and returns the
+figures: answers, latencies, CPU of client, server and database, peak RSS; with ``EndToEnd``,
+how fast the read side shows the payments (``bench/lag.py``); with a profile path, py-spy
+samples of the server (``sampling``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import dataclasses
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,25 @@ from bench.serving import Served
 from kessai_cli import loadgen
 
 console = Console(width=None if sys.stdout.isatty() else 120)
+
+FUNDS = 10**9
+"""Each payer's top-up before a bench: 40,000 of the load generator's payments (25,000 on
+average), more than any run sends in all; within the served APIs' raised wallet limit
+(``bench.serving.WALLET_LIMIT``)."""
+
+
+def fund_payers(
+    url: str, wallets_key: str, users: Sequence[str], *, connections: int = 64
+) -> dict[str, Any]:
+    """Top up the wallets of ``users`` (those the traffic pays from: ``loadgen.payers``)
+    through the command API at ``url``, outside any measured run; what the funding did. Raises
+    if a wallet was not funded: its payments would be 402."""
+    funding = asyncio.run(
+        loadgen.fund(url, wallets_key, users, amount=FUNDS, connections=connections)
+    )
+    if not funding.complete:
+        raise RuntimeError(f"funding the payers' wallets failed: {funding.summary()}")
+    return funding.summary()
 
 
 @dataclasses.dataclass
@@ -51,16 +72,18 @@ def drive(
     mysqld: int | None,
     progress: Progress,
     label: str,
+    users: int = loadgen.USERS,
     profile: Path | None = None,
     e2e: EndToEnd | None = None,
 ) -> dict[str, Any]:
-    """Warm up, then run the load generator against ``server``; the figures of the run.
+    """Warm up, then run the load generator against ``server``; the figures of the run. Its
+    ``users`` payers must have been funded (``fund_payers``).
 
     With ``profile``, py-spy samples the server's processes during the measured seconds. With
     ``e2e``, probes time how long payments take to show on the query API meanwhile, and the
     read side's progress is sampled (``bench/lag.py``).
     """
-    mix = loadgen.Mix(seed=seed)
+    mix = loadgen.Mix(seed=seed, users=users)
     task = progress.add_task(f"{label}: warming up", total=None)
 
     def on_progress(result: loadgen.Result, elapsed: float) -> None:
@@ -75,7 +98,7 @@ def drive(
         if warmup > 0:
             loadgen.run_sync(
                 loadgen.Run(server.url, key, connections=connections, duration=warmup),
-                loadgen.Mix(seed=seed + 1),
+                loadgen.Mix(seed=seed + 1, users=users),
             )
         server_cpu, db_cpu = server.cpu(), process_cpu(mysqld)
         plan = loadgen.Run(server.url, key, connections=connections, duration=seconds)

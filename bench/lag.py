@@ -4,8 +4,9 @@ become visible to merchants while the command API takes campaign traffic.
 - ``Pipeline`` starts a private embedded broker (the topic created as ``kessai up`` does), and
   the relay, the projector and the query API as subprocesses over the bench's own databases.
 - ``Prober`` measures end-to-end lag the way a merchant would see it: during the run it
-  captures a payment of its own merchant at a steady rate through the same command API and
-  polls ``GET /v1/payments/{id}`` on the query API until the payment is there. The lag of a
+  captures a balance payment of its own merchant (from its own funded payers) at a steady rate
+  through the same command API and polls ``GET /v1/payments/{id}`` on the query API until the
+  payment is there. The lag of a
   probe is the time from the command API's 201 to the first 200 of the query API (so it
   includes up to one poll interval).
 - ``AppliedCounter`` samples how many payments the read database holds, for applied/s and
@@ -36,6 +37,9 @@ from kessai_cli import loadgen
 
 PROBE_MERCHANT = "m-probe"
 """The probes' merchant: not one of the load generator's (``shop-1``...)."""
+PROBE_PAYERS = tuple(f"probe-{n}" for n in range(50))
+"""Who pays the probes, in turn: not the load generator's payers (``u0``...). Fund them first
+(``bench.drive.fund_payers``): a probe refused with 402 measures nothing."""
 
 
 @dataclass
@@ -163,7 +167,7 @@ class Prober:
             body = orjson.dumps(
                 {
                     "merchant_id": PROBE_MERCHANT,
-                    "user_id": f"probe-{index}",
+                    "user_id": PROBE_PAYERS[index % len(PROBE_PAYERS)],
                     "amount": 100 + index,
                     "method": "balance",
                 }

@@ -84,18 +84,26 @@ def percentile_ms(values: list[float], q: float) -> float | None:
 
 
 def open_loop(
-    url: str, key: str, rate: float, seconds: float, connections: int, timeout: float, seed: int
+    url: str,
+    key: str,
+    rate: float,
+    seconds: float,
+    connections: int,
+    timeout: float,
+    seed: int,
+    *,
+    users: int = loadgen.USERS,
 ) -> tuple[dict[str, Any], int]:
-    """One open-loop run; its figures and the payments the client saw created."""
+    """One open-loop run (balance payments by ``users`` payers, funded beforehand); its
+    figures and the payments the client saw created."""
     tally = Tally()
     schedule = GivingUp(rate, seconds, timeout)
     plan = loadgen.Run(url, key, connections=connections, rate=rate, duration=seconds)
     plan = dataclasses.replace(plan, timeout=timeout)
     # uvloop, as the servers run: the client must offer ten times a core's capacity from one
     # core; the stdlib loop cost it about 15% more CPU per request there (docs/BENCHMARKS.md).
-    result = uvloop.run(
-        loadgen.run(plan, loadgen.Mix(seed=seed), schedule=schedule, observe=tally.observe(timeout))
-    )
+    mix = loadgen.Mix(seed=seed, users=users)
+    result = uvloop.run(loadgen.run(plan, mix, schedule=schedule, observe=tally.observe(timeout)))
     refusals = len(tally.refused)
     timeouts = result.connection_errors + schedule.abandoned + tally.late
     figures = {

@@ -12,7 +12,11 @@
 -- are fixed bodies), so refusals are counted, not timed (wrk's own latency histogram, from
 -- when each request was sent, covers every answer).
 --
--- wrk URL -s bench/overload.lua -- KEY RATE SECONDS TIMEOUT PREFIX THREADS
+-- The payments are balance payments by users u0 ... u<USERS - 1>, the load generator's payers
+-- (kessai_cli/loadgen.py), whose wallets bench.overload funds before any run: a payment from a
+-- wallet nobody funded would be 402.
+--
+-- wrk URL -s bench/overload.lua -- KEY RATE SECONDS TIMEOUT PREFIX THREADS USERS
 -- prints one line "kessai-overload {json}" at the end; bench/wrk_loop.py reads it.
 
 local ffi = require("ffi")
@@ -38,6 +42,8 @@ end
 function init(args)
   key = args[1]
   local threads_count = tonumber(args[6])
+  threads_total = threads_count
+  users = tonumber(args[7])
   interval = threads_count / tonumber(args[2]) -- seconds between two due times of a thread
   seconds = tonumber(args[3])
   timeout = tonumber(args[4])
@@ -82,16 +88,19 @@ function request()
   local n = sent
   sent = sent + 1
   merchants = (merchants % 20) + 1
+  -- The threads take the payers in turn: thread t's n-th payment is by u<(n * threads + t) mod
+  -- USERS>, with that user's device (as loadgen's: dev-<user number>).
+  local user = (n * threads_total + number) % users
   local body = string.format(
-    '{"merchant_id":"shop-%d","user_id":"u%d-%d","amount":%d,"currency":"JPY","method":"balance",'
+    '{"merchant_id":"shop-%d","user_id":"u%d","amount":%d,"currency":"JPY","method":"balance",'
       .. '"order_ref":"wrk-%d-%d"}',
-    merchants, number, n % 50000, 100 + (n * 7919) % 49900, math.floor(due * 1e6),
+    merchants, user, 100 + (n * 7919) % 49900, math.floor(due * 1e6),
     math.floor(now() * 1e6))
   return wrk.format("POST", "/v1/payments", {
     ["Authorization"] = "Bearer " .. key,
     ["Content-Type"] = "application/json",
     ["Idempotency-Key"] = prefix .. "-" .. n,
-    ["X-Device-Id"] = "dev-" .. number .. "-" .. (n % 50000),
+    ["X-Device-Id"] = "dev-" .. user,
   }, body)
 end
 

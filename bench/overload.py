@@ -2,10 +2,13 @@
 
 ``python -m bench.overload [--factor 10] [--seconds 10] [--connections 512] [--workers 2]
 [--timeout 10] [--pin 0:1] [--proxy [--proxy-max-in-flight 8] [--proxy-refund-in-flight 2]]
-[--client python|wrk] [--db-url mysql+pymysql://root@127.0.0.1:3306 | --db-url sqlite]
-[--json out.json]``
+[--client python|wrk] [--users 10000] [--db-url mysql+pymysql://root@127.0.0.1:3306 |
+--db-url sqlite] [--json out.json]``
 
-1. Creates fresh databases and a ``payments:write`` key as ``bench/writes.py`` does.
+1. Creates fresh databases, a ``payments:write`` key and a ``wallets:write`` key as
+   ``bench/writes.py`` does. The payments of every run are balance payments by ``--users``
+   payers: the first server served tops up every payer's wallet before its warm-up
+   (``bench.drive.fund_payers``), so none is 402.
 2. The baseline: serves the real command API (``kessai command-api --workers N``; rate limits
    out of the way) with shedding out of the way (``KESSAI_OVERLOAD_MAX_IN_FLIGHT=10000``) and
    measures its capacity: closed loop over ``--capacity-connections`` for
@@ -61,6 +64,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from bench.drive import fund_payers
 from bench.openloop import open_loop
 from bench.overload_report import TARGETS, ratios, show
 from bench.proxy import UNBOUNDED as PROXY_UNBOUNDED
@@ -70,7 +74,7 @@ from bench.serving import Served, interrupt, served, served_env
 from bench.stores import Stores, finish, prepare_stores, scalar_of, scratch, temporary_home
 from bench.writes import console
 from bench.wrk_loop import wrk_binary, wrk_open_loop
-from kessai.auth import PAYMENTS_WRITE
+from kessai.auth import PAYMENTS_WRITE, WALLETS_WRITE
 from kessai.broker import free_port
 from kessai_cli import loadgen
 
@@ -87,28 +91,36 @@ COUNT_PAYMENTS = "SELECT COUNT(*) FROM events WHERE event_type = 'PaymentCapture
 
 @dataclasses.dataclass
 class Bench:
-    """What every phase of one run shares: the key, the settings, where the servers run."""
+    """What every phase of one run shares: the keys, the settings, where the servers run."""
 
     key: str
+    wallets_key: str
     home: Path
     settings: dict[str, Any]
     server_cpus: str | None
     payments: Callable[[], int]
     progress: Progress
     task: TaskID
+    funding: dict[str, Any] | None = None
+    """What funding the payers' wallets did (the first server does it)."""
 
     def say(self, text: str) -> None:
         self.progress.update(self.task, description=text)
 
     @contextlib.contextmanager
     def api(self, label: str, env: dict[str, str]) -> Iterator[Served]:
-        """The command API, pinned to the server's CPUs if asked, warmed up."""
+        """The command API, pinned to the server's CPUs if asked, the payers' wallets funded
+        (by the first one), warmed up."""
         port = free_port()
         argv = [sys.executable, "-m", "kessai_cli", "command-api", "--host", "127.0.0.1"]
         argv += ["--port", str(port), "--workers", str(self.settings["workers"])]
         if self.server_cpus is not None:
             argv = ["taskset", "-c", self.server_cpus, *argv]
         with served(argv, env, port, self.home / f"{label}.log") as api:
+            if self.funding is None:
+                self.say(f"{label}: funding the payers' wallets")
+                payers = loadgen.payers(loadgen.Mix(users=self.settings["users"]))
+                self.funding = fund_payers(api.url, self.wallets_key, payers)
             if self.settings["warmup_seconds"] > 0:
                 self.say(f"{label}: warming up")
                 self.closed_loop(
@@ -133,7 +145,7 @@ class Bench:
         plan = loadgen.Run(
             url, self.key, connections=self.settings["capacity_connections"], duration=seconds
         )
-        return loadgen.run_sync(plan, loadgen.Mix(seed=seed))
+        return loadgen.run_sync(plan, loadgen.Mix(seed=seed, users=self.settings["users"]))
 
     def capacity(self, url: str) -> dict[str, Any]:
         """2xx answers per second, closed loop."""
@@ -152,7 +164,13 @@ class Bench:
         before, cpu_before = self.payments(), cpu()
         if s["client"] == "wrk":
             figures, seen = wrk_open_loop(
-                url, self.key, rate, s["seconds"], s["connections"], s["timeout_seconds"]
+                url,
+                self.key,
+                rate,
+                s["seconds"],
+                s["connections"],
+                s["timeout_seconds"],
+                users=s["users"],
             )
         else:
             figures, seen = open_loop(
@@ -163,6 +181,7 @@ class Bench:
                 s["connections"],
                 s["timeout_seconds"],
                 s["seed"],
+                users=s["users"],
             )
         figures["server_cpu_seconds"] = round(cpu() - cpu_before, 2)
         figures["payments_committed_unseen"] = settled(self.payments) - before - seen
@@ -248,6 +267,9 @@ def main(
             "bench/overload.lua) when one Python core cannot offer the rate."
         ),
     ] = Client.python,
+    users: Annotated[
+        int, typer.Option(min=1, help="Payers of the traffic, their wallets funded first.")
+    ] = loadgen.USERS,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the figures here as JSON.")
     ] = None,
@@ -273,6 +295,7 @@ def main(
         "proxy_max_in_flight": proxy_max_in_flight,
         "proxy_refund_in_flight": proxy_refund_in_flight,
         "client": client.value,
+        "users": users,
     }
     run(settings, db_url, server_cpus, client_cpus, json_path)
 
@@ -313,8 +336,13 @@ def measure(
     settings = report["settings"]
     name = f"kessai_bench_{uuid.uuid4().hex[:10]}"
     write_db, keys_db, read_db = f"{name}_w", f"{name}_k", f"{name}_r"
-    (key,) = prepare_stores(
-        stores, (write_db, keys_db, read_db), created, "bench.overload", PAYMENTS_WRITE
+    key, wallets_key = prepare_stores(
+        stores,
+        (write_db, keys_db, read_db),
+        created,
+        "bench.overload",
+        PAYMENTS_WRITE,
+        WALLETS_WRITE,
     )
     env = served_env(stores.home, *(stores.url(db) for db in (write_db, keys_db, read_db)))
     shedding = {k: v for k, v in os.environ.items() if k.startswith("KESSAI_OVERLOAD_")}
@@ -325,6 +353,7 @@ def measure(
     ) as progress:
         bench = Bench(
             key=key,
+            wallets_key=wallets_key,
             home=stores.home,
             settings=settings,
             server_cpus=server_cpus,
@@ -338,6 +367,7 @@ def measure(
             report["shedding"] = bench.flood("shedding", api.url, rate, api.cpu)
         if settings["proxy"]:
             report["proxied"] = run_proxied(bench, env, rate)
+        report["funding"] = bench.funding
 
 
 def pinning(pin: str | None) -> tuple[str | None, set[int] | None]:

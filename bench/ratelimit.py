@@ -1,14 +1,17 @@
 """The per-key write limit under 512 connections: does 300/s admit at most 300/s?
 
 ``python -m bench.ratelimit [--limit 300] [--connections 512] [--seconds 10] [--workers 2]
-[--redis-url redis://127.0.0.1:6379/0] [--db-url mysql+pymysql://root@127.0.0.1:3306 |
---db-url sqlite] [--json out.json]``
+[--users 10000] [--redis-url redis://127.0.0.1:6379/0] [--db-url
+mysql+pymysql://root@127.0.0.1:3306 | --db-url sqlite] [--json out.json]``
 
-1. Creates fresh databases and a ``payments:write`` key as ``bench/writes.py`` does.
+1. Creates fresh databases, a ``payments:write`` key and a ``wallets:write`` key as
+   ``bench/writes.py`` does.
 2. Capacity: serves the real command API (``kessai command-api --workers N``) with every rate
    limit and the load shedder out of the way, and drives it closed loop over ``--connections``
-   keep-alive connections for ``--seconds`` (after ``--warmup``): payments, each with its own
-   Idempotency-Key. Answers 2xx per second.
+   keep-alive connections for ``--seconds`` (after ``--warmup``): balance payments by
+   ``--users`` payers, each with its own Idempotency-Key. Answers 2xx per second. Before the
+   warm-up it tops up every payer's wallet (``bench.drive.fund_payers``), so no payment is
+   402 and every answer but a 429 is one the limit let through to be recorded.
 3. Limited: the same API on the same databases with ``KESSAI_RATE_LIMIT_WRITES=<limit>/second``
    and its counters in Redis (``--redis-url``; shared by the worker processes, as in
    production), the shedder still out of the way so every request reaches the limit, driven
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import signal
 import sys
@@ -43,12 +47,14 @@ import orjson
 import typer
 from rich.table import Table
 
+from bench.drive import fund_payers
 from bench.reconciler import DEFAULT_DB_URL, machine_table
 from bench.serving import interrupt, served, served_env
 from bench.stores import Stores, finish, prepare_stores, scratch, temporary_home
 from bench.writes import console
-from kessai.auth import PAYMENTS_WRITE
+from kessai.auth import PAYMENTS_WRITE, WALLETS_WRITE
 from kessai.broker import free_port
+from kessai_cli import loadgen
 
 UNBOUNDED = "10000"
 """``KESSAI_OVERLOAD_MAX_IN_FLIGHT`` of both servers: every request reaches the rate limit."""
@@ -98,11 +104,11 @@ class Tally:
         }
 
 
-def _payment(prefix: str, n: int, host: str, key: str) -> bytes:
+def _payment(prefix: str, n: int, host: str, key: str, users: int) -> bytes:
     body = orjson.dumps(
         {
             "merchant_id": f"shop-{n % 50 + 1}",
-            "user_id": f"u{n % 100_000}",
+            "user_id": f"u{n % users}",  # loadgen.payers: the wallets funded first
             "amount": 100 + n % 5_000,
             "currency": "JPY",
             "method": "balance",
@@ -132,7 +138,9 @@ async def _exchange(
     return int(lines[0].split(" ", 2)[1]), headers
 
 
-async def closed_loop(url: str, key: str, connections: int, seconds: float) -> Tally:
+async def closed_loop(
+    url: str, key: str, connections: int, seconds: float, users: int = loadgen.USERS
+) -> Tally:
     """``connections`` keep-alive connections, each sending its next payment when the last is
     answered, for ``seconds``. A plain client of its own: ``kessai_cli.loadgen`` does not keep the
     ``RateLimit-*`` headers."""
@@ -145,7 +153,7 @@ async def closed_loop(url: str, key: str, connections: int, seconds: float) -> T
     async def connection() -> None:
         streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         while time.perf_counter() < deadline:
-            request = _payment(prefix, next(numbers), parts.netloc, key)
+            request = _payment(prefix, next(numbers), parts.netloc, key, users)
             try:
                 if streams is None:
                     streams = await asyncio.open_connection(host, port)
@@ -173,6 +181,9 @@ def main(
     seconds: Annotated[float, typer.Option(min=1, help="Measured seconds per server.")] = 10.0,
     warmup: Annotated[float, typer.Option(min=0, help="Unmeasured seconds first.")] = 2.0,
     workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 2,
+    users: Annotated[
+        int, typer.Option(min=1, help="Payers of the traffic, their wallets funded first.")
+    ] = loadgen.USERS,
     redis_url: Annotated[str, typer.Option(help="Redis for the rate-limit counters.")] = REDIS_URL,
     db_url: Annotated[
         str,
@@ -188,7 +199,7 @@ def main(
     stores = Stores(db_url, home)
     settings: dict[str, Any] = {"limit_per_second": limit, "connections": connections}
     settings |= {"seconds": seconds, "warmup_seconds": warmup, "workers": workers}
-    settings["redis_url"] = redis_url
+    settings |= {"users": users, "redis_url": redis_url}
     report: dict[str, Any] = {"machine": stores.machine(), "settings": settings}
     report["directory"] = str(home)
     with scratch(stores, home) as created:
@@ -202,7 +213,9 @@ def measure(report: dict[str, Any], stores: Stores, created: list[str]) -> None:
     s = report["settings"]
     name = f"kessai_bench_{uuid.uuid4().hex[:10]}"
     names = (f"{name}_w", f"{name}_k", f"{name}_r")
-    (key,) = prepare_stores(stores, names, created, "bench.ratelimit", PAYMENTS_WRITE)
+    key, wallets_key = prepare_stores(
+        stores, names, created, "bench.ratelimit", PAYMENTS_WRITE, WALLETS_WRITE
+    )
     env = served_env(stores.home, *(stores.url(db) for db in names))
     env["KESSAI_OVERLOAD_MAX_IN_FLIGHT"] = UNBOUNDED
     limited_env = {
@@ -215,10 +228,14 @@ def measure(report: dict[str, Any], stores: Stores, created: list[str]) -> None:
         argv = [sys.executable, "-m", "kessai_cli", "command-api", "--host", "127.0.0.1"]
         argv += ["--port", str(port), "--workers", str(s["workers"])]
         with served(argv, server_env, port, stores.home / f"{label}.log") as api:
+            if "funding" not in report:  # once, on the unlimited server: both share the wallets
+                payers = loadgen.payers(loadgen.Mix(users=s["users"]))
+                report["funding"] = fund_payers(api.url, wallets_key, payers)
             console.print(f"{label}: {s['connections']} connections, {s['seconds']:g} s")
+            loop = functools.partial(closed_loop, api.url, key, s["connections"], users=s["users"])
             if s["warmup_seconds"] > 0:
-                asyncio.run(closed_loop(api.url, key, s["connections"], s["warmup_seconds"]))
-            tally = asyncio.run(closed_loop(api.url, key, s["connections"], s["seconds"]))
+                asyncio.run(loop(s["warmup_seconds"]))
+            tally = asyncio.run(loop(s["seconds"]))
             report[label] = tally.figures()
 
 

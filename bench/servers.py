@@ -1,11 +1,13 @@
 """The command API served by uvicorn against granian, 1 and 2 workers, interleaved in one run.
 
 ``python -m bench.servers [--connections 64] [--seconds 8] [--rounds 2] [--workers 1
---workers 2] [--db-url mysql+pymysql://root@127.0.0.1:3306] [--json out.json]``
+--workers 2] [--users 10000] [--db-url mysql+pymysql://root@127.0.0.1:3306] [--json out.json]``
 
 granian is not a dependency of kessai: ``.venv/bin/pip install granian`` first.
 
-Creates fresh databases and a key as ``bench/writes.py`` does, then for each round and
+Creates fresh databases and keys as ``bench/writes.py`` does, funds the load generator's
+payers' wallets through the first kessai server it serves, before its first measured run (the
+payments are balance payments; ``bench.drive.fund_payers``), then for each round and
 worker count serves the real command API (``command_service.app:create_served_app``, what ``kessai
 command-api`` serves) and the bare endpoint (``bench/bare_app.py``) with each server in turn,
 uvicorn and granian alternating which goes first, and drives each with the traffic of
@@ -34,12 +36,13 @@ from rich.console import Console
 from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.drive import drive
+from bench.drive import drive, fund_payers
 from bench.reconciler import DEFAULT_DB_URL, machine_table
 from bench.serving import interrupt, served, served_env
 from bench.stores import Stores, finish, prepare_stores, scratch, temporary_home
-from kessai.auth import PAYMENTS_WRITE
+from kessai.auth import PAYMENTS_WRITE, WALLETS_WRITE
 from kessai.broker import free_port
+from kessai_cli import loadgen
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -81,6 +84,9 @@ def main(
         str, typer.Option(help="Server URL (no database; the bench creates its databases).")
     ] = DEFAULT_DB_URL,
     seed: Annotated[int, typer.Option(help="Seed of the request mix.")] = 1,
+    users: Annotated[
+        int, typer.Option(min=1, help="Payers of the traffic, their wallets funded first.")
+    ] = loadgen.USERS,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the figures here as JSON.")
     ] = None,
@@ -113,11 +119,17 @@ def main(
             "workers": counts,
             "servers": names,
             "seed": seed,
+            "users": users,
         },
     }
     with scratch(stores, home) as created:
-        (key,) = prepare_stores(
-            stores, (write_db, keys_db, read_db), created, "bench.servers", PAYMENTS_WRITE
+        key, wallets_key = prepare_stores(
+            stores,
+            (write_db, keys_db, read_db),
+            created,
+            "bench.servers",
+            PAYMENTS_WRITE,
+            WALLETS_WRITE,
         )
         env = served_env(home, write_url, keys_url, read_url)
         with Progress(
@@ -130,10 +142,20 @@ def main(
                 seconds=seconds,
                 warmup=warmup,
                 seed=seed,
+                users=users,
                 mysqld=stores.server_pid(),
                 progress=progress,
             )
-            report["runs"] = every_run(measure, env, home, rounds, counts, names)
+            funding: dict[str, Any] = {}
+
+            def fund(url: str) -> None:
+                if not funding:
+                    funding.update(
+                        fund_payers(url, wallets_key, loadgen.payers(loadgen.Mix(users=users)))
+                    )
+
+            report["runs"] = every_run(measure, env, home, rounds, counts, names, fund)
+        report["funding"] = funding
         report["medians"] = medians(report["runs"])
         finish(report, show, json_path, console)
 
@@ -145,9 +167,11 @@ def every_run(
     rounds: int,
     counts: list[int],
     names: list[str],
+    fund: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """Each round, worker count, app and server in turn, the servers alternating which goes
-    first from one round to the next: the figures of every run, in order."""
+    first from one round to the next: the figures of every run, in order. ``fund`` is given
+    the URL of every kessai server before it is measured (it funds the payers the first time)."""
     runs = []
     for round_ in range(rounds):
         order = names if round_ % 2 == 0 else names[::-1]
@@ -158,6 +182,8 @@ def every_run(
                     argv = server_argv(server, app, port, count)
                     log = home / f"{server}-{app}.log"
                     with served(argv, env, port, log) as api:
+                        if app == "kessai":
+                            fund(api.url)
                         figures = measure(api, label=f"{app} {server} {count}w")
                     run = {"server": server, "app": app, "workers": count}
                     runs.append({**run, "round": round_, **figures})

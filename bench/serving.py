@@ -20,6 +20,10 @@ from bench.reconciler import process_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 UNLIMITED = "1000000/second"
+WALLET_LIMIT = 10**12
+"""``KESSAI_WALLET_MAX_BALANCE`` of the served APIs (the most it may be): the benches fund every
+payer with more than any run spends (``bench.drive.FUNDS``), so no payment is 402. The limit
+is checked all the same."""
 
 
 def children_of(pid: int) -> list[int]:
@@ -114,7 +118,8 @@ def served(argv: list[str], env: dict[str, str], port: int, log: Path) -> Iterat
 
 def served_env(home: Path, write_url: str, keys_url: str, read_url: str) -> dict[str, str]:
     """The environment of the served APIs: this process's, without its KESSAI_* settings but
-    the group-commit ones, over the bench's databases, rate limits out of the way."""
+    the group-commit ones, over the bench's databases, rate limits and the wallets' balance
+    limit out of the way."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KESSAI_")}
     env.update(
         {
@@ -125,6 +130,7 @@ def served_env(home: Path, write_url: str, keys_url: str, read_url: str) -> dict
             "KESSAI_RATE_LIMIT_PER_IP": UNLIMITED,
             "KESSAI_RATE_LIMIT_WRITES": UNLIMITED,
             "KESSAI_RATE_LIMIT_READS": UNLIMITED,
+            "KESSAI_WALLET_MAX_BALANCE": str(WALLET_LIMIT),
             "KESSAI_LOG_LEVEL": "WARNING",
         }
     )

@@ -1,24 +1,29 @@
 """How many payments the command API takes, against what the same server and database do bare.
 
-``python -m bench.writes [--connections 64] [--seconds 10] [--workers 2]
+``python -m bench.writes [--connections 64] [--seconds 10] [--workers 2] [--users 10000]
 [--db-url mysql+pymysql://root@127.0.0.1:3306 | --db-url sqlite] [--api-only]
 [--json out.json] [--profile out.txt]``
 
 1. Creates fresh databases (write store, read database and key store, ``kessai_bench_<hex>_w``
    / ``_r`` / ``_k`` on the server, or SQLite files with ``--db-url sqlite``: the embedded
-   default), migrates them, creates a ``payments:write`` key.
+   default), migrates them, creates a ``payments:write`` key and a ``wallets:write`` key.
 2. Unless ``--api-only``: starts a private embedded broker, the relay, the projector and the
    query API over those databases (``bench/lag.py``).
 3. Serves the real command API (``kessai command-api --workers N``, uvicorn, group commit as
-   configured, rate limits out of the way) in a subprocess, and drives it with the load
-   generator (``kessai_cli/loadgen.py``): ``--connections`` keep-alive connections for
+   configured, rate limits out of the way) in a subprocess. First, outside anything measured,
+   tops up the wallets of the load generator's payers and of the probes' (one top-up each,
+   ``bench.drive.fund_payers``; with the pipeline, until the read side holds every wallet):
+   the payments are balance payments, each debiting its payer's wallet. Then drives it with
+   the load generator (``kessai_cli/loadgen.py``): ``--connections`` keep-alive connections for
    ``--seconds`` after ``--warmup`` seconds, campaign traffic (Zipf merchants, one with 30% of
    the payments, 3% refunds, 1% client retries with the same Idempotency-Key and body, device
-   ids). Figures: answers/s, accepted/s (payments and refunds recorded), latency p50/p90/p99,
-   CPU of this process (the client), of the API processes and of the database server, and the
-   peak RSS of every API process (``VmHWM``). With the pipeline: the end-to-end lag of probe
-   payments until the query API shows them (p50/p99), applied/s on the read side, the time
-   the read side needs to catch up after the load, the peak RSS of every service.
+   ids; no top-ups, so the traffic is the one measured before wallets existed, and the bare
+   endpoint's). Figures: answers/s, accepted/s (payments and refunds recorded), latency
+   p50/p90/p99, CPU of this process (the client), of the API processes and of the database
+   server, and the peak RSS of every API process (``VmHWM``). With the pipeline: the
+   end-to-end lag of probe payments until the query API shows them (p50/p99), applied/s on
+   the read side, the time the read side needs to catch up after the load, the peak RSS of
+   every service.
 4. Baselines in the same run, on the same machine: a bare FastAPI app with the same body
    models and no database (``bench/bare_app.py``), served and driven identically; and raw
    single-row ``INSERT`` + ``COMMIT`` from ``--connections`` threads into a table of the same
@@ -40,6 +45,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,12 +55,12 @@ from rich.console import Console
 from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.drive import EndToEnd, drive
-from bench.lag import PROBE_MERCHANT, AppliedCounter, Pipeline
+from bench.drive import EndToEnd, drive, fund_payers
+from bench.lag import PROBE_MERCHANT, PROBE_PAYERS, AppliedCounter, Pipeline
 from bench.reconciler import DEFAULT_DB_URL, machine_table, process_cpu
 from bench.serving import interrupt, served, served_env
 from bench.stores import Stores, finish, prepare_stores, scalar_of, scratch, temporary_home
-from kessai.auth import PAYMENTS_WRITE, merchant_scope
+from kessai.auth import PAYMENTS_WRITE, WALLETS_WRITE, merchant_scope
 from kessai.broker import free_port
 from kessai_cli import loadgen
 
@@ -159,6 +165,9 @@ def main(
         ),
     ] = DEFAULT_DB_URL,
     seed: Annotated[int, typer.Option(help="Seed of the request mix.")] = 1,
+    users: Annotated[
+        int, typer.Option(min=1, help="Payers of the traffic, their wallets funded first.")
+    ] = loadgen.USERS,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the figures here as JSON.")
     ] = None,
@@ -189,7 +198,7 @@ def main(
             "warmup_seconds": warmup,
             "workers": workers,
             "seed": seed,
-            "mix": dataclasses.asdict(loadgen.Mix(seed=seed)),
+            "mix": dataclasses.asdict(loadgen.Mix(seed=seed, users=users)),
             "end_to_end": end_to_end,
         },
         "targets": TARGETS,
@@ -198,7 +207,7 @@ def main(
     with scratch(stores, home) as created:
         _measure(
             report, stores, names, created, home,
-            connections=connections, seconds=seconds, warmup=warmup, seed=seed,
+            connections=connections, seconds=seconds, warmup=warmup, seed=seed, users=users,
             workers=workers, end_to_end=end_to_end, profile=profile,
         )  # fmt: skip
         report["ratios"] = _ratios(report)
@@ -216,6 +225,7 @@ def _measure(
     seconds: float,
     warmup: float,
     seed: int,
+    users: int,
     workers: int,
     end_to_end: bool,
     profile: Path | None,
@@ -225,12 +235,13 @@ def _measure(
     write_db, _, read_db = names
     write_url, keys_url, read_url = (stores.url(db) for db in names)
     mysqld = stores.server_pid()
-    key, read_key = prepare_stores(
+    key, wallets_key, read_key = prepare_stores(
         stores,
         names,
         created,
         "bench.writes",
         PAYMENTS_WRITE,
+        WALLETS_WRITE,
         merchant_scope(PROBE_MERCHANT),
     )
     env = served_env(home, write_url, keys_url, read_url)
@@ -244,12 +255,14 @@ def _measure(
             seconds=seconds,
             warmup=warmup,
             seed=seed,
+            users=users,
             mysqld=mysqld,
             progress=progress,
         )
         report["kessai"] = _measure_kessai(
-            measure, progress, stores, home, env, key, read_key, (write_db, read_db),
-            workers=workers, end_to_end=end_to_end, profile=profile,
+            measure, progress, stores, home, env, (key, wallets_key, read_key),
+            (write_db, read_db), users=users, workers=workers, end_to_end=end_to_end,
+            profile=profile,
         )  # fmt: skip
         report["bare_fastapi"] = _measure_bare(measure, home, env, key, workers)
         task = progress.add_task(f"raw inserts: {seconds:g} s", total=None)
@@ -265,15 +278,17 @@ def _measure_kessai(
     stores: Stores,
     home: Path,
     env: dict[str, str],
-    key: str,
-    read_key: str,
+    keys: tuple[str, str, str],
     databases: tuple[str, str],
     *,
+    users: int,
     workers: int,
     end_to_end: bool,
     profile: Path | None,
 ) -> dict[str, Any]:
-    """The real command API served and driven; with ``end_to_end``, the read side behind it."""
+    """The real command API served, the payers' wallets funded, then driven; with
+    ``end_to_end``, the read side behind it. ``keys``: payments, wallets, probe reads."""
+    key, wallets_key, read_key = keys
     write_db, read_db = databases
     port = free_port()
     argv = [sys.executable, "-m", "kessai_cli", "command-api", "--host", "127.0.0.1"]
@@ -296,7 +311,27 @@ def _measure_kessai(
             )
             progress.remove_task(task)
         api = stack.enter_context(served(argv, env, port, home / "command-api.log"))
-        return measure(api, key, label="kessai", profile=profile, e2e=e2e)
+        task = progress.add_task("funding the payers' wallets")
+        payers = [*loadgen.payers(loadgen.Mix(users=users)), *PROBE_PAYERS]
+        funding = fund_payers(api.url, wallets_key, payers)
+        if e2e is not None:  # the read side applies the top-ups before anything is measured
+            progress.update(task, description="the read side applying the top-ups")
+            if not _wait_for(
+                lambda: scalar_of(stores, read_db, "SELECT COUNT(*) FROM wallets") >= len(payers)
+            ):
+                raise RuntimeError("the read side did not apply the top-ups within 300 s")
+        progress.remove_task(task)
+        figures = measure(api, key, label="kessai", profile=profile, e2e=e2e)
+        return {**figures, "funding": funding}
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 300.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+    return True
 
 
 def _measure_bare(
@@ -337,6 +372,13 @@ def show(report: dict[str, Any]) -> None:
         f"{s['connections']} connections, {s['seconds']:g} s (+{s['warmup_seconds']:g} s "
         f"warm-up), {s['workers']} uvicorn workers, group commit {s['group_commit']}",
     )
+    funding = report["kessai"].get("funding")
+    if funding is not None:
+        about.add_row(
+            "funding",
+            f"{funding['funded']:,} payers' wallets topped up ({funding['amount']:,} JPY each) "
+            f"in {funding['elapsed_seconds']:.1f} s, before the kessai runs",
+        )
     console.print(about)
     console.print(_figures_table(report))
     console.print(_targets_table(report))

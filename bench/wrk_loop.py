@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from bench.openloop import percentile_ms
+from kessai_cli import loadgen
 
 SCRIPT = Path(__file__).with_name("overload.lua")
 MARK = "kessai-overload "
@@ -40,18 +41,26 @@ def wrk_binary() -> str:
 
 
 def wrk_open_loop(
-    url: str, key: str, rate: float, seconds: float, connections: int, timeout: float
+    url: str,
+    key: str,
+    rate: float,
+    seconds: float,
+    connections: int,
+    timeout: float,
+    *,
+    users: int = loadgen.USERS,
 ) -> tuple[dict[str, Any], int]:
-    """One open-loop run by wrk (on this process's CPUs); its figures and the payments the
-    client saw created. wrk runs ``timeout`` seconds past the schedule's end, so a request
-    sent last gets the same time to answer as any other."""
+    """One open-loop run by wrk (on this process's CPUs): balance payments by the load
+    generator's ``users`` payers (``loadgen.payers``: fund them first); its figures and the
+    payments the client saw created. wrk runs ``timeout`` seconds past the schedule's end, so
+    a request sent last gets the same time to answer as any other."""
     prefix = f"wrk-{uuid.uuid4().hex[:12]}"
     threads = min(THREADS, connections)
     argv = [
         wrk_binary(), "-t", str(threads), "-c", str(connections),
         "-d", f"{math.ceil(seconds + timeout) + 1}s", "--timeout", f"{timeout:g}s",
         "-s", str(SCRIPT), url, "--",
-        key, f"{rate:g}", f"{seconds:g}", f"{timeout:g}", prefix, str(threads),
+        key, f"{rate:g}", f"{seconds:g}", f"{timeout:g}", prefix, str(threads), str(users),
     ]  # fmt: skip
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(argv, capture_output=True, text=True, check=False)

@@ -272,7 +272,10 @@ class _Traffic:
             sent = self.answered[self.rng.randrange(len(self.answered))]
             head = self._head("/v1/payments", sent.key, len(sent.body), sent.device)
             return "retry", head, sent.body, None
-        if roll < self.mix.refund_share + self.mix.retry_share + self.mix.top_up_share:
+        # A roll of a refund or retry that cannot be made yet is a payment, never a top-up: so
+        # a mix without top-ups sends exactly the traffic it sent before they existed.
+        others = self.mix.refund_share + self.mix.retry_share
+        if others <= roll < others + self.mix.top_up_share:
             user = self.rng.randrange(self.mix.users)
             body = orjson.dumps(
                 {

@@ -1,5 +1,6 @@
-"""``bench.overload`` at a tiny size on the embedded default: capacity, then open loop past it
-with shedding and without, and the figures the suite reports."""
+"""``bench.overload`` at a tiny size on the embedded default: the payers' wallets funded,
+capacity, then open loop past it with shedding and without, and the figures the suite
+reports."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import pytest
 import typer
 
 from bench import overload as bench
+
+USERS = 100
+"""Payers of the traffic: few, so funding their wallets is quick."""
 
 
 def test_the_overload_bench_measures_shedding_against_a_baseline(tmp_path: Path) -> None:
@@ -30,10 +34,14 @@ def test_the_overload_bench_measures_shedding_against_a_baseline(tmp_path: Path)
         db_url="sqlite",
         seed=1,
         pin=pin,
+        users=USERS,
         json_path=out,
     )
     assert sorted(os.sched_getaffinity(0)) == cpus  # the client's pinning is undone
     report = orjson.loads(out.read_bytes())
+    # Funded before the first warm-up: no payment of any run found its wallet short.
+    assert report["funding"]["funded"] == report["funding"]["users"] == USERS
+    assert "402" not in report["capacity"]["by_status"]
     assert report["capacity"]["ok_per_second"] > 0
     for label in ("shedding", "baseline"):
         figures = report[label]
@@ -42,6 +50,7 @@ def test_the_overload_bench_measures_shedding_against_a_baseline(tmp_path: Path)
         assert figures["admitted"] > 0
         assert figures["admitted_latency_ms"]["p99"] >= figures["admitted_latency_ms"]["p50"]
         assert figures["payments_committed_unseen"] >= 0
+        assert "402" not in figures["by_status"]
     assert report["ratios"]["admitted_p99"] is not None
     assert report["settings"]["pin"] == pin
     assert not Path(report["directory"]).exists()  # SQLite files and logs removed
@@ -80,10 +89,12 @@ def test_behind_nginx_driven_by_wrk_every_refusal_is_a_503_with_retry_after(
         proxy_max_in_flight=1,
         proxy_refund_in_flight=1,
         client=bench.Client.wrk,
+        users=USERS,
         json_path=out,
     )
     report = orjson.loads(out.read_bytes())
     assert report["settings"]["client"] == "wrk"
+    assert report["funding"]["funded"] == USERS
     proxied = report["proxied"]
     assert proxied["client"] == "wrk"
     assert proxied["sent"] > 0

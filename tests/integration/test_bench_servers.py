@@ -1,5 +1,6 @@
 """``bench.servers`` at a tiny size on the embedded default, uvicorn only (granian is not a
-dependency of kessai), and what it says when granian is asked for but absent."""
+dependency of kessai), its payers' wallets funded first, and what it says when granian is asked
+for but absent."""
 
 from __future__ import annotations
 
@@ -23,9 +24,12 @@ def test_the_servers_bench_measures_both_apps_under_uvicorn(tmp_path: Path) -> N
         servers=["uvicorn"],
         db_url="sqlite",
         seed=1,
+        users=100,
         json_path=out,
     )
     report = orjson.loads(out.read_bytes())
+    # The payers' wallets were funded once, before the first kessai run: no payment was 402.
+    assert report["funding"]["funded"] == report["funding"]["users"] == 100
     assert [(r["app"], r["server"], r["workers"]) for r in report["runs"]] == [
         ("kessai", "uvicorn", 1),
         ("bare", "uvicorn", 1),

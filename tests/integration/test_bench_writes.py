@@ -1,5 +1,6 @@
 """``bench.writes`` at a tiny size on the embedded default: the real command API, relay,
-broker, projector and query API, and the figures the suite reports."""
+broker, projector and query API, the payers' wallets funded before anything is measured, and
+the figures the suite reports."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 import orjson
 
 from bench import writes as bench
+from bench.lag import PROBE_PAYERS
+
+USERS = 200
 
 
 def test_the_writes_bench_measures_the_whole_pipeline(tmp_path: Path) -> None:
@@ -19,15 +23,22 @@ def test_the_writes_bench_measures_the_whole_pipeline(tmp_path: Path) -> None:
         workers=1,
         db_url="sqlite",
         seed=1,
+        users=USERS,
         json_path=out,
         profile=None,
         end_to_end=True,
     )
     report = orjson.loads(out.read_bytes())
     kessai = report["kessai"]
+    # Every payer's wallet and every probe's was topped up once, before the runs: no balance
+    # payment found its wallet short.
+    funding = kessai["funding"]
+    assert funding["funded"] == funding["users"] == USERS + len(PROBE_PAYERS)
+    assert report["settings"]["mix"]["users"] == USERS
+    assert kessai["insufficient_balance"] == 0
     assert kessai["ok_per_second"] > 0
     assert kessai["connection_errors"] == 0
-    assert all(200 <= int(status) < 300 for status in kessai["by_status"])
+    assert all(200 <= int(status) < 300 for status in kessai["by_status"]), kessai["by_status"]
     e2e = kessai["end_to_end"]
     # Every probe was answered and then seen on the query API; the lag is a real duration.
     assert e2e["probes"] > 10

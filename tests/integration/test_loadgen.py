@@ -190,6 +190,7 @@ def test_loadgen_counts_the_payments_wallets_cannot_cover(
     assert result.connection_errors == 0
     # 200 payments of 25,000 on average from 20 wallets of 60,000: most cannot be covered.
     assert set(result.by_status) == {201, 402}, result.by_status
+    assert "top_up" not in result.by_kind  # none in the mix by default
     assert result.insufficient_balance == result.by_status[402] == result.by_kind["payment"][402]
     assert result.insufficient_balance > result.payments
     by_type, _, keys = _stored(settings.resolved_write_db_url())
