@@ -1,9 +1,10 @@
 """``kessai up``, driven over real HTTP like a newcomer would: on the embedded defaults, and
 with both databases on MySQL.
 
-Starts the real command (broker, migrations, command API, relay as separate processes), creates
-a payment and a refund with an HTTP client, reads the events back from the embedded broker,
-then stops everything with SIGTERM and checks nothing is left listening.
+Starts the real command (broker, migrations, command API, relay as separate processes), tops up
+the payer's wallet and creates a balance payment and a refund with an HTTP client (the
+development keys of ``kessai up``), reads the events back from the embedded broker, then stops
+everything with SIGTERM and checks nothing is left listening.
 """
 
 from __future__ import annotations
@@ -31,10 +32,20 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from kessai.broker import free_port, port_is_open
-from kessai.events import PaymentCaptured, PaymentRefunded, parse_event
+from kessai.events import (
+    PaymentCaptured,
+    PaymentRefunded,
+    TopUpReceived,
+    WalletCredited,
+    WalletDebited,
+    parse_event,
+    parse_wallet_event,
+    wallet_stream_id,
+)
+from kessai.money import MAX_AMOUNT
 from kessai.settings import DEFAULT_TOPIC, Settings
 from kessai_cli.up import STOP_SECONDS
-from tests.helpers import consume_all, new_key, payment_body
+from tests.helpers import FUNDS, PAYER, consume_all, new_key, payment_body
 from tests.integration.read_model import create_mysql_database, drop_mysql_database
 
 
@@ -60,6 +71,19 @@ class RunningSystem:
 
     def auth(self, label: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[label]}"}
+
+    def top_up(self, user_id: str, amount: int = FUNDS) -> dict[str, Any]:
+        """Top up ``user_id``'s wallet with the development ``wallets`` key, as a newcomer
+        would before paying from it: a balance payment from an empty wallet is 402."""
+        answer = httpx.post(
+            f"{self.api}/v1/users/{user_id}/top-ups",
+            json={"amount": amount, "currency": "JPY", "source": "bank"},
+            headers={**self.auth("wallets"), "Idempotency-Key": new_key("top-up")},
+            timeout=10,
+        )
+        assert answer.status_code == 201, answer.text
+        created: dict[str, Any] = answer.json()
+        return created
 
     @property
     def bootstrap(self) -> str:
@@ -151,10 +175,15 @@ def _env(tmp_path: Path, api_port: int, query_port: int, broker_port: int) -> di
         "KESSAI_COMMAND_API_PORT": str(api_port),
         "KESSAI_QUERY_API_PORT": str(query_port),
         "KESSAI_EMBEDDED_BROKER_PORT": str(broker_port),
+        # The payers are topped up far past what one should hold (FUNDS), so that paying
+        # continuously never empties a wallet: the limit is tested alone.
+        "KESSAI_WALLET_MAX_BALANCE": str(MAX_AMOUNT),
     }
 
 
 async def test_payment_over_http_reaches_the_topic(system: RunningSystem) -> None:
+    funded = system.top_up(PAYER)
+    assert (funded["balance"], funded["version"]) == (FUNDS, 1)
     async with httpx.AsyncClient(
         base_url=system.api, timeout=10, headers=system.auth("payments")
     ) as client:
@@ -173,26 +202,56 @@ async def test_payment_over_http_reaches_the_topic(system: RunningSystem) -> Non
         assert refunded.status_code == 201, refunded.text
         assert refunded.json()["status"] == "partially_refunded"
 
-    records = await consume_all(system.bootstrap, DEFAULT_TOPIC, at_least=2, within=30)
-    assert [r.key for r in records] == [payment_id.encode()] * 2
-    captured, refund = (parse_event(r.value) for r in sorted(records, key=lambda r: r.offset))
+    # The payment's two events, and the wallet's three movements (top-up, debit, credit).
+    records = await consume_all(system.bootstrap, DEFAULT_TOPIC, at_least=5, within=30)
+    ordered = sorted(records, key=lambda r: (r.partition, r.offset))
+    payment_types = {"PaymentCaptured", "PaymentRefunded"}
+    payment_records = [r for r in ordered if _event_type(r) in payment_types]
+    wallet_records = [r for r in ordered if _event_type(r) not in payment_types]
+    assert [r.key for r in payment_records] == [payment_id.encode()] * 2
+    captured, refund = (parse_event(r.value) for r in payment_records)
     assert isinstance(captured, PaymentCaptured)
     assert isinstance(refund, PaymentRefunded)
     assert captured.merchant_id == "shop-42"
     assert captured.payload.amount == 1200
     assert captured.payload.device_id == "device-1"
     assert refund.payload.amount == 200
-    assert dict(records[0].headers)["event_type"] in {b"PaymentCaptured", b"PaymentRefunded"}
-    assert {dict(r.headers)["event_id"] for r in records} == {
+    assert {dict(r.headers)["event_id"] for r in payment_records} == {
         str(captured.event_id).encode(),
         str(refund.event_id).encode(),
     }
+    # The wallet's stream, keyed by its own id, in order: what the balance did.
+    assert [r.key for r in wallet_records] == [str(wallet_stream_id(PAYER)).encode()] * 3
+    top_up, debit, credit = (parse_wallet_event(r.value) for r in wallet_records)
+    assert isinstance(top_up, TopUpReceived)
+    assert isinstance(debit, WalletDebited)
+    assert isinstance(credit, WalletCredited)
+    assert [e.version for e in (top_up, debit, credit)] == [1, 2, 3]
+    assert (debit.payload.payment_id, debit.payload.amount) == (captured.payment_id, 1200)
+    assert (credit.payload.refund_id, credit.payload.amount) == (refund.payload.refund_id, 200)
+    assert [e.payload.balance_after for e in (top_up, debit, credit)] == [
+        FUNDS,
+        FUNDS - 1200,
+        FUNDS - 1000,
+    ]
+    assert [_event_type(r) for r in wallet_records] == [
+        "TopUpReceived",
+        "WalletDebited",
+        "WalletCredited",
+    ]
+
+
+def _event_type(record: Any) -> str:
+    """The ``event_type`` header of a record read from the topic."""
+    value: bytes = dict(record.headers)["event_type"]
+    return value.decode()
 
 
 async def test_a_payment_and_its_refund_reach_the_merchant_dashboard(
     system: RunningSystem,
 ) -> None:
     merchant = "shop-1"  # one of the merchants the development merchant key reads
+    system.top_up(PAYER)
     async with (
         httpx.AsyncClient(
             base_url=system.api, timeout=10, headers=system.auth("payments")
@@ -354,7 +413,8 @@ def _kill_and_see_restarted(system: RunningSystem, name: str) -> int:
 
 
 class _Payer:
-    """Pays continuously from a thread and keeps every answer of the command API."""
+    """Pays continuously from a thread (balance payments by ``PAYER``: top the wallet up
+    first) and keeps every answer of the command API."""
 
     def __init__(self, system: RunningSystem) -> None:
         self.system = system
@@ -419,7 +479,8 @@ class _Payer:
 
 
 def _pay_and_see_it_listed(system: RunningSystem, within: float = 30) -> float:
-    """One payment through the command API; how long until the query API shows it."""
+    """One payment through the command API (by ``PAYER``, whose wallet holds the money);
+    how long until the query API shows it."""
     created = httpx.post(
         f"{system.api}/v1/payments",
         json=payment_body(merchant_id="shop-1"),
@@ -443,6 +504,7 @@ def test_killed_children_are_restarted_while_the_payment_api_keeps_serving(
     assert set(_children(system.process.pid)) == {
         "broker", "command-api", "relay", "projector", "query-api", "reconciler",
     }  # fmt: skip
+    system.top_up(PAYER)  # whom _Payer and _pay_and_see_it_listed pay from
     with _Payer(system) as payer:
         _kill_and_see_restarted(system, "projector")
         log.info("a payment reached the query API %.2f s later", _pay_and_see_it_listed(system))
@@ -470,6 +532,7 @@ def test_a_killed_broker_comes_back_on_its_port_with_its_partitions(
     embedded: RunningSystem,
 ) -> None:
     system = embedded
+    system.top_up(PAYER)  # whom _Payer and _pay_and_see_it_listed pay from
     with _Payer(system) as payer:
         _kill_and_see_restarted(system, "broker")
         _wait(lambda: port_is_open("127.0.0.1", system.broker_port), 10, "broker listening")
