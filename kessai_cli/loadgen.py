@@ -419,10 +419,13 @@ class Funding:
     amount: int = 0
     """Top-up per wallet (JPY)."""
     funded: int = 0
-    """Wallets topped up (201)."""
+    """Wallets topped up (201), by ``amount`` or, where that would pass the wallet's limit, up
+    to the limit (``to_limit``)."""
+    to_limit: int = 0
+    """Of ``funded``: topped up to their limit only, with less than ``amount`` (the limit is
+    below ``amount``, or an earlier run funded them)."""
     at_limit: int = 0
-    """Wallets refused the top-up with 409 ``balance_limit_exceeded``: they already hold more
-    than their limit minus ``amount`` (an earlier run funded them)."""
+    """Wallets already full: 409 ``balance_limit_exceeded`` with no headroom left."""
     by_status: Counter[int] = field(default_factory=Counter)
     """The last answer of each wallet's top-up."""
     codes: Counter[str] = field(default_factory=Counter)
@@ -435,14 +438,31 @@ class Funding:
 
     @property
     def complete(self) -> bool:
-        """Every wallet was topped up, or already held about its limit."""
+        """Every wallet was topped up, or was full already."""
         return self.funded + self.at_limit == self.users
+
+    def count(self, answer: Answer, *, full: bool, short: bool) -> None:
+        """The last answer of one wallet's top-up: ``full``, a 409 ``balance_limit_exceeded``
+        without headroom; ``short``, a top-up of less than ``amount`` (up to the limit)."""
+        self.by_status[answer.status] += 1
+        if answer.status == 201:
+            self.funded += 1
+            if short:
+                self.to_limit += 1
+        elif full:
+            self.at_limit += 1
+        else:
+            code = "?"
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                code = str(orjson.loads(answer.body)["error"]["code"])
+            self.codes[f"{answer.status} {code}"] += 1
 
     def summary(self) -> dict[str, Any]:
         return {
             "users": self.users,
             "amount": self.amount,
             "funded": self.funded,
+            "to_limit": self.to_limit,
             "at_limit": self.at_limit,
             "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
             "error_codes": dict(self.codes.most_common()),
@@ -452,9 +472,21 @@ class Funding:
         }
 
 
+def _headroom(answer: Answer) -> int | None:
+    """The headroom a 409 ``balance_limit_exceeded`` gives; None for any other answer."""
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        error = orjson.loads(answer.body)["error"]
+        if answer.status == 409 and error["code"] == "balance_limit_exceeded":
+            return int(error["details"]["headroom"])
+    return None
+
+
 @dataclass(slots=True)
 class _TopUp:
     user: str
+    amount: int
+    key: str
+    """Its Idempotency-Key: the same for every attempt of the same request."""
     attempt: int = 1
     not_before: float = 0.0
 
@@ -494,14 +526,15 @@ async def fund(
     /v1/users/{id}/top-ups`` (``wallets_key`` must hold ``wallets:write``), closed loop over
     ``connections`` keep-alive connections. Each user's top-up has an Idempotency-Key of its
     own, new with every call; one refused for the load (429, 503) or unanswered is sent again
-    with the same key, up to ``FUNDING_ATTEMPTS`` times. What the top-ups answered in the end
-    is in the result (``complete``: every wallet funded)."""
+    with the same key, up to ``FUNDING_ATTEMPTS`` times. One that would pass the wallet's
+    limit (409 ``balance_limit_exceeded``) is replaced by a top-up of the headroom the answer
+    gives, if any: the wallet ends full. What the top-ups answered in the end is in the result
+    (``complete``: every wallet funded or full)."""
     funding = Funding(users=len(users), amount=amount)
     common = _common_headers(url, wallets_key)
     base_path = urlsplit(url).path.rstrip("/")
     prefix = f"lg-fund-{uuid.uuid4().hex[:12]}"
-    body = orjson.dumps({"amount": amount, "currency": "JPY", "source": "bank"})
-    todo = deque(_TopUp(user) for user in users)
+    todo = deque(_TopUp(user, amount, f"{prefix}-{user}") for user in users)
     unanswered: dict[str, _TopUp] = {}
     """Sent, no answer yet: after the loop, those that never got one."""
     start = time.perf_counter()
@@ -510,14 +543,17 @@ async def fund(
         if top_up.attempt >= FUNDING_ATTEMPTS:
             return False
         funding.retried += 1
-        todo.append(_TopUp(top_up.user, top_up.attempt + 1, time.perf_counter() + delay))
+        retry = _TopUp(top_up.user, top_up.amount, top_up.key, top_up.attempt + 1)
+        retry.not_before = time.perf_counter() + delay
+        todo.append(retry)
         return True
 
     def request() -> Request:
         top_up = todo.popleft()
+        body = orjson.dumps({"amount": top_up.amount, "currency": "JPY", "source": "bank"})
         head = (
             f"POST {base_path}/v1/users/{top_up.user}/top-ups HTTP/1.1\r\n{common}"
-            f"Idempotency-Key: {prefix}-{top_up.user}\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"Idempotency-Key: {top_up.key}\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode()
 
         def answered(answer: Answer, seconds: float) -> None:
@@ -528,17 +564,11 @@ async def fund(
                     delay = min(1.0, max(0.05, float(answer.retry_after or delay)))
                 if again(top_up, delay):
                     return
-            funding.by_status[answer.status] += 1
-            if answer.status == 201:
-                funding.funded += 1
+            room = _headroom(answer)
+            if room is not None and 0 < room < top_up.amount:  # what still fits: a new request
+                todo.append(_TopUp(top_up.user, room, f"{top_up.key}-to-limit"))
                 return
-            code = "?"
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                code = str(orjson.loads(answer.body)["error"]["code"])
-            if answer.status == 409 and code == "balance_limit_exceeded":
-                funding.at_limit += 1
-            else:
-                funding.codes[f"{answer.status} {code}"] += 1
+            funding.count(answer, full=room is not None, short=top_up.amount < amount)
 
         unanswered[top_up.user] = top_up
         return Request(head, body, answered)

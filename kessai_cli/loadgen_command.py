@@ -203,8 +203,10 @@ def _funding_line(funding: lg.Funding) -> str:
         f"funded {funding.funded:,} of {funding.users:,} wallets with {funding.amount:,} JPY "
         f"each in {funding.elapsed:.1f} s"
     )
+    if funding.to_limit:
+        line += f"; {funding.to_limit:,} of them only up to their limit (KESSAI_WALLET_MAX_BALANCE)"
     if funding.at_limit:
-        line += f"; {funding.at_limit:,} already held about their limit (409, not topped up)"
+        line += f"; {funding.at_limit:,} more already full"
     return line
 
 
@@ -235,7 +237,8 @@ def _summary_table(
         table.add_row(
             "funded users",
             f"{funding.funded + funding.at_limit:,} of {funding.users:,} "
-            f"({funding.amount:,} JPY top-up each; {funding.at_limit:,} at their limit)",
+            f"({funding.amount:,} JPY top-up each; {funding.to_limit + funding.at_limit:,} "
+            "only up to their limit)",
         )
     table.add_row("sent", f"{result.sent:,} in {result.elapsed:.1f} s")
     table.add_row(

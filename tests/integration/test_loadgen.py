@@ -197,3 +197,36 @@ def test_loadgen_counts_the_payments_wallets_cannot_cover(
     assert by_type.get("PaymentCaptured", 0) == by_type.get("WalletDebited", 0) == result.payments
     assert by_type.get("TopUpReceived", 0) == 20
     assert keys == funding.funded + result.payments + result.refunds
+
+
+def test_funding_fills_wallets_up_to_their_limit(write_db_url: str, tmp_path: Path) -> None:
+    """A top-up that would pass a wallet's limit is replaced by one of the headroom the 409
+    gives, and a full wallet is left as it is: funding again, as a second run against the same
+    system does, ends with full wallets, never with a refusal."""
+    settings = _settings(write_db_url, tmp_path).model_copy(update={"wallet_max_balance": 100_000})
+    wallets_key = api_key(settings, WALLETS_WRITE)
+    users = ["u0", "u1", "u2"]
+    with Server(create_app(settings)) as server:
+
+        def funded() -> loadgen.Funding:
+            funding = asyncio.run(loadgen.fund(server.url, wallets_key, users, amount=60_000))
+            assert funding.complete, funding
+            return funding
+
+        first, second, third = funded(), funded(), funded()
+
+    assert (first.funded, first.to_limit, first.at_limit) == (3, 0, 0)
+    assert (second.funded, second.to_limit, second.at_limit) == (3, 3, 0)
+    assert (third.funded, third.to_limit, third.at_limit) == (0, 0, 3)
+    assert dict(third.by_status) == {409: 3}
+    engine = create_db_engine(settings.resolved_write_db_url(), pool_size=1)
+    try:
+        with engine.connect() as conn:
+            movements = conn.execute(
+                sa.select(wallet_events.c.user_id, wallet_events.c.amount).order_by(
+                    wallet_events.c.user_id, wallet_events.c.version
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    assert movements == [(user, amount) for user in users for amount in (60_000, 40_000)]
