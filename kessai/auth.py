@@ -9,6 +9,7 @@ Scopes:
 
 - ``payments:write``: create payments and refunds (a payments backend). Idempotency keys are
   scoped to the API key: two backends can use the same Idempotency-Key without colliding.
+- ``wallets:write``: top up users' wallets (a top-up backend).
 - ``merchant:<merchant_id>:read``: one merchant's dashboard data; a key may hold several.
 - ``users:read``: users' payment histories (the app backend).
 - ``admin``: reconciliation runs, dead letters, admission settings.
