@@ -54,6 +54,7 @@ from kessai_cli.http_client import Schedule as Schedule
 from kessai_cli.http_client import drive as drive
 
 __all__ = [
+    "USERS",
     "Answer",
     "Funding",
     "Mix",
