@@ -251,10 +251,10 @@ async def test_bad_top_ups_are_refused_and_write_nothing(
 async def test_over_the_limit_is_refused_and_writes_nothing(
     settings: Settings, write_engine: Engine
 ) -> None:
-    async with running(settings) as api:
-        refused = await top_up(api, "u1", settings.wallet_max_balance + 1)
+    async with running(settings, wallet_max_balance=5_000) as api:
+        refused = await top_up(api, "u1", 5_001)
     error = assert_error(refused, 409, "balance_limit_exceeded")
-    assert error["details"]["headroom"] == settings.wallet_max_balance
+    assert error["details"]["headroom"] == 5_000
     assert wallet_history(write_engine, "u1") == []
 
 
