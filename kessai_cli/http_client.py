@@ -134,6 +134,16 @@ class Schedule:
         return due
 
 
+def common_headers(url: str, api_key: str) -> str:
+    """The headers every POST of the load generator carries, ``api_key`` as its bearer token
+    (``url``'s host as ``Host``; the request line, Idempotency-Key and Content-Length are the
+    caller's)."""
+    return (
+        f"Host: {urlsplit(url).netloc}\r\nAuthorization: Bearer {api_key}\r\n"
+        "Content-Type: application/json\r\nUser-Agent: kessai-loadgen\r\n"
+    )
+
+
 @dataclass(slots=True)
 class Request:
     """One request to send, and what to do with its answer (and the seconds since it was due)."""
