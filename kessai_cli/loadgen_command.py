@@ -16,28 +16,42 @@ from kessai.settings import Settings
 from kessai_cli import loadgen as lg
 from kessai_cli.screen import console
 
+# The options that say where the traffic goes, with which keys, and how the payers are funded:
+# their help is long, so they are named here and ``loadgen``'s signature stays readable.
+UrlOption = Annotated[
+    str | None,
+    typer.Option(help="Command API base URL. Default: KESSAI_COMMAND_API_HOST and _PORT."),
+]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        help="A payments:write key. Default: `payments` in $KESSAI_HOME/dev-keys.json.",
+    ),
+]
+WalletsKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--wallets-key",
+        help="A wallets:write key, to fund the payers and send the top-ups. Default: the "
+        "--api-key if given (a key may hold both scopes), else `wallets` in "
+        "$KESSAI_HOME/dev-keys.json.",
+    ),
+]
+FundAmountOption = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="Top-up (JPY) of every payer's wallet before the traffic; 0: fund nobody "
+        "(the wallets hold money already).",
+    ),
+]
+
 
 def loadgen(
-    url: Annotated[
-        str | None,
-        typer.Option(help="Command API base URL. Default: KESSAI_COMMAND_API_HOST and _PORT."),
-    ] = None,
-    api_key: Annotated[
-        str | None,
-        typer.Option(
-            "--api-key",
-            help="A payments:write key. Default: `payments` in $KESSAI_HOME/dev-keys.json.",
-        ),
-    ] = None,
-    wallets_key: Annotated[
-        str | None,
-        typer.Option(
-            "--wallets-key",
-            help="A wallets:write key, to fund the payers and send the top-ups. Default: the "
-            "--api-key if given (a key may hold both scopes), else `wallets` in "
-            "$KESSAI_HOME/dev-keys.json.",
-        ),
-    ] = None,
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+    wallets_key: WalletsKeyOption = None,
     connections: Annotated[int, typer.Option(min=1, help="Concurrent connections.")] = 64,
     requests: Annotated[
         int | None, typer.Option(min=1, help="Stop after this many requests.")
@@ -71,14 +85,7 @@ def loadgen(
     users: Annotated[
         int, typer.Option(min=1, help="Payers u0 ... uN-1 (one device id each), funded first.")
     ] = lg.USERS,
-    fund_amount: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            help="Top-up (JPY) of every payer's wallet before the traffic; 0: fund nobody "
-            "(the wallets hold money already).",
-        ),
-    ] = 500_000,
+    fund_amount: FundAmountOption = 500_000,
     seed: Annotated[int, typer.Option(help="Seed of the request mix.")] = 1,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the summary here as JSON.")
@@ -113,6 +120,14 @@ def loadgen(
         users=users,
         seed=seed,
     )
+    _fund_drive_and_report(plan, mix, fund_amount, json_path)
+
+
+def _fund_drive_and_report(
+    plan: lg.Run, mix: lg.Mix, fund_amount: int, json_path: Path | None
+) -> None:
+    """Fund the payers (unless ``fund_amount`` is 0), drive the traffic, print the summary
+    (and write it to ``json_path``); exit 1 on connection errors or without any answer."""
     console.print(_describe(plan))
     funding = _fund(plan, mix, fund_amount) if fund_amount > 0 else None
     result = _drive(plan, mix)
