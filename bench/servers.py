@@ -69,6 +69,34 @@ def granian_missing() -> bool:
     return importlib.util.find_spec("granian") is None
 
 
+def server_names(servers: list[str] | None) -> list[str]:
+    """The servers of ``--server`` (default: all of ``SERVERS``); a bad parameter if one is
+    unknown, exit 2 if granian is asked for and not installed."""
+    names = servers or list(SERVERS)
+    unknown = [s for s in names if s not in SERVERS]
+    if unknown:
+        raise typer.BadParameter(f"unknown server {unknown[0]!r}: uvicorn or granian")
+    if "granian" in names and granian_missing():
+        console.print(
+            "granian is not installed (it is not a dependency of kessai): "
+            ".venv/bin/pip install granian, or --server uvicorn"
+        )
+        raise typer.Exit(2)
+    return names
+
+
+def funding_once(wallets_key: str, users: int, funding: dict[str, Any]) -> Callable[[str], None]:
+    """The ``fund`` of ``every_run``: the first URL it is given funds the load generator's
+    ``users`` payers (``bench.drive.fund_payers``, its figures into ``funding``); the others
+    do nothing, the wallets being in the databases every kessai run shares."""
+
+    def fund(url: str) -> None:
+        if not funding:
+            funding.update(fund_payers(url, wallets_key, loadgen.payers(loadgen.Mix(users=users))))
+
+    return fund
+
+
 def main(
     connections: Annotated[int, typer.Option(min=1, help="Concurrent connections.")] = 64,
     seconds: Annotated[float, typer.Option(min=1, help="Measured seconds per run.")] = 8.0,
@@ -93,16 +121,7 @@ def main(
 ) -> None:
     """Serve the command API and the bare endpoint with uvicorn and granian, interleaved."""
     counts = workers or [1, 2]
-    names = servers or list(SERVERS)
-    unknown = [s for s in names if s not in SERVERS]
-    if unknown:
-        raise typer.BadParameter(f"unknown server {unknown[0]!r}: uvicorn or granian")
-    if "granian" in names and granian_missing():
-        console.print(
-            "granian is not installed (it is not a dependency of kessai): "
-            ".venv/bin/pip install granian, or --server uvicorn"
-        )
-        raise typer.Exit(2)
+    names = server_names(servers)
     signal.signal(signal.SIGTERM, interrupt)
     name = f"kessai_bench_{uuid.uuid4().hex[:10]}"
     write_db, keys_db, read_db = f"{name}_w", f"{name}_k", f"{name}_r"
@@ -147,13 +166,7 @@ def main(
                 progress=progress,
             )
             funding: dict[str, Any] = {}
-
-            def fund(url: str) -> None:
-                if not funding:
-                    funding.update(
-                        fund_payers(url, wallets_key, loadgen.payers(loadgen.Mix(users=users)))
-                    )
-
+            fund = funding_once(wallets_key, users, funding)
             report["runs"] = every_run(measure, env, home, rounds, counts, names, fund)
         report["funding"] = funding
         report["medians"] = medians(report["runs"])
