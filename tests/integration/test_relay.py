@@ -9,10 +9,27 @@ import httpx
 from sqlalchemy.engine import Engine
 
 from command_service.relay import Relay
-from kessai.events import PaymentCaptured, PaymentRefunded, parse_event
+from kessai.events import (
+    PaymentCaptured,
+    PaymentRefunded,
+    TopUpReceived,
+    WalletCredited,
+    WalletDebited,
+    parse_event,
+    parse_wallet_event,
+    wallet_stream_id,
+)
 from kessai.postings import capture_postings, refund_postings
 from kessai.settings import Settings
-from tests.helpers import consume_all, count_rows, eventually, new_key, payment_body
+from tests.helpers import (
+    FUNDS,
+    PAYER,
+    consume_all,
+    count_rows,
+    eventually,
+    new_key,
+    payment_body,
+)
 
 
 async def run_relay_until_drained(relay: Relay, engine: Engine, within: float = 30.0) -> None:
@@ -48,11 +65,38 @@ async def test_published_event_carries_key_headers_and_envelope(
 
     await run_relay_until_drained(Relay(engine=write_engine, settings=settings), write_engine)
 
-    records = await consume_all(settings.resolved_kafka_bootstrap(), settings.topic, at_least=2)
-    assert len(records) == 2
-    assert {r.key for r in records} == {payment_id.encode()}
-    assert len({r.partition for r in records}) == 1
-    first, second = sorted(records, key=lambda r: r.offset)
+    # The payer's wallet moved too: its top-up (the ``api`` fixture's), the debit and the
+    # credit are published on the same topic, keyed by the wallet's stream.
+    wallet_key = str(wallet_stream_id(PAYER)).encode()
+    records = await consume_all(settings.resolved_kafka_bootstrap(), settings.topic, at_least=5)
+    assert len(records) == 5
+    assert {r.key for r in records} == {payment_id.encode(), wallet_key}
+    of_payment = [r for r in records if r.key == payment_id.encode()]
+    of_wallet = sorted((r for r in records if r.key == wallet_key), key=lambda r: r.offset)
+    assert len(of_payment) == 2
+    assert len({r.partition for r in of_payment}) == 1
+    assert len({r.partition for r in of_wallet}) == 1
+    movements = [parse_wallet_event(r.value) for r in of_wallet]
+    assert [type(m) for m in movements] == [TopUpReceived, WalletDebited, WalletCredited]
+    assert [m.version for m in movements] == [1, 2, 3]
+    debit, credit = movements[1], movements[2]
+    assert isinstance(debit, WalletDebited) and isinstance(credit, WalletCredited)
+    assert (debit.payload.payment_id, debit.payload.amount, debit.payload.balance_after) == (
+        uuid.UUID(payment_id),
+        500,
+        FUNDS - 500,
+    )
+    assert (credit.payload.payment_id, credit.payload.amount, credit.payload.balance_after) == (
+        uuid.UUID(payment_id),
+        200,
+        FUNDS - 300,
+    )
+    assert [dict(r.headers)["event_type"] for r in of_wallet] == [
+        b"TopUpReceived",
+        b"WalletDebited",
+        b"WalletCredited",
+    ]
+    first, second = sorted(of_payment, key=lambda r: r.offset)
     captured, refunded = parse_event(first.value), parse_event(second.value)
     assert isinstance(captured, PaymentCaptured)
     assert isinstance(refunded, PaymentRefunded)
