@@ -2,7 +2,11 @@
 
 The central check is ``assert_read_side_matches``: the read database equals the fold of the
 write store, payment by payment, and every merchant's daily and hourly totals equal the sums
-of the events they count.
+of the events they count. ``assert_wallets_match`` does the same for the wallets' streams.
+
+An event belongs to a stream: its payment (keyed by the payment id) or its user's wallet (keyed
+by ``wallet_stream_id``); the relay publishes both on one topic. ``stored_stream_events`` and
+``assert_streams_delivered_in_order`` check delivery by stream, whichever kind it is.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import asyncio
 import contextlib
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Protocol
@@ -20,18 +25,33 @@ from zoneinfo import ZoneInfo
 import orjson
 import sqlalchemy as sa
 from aiokafka import AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
 from sqlalchemy.engine import Engine
 
 from command_service import handlers
 from command_service.routes.payments import capture_command
 from command_service.routes.refunds import refund_command
 from command_service.schemas import CreatePayment, CreateRefund
-from kessai.events import PaymentCaptured, PaymentRefunded, parse_event
+from kessai.events import (
+    PaymentCaptured,
+    PaymentRefunded,
+    kafka_key,
+    parse_event,
+    parse_wallet_event,
+    wallet_stream_id,
+)
 from kessai.ledger import PaymentState, fold
-from kessai.schema.read import merchant_daily_totals, merchant_hourly_totals, payments
-from kessai.schema.write import events
+from kessai.schema.read import (
+    merchant_daily_totals,
+    merchant_hourly_totals,
+    payments,
+    wallet_movements,
+    wallets,
+)
+from kessai.schema.write import events, wallet_events
+from kessai.wallets import fold_wallet, movement_of
 from tests.helpers import fund
-from tests.wallet_streams import AnyEvent, record_parts
+from tests.wallet_streams import AnyEvent, WalletEvent, record_parts
 
 TOKYO = ZoneInfo("Asia/Tokyo")
 Event = PaymentCaptured | PaymentRefunded
@@ -250,3 +270,160 @@ async def produce(
             await producer.send_and_wait(topic, value, key=key, headers=headers)
     finally:
         await producer.stop()
+
+
+# -- wallets on the read side -------------------------------------------------------------------
+
+WalletRows = tuple[
+    dict[str, tuple[str, int, int]], dict[tuple[str, int], tuple[str, int, str, int]]
+]
+"""Each user's (currency, balance, version), and each movement (user, version) ->
+(kind, signed amount, currency, balance_after)."""
+
+
+def write_store_wallet_events(engine: Engine) -> list[WalletEvent]:
+    """Every wallet event of the write store, each wallet's in version order."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(wallet_events.c.body).order_by(
+                wallet_events.c.user_id, wallet_events.c.version
+            )
+        )
+        return [parse_wallet_event(body) for (body,) in rows]
+
+
+def expected_wallets(movements: Sequence[WalletEvent]) -> WalletRows:
+    """The read side's wallets and statements as the fold of ``movements``."""
+    by_user: dict[str, list[WalletEvent]] = {}
+    for event in sorted(movements, key=lambda e: (e.user_id, e.version)):
+        by_user.setdefault(event.user_id, []).append(event)
+    balances: dict[str, tuple[str, int, int]] = {}
+    statements: dict[tuple[str, int], tuple[str, int, str, int]] = {}
+    for user_id, history in by_user.items():
+        wallet = fold_wallet(user_id, [movement_of(e) for e in history])
+        assert wallet.currency is not None
+        balances[user_id] = (wallet.currency, wallet.balance, wallet.version)
+        for event in history:
+            m = movement_of(event)
+            statements[user_id, m.version] = (m.kind, m.amount, m.currency, m.balance_after)
+    return balances, statements
+
+
+def read_wallets(engine: Engine) -> WalletRows:
+    with engine.connect() as conn:
+        balances = {
+            r.user_id: (r.currency, int(r.balance), int(r.version))
+            for r in conn.execute(sa.select(wallets))
+        }
+        statements = {
+            (m.user_id, int(m.version)): (m.kind, int(m.amount), m.currency, int(m.balance_after))
+            for m in conn.execute(sa.select(wallet_movements))
+        }
+    return balances, statements
+
+
+def assert_wallets_match(write_engine: Engine, read_engine: Engine) -> None:
+    """Every wallet on the read side, balance and statement, equals the fold of its stream in
+    the write store, exactly."""
+    want_balances, want_statements = expected_wallets(write_store_wallet_events(write_engine))
+    balances, statements = read_wallets(read_engine)
+    assert balances == want_balances
+    assert statements == want_statements
+
+
+def wallets_match(write_engine: Engine, read_engine: Engine) -> bool:
+    try:
+        assert_wallets_match(write_engine, read_engine)
+    except AssertionError:
+        return False
+    return True
+
+
+# -- delivery by stream --------------------------------------------------------------------------
+
+StreamEvent = tuple[uuid.UUID, int]
+"""(stream id, version) of an event: its payment's id, or its wallet's ``wallet_stream_id``
+(the outbox row's ``payment_id`` and the Kafka key, either way)."""
+
+WALLET_EVENT_TYPES = frozenset({"TopUpReceived", "WalletDebited", "WalletCredited"})
+
+
+def stored_stream_events(engine: Engine) -> list[StreamEvent]:
+    """(stream id, version) of every event in the write store, payments' and wallets'."""
+    with engine.connect() as conn:
+        of_payments = [
+            (row.payment_id, row.version)
+            for row in conn.execute(sa.select(events.c.payment_id, events.c.version))
+        ]
+        of_wallets = [
+            (wallet_stream_id(row.user_id), row.version)
+            for row in conn.execute(sa.select(wallet_events.c.user_id, wallet_events.c.version))
+        ]
+    return of_payments + of_wallets
+
+
+def published_stream_event(record: ConsumerRecord[bytes, bytes]) -> StreamEvent:
+    """(stream id, version) of a record read from the topic, parsed as its ``event_type``
+    header says (a payment's or a wallet's event); checks the key is the event's stream."""
+    assert record.value is not None
+    event_type = dict(record.headers).get("event_type", b"").decode()
+    if event_type in WALLET_EVENT_TYPES:
+        movement = parse_wallet_event(record.value)
+        assert movement.event_type == event_type, "the header is not the event's type"
+        stream_id, version = wallet_stream_id(movement.user_id), movement.version
+    else:
+        event = parse_event(record.value)
+        assert event.event_type == event_type, "the header is not the event's type"
+        stream_id, version = event.payment_id, event.version
+    assert record.key == kafka_key(stream_id), "key is not the event's stream id"
+    return stream_id, version
+
+
+def assert_streams_delivered_in_order(
+    engine: Engine,
+    *logs: Sequence[ConsumerRecord[bytes, bytes]],
+    exactly_once: bool = False,
+    may_repeat: Collection[StreamEvent] | None = None,
+) -> Counter[StreamEvent]:
+    """Every event of the write store, of payments and of wallets, is on the topic and nothing
+    else is; all of a stream's events are in one partition, where the first copy of each
+    version comes in version order.
+
+    ``logs`` are what was read from each incarnation of the broker, oldest first (a restarted
+    embedded broker is a new, empty log that continues the old one). Copies: none at all with
+    ``exactly_once``; only of the events in ``may_repeat`` if given; otherwise any (at least
+    once). Returns the number of copies of each event."""
+    stored = Counter(stored_stream_events(engine))
+    assert stored, "the write store holds no events"
+    assert max(stored.values()) == 1
+    copies: Counter[StreamEvent] = Counter()
+    partition_of: dict[uuid.UUID, set[int]] = {}
+    first_seen: dict[uuid.UUID, list[int]] = {}
+    for log in logs:
+        for record in sorted(log, key=lambda r: (r.partition, r.offset)):
+            stream_id, version = published_stream_event(record)
+            partition_of.setdefault(stream_id, set()).add(record.partition)
+            if (stream_id, version) not in copies:
+                first_seen.setdefault(stream_id, []).append(version)
+            copies[stream_id, version] += 1
+
+    missing = stored.keys() - copies.keys()
+    assert not missing, f"{len(missing)} stored events never reached the topic, e.g. {min(missing)}"
+    unknown = copies.keys() - stored.keys()
+    assert not unknown, f"{len(unknown)} events on the topic are not in the write store"
+    split = {s: parts for s, parts in partition_of.items() if len(parts) > 1}
+    assert not split, f"{len(split)} streams have events in several partitions"
+    out_of_order = {
+        s: versions for s, versions in first_seen.items() if versions != sorted(versions)
+    }
+    assert not out_of_order, (
+        f"{len(out_of_order)} streams' events reached the topic out of version order, "
+        f"e.g. {next(iter(out_of_order.items()))}"
+    )
+    repeated = {event for event, n in copies.items() if n > 1}
+    if exactly_once:
+        assert not repeated, f"{len(repeated)} events were published more than once"
+    if may_repeat is not None:
+        unexpected = repeated - set(may_repeat)
+        assert not unexpected, f"{len(unexpected)} events were published twice for no reason"
+    return copies

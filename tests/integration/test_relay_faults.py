@@ -1,10 +1,14 @@
 """The relay's guarantees under injected failures, against the real broker, on both stores.
 
 What must hold whatever fails (broker, relay, network): every event of the write store reaches
-the topic (nothing lost), all of a payment's events land in one partition with the first copy
+the topic (nothing lost), all of a stream's events land in one partition with the first copy
 of each version in version order, and the outbox drains. Copies are allowed only where a failure
 left the relay without an acknowledgement for something the broker took (a crash between publish
 and delete, a send that timed out), never in normal operation.
+
+A stream is a payment or a wallet. The payments here are balance payments by ``PAYER``, so each
+payment and each refund also moves that wallet (one more event, on the wallet's stream), after
+the top-up that funded it (the ``api`` fixture's): all of them must reach the topic.
 
 The embedded broker keeps everything in memory, so a killed broker takes the records it had
 acknowledged with it; tests that kill it read its log first, while nothing is being sent, and
@@ -29,6 +33,7 @@ from typing import TypeVar
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from aiokafka.structs import ConsumerRecord
 from sqlalchemy.engine import Engine
 
@@ -38,10 +43,9 @@ from command_service.relay import Relay
 from kessai.broker import EmbeddedBroker, ensure_topic
 from kessai.clock import utcnow
 from kessai.db import create_db_engine
-from kessai.schema.write import relay_leases
+from kessai.schema.write import events, outbox, relay_leases, wallet_events
 from kessai.settings import Settings
 from tests.helpers import (
-    assert_delivered_in_order,
     consume_all,
     count_rows,
     create_payments,
@@ -49,10 +53,13 @@ from tests.helpers import (
     eventually,
     lease_table,
     own_broker,
-    published_event,
     restart_on_same_port,
-    stored_events,
     unpublished_events,
+)
+from tests.pipeline import (
+    assert_streams_delivered_in_order,
+    published_stream_event,
+    stored_stream_events,
 )
 
 log = logging.getLogger(__name__)
@@ -131,10 +138,32 @@ async def wait_drained(
     await eventually(drained, within=within, interval=0.1)
 
 
+def stored_and_unpublished(engine: Engine) -> tuple[int, int]:
+    """How many events the write store holds (payments' and wallets'), and how many of them
+    are still in the outbox, read on one connection."""
+    with engine.connect() as conn:
+        counts = [
+            conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+            for table in (events, wallet_events, outbox)
+        ]
+    return counts[0] + counts[1], counts[2]
+
+
+async def stored_count(engine: Engine) -> int:
+    """Events of the write store, payments' and wallets': what the relay has to publish."""
+    return (await asyncio.to_thread(stored_and_unpublished, engine))[0]
+
+
 async def published_count(engine: Engine) -> int:
     """Events of the write store whose outbox row is gone, i.e. that the relay published."""
-    rows = await asyncio.to_thread(count_rows, engine)
-    return rows["events"] - rows["outbox"]
+    stored, unpublished = await asyncio.to_thread(stored_and_unpublished, engine)
+    return stored - unpublished
+
+
+def with_wallet(payment_events: int) -> int:
+    """The events written with ``payment_events`` events of ``create_payments``' balance
+    payments and refunds (each moved the payer's wallet too), and the payer's top-up."""
+    return 1 + 2 * payment_events
 
 
 async def snapshot(bootstrap: str, topic: str) -> Records:
@@ -242,14 +271,14 @@ async def test_broker_down_while_payments_are_taken_then_a_new_broker_gets_every
             await create_payments(api, 1)
             await wait_drained(reader, relays=relays, within=15)
             first_life = await snapshot(broker.bootstrap, fault.topic)
-            assert len(first_life) == 1
+            assert len(first_life) == with_wallet(1)  # the top-up, the payment, its debit
 
             broker.kill()
             caplog.clear()
             created = await create_payments(api, 1000, refunded=100)
             assert len(created) == 1000
-            backlog = sum(created.values())
-            assert backlog == 1000 + 150  # 50 payments with one refund, 50 with two
+            assert sum(created.values()) == 1000 + 150  # 50 with one refund, 50 with two
+            backlog = 2 * sum(created.values())  # each moved the payer's wallet too
             # Meanwhile the relay kept trying, and failing, without giving up.
             relays[0].check()
             retries = [r for r in caplog.records if "relay round failed" in r.getMessage()]
@@ -263,7 +292,7 @@ async def test_broker_down_while_payments_are_taken_then_a_new_broker_gets_every
 
         assert await metric(api, "kessai_outbox_backlog") == 0
         second_life = await consume_all(broker.bootstrap, fault.topic, at_least=backlog)
-        assert_delivered_in_order(reader, first_life, second_life)
+        assert_streams_delivered_in_order(reader, first_life, second_life)
 
 
 # -- 2. the relay dies between publish and delete -------------------------------------------
@@ -331,7 +360,8 @@ async def test_relay_crash_between_publish_and_delete_loses_nothing(
     is gone, nothing is released, and a successor must wait for the leases to lapse."""
     s = settings.model_copy(update={"relay_batch_size": 50, "relay_lease_seconds": 2.0})
     created = await create_payments(api, 300, refunded=100)
-    total = sum(created.values())
+    total = with_wallet(sum(created.values()))
+    assert await stored_count(reader) == total
 
     crash = CrashAfterPublish(rounds=3)
     relay_class = DyingRelay if death == "process" else Relay
@@ -374,7 +404,7 @@ async def test_relay_crash_between_publish_and_delete_loses_nothing(
                 assert at >= expires, (shard, at, expires)
 
     records = await consume_all(s.resolved_kafka_bootstrap(), s.topic, at_least=total + 50)
-    copies = assert_delivered_in_order(reader, records, may_repeat=crash.stranded)
+    copies = assert_streams_delivered_in_order(reader, records, may_repeat=crash.stranded)
     # Exactly the rows of the crashed round went out twice: published, never deleted, redone.
     assert all(copies[event] == 2 for event in crash.stranded)
     assert sum(copies.values()) == total + len(crash.stranded)
@@ -409,8 +439,9 @@ async def test_relay_process_sigkilled_mid_stream_loses_nothing(
 
         processes.append(spawn_relay(s, logs[1]))
         created = await asyncio.wait_for(creating, 180)
-        total = sum(created.values())
-        assert total == 3000 + 450
+        assert sum(created.values()) == 3000 + 450
+        total = with_wallet(sum(created.values()))
+        assert await stored_count(reader) == total
         assert published_before < total
         await wait_drained(reader, processes=processes[1:], within=90)
 
@@ -426,7 +457,7 @@ async def test_relay_process_sigkilled_mid_stream_loses_nothing(
             end_process(process, path)
 
     records = await consume_all(s.resolved_kafka_bootstrap(), s.topic, at_least=total)
-    copies = assert_delivered_in_order(reader, records)
+    copies = assert_streams_delivered_in_order(reader, records)
     # Only the killed relay's last round can have gone out without being deleted.
     assert sum(n - 1 for n in copies.values()) <= s.relay_batch_size
 
@@ -471,15 +502,16 @@ async def test_two_relays_publish_exactly_once_and_a_clean_stop_hands_over_at_on
     )
     async with running(relay_a, relay_b) as (run_a, run_b):
         created = await create_payments(api, 2000, refunded=200)
-        total = sum(created.values())
+        total = with_wallet(sum(created.values()))
         await wait_drained(reader, relays=(run_a, run_b), within=90)
+        assert await stored_count(reader) == total
         # Both published, each only the shards it holds.
         for owner, recorder in seen.items():
             assert recorder.rows > 0, owner
             assert recorder.shards_published() <= shares[owner], owner
         assert seen["relay-a"].rows + seen["relay-b"].rows == total
         records = await consume_all(s.resolved_kafka_bootstrap(), s.topic, at_least=total)
-        assert_delivered_in_order(reader, records, exactly_once=True)
+        assert_streams_delivered_in_order(reader, records, exactly_once=True)
 
         # relay-a stops cleanly: its leases are released and relay-b takes them over at once.
         await run_a.stop()
@@ -494,9 +526,10 @@ async def test_two_relays_publish_exactly_once_and_a_clean_stop_hands_over_at_on
         leases = await asyncio.to_thread(lease_table, reader)
         assert all(owner == "relay-b" for owner, _ in leases.values()), leases
 
-    total += sum(more.values())
+    total += 2 * sum(more.values())  # the same payer: its wallet moved with each of them
+    assert await stored_count(reader) == total
     records = await consume_all(s.resolved_kafka_bootstrap(), s.topic, at_least=total)
-    assert_delivered_in_order(reader, records, exactly_once=True)
+    assert_streams_delivered_in_order(reader, records, exactly_once=True)
     assert len(records) == total
 
 
@@ -506,14 +539,14 @@ async def test_two_relays_starting_together_split_nothing_and_publish_once(
     """Two relays starting on a store with no lease rows yet race to create them; each shard
     ends up with exactly one owner and every event goes out once."""
     created = await create_payments(api, 300, refunded=60)
-    total = sum(created.values())
+    total = with_wallet(sum(created.values()))
     relays = [Relay(engine=write_engine, settings=settings, owner=f"relay-{n}") for n in (1, 2)]
     async with running(*relays) as started:
         await wait_drained(reader, relays=started, within=20)
         leases = await asyncio.to_thread(lease_table, reader)
     assert sorted(leases) == list(range(settings.outbox_shards))
     records = await consume_all(settings.resolved_kafka_bootstrap(), settings.topic, at_least=total)
-    assert_delivered_in_order(reader, records, exactly_once=True)
+    assert_streams_delivered_in_order(reader, records, exactly_once=True)
 
 
 # -- 5. sending fails mid-stream --------------------------------------------------------------
@@ -534,7 +567,8 @@ async def test_broker_killed_with_a_batch_in_flight_then_restarted_keeps_order(
     with own_broker(tmp_path) as broker:
         s = fault_settings(settings, broker, relay_batch_size=50, relay_lease_seconds=2.0)
         created = await create_payments(api, 1500, refunded=300)
-        total = sum(created.values())
+        total = with_wallet(sum(created.values()))
+        assert await stored_count(reader) == total
         log_path = tmp_path / "relay.log"
         relay = spawn_relay(s, log_path)
         try:
@@ -556,7 +590,7 @@ async def test_broker_killed_with_a_batch_in_flight_then_restarted_keeps_order(
             stuck_at = await steady(lambda: published_count(reader), for_seconds=0.5, within=10)
             assert stuck_at < total, "the relay published everything before the broker froze"
             assert relay.poll() is None
-            deleted = set(await asyncio.to_thread(stored_events, reader))
+            deleted = set(await asyncio.to_thread(stored_stream_events, reader))
             deleted -= await asyncio.to_thread(unpublished_events, reader)
 
             broker.kill()
@@ -569,7 +603,7 @@ async def test_broker_killed_with_a_batch_in_flight_then_restarted_keeps_order(
             await wait_drained(reader, processes=[relay], within=30)
         finally:
             end_process(relay, log_path)
-        delivered_before = {published_event(r) for r in first_life}
+        delivered_before = {published_stream_event(r) for r in first_life}
         assert len(delivered_before) == len(first_life)
         # Nothing was deleted from the outbox that the dead broker did not hold.
         assert deleted <= delivered_before
@@ -577,7 +611,7 @@ async def test_broker_killed_with_a_batch_in_flight_then_restarted_keeps_order(
             broker.bootstrap, s.topic, at_least=total - len(delivered_before), within=30
         )
     # Copies only of what the dead broker held without the relay knowing it.
-    assert_delivered_in_order(
+    assert_streams_delivered_in_order(
         reader, first_life, second_life, may_repeat=delivered_before - deleted
     )
 
@@ -597,7 +631,8 @@ async def test_broker_stalled_mid_stream_then_resumed_keeps_order(
     with own_broker(tmp_path) as broker:
         s = fault_settings(settings, broker, relay_batch_size=50)
         created = await create_payments(api, 1500, refunded=300)
-        total = sum(created.values())
+        total = with_wallet(sum(created.values()))
+        assert await stored_count(reader) == total
         async with running(Relay(engine=write_engine, settings=s, owner="relay-1")) as relays:
 
             async def streaming() -> bool:
@@ -617,4 +652,4 @@ async def test_broker_stalled_mid_stream_then_resumed_keeps_order(
             await wait_drained(reader, relays=relays, within=30)
 
         records = await consume_all(broker.bootstrap, s.topic, at_least=total)
-    assert_delivered_in_order(reader, records)
+    assert_streams_delivered_in_order(reader, records)
