@@ -1,7 +1,10 @@
 """The projector against the real broker and the real read database (SQLite and MySQL).
 
 Each test ends with the read side compared with the fold of the write store, exactly:
-every payment's amounts, version and status, every merchant's daily and hourly totals.
+every payment's amounts, version and status, every merchant's daily and hourly totals. The
+traffic's balance payments and refunds move their payers' wallets too (``make_traffic`` funds
+them first): where a test counts the events applied, those count, and the wallets are compared
+with the fold of their streams as well (``assert_wallets_match``).
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ from projector.apply import Record
 from projector.service import Projector
 from tests.pipeline import (
     assert_read_side_matches,
+    assert_wallets_match,
     make_traffic,
     produce,
     read_side_matches,
     running,
     wait_until,
+    wallets_match,
     write_store_events,
+    write_store_wallet_events,
 )
 from tests.unit.test_projector_apply import captured, refunded
 
@@ -49,6 +55,16 @@ def metric(registry: CollectorRegistry, name: str) -> float:
     return registry.get_sample_value(name) or 0.0
 
 
+def all_projected(write_engine: Engine, read_engine: Engine) -> bool:
+    """The read side's payments, totals and wallets all equal the fold of the write store."""
+    return read_side_matches(write_engine, read_engine) and wallets_match(write_engine, read_engine)
+
+
+def stored_count(engine: Engine) -> int:
+    """Events of the write store, payments' and wallets': each is applied once."""
+    return len(write_store_events(engine)) + len(write_store_wallet_events(engine))
+
+
 async def test_payments_and_refunds_are_projected_exactly(
     pipeline_settings: Settings, write_engine: Engine, read_engine: Engine
 ) -> None:
@@ -56,7 +72,7 @@ async def test_payments_and_refunds_are_projected_exactly(
     relay = Relay(engine=write_engine, settings=pipeline_settings)
     projector = Projector(engine=read_engine, settings=pipeline_settings)
     async with running(relay, projector) as tasks:
-        await wait_until(lambda: read_side_matches(write_engine, read_engine), tasks=tasks)
+        await wait_until(lambda: all_projected(write_engine, read_engine), tasks=tasks)
     assert count(read_engine, payments) == len(traffic.payment_ids)
     assert count(read_engine, parked_events) == 0
     assert count(read_engine, dead_letters) == 0
@@ -70,8 +86,8 @@ async def test_events_delivered_twice_change_nothing(
     projector = Projector(engine=read_engine, settings=pipeline_settings, registry=registry)
     relay = Relay(engine=write_engine, settings=pipeline_settings)
     async with running(relay, projector) as tasks:
-        await wait_until(lambda: read_side_matches(write_engine, read_engine), tasks=tasks)
-        stored = write_store_events(write_engine)
+        await wait_until(lambda: all_projected(write_engine, read_engine), tasks=tasks)
+        stored = [*write_store_events(write_engine), *write_store_wallet_events(write_engine)]
         await produce(pipeline_settings.resolved_kafka_bootstrap(), pipeline_settings.topic, stored)
         await wait_until(
             lambda: metric(registry, "kessai_projector_duplicates_total") >= len(stored),
@@ -79,6 +95,7 @@ async def test_events_delivered_twice_change_nothing(
         )
     assert metric(registry, "kessai_projector_events_applied_total") == len(stored)
     assert_read_side_matches(write_engine, read_engine)
+    assert_wallets_match(write_engine, read_engine)
 
 
 async def test_version_two_before_version_one_ends_in_the_right_state(
@@ -171,9 +188,7 @@ async def test_seeks_while_the_next_batch_is_fetched_skip_nothing(
     monkeypatch.setattr(projector, "_idle_checks", seeking_idle_checks)
     monkeypatch.setattr(projector, "_drop", counted_drop)
     async with running(projector) as tasks:
-        await wait_until(
-            lambda: read_side_matches(write_engine, read_engine), tasks=tasks, within=90
-        )
+        await wait_until(lambda: all_projected(write_engine, read_engine), tasks=tasks, within=90)
     assert dropped[0] > 0, "no fetched batch was ever dropped: the seeks injected nothing"
     assert count(read_engine, parked_events) == 0
 
@@ -200,13 +215,9 @@ async def test_read_db_failures_while_the_next_batch_is_fetched_lose_nothing(
 
     monkeypatch.setattr(projector, "_apply_in_transaction", failing)
     async with running(projector) as tasks:
-        await wait_until(
-            lambda: read_side_matches(write_engine, read_engine), tasks=tasks, within=120
-        )
+        await wait_until(lambda: all_projected(write_engine, read_engine), tasks=tasks, within=120)
     assert calls[0] >= 8  # at least two failures injected
-    assert metric(registry, "kessai_projector_events_applied_total") == len(
-        write_store_events(write_engine)
-    )
+    assert metric(registry, "kessai_projector_events_applied_total") == stored_count(write_engine)
 
 
 @pytest.mark.slow
@@ -225,10 +236,10 @@ async def test_two_projectors_in_one_group_apply_everything_exactly_once(
         assert not set(projectors[0].expected) & set(projectors[1].expected)
         async with running(relay):
             await wait_until(
-                lambda: read_side_matches(write_engine, read_engine), tasks=tasks, within=90
+                lambda: all_projected(write_engine, read_engine), tasks=tasks, within=90
             )
     applied = sum(metric(r, "kessai_projector_events_applied_total") for r in registries)
-    assert applied == len(write_store_events(write_engine))
+    assert applied == stored_count(write_engine)
     assert all(metric(r, "kessai_projector_events_applied_total") > 0 for r in registries)
 
 
@@ -246,7 +257,7 @@ async def test_broker_restarted_empty_then_fed_new_events_loses_none(
         async with running(projector) as tasks:
             await asyncio.to_thread(make_traffic, write_engine, payments_count=300, seed=1)
             async with running(relay):
-                await wait_until(lambda: read_side_matches(write_engine, read_engine), tasks=tasks)
+                await wait_until(lambda: all_projected(write_engine, read_engine), tasks=tasks)
             stored_offsets = count(read_engine, projector_offsets)
             assert stored_offsets > 0
             broker.kill()
@@ -257,7 +268,7 @@ async def test_broker_restarted_empty_then_fed_new_events_loses_none(
             await asyncio.to_thread(make_traffic, write_engine, payments_count=40, seed=2)
             async with running(Relay(engine=write_engine, settings=settings)):
                 await wait_until(
-                    lambda: read_side_matches(write_engine, read_engine), tasks=tasks, within=90
+                    lambda: all_projected(write_engine, read_engine), tasks=tasks, within=90
                 )
     finally:
         broker.stop()
@@ -302,7 +313,7 @@ async def test_projector_killed_mid_batch_and_restarted_leaves_totals_exact(
     second = start()
     try:
         try:
-            await wait_until(lambda: read_side_matches(write_engine, read_engine), within=120)
+            await wait_until(lambda: all_projected(write_engine, read_engine), within=120)
         except AssertionError as exc:  # say what the projectors did (assignments, seeks)
             log = (tmp_path / "projector.log").read_text(errors="replace")
             raise AssertionError(f"{exc}; projector log:\n{log[-6000:]}") from exc
