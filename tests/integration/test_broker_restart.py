@@ -8,8 +8,10 @@ away (as ``kessai up``'s supervisor does) or with nobody creating it. Then, with
 reconciler run:
 
 - the topic has the configured partition count (8, not the 4 of auto-creation);
-- the relay published each payment's events to the new log in version order, in one partition;
-- the read side equals the fold of the write store, every event applied;
+- the relay published each stream's events (a payment's, or a wallet's: the traffic's balance
+  payments and refunds move their payers' wallets) to the new log in version order, in one
+  partition;
+- the read side equals the fold of the write store, every event applied, wallets included;
 - a payment written after the restart is visible within a few seconds of the broker's return.
 """
 
@@ -36,17 +38,27 @@ from command_service.relay import Relay
 from command_service.routes.payments import capture_command
 from command_service.schemas import CreatePayment
 from kessai.broker import EmbeddedBroker, ensure_topic, log_ends
-from kessai.schema.read import payments
+from kessai.schema.read import payments, wallets
 from kessai.schema.write import outbox
 from kessai.settings import Settings
 from projector.service import Projector
-from tests.helpers import consume_all, own_broker, published_event, restart_on_same_port
+from tests.helpers import (
+    consume_all,
+    fund,
+    own_broker,
+    restart_on_same_port,
+    unpublished_events,
+)
 from tests.pipeline import (
     assert_read_side_matches,
+    assert_wallets_match,
     fold_by_payment,
     make_traffic,
+    published_stream_event,
     read_side_matches,
     running,
+    stored_stream_events,
+    wallets_match,
     write_store_events,
 )
 from tests.pipeline import wait_until as pipeline_wait_until
@@ -57,9 +69,18 @@ PARTITIONS = 8  # not the 4 the broker gives a topic it creates by itself
 
 
 def applied_versions(engine: Engine) -> dict[uuid.UUID, int]:
+    """Stream id -> the version the read side is at: of each payment, and of each wallet (by
+    its ``wallet_stream_id``, the key its events are published under)."""
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(payments.c.payment_id, payments.c.version))
-        return {row.payment_id: row.version for row in rows}
+        applied = {
+            row.payment_id: row.version
+            for row in conn.execute(sa.select(payments.c.payment_id, payments.c.version))
+        }
+        applied.update(
+            (row.stream_id, row.version)
+            for row in conn.execute(sa.select(wallets.c.stream_id, wallets.c.version))
+        )
+        return applied
 
 
 class KillWhenConsumed:
@@ -118,6 +139,9 @@ async def partition_count(bootstrap: str, topic: str) -> int:
         await admin.close()
 
 
+AFTER_RESTART_PAYER = "u9"
+
+
 def write_one_payment(engine: Engine) -> uuid.UUID:
     outcome = handlers.record_alone(
         engine,
@@ -129,7 +153,9 @@ def write_one_payment(engine: Engine) -> uuid.UUID:
                 shards=8,
                 max_attempts=30,
             ),
-            command=CreatePayment(merchant_id="m9", user_id="u9", amount=500, method="balance"),
+            command=CreatePayment(
+                merchant_id="m9", user_id=AFTER_RESTART_PAYER, amount=500, method="balance"
+            ),
             device_id=None,
         ),
     )
@@ -154,6 +180,7 @@ async def test_broker_sigkilled_under_load_and_restarted_heals_by_itself(
                 "relay_batch_size": 100,
             }
         )
+        fund(write_engine, AFTER_RESTART_PAYER)  # pays write_one_payment after the restart
         kill = KillWhenConsumed(broker, read_engine, rounds=5)
         registry = CollectorRegistry()
         relay = Relay(engine=write_engine, settings=settings, after_publish=kill)
@@ -190,11 +217,17 @@ async def test_broker_sigkilled_under_load_and_restarted_heals_by_itself(
             await more
             try:
                 await pipeline_wait_until(
-                    lambda: read_side_matches(write_engine, read_engine), tasks=tasks, within=60
+                    lambda: (
+                        read_side_matches(write_engine, read_engine)
+                        and wallets_match(write_engine, read_engine)
+                    ),
+                    tasks=tasks,
+                    within=60,
                 )
             except AssertionError as exc:
                 raise AssertionError(f"{exc}: {drift(write_engine, read_engine)}") from exc
         assert_read_side_matches(write_engine, read_engine)
+        assert_wallets_match(write_engine, read_engine)
         assert await partition_count(broker.bootstrap, settings.topic) == PARTITIONS
 
         ends = await log_ends(broker.bootstrap, settings.topic, PARTITIONS)
@@ -203,13 +236,13 @@ async def test_broker_sigkilled_under_load_and_restarted_heals_by_itself(
     first_seen: dict[uuid.UUID, list[int]] = {}
     seen: set[tuple[uuid.UUID, int]] = set()
     for record in sorted(new_log, key=lambda r: (r.partition, r.offset)):
-        payment_id, version = published_event(record)
-        partition_of.setdefault(payment_id, set()).add(record.partition)
-        if (payment_id, version) not in seen:
-            seen.add((payment_id, version))
-            first_seen.setdefault(payment_id, []).append(version)
+        stream_id, version = published_stream_event(record)
+        partition_of.setdefault(stream_id, set()).add(record.partition)
+        if (stream_id, version) not in seen:
+            seen.add((stream_id, version))
+            first_seen.setdefault(stream_id, []).append(version)
     split = {p for p, parts in partition_of.items() if len(parts) > 1}
-    assert not split, f"{len(split)} payments have events in several partitions of the new log"
+    assert not split, f"{len(split)} streams have events in several partitions of the new log"
     out_of_order = {p: v for p, v in first_seen.items() if v != sorted(v)}
     assert not out_of_order, f"published out of version order: {out_of_order}"
 
@@ -244,7 +277,9 @@ async def test_a_topic_with_another_partition_count_gets_nothing_and_one_error(
     ]
     assert len(errors) == 1, [r.getMessage() for r in errors]
     assert "4 partitions, 8 configured" in errors[0].getMessage()
-    with write_engine.connect() as conn:
-        assert conn.execute(sa.select(sa.func.count()).select_from(outbox)).scalar_one() == 20
+    # Nothing was published: every event (the 20 payments, and the payers' wallets' top-ups and
+    # debits) is still in the outbox.
+    assert len(write_store_events(write_engine)) == 20
+    assert unpublished_events(write_engine) == set(stored_stream_events(write_engine))
     ends = await log_ends(s.resolved_kafka_bootstrap(), s.topic, 4)
     assert sum(ends.values()) == 0
