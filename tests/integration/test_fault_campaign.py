@@ -1,16 +1,18 @@
 """The fault campaign: the whole pipeline on MariaDB and the real broker, under a fault.
 
 Each scenario takes a few thousand payments and refunds through the real command handlers
-(merchant m0 has a third of the traffic; some payments get two refunds), with the relay and the
-projector running, and injects its fault while that traffic flows. When the pipeline has come
-to rest, the test works out what drifted by itself (every payment whose read state differs from
-the fold of its events, or that has parked events or an open dead letter), runs the reconciler,
-and asserts:
+(merchant m0 has a third of the traffic; some payments get two refunds; the balance payments
+and their refunds move their payers' wallets, each a stream of its own on the same topic), with
+the relay and the projector running, and injects its fault while that traffic flows. When the
+pipeline has come to rest, the test works out what drifted by itself (every payment whose read
+state differs from the fold of its events, every wallet whose balance or statement differs from
+the fold of its movements, or that has parked events or an open dead letter), runs the
+reconciler, and asserts:
 
-- the reconciler reports exactly the drifted payments: none missed, none invented;
+- the reconciler reports exactly the drifted payments and wallets: none missed, none invented;
 - it repairs every one of them (exit code 0), and afterwards the read side equals the fold of
   the write store exactly: every payment's state and version, every refund row, every
-  merchant's daily and hourly totals;
+  merchant's daily and hourly totals, every wallet's balance and statement;
 - a full audit right after finds nothing at all.
 
 Faults the pipeline absorbs by itself (a relay dying between publish and delete, a projector
@@ -42,7 +44,7 @@ from command_service import outbox as outbox_sql
 from command_service.relay import Relay
 from kessai.broker import log_ends
 from kessai.clock import utcnow
-from kessai.events import SCHEMA_VERSION, PaymentRefunded, parse_event
+from kessai.events import SCHEMA_VERSION, PaymentRefunded, parse_event, wallet_stream_id
 from kessai.schema.read import (
     dead_letters,
     merchant_daily_totals,
@@ -51,7 +53,7 @@ from kessai.schema.read import (
     projector_offsets,
     refunds,
 )
-from kessai.schema.write import events, outbox
+from kessai.schema.write import events, outbox, wallet_events
 from kessai.settings import Settings
 from kessai_cli.main import app
 from projector.service import Projector
@@ -62,9 +64,13 @@ from tests.integration.read_model import project as apply_directly
 from tests.pipeline import (
     Traffic,
     assert_read_side_matches,
+    assert_wallets_match,
+    expected_wallets,
     fold_by_payment,
     make_traffic,
+    read_wallets,
     write_store_events,
+    write_store_wallet_events,
 )
 
 pytestmark = pytest.mark.slow
@@ -174,7 +180,8 @@ def start_traffic(write: Engine, seed: int) -> asyncio.Task[Traffic]:
 
 
 def written(write: Engine) -> int:
-    return count(write, events)
+    """Events written, payments' and wallets' (each has an outbox row until published)."""
+    return count(write, events) + count(write, wallet_events)
 
 
 def applied_offsets(read: Engine, topic: str) -> dict[int, int]:
@@ -214,9 +221,45 @@ async def at_rest(
         await asyncio.sleep(0.3)
 
 
+def wallet_streams(write: Engine) -> dict[uuid.UUID, str]:
+    """Stream id -> user of every wallet in the write store."""
+    return {wallet_stream_id(e.user_id): e.user_id for e in write_store_wallet_events(write)}
+
+
+def flagged_streams(read: Engine) -> set[uuid.UUID]:
+    """Streams (payments and wallets) with parked events or open dead letters."""
+    with read.connect() as conn:
+        flagged = set(conn.execute(sa.select(parked_events.c.payment_id)).scalars())
+        flagged |= set(
+            conn.execute(
+                sa.select(dead_letters.c.payment_id).where(dead_letters.c.status == "open")
+            ).scalars()
+        )
+    return {stream_id for stream_id in flagged if stream_id is not None}
+
+
+def drifted_wallets(write: Engine, read: Engine) -> set[str]:
+    """Users whose wallet on the read side (balance, version, statement) is not the fold of its
+    movements in the write store, or whose stream has parked events or an open dead letter;
+    worked out independently of the reconciler."""
+    want_balances, want_lines = expected_wallets(write_store_wallet_events(write))
+    balances, lines = read_wallets(read)
+    differ = {
+        u for u in want_balances.keys() | balances.keys() if want_balances.get(u) != balances.get(u)
+    }
+    differ |= {
+        u
+        for u, v in want_lines.keys() | lines.keys()
+        if want_lines.get((u, v)) != lines.get((u, v))
+    }
+    users = wallet_streams(write)
+    return differ | {users[s] for s in flagged_streams(read) if s in users}
+
+
 def drifted(write: Engine, read: Engine) -> set[uuid.UUID]:
     """Payments whose read side is not the fold of their events, worked out independently of
-    the reconciler: state, version and refund rows, parked events, open dead letters."""
+    the reconciler: state, version and refund rows, parked events, open dead letters. (A
+    wallet's stream is not a payment: its drift is ``drifted_wallets``.)"""
     all_events = write_store_events(write)
     expected = {
         pid: (s.captured_amount, s.refunded_amount, s.version, s.status)
@@ -238,24 +281,31 @@ def drifted(write: Engine, read: Engine) -> set[uuid.UUID]:
             )
         ):
             actual_refunds.setdefault(pid, []).append((int(version), int(amount)))
-        flagged = set(conn.execute(sa.select(parked_events.c.payment_id)).scalars())
-        flagged |= set(
-            conn.execute(
-                sa.select(dead_letters.c.payment_id).where(dead_letters.c.status == "open")
-            ).scalars()
-        )
+    flagged = flagged_streams(read) - wallet_streams(write).keys()
     differ = {
         pid
         for pid in expected.keys() | actual.keys()
         if expected.get(pid) != actual.get(pid)
         or expected_refunds.get(pid, []) != actual_refunds.get(pid, [])
     }
-    return differ | {pid for pid in flagged if pid is not None}
+    return differ | flagged
 
 
 def reported(result: RunResult) -> set[uuid.UUID]:
+    """The payments the run found wrong (its findings of wallet streams are not payments')."""
     kinds = PAYMENT_KINDS | {"orphan"}
-    return {f.payment_id for f in result.findings if f.kind in kinds and f.payment_id}
+    return {
+        f.payment_id
+        for f in result.findings
+        if f.kind in kinds and f.payment_id and f.payment_id.version != 5  # UUIDv5: a wallet
+    }
+
+
+def reported_wallets(result: RunResult) -> set[str]:
+    """The users whose wallet the run found wrong on the read side."""
+    return {
+        str((f.details or {})["user_id"]) for f in result.findings if f.kind == "wallet_balance"
+    }
 
 
 async def reconcile_and_check(
@@ -263,17 +313,21 @@ async def reconcile_and_check(
 ) -> RunResult:
     """The campaign's verdict, once the pipeline is at rest (the projector still running)."""
     drift = await asyncio.to_thread(drifted, write, read)
+    wallet_drift = await asyncio.to_thread(drifted_wallets, write, read)
     if expect_drift:
         assert drift, "the fault left nothing to repair: it was not injected"
     else:
         assert drift == set(), "a fault the pipeline absorbs by itself left drift"
+        assert wallet_drift == set(), "a fault the pipeline absorbs by itself left wallet drift"
     reconciler = Reconciler(write_engine=write, read_engine=read, settings=settings)
     result = await reconciler.run()
     assert reported(result) == drift  # none missed, none invented
+    assert reported_wallets(result) == wallet_drift
     unrepaired = [f for f in result.findings if not f.repaired]
     assert unrepaired == []
     assert (result.outcome, result.exit_code) == ("consistent", 0)
     await asyncio.to_thread(assert_read_side_matches, write, read)
+    await asyncio.to_thread(assert_wallets_match, write, read)
     audit = await reconciler.run(full=True)
     assert (audit.findings, audit.exit_code) == ([], 0)
     assert audit.payments_checked == count(write, events, events.c.version == 1)
@@ -517,19 +571,27 @@ async def test_outbox_rows_deleted_before_they_were_published(
         await traffic
         await at_rest(csettings, write_engine, read_engine, alive=[relay, proj])
         result = await reconcile_and_check(csettings, write_engine, read_engine, expect_drift=True)
-    assert reported(result) == {pid for _, pid in lost}
+    # The lost rows of payments are those payments' drift; those of wallets, their wallets'.
+    users = wallet_streams(write_engine)
+    assert reported(result) == {pid for _, pid in lost if pid not in users}
+    assert reported_wallets(result) == {users[pid] for _, pid in lost if pid in users}
 
 
 # -- 6. one version of a payment never delivered (a parked gap) --------------------------------
 
 
 class LossyRelay(Relay):
-    """Marks some version-2 events published without sending them: lost between the relay and
-    the projector. Which ones depends only on the event (its refund amount)."""
+    """Marks some version-2 events of payments (first refunds) published without sending them:
+    lost between the relay and the projector. Which ones depends only on the event (its refund
+    amount)."""
 
     def _fetch(self, shards: list[int]) -> list[outbox_sql.OutboxRow]:
         rows = super()._fetch(shards)
-        lost = [r for r in rows if r.version == 2 and _refund_amount(r) % 9 == 0]
+        lost = [
+            r
+            for r in rows
+            if r.version == 2 and r.event_type == "PaymentRefunded" and _refund_amount(r) % 9 == 0
+        ]
         if lost:
             self._mark([r.outbox_id for r in lost])
             LossyRelay.lost.extend((r.payment_id, r.version) for r in lost)
@@ -575,10 +637,11 @@ class PoisonRelay(Relay):
         rows = super()._fetch(shards)
         out = []
         for r in rows:
-            if r.version == 2 and len(PoisonRelay.newer) < 3:
+            first_refund = r.version == 2 and r.event_type == "PaymentRefunded"
+            if first_refund and len(PoisonRelay.newer) < 3:
                 PoisonRelay.newer.append(r.payment_id)
                 r = dataclasses.replace(r, schema_version=SCHEMA_VERSION + 1)
-            elif r.version == 2 and len(PoisonRelay.mangled) < 3:
+            elif first_refund and len(PoisonRelay.mangled) < 3:
                 PoisonRelay.mangled.append(r.payment_id)
                 r = dataclasses.replace(r, body=r.body[: len(r.body) // 2])
             out.append(r)
