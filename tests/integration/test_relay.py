@@ -80,7 +80,8 @@ async def test_published_event_carries_key_headers_and_envelope(
     assert [type(m) for m in movements] == [TopUpReceived, WalletDebited, WalletCredited]
     assert [m.version for m in movements] == [1, 2, 3]
     debit, credit = movements[1], movements[2]
-    assert isinstance(debit, WalletDebited) and isinstance(credit, WalletCredited)
+    assert isinstance(debit, WalletDebited)
+    assert isinstance(credit, WalletCredited)
     assert (debit.payload.payment_id, debit.payload.amount, debit.payload.balance_after) == (
         uuid.UUID(payment_id),
         500,
