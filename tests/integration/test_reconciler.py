@@ -57,6 +57,7 @@ from tests.pipeline import (
     read_totals,
     running,
     wait_until,
+    wallets_match,
     write_store_events,
 )
 
@@ -92,12 +93,18 @@ def kinds(result: RunResult) -> dict[str, int]:
     return found
 
 
+def all_projected(write_engine: Engine, read_engine: Engine) -> bool:
+    """The payments, the totals and the wallets (which the reconciler checks too) all equal
+    the fold of the write store."""
+    return read_side_matches(write_engine, read_engine) and wallets_match(write_engine, read_engine)
+
+
 async def project(settings: Settings, write_engine: Engine, read_engine: Engine) -> None:
     """Relay and project everything in the write store, then stop both."""
     relay = Relay(engine=write_engine, settings=settings)
     projector = Projector(engine=read_engine, settings=settings)
     async with running(relay, projector) as tasks:
-        await wait_until(lambda: read_side_matches(write_engine, read_engine), tasks=tasks)
+        await wait_until(lambda: all_projected(write_engine, read_engine), tasks=tasks)
 
 
 def stored_watermark(read_engine: Engine) -> str | None:
@@ -129,7 +136,7 @@ async def test_deleted_and_altered_read_rows_are_found_and_repaired(
     relay = Relay(engine=write_engine, settings=rsettings)
     projector = Projector(engine=read_engine, settings=rsettings)
     async with running(relay, projector) as tasks:
-        await wait_until(lambda: read_side_matches(write_engine, read_engine), tasks=tasks)
+        await wait_until(lambda: all_projected(write_engine, read_engine), tasks=tasks)
         with read_engine.connect() as conn:
             refunded = sorted(set(conn.execute(sa.select(refunds.c.payment_id)).scalars()))
         plain = [pid for pid in traffic.payment_ids if pid not in refunded]
@@ -336,7 +343,7 @@ async def test_a_dry_run_reports_and_changes_nothing(
 
 
 def settled(write_engine: Engine, read_engine: Engine) -> bool:
-    return count(write_engine, outbox) == 0 and read_side_matches(write_engine, read_engine)
+    return count(write_engine, outbox) == 0 and all_projected(write_engine, read_engine)
 
 
 async def test_an_incremental_run_checks_only_what_is_new(

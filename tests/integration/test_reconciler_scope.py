@@ -29,6 +29,7 @@ from tests.pipeline import (
     read_totals,
     running,
     wait_until,
+    wallets_match,
 )
 
 
@@ -50,7 +51,13 @@ def reconciler(rsettings: Settings, write_engine: Engine, read_engine: Engine) -
 
 
 def settled(write_engine: Engine, read_engine: Engine) -> bool:
-    return count(write_engine, outbox) == 0 and read_side_matches(write_engine, read_engine)
+    """Everything published and projected: payments, totals and wallets (the reconciler checks
+    the wallets too)."""
+    return (
+        count(write_engine, outbox) == 0
+        and read_side_matches(write_engine, read_engine)
+        and wallets_match(write_engine, read_engine)
+    )
 
 
 def damage(
