@@ -333,7 +333,9 @@ class Reconciler:
                 with contextlib.suppress(BaseException):
                     await summing
         ctx.checkpoint()
-        of_wallets = await wallets.check(ctx, lower, repaired.findings, dry_run=result.dry_run)
+        of_wallets = await wallets.check(
+            ctx, lower, start.outbox.in_flight, repaired.findings, dry_run=result.dry_run
+        )
         settled = wallets.settle_flagged(repaired.findings, of_wallets)
         result.conclude(settled + totals_found + of_wallets)
         if repaired.unresolved:

@@ -66,19 +66,26 @@ class Head:
 
 
 async def check(
-    ctx: RunContext, lower: uuid.UUID | None, findings: list[Finding], *, dry_run: bool
+    ctx: RunContext,
+    lower: uuid.UUID | None,
+    in_flight: set[uuid.UUID],
+    findings: list[Finding],
+    *,
+    dry_run: bool,
 ) -> list[Finding]:
-    """The wallet and trial-balance findings of the run (``lower``: None, a full audit), the
-    parked-event and dead-letter ``findings`` of wallet streams marked repaired once their
-    wallet is right."""
+    """The wallet and trial-balance findings of the run (``lower``: None, a full audit).
+    A wallet with a movement still in the outbox (its stream in ``in_flight``, as the run saw
+    the outbox at its start) is not judged on the read side: the relay has yet to publish it,
+    exactly as for payments."""
     users = await asyncio.to_thread(ctx.in_write, lambda c: _users_since(c, lower))
     flagged = [f for f in findings if is_wallet_stream(f.payment_id)]
     users |= await asyncio.to_thread(ctx.in_read, lambda c: _users_of_streams(c, flagged))
+    settled = {u for u in users if wallet_stream_id(u) not in in_flight}
     ctx.checkpoint()
     found = await asyncio.to_thread(trial_balance, ctx, lower)
     found += await asyncio.to_thread(chains, ctx, sorted(users), lower)
     ctx.checkpoint()
-    wrong = await asyncio.to_thread(differing, ctx, sorted(users))
+    wrong = await asyncio.to_thread(differing, ctx, sorted(settled))
     if wrong and ctx.settings.reconcile_confirm_seconds > 0:
         await ctx.sleep(ctx.settings.reconcile_confirm_seconds)  # projector lag is not drift
         wrong = await asyncio.to_thread(differing, ctx, sorted(wrong))
