@@ -293,18 +293,31 @@ def commit_batch(
     ``is_write_conflict``).
     ``before_write`` runs inside the transaction after the decisions and before the inserts
     (tests use it to play a concurrent writer)."""
-    now = clock()
     with engine.begin() as conn:
-        records = get_idempotency_many(conn, {c.scope for c in commands})
-        refunded = {c.payment_id for c in commands if c.payment_id is not None}
-        states = payment_states(commands, load_events_of_payments(conn, refunded))
-        wallets = load_wallets(conn, wallets_touched(commands, states))
-        decided = decide_batch(commands, records, states, wallets, now=now, clock=clock, ids=ids)
-        if before_write is not None:
-            before_write(conn)
-        delete_idempotency_many(conn, decided.expired)
-        append_events(conn, decided.events, shards=commands[0].policy.shards)
-        save_idempotency_many(conn, decided.records)
+        return record_batch(conn, commands, before_write=before_write, clock=clock, ids=ids)
+
+
+def record_batch(
+    conn: sa.Connection,
+    commands: Sequence[WriteCommand],
+    *,
+    before_write: Hook | None = None,
+    clock: Clock = utcnow,
+    ids: IdSource = new_id,
+) -> list[Result | None]:
+    """Steps 1-3 of ``commit_batch`` inside the transaction ``conn`` is in (its caller's to
+    commit: ``commit_batch``, or a test playing another process)."""
+    now = clock()
+    records = get_idempotency_many(conn, {c.scope for c in commands})
+    refunded = {c.payment_id for c in commands if c.payment_id is not None}
+    states = payment_states(commands, load_events_of_payments(conn, refunded))
+    wallets = load_wallets(conn, wallets_touched(commands, states))
+    decided = decide_batch(commands, records, states, wallets, now=now, clock=clock, ids=ids)
+    if before_write is not None:
+        before_write(conn)
+    delete_idempotency_many(conn, decided.expired)
+    append_events(conn, decided.events, shards=commands[0].policy.shards)
+    save_idempotency_many(conn, decided.records)
     return decided.results
 
 
@@ -356,6 +369,7 @@ class Recorder:
         self.engine = engine
         self.limiter = limiter
         self.committer: GroupCommitter[WriteCommand, Result] | None = None
+        self.group_attempts = 1
         self.before_write: Hook | None = None
         """Passed to ``commit_batch`` for group commits (tests play a concurrent writer)."""
         self._wallet_writers: weakref.WeakValueDictionary[str, asyncio.Lock] = (
@@ -373,6 +387,7 @@ class Recorder:
     ) -> Recorder:
         """A recorder; with ``KESSAI_GROUP_COMMIT`` on, with its group committer running."""
         recorder = cls(engine=engine, limiter=limiter)
+        recorder.group_attempts = settings.group_commit_attempts
         if settings.group_commit:
             recorder.committer = GroupCommitter(
                 commit=recorder._commit_group,
@@ -390,7 +405,17 @@ class Recorder:
             await self.committer.aclose()
 
     def _commit_group(self, commands: Sequence[WriteCommand]) -> list[Result | None]:
-        return commit_batch(self.engine, commands, before_write=self.before_write)
+        """The batch, decided again as a whole while it loses races to another process (two
+        processes' batches paying from one wallet collide on its next version: one of them
+        must read the other's commit and decide again); after ``group_commit_attempts``, the
+        last failure is raised and its requests are recorded one by one."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(is_write_conflict),
+            stop=tenacity.stop_after_attempt(self.group_attempts),
+            wait=tenacity.wait_random_exponential(multiplier=0.001, max=0.01),
+            reraise=True,
+        )
+        return retrying(commit_batch, self.engine, commands, before_write=self.before_write)
 
     async def record(self, command: WriteCommand) -> Outcome:
         """Record ``command`` with those of concurrent requests (group commit), or alone when

@@ -95,6 +95,14 @@ class Settings(BaseSettings):
         le=1_000,
         description="Longest a request waits for batch-mates before its batch is committed.",
     )
+    group_commit_attempts: int = Field(
+        3,
+        ge=1,
+        le=20,
+        description="Attempts of a group commit that lost a race to another process (a wallet's "
+        "or payment's next version, a key): decided again as a whole, on fresh state, before "
+        "its requests are recorded one by one.",
+    )
 
     acquirer_url: str | None = Field(
         None,

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -25,6 +26,8 @@ from sqlalchemy.engine import Engine
 from command_service import handlers
 from command_service.app import create_app
 from command_service.handlers import Recorder
+from command_service.routes.payments import capture_command
+from command_service.schemas import CreatePayment
 from kessai.auth import PAYMENTS_WRITE
 from kessai.db import create_db_engine
 from kessai.events import wallet_stream_id
@@ -364,7 +367,11 @@ async def test_a_batch_that_fails_as_a_whole_falls_back_to_one_transaction_per_r
 
     try:
         async with running(
-            settings, key, group_commit_max_batch=7, group_commit_max_delay_ms=5_000
+            settings,
+            key,
+            group_commit_max_batch=7,
+            group_commit_max_delay_ms=5_000,
+            group_commit_attempts=1,  # no second attempt as a batch: straight to one by one
         ) as (app, api):
             recorder: Recorder = app.state.resources.recorder
             recorder.before_write = concurrent_writer
@@ -425,3 +432,58 @@ async def test_with_group_commit_off_each_request_is_its_own_transaction(
         metrics = (await api.get("/metrics")).text
         assert "kessai_group_commit_batch_size" not in metrics
     assert rows_added(write_engine, funded) == {"events": 20, "outbox": 40, "idempotency_keys": 20}
+
+
+async def test_a_batch_that_lost_a_race_is_decided_again_as_a_whole(
+    settings: Settings, key: str, write_engine: Engine
+) -> None:
+    """Another process pays from the payer's wallet after the batch read it: the batch's
+    debit collides on the wallet's next version, and the batch is decided again as one
+    batch on the fresh balance (one more attempt, no fallback to one by one), every answer
+    checked against what the other process left.
+
+    On MySQL the other writer commits through a second engine; on SQLite (where the batch
+    holds the write lock) through the batch's own connection, rolled back with it."""
+    fund(settings, PAYER, amount=100)
+    funded = count_rows(write_engine)
+    url = settings.resolved_write_db_url()
+    mysql = sa.make_url(url).get_backend_name() == "mysql"
+    other = create_db_engine(url, pool_size=1)
+    attempts: list[int] = []
+
+    def concurrent_payer(conn: sa.Connection) -> None:
+        attempts.append(1)
+        if len(attempts) > 1:
+            return
+        policy = handlers.WritePolicy("elsewhere", new_key(), timedelta(hours=1), 8, 5)
+        command = capture_command(
+            policy=policy, command=CreatePayment(**payment_body(amount=60)), device_id=None
+        )
+        if mysql:
+            with other.begin() as theirs:
+                handlers.record_batch(theirs, [command])
+        else:
+            handlers.record_batch(conn, [command])
+
+    try:
+        async with running(
+            settings, key, group_commit_max_batch=3, group_commit_max_delay_ms=5_000
+        ) as (app, api):
+            app.state.resources.recorder.before_write = concurrent_payer
+            responses = await asyncio.gather(
+                *(post_payment(api, new_key(), amount=30) for _ in range(3))
+            )
+            assert attempts == [1, 1]  # decided again once, as a batch
+            assert await fallbacks(api) == 0
+            assert await batch_sizes(api) == (1, 3)
+    finally:
+        other.dispose()
+
+    foreign = 1 if mysql else 0  # on SQLite the other payment was rolled back
+    # 100 yen: the other process's 60 (MySQL) leaves 40, one 30-yen payment; else three.
+    accepted = [r for r in responses if r.status_code == 201]
+    assert len(accepted) == (1 if mysql else 3)
+    for refused in (r for r in responses if r.status_code != 201):
+        assert refused.status_code == 402
+        assert refused.json()["error"]["details"]["balance"] == 10
+    assert rows_added(write_engine, funded)["events"] == foreign + len(accepted)
