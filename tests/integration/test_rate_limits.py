@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -34,6 +30,7 @@ from tests.helpers import (
     fund,
     new_key,
     payment_body,
+    served_command_api,
 )
 from tests.integration.read_model import migrated_read_db
 
@@ -205,46 +202,6 @@ async def test_the_query_api_follows_the_same_setting(
             if status == 503:
                 assert response.json()["error"]["code"] == "rate_limit_unavailable"
                 assert int(response.headers["Retry-After"]) >= 1
-
-
-@contextmanager
-def served_command_api(settings: Settings) -> Iterator[str]:
-    """The command API in a uvicorn process of its own (one worker) on a free port: real
-    concurrency, and its own event loop and Redis pool under the load of the test."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "KESSAI_HOME": str(settings.home),
-        "KESSAI_WRITE_DB_URL": settings.resolved_write_db_url(),
-        "KESSAI_READ_DB_URL": settings.resolved_read_db_url(),
-        "KESSAI_REDIS_URL": settings.redis_url or "",
-        "KESSAI_RATE_LIMIT_PER_IP": settings.rate_limit_per_ip,
-        "KESSAI_RATE_LIMIT_WRITES": settings.rate_limit_writes,
-        # The 512 clients must reach the rate limiter, not the load shedder in front of it.
-        "KESSAI_OVERLOAD_MAX_IN_FLIGHT": str(settings.overload_max_in_flight),
-        "KESSAI_LOG_LEVEL": "WARNING",
-    }
-    command = [sys.executable, "-m", "uvicorn", "--factory", "command_service.app:create_app"]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    # A client starved by its 511 siblings may come back to an idle connection after uvicorn's
-    # 5 s keep-alive closed it, and read a reset (httpx.ReadError) instead of an answer.
-    command += ["--timeout-keep-alive", "60"]
-    server = subprocess.Popen(command, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, "the command API stopped while starting"
-            assert time.monotonic() < deadline, "the command API did not start in 30 s"
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 CLIENTS = 512

@@ -9,11 +9,6 @@ store, requests sent to both concurrently over HTTP.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,52 +22,16 @@ from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
 from kessai.auth import PAYMENTS_WRITE, WALLETS_WRITE
-from kessai.broker import free_port
 from kessai.events import parse_event, parse_wallet_event
 from kessai.postings import user_account
 from kessai.schema.write import events, wallet_events
 from kessai.settings import Settings
-from tests.helpers import api_key, bearer, new_key, payment_body
-
-
-@contextlib.contextmanager
-def command_api_process(settings: Settings) -> Iterator[str]:
-    """The command API in a uvicorn process of its own on a free port; its base URL."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "KESSAI_HOME": str(settings.home),
-        "KESSAI_WRITE_DB_URL": settings.resolved_write_db_url(),
-        "KESSAI_KEYS_DB_URL": settings.resolved_keys_db_url(),
-        "KESSAI_RATE_LIMIT_PER_IP": settings.rate_limit_per_ip,
-        "KESSAI_RATE_LIMIT_WRITES": settings.rate_limit_writes,
-        "KESSAI_OVERLOAD_MAX_IN_FLIGHT": str(settings.overload_max_in_flight),
-        "KESSAI_WALLET_MAX_BALANCE": str(settings.wallet_max_balance),
-        "KESSAI_LOG_LEVEL": "WARNING",
-    }
-    command = [sys.executable, "-m", "uvicorn", "--factory", "command_service.app:create_app"]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    server = subprocess.Popen(command, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, "the command API stopped while starting"
-            assert time.monotonic() < deadline, "the command API did not start in 30 s"
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+from tests.helpers import api_key, bearer, new_key, payment_body, served_command_api
 
 
 @pytest.fixture
 def two_processes(settings: Settings) -> Iterator[tuple[str, str]]:
-    with command_api_process(settings) as first, command_api_process(settings) as second:
+    with served_command_api(settings) as first, served_command_api(settings) as second:
         yield first, second
 
 
