@@ -7,72 +7,11 @@ from pathlib import Path
 
 from command_service import handlers
 from kessai.db import create_db_engine
-from kessai.events import (
-    TopUpReceived,
-    TopUpReceivedPayload,
-    WalletCredited,
-    WalletCreditedPayload,
-    WalletDebited,
-    WalletDebitedPayload,
-)
-from kessai.ids import new_id
-from kessai.postings import Posting, capture_postings, refund_postings, transfer
+from kessai.postings import Posting, capture_postings, refund_postings
 from migrations import upgrade
 from tests.ledger_check import ledger_problems
-from tests.unit.test_postings import PAYMENT_ID, T0, captured, refunded
-
-
-def topped_up(amount: int, balance_after: int, version: int = 1) -> TopUpReceived:
-    return TopUpReceived(
-        event_id=new_id(),
-        user_id="u1",
-        version=version,
-        occurred_at=T0,
-        recorded_at=T0,
-        postings=transfer("world:topup:bank", "user:u1", amount),
-        payload=TopUpReceivedPayload(
-            top_up_id=new_id(),
-            amount=amount,
-            currency="JPY",
-            source="bank",
-            balance_after=balance_after,
-        ),
-    )
-
-
-def debited(amount: int, balance_after: int, version: int) -> WalletDebited:
-    return WalletDebited(
-        event_id=new_id(),
-        user_id="u1",
-        version=version,
-        occurred_at=T0,
-        recorded_at=T0,
-        payload=WalletDebitedPayload(
-            payment_id=PAYMENT_ID,
-            merchant_id="shop-1",
-            amount=amount,
-            currency="JPY",
-            balance_after=balance_after,
-        ),
-    )
-
-
-def credited(amount: int, balance_after: int, version: int) -> WalletCredited:
-    return WalletCredited(
-        event_id=new_id(),
-        user_id="u1",
-        version=version,
-        occurred_at=T0,
-        recorded_at=T0,
-        payload=WalletCreditedPayload(
-            payment_id=PAYMENT_ID,
-            refund_id=new_id(),
-            merchant_id="shop-1",
-            amount=amount,
-            currency="JPY",
-            balance_after=balance_after,
-        ),
-    )
+from tests.unit.test_postings import captured, refunded
+from tests.unit.test_wallet_events import credited, debited, topped_up
 
 
 def store(tmp_path: Path, *stored: handlers.Event) -> str:
