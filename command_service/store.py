@@ -32,7 +32,13 @@ from kessai.events import (
     wallet_event_to_json,
     wallet_stream_id,
 )
-from kessai.schema.write import events, idempotency_keys, outbox, wallet_events
+from kessai.schema.write import (
+    events,
+    idempotency_keys,
+    newest_wallet_movements,
+    outbox,
+    wallet_events,
+)
 from kessai.wallets import Wallet, movement_of
 
 PaymentEvent = PaymentCaptured | PaymentRefunded
@@ -196,18 +202,7 @@ def load_wallets(conn: sa.Connection, user_ids: Collection[str]) -> dict[str, Wa
     found = {user_id: Wallet.empty(user_id) for user_id in user_ids}
     if not found:
         return found
-    w = wallet_events
-    newest = (
-        sa.select(w.c.user_id, sa.func.max(w.c.version).label("version"))
-        .where(w.c.user_id.in_(sorted(found)))
-        .group_by(w.c.user_id)
-        .subquery()
-    )
-    rows = conn.execute(
-        sa.select(w.c.user_id, w.c.version, w.c.currency, w.c.balance_after).join(
-            newest, sa.and_(w.c.user_id == newest.c.user_id, w.c.version == newest.c.version)
-        )
-    )
+    rows = conn.execute(newest_wallet_movements(found))
     for user_id, version, currency, balance in rows:
         found[user_id] = Wallet(
             user_id=user_id, currency=currency, balance=balance, version=version

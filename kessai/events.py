@@ -289,3 +289,27 @@ def parse_wallet_event(raw: bytes | str) -> TopUpReceived | WalletDebited | Wall
 
 def wallet_event_to_json(event: TopUpReceived | WalletDebited | WalletCredited) -> bytes:
     return event.model_dump_json().encode()
+
+
+# -- the topic ----------------------------------------------------------------------------------
+# One topic carries both kinds of stream; a record is keyed by its stream's id.
+
+AnyEvent = PaymentCaptured | PaymentRefunded | TopUpReceived | WalletDebited | WalletCredited
+
+_any_event_adapter: TypeAdapter[AnyEvent] = TypeAdapter(
+    Annotated[AnyEvent, Field(discriminator="event_type")]
+)
+
+
+def parse_any_event(raw: bytes | str) -> AnyEvent:
+    """A payment's or a wallet's event from its JSON form, by its ``event_type`` (raises
+    ``pydantic.ValidationError``)."""
+    return _any_event_adapter.validate_json(raw)
+
+
+def stream_of(event: AnyEvent) -> uuid.UUID:
+    """The id of the event's stream: its Kafka key and its outbox rows' ``payment_id`` (the
+    payment's id, or ``wallet_stream_id`` of the wallet's user)."""
+    if isinstance(event, PaymentCaptured | PaymentRefunded):
+        return event.payment_id
+    return wallet_stream_id(event.user_id)

@@ -26,45 +26,28 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
-from typing import Annotated
 from zoneinfo import ZoneInfo
 
 import orjson
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from kessai.events import (
     SCHEMA_VERSION,
+    AnyEvent,
     PaymentCaptured,
     PaymentRefunded,
     TopUpReceived,
     WalletCredited,
     WalletDebited,
-    wallet_stream_id,
+    parse_any_event,
+    stream_of,
 )
 from kessai.ledger import InvariantViolation, PaymentState, apply
 from projector.wallet_rows import MovementRow, WalletRow, apply_wallet_event
 
 PaymentEvent = PaymentCaptured | PaymentRefunded
 WalletEvent = TopUpReceived | WalletDebited | WalletCredited
-Event = PaymentEvent | WalletEvent
-
-# Every event the topic carries, told apart by ``event_type`` (the classes of kessai.events).
-_event_adapter: TypeAdapter[Event] = TypeAdapter(
-    Annotated[Event, Field(discriminator="event_type")]
-)
-
-
-def parse_any_event(raw: bytes | str) -> Event:
-    """A payment's or a wallet's event from its JSON form (raises ``ValidationError``)."""
-    return _event_adapter.validate_json(raw)
-
-
-def stream_of(event: Event) -> uuid.UUID:
-    """The id of the event's stream: its Kafka key, and the key of its parked events and dead
-    letters (their ``payment_id`` column holds a wallet's stream id for a wallet's events)."""
-    if isinstance(event, PaymentCaptured | PaymentRefunded):
-        return event.payment_id
-    return wallet_stream_id(event.user_id)
+Event = AnyEvent
 
 
 @dataclass(frozen=True, slots=True)

@@ -328,20 +328,9 @@ def _sides_match_payments(
 
 
 def heads(conn: sa.Connection, users: Sequence[str]) -> dict[str, Head]:
-    w = write.wallet_events.c
-    newest = (
-        sa.select(w.user_id, sa.func.max(w.version).label("version"))
-        .where(w.user_id.in_(users))
-        .group_by(w.user_id)
-        .subquery()
-    )
-    rows = conn.execute(
-        sa.select(w.user_id, w.version, w.balance_after, w.currency).join(
-            newest, sa.and_(w.user_id == newest.c.user_id, w.version == newest.c.version)
-        )
-    )
+    rows = conn.execute(write.newest_wallet_movements(users))
     return {
-        user_id: Head(version, balance, currency) for user_id, version, balance, currency in rows
+        user_id: Head(version, balance, currency) for user_id, version, currency, balance in rows
     }
 
 

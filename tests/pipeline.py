@@ -36,8 +36,10 @@ from kessai.events import (
     PaymentCaptured,
     PaymentRefunded,
     kafka_key,
+    parse_any_event,
     parse_event,
     parse_wallet_event,
+    stream_of,
     wallet_stream_id,
 )
 from kessai.ledger import PaymentState, fold
@@ -345,8 +347,6 @@ StreamEvent = tuple[uuid.UUID, int]
 """(stream id, version) of an event: its payment's id, or its wallet's ``wallet_stream_id``
 (the outbox row's ``payment_id`` and the Kafka key, either way)."""
 
-WALLET_EVENT_TYPES = frozenset({"TopUpReceived", "WalletDebited", "WalletCredited"})
-
 
 def stored_stream_events(engine: Engine) -> list[StreamEvent]:
     """(stream id, version) of every event in the write store, payments' and wallets'."""
@@ -366,15 +366,11 @@ def published_stream_event(record: ConsumerRecord[bytes, bytes]) -> StreamEvent:
     """(stream id, version) of a record read from the topic, parsed as its ``event_type``
     header says (a payment's or a wallet's event); checks the key is the event's stream."""
     assert record.value is not None
-    event_type = dict(record.headers).get("event_type", b"").decode()
-    if event_type in WALLET_EVENT_TYPES:
-        movement = parse_wallet_event(record.value)
-        assert movement.event_type == event_type, "the header is not the event's type"
-        stream_id, version = wallet_stream_id(movement.user_id), movement.version
-    else:
-        event = parse_event(record.value)
-        assert event.event_type == event_type, "the header is not the event's type"
-        stream_id, version = event.payment_id, event.version
+    event = parse_any_event(record.value)
+    assert dict(record.headers).get("event_type") == event.event_type.encode(), (
+        "the header is not the event's type"
+    )
+    stream_id, version = stream_of(event), event.version
     assert record.key == kafka_key(stream_id), "key is not the event's stream id"
     return stream_id, version
 

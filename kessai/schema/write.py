@@ -10,6 +10,8 @@ for each user's wallet, keyed ``(user_id, version)``, and also refuses a negativ
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import sqlalchemy as sa
 
 from kessai.db import NAMING_CONVENTION, BinaryUUID, UTCDateTime, ascii_id, long_text
@@ -110,3 +112,19 @@ admission_settings = sa.Table(
     sa.Column("updated_at", UTCDateTime(), nullable=False),
     sa.Column("updated_by", sa.String(64), nullable=False),
 )
+
+
+def newest_wallet_movements(user_ids: Collection[str]) -> sa.Select[str, int, str, int]:
+    """``(user_id, version, currency, balance_after)`` of the newest movement of each wallet of
+    ``user_ids``: its balance, read as a primary-key range per wallet, however long its
+    history (the write path's read of a batch's wallets, and the reconciler's)."""
+    w = wallet_events.c
+    newest = (
+        sa.select(w.user_id, sa.func.max(w.version).label("version"))
+        .where(w.user_id.in_(sorted(user_ids)))
+        .group_by(w.user_id)
+        .subquery()
+    )
+    return sa.select(w.user_id, w.version, w.currency, w.balance_after).join(
+        newest, sa.and_(w.user_id == newest.c.user_id, w.version == newest.c.version)
+    )
