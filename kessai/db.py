@@ -19,6 +19,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect, Engine
 
+from kessai import pymysql_escapes
 from kessai.clock import as_utc
 
 NAMING_CONVENTION = {
@@ -103,7 +104,7 @@ def create_db_engine(url: str, *, pool_size: int = 10, write: bool = True) -> En
         )
         _tune_sqlite(engine, begin_immediate=write)
         return engine
-    return sa.create_engine(
+    engine = sa.create_engine(
         url,
         isolation_level="READ COMMITTED",
         pool_size=pool_size,
@@ -112,6 +113,18 @@ def create_db_engine(url: str, *, pool_size: int = 10, write: bool = True) -> En
         pool_recycle=1800,
         connect_args={"charset": "utf8mb4", "connect_timeout": 5},
     )
+    if parsed.get_driver_name() == "pymysql":
+        use_fast_escapes(engine)
+    return engine
+
+
+def use_fast_escapes(engine: Engine) -> None:
+    """Open ``engine``'s PyMySQL connections as ``kessai.pymysql_escapes.Connection``: the
+    same driver, escaping the values of the rows it sends several times faster."""
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        return pymysql_escapes.Connection(*cargs, **cparams)
 
 
 def _tune_sqlite(engine: Engine, *, begin_immediate: bool) -> None:

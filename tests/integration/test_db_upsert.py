@@ -16,12 +16,13 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from kessai import pymysql_escapes
 from kessai.db import create_db_engine, upsert_rows
 from kessai.schema.read import merchant_daily_totals, payments, refunds
 
 PAYMENT_COLUMNS = tuple(c.name for c in payments.columns)
 T0 = datetime(2026, 11, 30, 23, 59, 59, 123456, tzinfo=UTC)
-HOSTILE = "x'); DROP TABLE payments; -- \\ \" % %s ? 決済 \U0001f4b4"
+HOSTILE = "x'); DROP TABLE payments; -- \\ \" % %s ? 決済 \U0001f4b4 \0 \n \r \x1a \\' \\\\"
 
 
 @pytest.fixture
@@ -58,6 +59,26 @@ def test_rows_round_trip_with_their_types_and_are_replaced_on_conflict(engine: E
     assert (rows[ids[1]].refunded_amount, rows[ids[1]].version) == (300, 2)
     assert rows[ids[1]].store_id is None  # replaced, not merged
     assert (rows[ids[2]].refunded_amount, rows[ids[2]].store_id) == (0, HOSTILE)
+
+
+def test_every_character_mysql_escapes_round_trips_through_a_multi_row_insert(
+    engine: Engine,
+) -> None:
+    """What PyMySQL escapes (and ``kessai.pymysql_escapes`` escapes its own way), in the
+    statements the write path sends: ``executemany`` into one multi-row INSERT."""
+    specials = ["\0", "\\", "\n", "\r", "\x1a", "'", '"', "\\'", "\\\\", "%s", "決済\U0001f4b4"]
+    values = [*specials, "".join(specials), HOSTILE * 5]
+    rows = [
+        {"payment_id": uuid.uuid4(), "version": 1, "refund_id": uuid.uuid4(), "merchant_id": "m1",
+         "amount": 1, "currency": "JPY", "reason": value, "created_at": T0}
+        for value in values
+    ]  # fmt: skip
+    with engine.begin() as conn:
+        if engine.dialect.driver == "pymysql":
+            assert isinstance(conn.connection.dbapi_connection, pymysql_escapes.Connection)
+        conn.execute(refunds.insert(), rows)
+        stored = dict(conn.execute(sa.select(refunds.c.refund_id, refunds.c.reason)).all())
+    assert [stored[r["refund_id"]] for r in rows] == values
 
 
 def test_add_columns_sum_on_conflict(engine: Engine) -> None:
