@@ -71,6 +71,13 @@ class GroupCommitter(Generic[C, R]):
             "Group commits that failed as a whole; their requests were recorded one by one.",
             registry=registry,
         )
+        self.retries = Counter(
+            "kessai_group_commit_retries",
+            "Group commits decided and written again as a whole after losing a write race to "
+            "another process (a wallet's or a payment's next version taken first): one per "
+            "retry, counted by the commit function.",
+            registry=registry,
+        )
         self._queue: deque[_Pending[C, R]] = deque()
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
@@ -89,6 +96,7 @@ class GroupCommitter(Generic[C, R]):
             await self._task
         self._registry.unregister(self.batch_size)
         self._registry.unregister(self.fallbacks)
+        self._registry.unregister(self.retries)
 
     async def submit(self, command: C) -> R | None:
         """The result of ``command`` once its batch committed; ``None`` if it must be recorded

@@ -413,9 +413,14 @@ class Recorder:
             retry=tenacity.retry_if_exception(is_write_conflict),
             stop=tenacity.stop_after_attempt(self.group_attempts),
             wait=tenacity.wait_random_exponential(multiplier=0.001, max=0.01),
+            before_sleep=self._count_retry,
             reraise=True,
         )
         return retrying(commit_batch, self.engine, commands, before_write=self.before_write)
+
+    def _count_retry(self, _state: tenacity.RetryCallState) -> None:
+        if self.committer is not None:
+            self.committer.retries.inc()
 
     async def record(self, command: WriteCommand) -> Outcome:
         """Record ``command`` with those of concurrent requests (group commit), or alone when

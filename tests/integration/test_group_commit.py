@@ -97,12 +97,16 @@ async def batch_sizes(api: httpx.AsyncClient) -> tuple[float, float]:
 
 
 async def fallbacks(api: httpx.AsyncClient) -> float:
+    return await counter(api, "kessai_group_commit_fallbacks_total")
+
+
+async def counter(api: httpx.AsyncClient, name: str) -> float:
     response = await api.get("/metrics")
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:
-            if sample.name == "kessai_group_commit_fallbacks_total":
+            if sample.name == name:
                 return sample.value
-    raise AssertionError("no kessai_group_commit_fallbacks_total in /metrics")
+    raise AssertionError(f"no {name} in /metrics")
 
 
 async def post_payment(
@@ -475,6 +479,7 @@ async def test_a_batch_that_lost_a_race_is_decided_again_as_a_whole(
             )
             assert attempts == [1, 1]  # decided again once, as a batch
             assert await fallbacks(api) == 0
+            assert await counter(api, "kessai_group_commit_retries_total") == 1
             assert await batch_sizes(api) == (1, 3)
     finally:
         other.dispose()
