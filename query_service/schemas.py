@@ -143,6 +143,14 @@ class CurrencySummaryOut(TotalsOut):
     )
 
 
+class MerchantBalanceOut(BaseModel):
+    currency: str
+    amount: int = Field(
+        description="What kessai owes the merchant in this currency, in minor units: every "
+        "payment captured minus every refund, over all time (not only the summary's range)."
+    )
+
+
 class SummaryOut(Freshness):
     merchant_id: str
     time_zone: str = Field(description="The merchant's time zone that buckets are local to.")
@@ -151,6 +159,12 @@ class SummaryOut(Freshness):
     to: datetime = Field(description="End of the last bucket (exclusive).")
     currencies: list[CurrencySummaryOut] = Field(
         description="One entry per currency with activity in the range; none: an empty list."
+    )
+    balance: list[MerchantBalanceOut] = Field(
+        description="The merchant's balance (its ledger account `merchant:<merchant_id>`, "
+        "what kessai owes it) over all time, whatever the range: one entry per currency the "
+        "merchant ever had a payment in, by currency; none: an empty list. As of the answer's "
+        "`as_of`, like the totals."
     )
 
 

@@ -1,11 +1,14 @@
-"""``GET /v1/merchants/{merchant_id}/summary``: a merchant's totals by day or hour, from the
-totals tables the projector maintains in the same transaction as the payments they sum.
+"""``GET /v1/merchants/{merchant_id}/summary``: a merchant's totals by day or hour, and its
+balance, from the totals tables the projector maintains in the same transaction as the payments
+they sum.
 
 One read view, top to bottom: the route (the range in the merchant's time zone, today through a
 short cache); the read (``read_summary``, in a worker thread, inside one read-only transaction
-it owns, never committed); its SQL (``totals``, one range scan of a totals table's primary key
-``(merchant_id, bucket, currency)``); and the answer built from the rows (``summary_body``:
-every bucket of the range, zero when nothing happened).
+it owns, never committed, so the range's totals and the balance are of one snapshot); its SQL
+(``totals``, one range scan of a totals table's primary key ``(merchant_id, bucket,
+currency)``, and ``balance``, one scan of the daily totals' primary key prefix
+``merchant_id``); and the answer built from the rows (``summary_body``: every bucket of the
+range, zero when nothing happened; ``balance_body``: the balance per currency).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ router = APIRouter()
         422: {"model": ErrorOut, "description": "Invalid parameters, or `range_too_large`."},
         404: MERCHANT_404,
     },
-    summary="A merchant's totals by day or hour",
+    summary="A merchant's totals by day or hour, and its balance",
     **MERCHANT_ROUTE,
 )
 async def merchant_summary(
@@ -75,6 +78,11 @@ async def merchant_summary(
     nothing happened, so a chart needs no gap filling; a currency appears if anything happened
     in it in the range. A range that starts or ends inside a bucket includes that whole bucket;
     `from` / `to` in the answer are the exact range the buckets cover.
+
+    `balance`: what kessai owes the merchant (its ledger account `merchant:<merchant_id>`), per
+    currency: every payment captured (card or balance) minus every refund, over all time, not
+    only the range. It is read in the same snapshot as the totals, so it is as of the same
+    `as_of`; a merchant with nothing has an empty `balance`.
 
     Range: `from` / `to` as for the payment list. Without both: the merchant's current day
     (served from a cache for a couple of seconds; its `as_of` is that of the cached answer, so
@@ -131,7 +139,12 @@ def read_summary(
     granularity: Granularity,
     buckets: Sequence[Bucket],
 ) -> dict[str, Any]:
-    """Totals per currency over ``buckets``, each with its zero-filled series."""
+    """Totals per currency over ``buckets``, each with its zero-filled series, and the
+    merchant's balance over all time.
+
+    Both reads share one connection, hence one transaction: REPEATABLE READ on MySQL, a
+    deferred ``BEGIN`` on SQLite (``query_service.engine``), so the balance never counts a
+    payment the totals of the same answer do not (or the other way around)."""
     with engine.connect() as conn:
         rows = totals(
             conn,
@@ -140,7 +153,8 @@ def read_summary(
             first=buckets[0].key,
             last=buckets[-1].key,
         )
-    return summary_body(
+        balance_rows = balance(conn, merchant_id)
+    body = summary_body(
         [
             (
                 r.bucket,
@@ -157,6 +171,8 @@ def read_summary(
         granularity=granularity,
         buckets=buckets,
     )
+    body["balance"] = balance_body(balance_rows)
+    return body
 
 
 def totals(
@@ -174,6 +190,26 @@ def totals(
         sa.select(bucket.label("bucket"), table.c.currency, *(table.c[c] for c in TOTALS_COLUMNS))
         .where(table.c.merchant_id == merchant_id, bucket >= first, bucket <= last)
         .order_by(bucket, table.c.currency)
+    ).all()
+
+
+def balance(conn: sa.Connection, merchant_id: str) -> Sequence[sa.Row[Any, Any]]:
+    """The balance of the ledger account ``merchant:<merchant_id>`` per currency, over all
+    time: every captured payment (``world:acquirer`` or ``user:`` -> merchant) minus every
+    refund (its reverse). Summed from the daily totals, one scan of the primary key prefix
+    ``merchant_id`` (a row per currency and day with activity, about 365 a year), so it is
+    exactly the buckets the reconciler verifies against the write store, and no row on either
+    side is updated by every payment. A currency the merchant ever had activity in has a row
+    (possibly 0); payouts, when they exist, are one more sum to subtract here."""
+    t = merchant_daily_totals
+    return conn.execute(
+        sa.select(
+            t.c.currency,
+            (sa.func.sum(t.c.payments_amount) - sa.func.sum(t.c.refunds_amount)).label("amount"),
+        )
+        .where(t.c.merchant_id == merchant_id)
+        .group_by(t.c.currency)
+        .order_by(t.c.currency)
     ).all()
 
 
@@ -262,6 +298,12 @@ def summary_body(
         "to": bucket_end(buckets[-1], granularity, zone),
         "currencies": currencies,
     }
+
+
+def balance_body(rows: Sequence[sa.Row[Any, Any]]) -> list[dict[str, Any]]:
+    """The answer's ``balance``: ``{currency, amount}`` per currency, by currency; a merchant
+    with nothing has an empty list. (MySQL sums ``BIGINT`` to ``DECIMAL``: back to ``int``.)"""
+    return [{"currency": r.currency, "amount": int(r.amount)} for r in rows]
 
 
 def _bucket_start(key: BucketKey, zone: ZoneInfo) -> datetime:

@@ -222,8 +222,10 @@ async def test_a_thousand_concurrent_summaries_cost_a_handful_of_queries(
         body.pop("lag_seconds")
     assert all(body == bodies[0] for body in bodies)
     assert bodies[0]["currencies"][0]["payments_amount"] == 700
-    # One time-zone lookup, one freshness read, one totals scan (plus BEGINs on SQLite).
-    assert len(log.touching("merchant_daily_totals")) == 1
+    assert bodies[0]["balance"] == [{"currency": "JPY", "amount": 700}]
+    # One time-zone lookup, one freshness read, one totals scan and one balance scan (plus
+    # BEGINs on SQLite).
+    assert len(log.touching("merchant_daily_totals")) == 2
     assert len(log.statements) <= 10, log.statements
 
 
@@ -247,6 +249,7 @@ async def test_a_cached_summary_keeps_the_freshness_it_was_computed_with(
         response = await client.get("/v1/merchants/shop-a/summary")
         cached = response.json()
         assert cached["currencies"][0]["payments_amount"] == 100  # served from the cache...
+        assert cached["balance"] == [{"currency": "JPY", "amount": 100}]  # the balance too...
         assert datetime.fromisoformat(cached["as_of"]) == first_as_of  # ...with its own as_of
         assert cached["lag_seconds"] >= 60
         assert cached["lag_seconds"] > body["lag_seconds"]
@@ -258,6 +261,7 @@ async def test_a_cached_summary_keeps_the_freshness_it_was_computed_with(
             await client.get("/v1/merchants/shop-a/summary", params={"from": today, "to": today})
         ).json()
         assert fresh["currencies"][0]["payments_amount"] == 105
+        assert fresh["balance"] == [{"currency": "JPY", "amount": 105}]
         assert fresh["lag_seconds"] < 5
 
 
@@ -288,6 +292,7 @@ async def test_the_summary_cache_lives_in_redis_when_configured(
             log.close()
         assert log.touching("merchant_daily_totals") == []
         assert served["currencies"] == computed["currencies"]
+        assert served["balance"] == computed["balance"] == [{"currency": "JPY", "amount": 900}]
         assert datetime.fromisoformat(served["as_of"]) == as_of
         assert served["lag_seconds"] >= computed["lag_seconds"]
     finally:
@@ -314,5 +319,6 @@ async def test_redis_down_falls_back_to_the_database_and_says_so(
             assert response.json()["currencies"][0]["payments_amount"] == 77
         log.close()
     assert any("Redis" in r.getMessage() for r in caplog.records)
-    # While Redis is down the process caches: one totals query for the three requests.
-    assert len(log.touching("merchant_daily_totals")) == 1
+    # While Redis is down the process caches: one totals and one balance query for the three
+    # requests.
+    assert len(log.touching("merchant_daily_totals")) == 2
