@@ -15,9 +15,9 @@ its phases in order, each a function that takes values and returns values:
    has brought them in line; orphan rows are removed;
 3. verify (``reconciler.verify``): the merchant totals of every bucket in scope against the
    events they count, wrong ones rewritten;
-4. the ledger (``reconciler.wallets``): the trial balance of the events in scope, each
-   wallet's chain of balances, and the read side's balances (repaired by re-publishing the
-   wallet's movements);
+4. the ledger (``reconciler.wallets``): the trial balance of the events in scope, the wallet
+   movement each of them owes (``reconciler.movements``), each wallet's chain of balances, and
+   the read side's balances (repaired by re-publishing the wallet's movements);
 5. record: the outcome, the findings and the run are recorded; the watermark advances only
    when everything checked is consistent, and never past an event still in the outbox.
 

@@ -6,6 +6,9 @@ scope (all of them in a full audit):
 - the trial balance: the postings of every event (a payment's, a refund's, a top-up's; those
   of events stored before postings existed derived, ``kessai.ledger.postings_of``) sum to zero
   per currency (``trial_balance``, never repaired: the write store is the truth);
+- each payment's wallet movement: a captured balance payment, and a refund of one, has its
+  wallet's side in the write store, of the amount its postings say (``wallet_movement``,
+  ``reconciler.movements``, never repaired);
 - each wallet's chain: every movement's ``balance_after`` is the previous one plus its amount,
   never below zero, and a payment's or refund's movement is what its payment's postings say of
   that wallet (``wallet_chain``, never repaired either);
@@ -45,13 +48,13 @@ from kessai.ledger import PaymentState, apply, postings_of
 from kessai.postings import user_account
 from kessai.schema import read, write
 from kessai.wallets import Wallet, apply_movement, movement_of
-from reconciler import totals
+from reconciler import movements, totals
 from reconciler.context import RunContext
 from reconciler.loaders import EventRow
 from reconciler.records import Finding
 from reconciler.republish import republisher
 
-WALLET_KINDS = {"wallet_balance", "wallet_chain", "trial_balance"}
+WALLET_KINDS = {"wallet_balance", "wallet_chain", "wallet_movement", "trial_balance"}
 
 
 def is_wallet_stream(stream_id: uuid.UUID | None) -> bool:
@@ -82,7 +85,8 @@ async def check(
     users |= await asyncio.to_thread(ctx.in_read, lambda c: _users_of_streams(c, flagged))
     settled = {u for u in users if wallet_stream_id(u) not in in_flight}
     ctx.checkpoint()
-    found = await asyncio.to_thread(trial_balance, ctx, lower)
+    found, owed = await asyncio.to_thread(trial_balance, ctx, lower)
+    found += await asyncio.to_thread(movements.unmoved, ctx, owed, lower)
     found += await asyncio.to_thread(chains, ctx, sorted(users), lower)
     ctx.checkpoint()
     wrong = await asyncio.to_thread(differing, ctx, sorted(settled))
@@ -158,12 +162,16 @@ def _user_in(body: str | bytes | None) -> str | None:
     return user_id if isinstance(user_id, str) else None
 
 
-def trial_balance(ctx: RunContext, lower: uuid.UUID | None) -> list[Finding]:
+def trial_balance(
+    ctx: RunContext, lower: uuid.UUID | None
+) -> tuple[list[Finding], list[movements.Owed]]:
     """The postings of the events in scope, summed per currency: a finding per currency whose
     sum is not zero (an event whose own postings do not balance does not even parse: it is
-    the projector's dead letter and the payments' finding)."""
+    the projector's dead letter and the payments' finding); and, collected on the way, the
+    wallet movements the payment events in scope owe (``movements.owed_by``)."""
     e, w = write.events.c, write.wallet_events.c
     total: dict[str, int] = defaultdict(int)
+    owed: list[movements.Owed] = []
     with ctx.write.connect() as conn:
         query = sa.select(e.payment_id, e.version, e.body).order_by(e.payment_id, e.version)
         if lower is not None:
@@ -177,6 +185,7 @@ def trial_balance(ctx: RunContext, lower: uuid.UUID | None) -> list[Finding]:
             previous[payment_id] = apply(before, event)
             for posting in postings_of(event, before):
                 total[event.payload.currency] += posting.amount
+            owed += movements.owed_by(event)
         topups = sa.select(w.body).where(w.event_type == "TopUpReceived")
         if lower is not None:
             topups = topups.where(w.event_id >= lower)
@@ -188,7 +197,7 @@ def trial_balance(ctx: RunContext, lower: uuid.UUID | None) -> list[Finding]:
         Finding(kind="trial_balance", details={"currency": currency, "sum": amount})
         for currency, amount in sorted(total.items())
         if amount != 0
-    ]
+    ], owed
 
 
 def _state_before(conn: sa.Connection, payment_id: uuid.UUID, version: int) -> PaymentState | None:
