@@ -18,6 +18,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from kessai.schema.read import RECONCILER_CHECKS, moment_of
 from query_service import repository
 from query_service.cursor import Position
 from query_service.repository import Condition
@@ -192,6 +193,7 @@ def reconciliation_runs(*, engine: Engine, before: int | None, limit: int) -> di
     with engine.connect() as conn:
         runs = repository.reconciliation_runs_page(conn, before=before, limit=limit)
         findings = repository.reconciliation_findings_of(conn, [r.run_id for r in runs])
+        verified = repository.reconciler_verified_up_to(conn) or {}
     by_run: dict[int, list[dict[str, Any]]] = {}
     for f in findings:
         by_run.setdefault(f.run_id, []).append(
@@ -218,9 +220,24 @@ def reconciliation_runs(*, engine: Engine, before: int | None, limit: int) -> di
             "repaired_count": int(r.repaired_count),
             "outcome": r.outcome,
             "error": r.error,
+            "checks": _run_checks(r.checks),
             "findings": by_run.get(r.run_id, []),
         }
         for r in runs
     ]
     next_before = runs[-1].run_id if len(runs) == limit else None
-    return {"items": items, "next_before": next_before}
+    return {
+        "verified_up_to": {c: moment_of(verified.get(c)) for c in RECONCILER_CHECKS},
+        "items": items,
+        "next_before": next_before,
+    }
+
+
+def _run_checks(stored: dict[str, dict[str, Any]] | None) -> dict[str, Any] | None:
+    """A run's ``checks`` column as the API shows it (its instants as datetimes)."""
+    if stored is None:
+        return None
+    return {
+        name: {**check, "verified_up_to": moment_of(check.get("verified_up_to"))}
+        for name, check in stored.items()
+    }

@@ -22,6 +22,7 @@ from kessai.schema.read import (
     merchants,
     payments,
     projector_offsets,
+    reconciler_state,
     reconciliation_findings,
     reconciliation_runs,
     refunds,
@@ -205,6 +206,14 @@ def reconciliation_runs_page(
     if before is not None:
         query = query.where(reconciliation_runs.c.run_id < before)
     return conn.execute(query.limit(limit)).all()
+
+
+def reconciler_verified_up_to(conn: sa.Connection) -> dict[str, str | None] | None:
+    """How far each reconciler check is verified (the state row's JSON; None: never)."""
+    stored: dict[str, str | None] | None = conn.execute(
+        sa.select(reconciler_state.c.verified_up_to)
+    ).scalar()
+    return stored
 
 
 def reconciliation_findings_of(

@@ -169,11 +169,49 @@ class SummaryOut(Freshness):
 
 
 class ReconciliationFindingOut(BaseModel):
-    kind: str = Field(description="missing, mismatch, parked, dead_letter, stuck_outbox, totals...")
+    kind: str = Field(
+        description="missing, mismatch, parked, dead_letter, orphan, outbox_stuck, "
+        "daily_totals, hourly_totals, totals_unverified, trial_balance, wallet_chain, "
+        "wallet_movement, wallet_balance..."
+    )
     payment_id: uuid.UUID | None
     merchant_id: str | None
     details: dict[str, Any]
     repaired: bool
+
+
+class CheckOut(BaseModel):
+    findings: int = Field(description="The run's findings of the check's kinds.")
+    unrepaired: int = Field(description="Of those, the ones left unrepaired.")
+    verified_up_to: datetime | None = Field(
+        description="How far the check is verified after the run (as `verified_up_to` of the "
+        "page says); a dry run and an unrepaired finding of the check leave it as it was."
+    )
+
+
+class ChecksOut(BaseModel):
+    """What a run concluded of each of its checks."""
+
+    payments: CheckOut = Field(description="Payment rows, parked events, dead letters, orphans.")
+    totals: CheckOut = Field(description="The merchants' day and hour buckets.")
+    trial_balance: CheckOut
+    wallet_chain: CheckOut
+    wallet_movement: CheckOut
+    wallet_balance: CheckOut = Field(description="The wallets on the read side.")
+
+
+class VerifiedUpToOut(BaseModel):
+    """How far each check is verified, as the runs so far left it: the instant up to which
+    everything the check covers is known consistent, from the beginning of the ledger (UTC);
+    null: never verified (before its first clean full audit). The totals advance only with a
+    full audit; the other checks with incremental runs too."""
+
+    payments: datetime | None
+    totals: datetime | None
+    trial_balance: datetime | None
+    wallet_chain: datetime | None
+    wallet_movement: datetime | None
+    wallet_balance: datetime | None
 
 
 class ReconciliationRunOut(BaseModel):
@@ -196,9 +234,14 @@ class ReconciliationRunOut(BaseModel):
         description="None while the run is in progress; stopped: SIGINT/SIGTERM ended it."
     )
     error: str | None
+    checks: ChecksOut | None = Field(
+        description="Per check, what the run concluded; null for a run that did not complete, "
+        "and for runs recorded before checks were."
+    )
     findings: list[ReconciliationFindingOut]
 
 
 class ReconciliationRunsOut(Freshness):
+    verified_up_to: VerifiedUpToOut
     items: list[ReconciliationRunOut]
     next_before: int | None = Field(description="Pass as `before` for the next (older) page.")

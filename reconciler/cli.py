@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -75,12 +77,13 @@ def _reconcile_history(settings: Settings, limit: int) -> int:
 
     from kessai.db import create_db_engine
     from kessai.ids import time_of
-    from reconciler.records import last_completed, recent_runs
+    from reconciler.records import last_completed, recent_runs, verified_up_to
 
     engine = create_db_engine(settings.resolved_read_db_url(), pool_size=1, write=False)
     try:
         runs = recent_runs(engine, limit)
         last_full = last_completed(engine, mode="full")
+        verified = verified_up_to(engine)
     except sa.exc.SQLAlchemyError as exc:
         console.print(f"[red]cannot read the run history: {exc}[/red]")
         return 2
@@ -88,7 +91,8 @@ def _reconcile_history(settings: Settings, limit: int) -> int:
         engine.dispose()
     table = Table(
         "run", "started (UTC)", "seconds", "mode", "verified", "dry run", "checked", "findings",
-        "repaired", "outcome", "watermark to (UTC)", "error", title="reconciliation runs",
+        "repaired", "outcome", "drift in", "watermark to (UTC)", "error",
+        title="reconciliation runs",
     )  # fmt: skip
     for r in runs:
         seconds = f"{(r.finished_at - r.started_at).total_seconds():.1f}" if r.finished_at else "-"
@@ -103,13 +107,29 @@ def _reconcile_history(settings: Settings, limit: int) -> int:
             str(r.findings_count),
             str(r.repaired_count),
             r.outcome or "running",
+            "-" if r.checks is None else ", ".join(n for n, c in r.checks.items() if c.unrepaired),
             time_of(r.watermark_to),
             (r.error or "")[:80],
         )
     console.print(table)
     when = last_full.strftime("%Y-%m-%d %H:%M:%S UTC") if last_full else "never"
     console.print(f"last completed full audit: {when}")
+    console.print(_checks_table(verified))
     return 0
+
+
+def _checks_table(
+    verified: Mapping[str, datetime | None], counts: Mapping[str, tuple[int, int]] | None = None
+) -> Table:
+    """Per check, the instant it is verified up to (everything it covers, from the beginning of
+    the ledger; "never" before its first full audit), and with ``counts`` a run's findings of
+    it and those left unrepaired."""
+    counted = ("findings", "unrepaired") if counts is not None else ()
+    table = Table("check", *counted, "verified up to (UTC)", title="checks")
+    for name, moment in verified.items():
+        when = moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if moment else "never"
+        table.add_row(name, *(str(n) for n in (counts or {}).get(name, ())), when)
+    return table
 
 
 def _reconcile(
@@ -228,3 +248,7 @@ def _print_reconcile_result(result: RunResult) -> None:
     if result.error:
         summary.add_row("error", result.error)
     console.print(summary)
+    if result.checks is not None:
+        verified = {name: c.verified_up_to for name, c in result.checks.items()}
+        counts = {name: (c.findings, c.unrepaired) for name, c in result.checks.items()}
+        console.print(_checks_table(verified, counts))

@@ -1,20 +1,29 @@
-"""The reconciler's own rows in the read database: its runs, their findings, and the single
-state row holding the watermark and the lock that keeps one run at a time across instances.
+"""The reconciler's own rows in the read database: its runs (with what each concluded per
+check), their findings, and the single state row holding the watermark, how far each check is
+verified, and the lock that keeps one run at a time across instances.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from kessai.clock import utcnow
-from kessai.schema.read import reconciler_state, reconciliation_findings, reconciliation_runs
+from kessai.schema.read import (
+    RECONCILER_CHECKS,
+    moment_of,
+    moment_text,
+    reconciler_state,
+    reconciliation_findings,
+    reconciliation_runs,
+)
 
 STATE_ID = 1
 
@@ -54,6 +63,62 @@ class Scope:
         return self.after is None or start >= self.after + SCOPE_SLACK
 
 
+Verified = dict[str, datetime | None]
+"""Per check (``RECONCILER_CHECKS``), the instant it is verified up to (None: never)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """What a run concluded of one check: its findings, those left unrepaired, and the instant
+    the check is verified up to after the run."""
+
+    findings: int
+    unrepaired: int
+    verified_up_to: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """The state row as a run finds it when it takes the lock."""
+
+    watermark: str | None
+    verified: Verified
+
+
+def verified_of(stored: Mapping[str, str | None] | None) -> Verified:
+    """``reconciler_state.verified_up_to`` read back: every check, None where never verified."""
+    return {name: moment_of((stored or {}).get(name)) for name in RECONCILER_CHECKS}
+
+
+def _verified_json(verified: Verified) -> dict[str, str | None]:
+    return {name: None if m is None else moment_text(m) for name, m in verified.items()}
+
+
+def _checks_json(checks: Mapping[str, CheckResult]) -> dict[str, dict[str, object]]:
+    return {
+        name: {
+            "findings": c.findings,
+            "unrepaired": c.unrepaired,
+            "verified_up_to": None if c.verified_up_to is None else moment_text(c.verified_up_to),
+        }
+        for name, c in checks.items()
+    }
+
+
+def checks_of(stored: Mapping[str, Mapping[str, Any]] | None) -> dict[str, CheckResult] | None:
+    """``reconciliation_runs.checks`` read back (None: the run recorded none)."""
+    if stored is None:
+        return None
+    return {
+        name: CheckResult(
+            findings=int(c["findings"]),
+            unrepaired=int(c["unrepaired"]),
+            verified_up_to=moment_of(c["verified_up_to"]),
+        )
+        for name, c in stored.items()
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class RunRecord:
     run_id: int
@@ -71,6 +136,9 @@ class RunRecord:
     scope: str | None
     """``everything`` or ``events recorded after ...``; None for runs recorded before scopes
     were (or while a run is starting)."""
+    checks: dict[str, CheckResult] | None = None
+    """Per check, what the run concluded; None for a run that did not complete (or recorded
+    before checks were)."""
 
 
 class LockHeld(RuntimeError):
@@ -89,8 +157,9 @@ def _ensure_state_row(conn: sa.Connection, now: datetime) -> None:
             pass  # another instance inserted it first
 
 
-def acquire_lock(engine: Engine, owner: str, ttl_seconds: float) -> str | None:
-    """Take (or renew) the lock; return the stored watermark. Raise ``LockHeld`` otherwise."""
+def acquire_lock(engine: Engine, owner: str, ttl_seconds: float) -> State:
+    """Take (or renew) the lock; return the stored watermark and how far each check is
+    verified. Raise ``LockHeld`` otherwise."""
     now = utcnow()
     with engine.begin() as conn:
         _ensure_state_row(conn, now)
@@ -113,18 +182,36 @@ def acquire_lock(engine: Engine, owner: str, ttl_seconds: float) -> str | None:
         row = conn.execute(
             sa.select(
                 reconciler_state.c.watermark,
+                reconciler_state.c.verified_up_to,
                 reconciler_state.c.lock_owner,
                 reconciler_state.c.lock_expires_at,
             ).where(reconciler_state.c.state_id == STATE_ID)
         ).one()
     if taken != 1:
         raise LockHeld(f"another run ({row.lock_owner}) holds the lock until {row.lock_expires_at}")
-    watermark: str | None = row.watermark
-    return watermark
+    return State(watermark=row.watermark, verified=verified_of(row.verified_up_to))
 
 
-def release_lock(engine: Engine, owner: str, *, watermark: str | None = None) -> None:
-    """Release the lock; store ``watermark`` if given (only while still the holder)."""
+def verified_up_to(engine: Engine) -> Verified:
+    """How far each check is verified, as the last run that completed left it."""
+    with engine.connect() as conn:
+        stored = conn.execute(
+            sa.select(reconciler_state.c.verified_up_to).where(
+                reconciler_state.c.state_id == STATE_ID
+            )
+        ).scalar()
+    return verified_of(stored)
+
+
+def release_lock(
+    engine: Engine,
+    owner: str,
+    *,
+    watermark: str | None = None,
+    verified: Verified | None = None,
+) -> None:
+    """Release the lock; store ``watermark`` and ``verified`` (every check's) if given, only
+    while still the holder."""
     values: dict[str, object] = {
         "lock_owner": None,
         "lock_expires_at": None,
@@ -132,6 +219,8 @@ def release_lock(engine: Engine, owner: str, *, watermark: str | None = None) ->
     }
     if watermark is not None:
         values["watermark"] = watermark
+    if verified is not None:
+        values["verified_up_to"] = _verified_json(verified)
     with engine.begin() as conn:
         conn.execute(
             reconciler_state.update()
@@ -176,6 +265,7 @@ def finish_run(
     payments_checked: int,
     findings: Sequence[Finding],
     error: str | None = None,
+    checks: Mapping[str, CheckResult] | None = None,
 ) -> None:
     with engine.begin() as conn:
         if findings:
@@ -207,6 +297,7 @@ def finish_run(
                 findings_count=len(findings),
                 repaired_count=sum(1 for f in findings if f.repaired),
                 error=None if error is None else error[:2000],
+                checks=None if checks is None else _checks_json(checks),
             )
         )
 
@@ -233,6 +324,7 @@ def recent_runs(engine: Engine, limit: int = 20) -> list[RunRecord]:
                 outcome=r.outcome,
                 error=r.error,
                 scope=r.scope,
+                checks=checks_of(r.checks),
             )
             for r in rows
         ]

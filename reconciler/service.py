@@ -18,8 +18,11 @@ its phases in order, each a function that takes values and returns values:
 4. the ledger (``reconciler.wallets``): the trial balance of the events in scope, the wallet
    movement each of them owes (``reconciler.movements``), each wallet's chain of balances, and
    the read side's balances (repaired by re-publishing the wallet's movements);
-5. record: the outcome, the findings and the run are recorded; the watermark advances only
-   when everything checked is consistent, and never past an event still in the outbox.
+5. record: the outcome, the findings and the run are recorded, with what the run concluded
+   of each check (``reconciler.checks``): its findings, those unrepaired, and how far it is
+   verified; the watermark advances only when everything checked is consistent, each check's
+   "verified up to" when that check is (and the run continues what it verified before), both
+   never past an event still in the outbox, neither in a dry run.
 
 No transaction spans two phases: each phase begins its own, and says where.
 
@@ -47,9 +50,9 @@ from kessai.broker import BrokerUnavailable
 from kessai.clock import utcnow
 from kessai.ids import bound_at_ms, timestamp_ms
 from kessai.settings import Settings
-from reconciler import find, records, repair, verify, wallets
+from reconciler import checks, find, records, repair, verify, wallets
 from reconciler.context import ProgressCallback, RunContext
-from reconciler.records import Finding, LockHeld, Scope
+from reconciler.records import CheckResult, Finding, LockHeld, Scope, Verified
 from reconciler.repair import PAYMENT_KINDS
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,8 @@ class RunResult:
     error: str | None = None
     scope: str = "everything"
     """What the run checked (``Scope.text``): "consistent" is consistent within it."""
+    checks: dict[str, CheckResult] | None = None
+    """Per check, what the run concluded (``reconciler.checks``); None until it completes."""
 
     @property
     def exit_code(self) -> int:
@@ -168,7 +173,7 @@ class Reconciler:
         result = RunResult(run_id=None, mode=mode, dry_run=dry_run, outcome="failed")
         started_at = utcnow()
         try:
-            watermark = await asyncio.to_thread(
+            state = await asyncio.to_thread(
                 records.acquire_lock, self.read, self.owner, self.settings.reconcile_lock_seconds
             )
         except LockHeld as exc:
@@ -186,10 +191,10 @@ class Reconciler:
         heartbeat = asyncio.create_task(self._heartbeat(finished))
         new_watermark: str | None = None
         try:
-            lower = None if full else self._lower_bound(watermark)
+            lower = None if full else self._lower_bound(state.watermark)
             scope = _scope_of(lower)
             result.scope = scope.text
-            result.watermark_from = None if full else watermark
+            result.watermark_from = None if full else state.watermark
             result.run_id = await asyncio.to_thread(
                 records.start_run,
                 self.read,
@@ -199,7 +204,7 @@ class Reconciler:
                 started_at=started_at,
                 scope=scope,
             )
-            await self._run(result, lower, scope, progress)
+            await self._run(result, lower, scope, state.verified, progress)
             if result.outcome == "consistent" and not dry_run:
                 new_watermark = result.watermark_to
         except Stopped:
@@ -221,8 +226,9 @@ class Reconciler:
 
     async def _finish(self, result: RunResult, new_watermark: str | None) -> None:
         """Record the end of the run (its own read-database transaction) and release the lock,
-        storing ``new_watermark`` if given (another). Independent: a failure to record must not
-        keep the lock held or lose the watermark."""
+        storing ``new_watermark`` if given, and how far each check is verified after a
+        completed, non-dry run (another). Independent: a failure to record must not keep the
+        lock held or lose the watermark."""
         if result.run_id is not None:
             try:
                 await asyncio.to_thread(
@@ -234,12 +240,20 @@ class Reconciler:
                     payments_checked=result.payments_checked,
                     findings=result.findings,
                     error=result.error,
+                    checks=result.checks,
                 )
             except FAILURES:
                 log.exception("could not record the end of run %s", result.run_id)
+        verified: Verified | None = None
+        if result.checks is not None and result.outcome in records.COMPLETED and not result.dry_run:
+            verified = {name: c.verified_up_to for name, c in result.checks.items()}
         try:
             await asyncio.to_thread(
-                records.release_lock, self.read, self.owner, watermark=new_watermark
+                records.release_lock,
+                self.read,
+                self.owner,
+                watermark=new_watermark,
+                verified=verified,
             )
         except FAILURES:
             log.exception("could not release the reconciler lock; it lapses by itself")
@@ -295,11 +309,14 @@ class Reconciler:
         result: RunResult,
         lower: uuid.UUID | None,
         scope: Scope,
+        verified: Verified,
         progress: ProgressCallback | None,
     ) -> None:
-        """The phases of one run, in order: find, repair, verify, then the outcome (recorded by
-        ``run``). ``lower``: where an incremental run starts in the id space (None: a full
-        audit). Each phase begins its own transactions (see its module); none spans phases."""
+        """The phases of one run, in order: find, repair, verify, the ledger, then the outcome
+        and what it concludes of each check (``verified``: how far each was verified before;
+        recorded by ``run``). ``lower``: where an incremental run starts in the id space (None:
+        a full audit). Each phase begins its own transactions (see its module); none spans
+        phases."""
         ctx = RunContext(
             write=self.write,
             read=self.read,
@@ -338,6 +355,13 @@ class Reconciler:
         )
         settled = wallets.settle_flagged(repaired.findings, of_wallets)
         result.conclude(settled + totals_found + of_wallets)
+        result.checks = checks.conclude(
+            result.findings,
+            before=verified,
+            scope=scope,
+            upper=_moment_of(start.upper),
+            advance=not result.dry_run,
+        )
         if repaired.unresolved:
             log.warning("%d payment(s) still differ after repair", len(repaired.unresolved))
 
@@ -396,4 +420,9 @@ def _scope_of(lower: uuid.UUID | None) -> Scope:
     """A run from ``lower`` on (None, or the very beginning: everything)."""
     if lower is None or lower == bound_at_ms(0):
         return Scope()
-    return Scope(after=datetime.fromtimestamp(timestamp_ms(lower) / 1000, UTC))
+    return Scope(after=_moment_of(lower))
+
+
+def _moment_of(bound: uuid.UUID) -> datetime:
+    """The instant of a UUIDv7 bound."""
+    return datetime.fromtimestamp(timestamp_ms(bound) / 1000, UTC)

@@ -13,6 +13,8 @@ Every index serves a named query of the query service and nothing else:
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
@@ -191,6 +193,34 @@ dead_letters = sa.Table(
 
 # -- the reconciler's records ----------------------------------------------------------------
 
+RECONCILER_CHECKS = (
+    "payments",
+    "totals",
+    "trial_balance",
+    "wallet_chain",
+    "wallet_movement",
+    "wallet_balance",
+)
+"""The checks of a reconciliation run, each verified up to an instant of its own: the payments'
+rows, parked events, dead letters and orphans against the events; the merchant totals; the
+trial balance; each wallet's chain; each payment's wallet movement; the wallets' balances."""
+
+
+def moment_text(moment: datetime) -> str:
+    """An instant as the reconciler's JSON columns hold it: UTC, milliseconds, ``Z``."""
+    text = moment.astimezone(UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def moment_of(text: str | None) -> datetime | None:
+    """``moment_text`` read back (None stays None: never verified)."""
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def _json() -> sa.types.TypeEngine[object]:
+    return sa.JSON(none_as_null=True)
+
+
 reconciliation_runs = sa.Table(
     "reconciliation_runs",
     metadata,
@@ -218,6 +248,10 @@ reconciliation_runs = sa.Table(
     # What the run checked: "everything", or "events recorded after <UTC time>" (an
     # incremental run: consistent means consistent within that). NULL for older runs.
     sa.Column("scope", sa.String(64), nullable=True),
+    # What the run concluded per check (RECONCILER_CHECKS): {check: {"findings": n,
+    # "unrepaired": n, "verified_up_to": moment_text or null}}. NULL for runs that did not
+    # complete and for runs recorded before checks were.
+    sa.Column("checks", _json(), nullable=True),
 )
 
 reconciliation_findings = sa.Table(
@@ -239,6 +273,10 @@ reconciler_state = sa.Table(
     sa.Column("state_id", sa.SmallInteger, primary_key=True, autoincrement=False),
     # Where the next incremental run starts (UUIDv7 bound, event_id form).
     sa.Column("watermark", sa.String(36), nullable=True),
+    # Per check (RECONCILER_CHECKS), the instant up to which everything it covers is known
+    # consistent, contiguously from the beginning of the ledger: {check: moment_text or null}.
+    # NULL (or a check left out): never verified.
+    sa.Column("verified_up_to", _json(), nullable=True),
     # One run at a time across instances: the holder and until when.
     sa.Column("lock_owner", sa.String(128), nullable=True),
     sa.Column("lock_expires_at", UTCDateTime(), nullable=True),
