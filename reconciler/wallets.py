@@ -54,9 +54,6 @@ from reconciler.loaders import EventRow
 from reconciler.records import Finding
 from reconciler.republish import republisher
 
-WALLET_KINDS = {"wallet_balance", "wallet_chain", "wallet_movement", "trial_balance"}
-
-
 def is_wallet_stream(stream_id: uuid.UUID | None) -> bool:
     return stream_id is not None and stream_id.version == 5
 

@@ -1,7 +1,10 @@
-"""The read database: denormalized tables shaped for the merchant dashboard, and the
-projector's own bookkeeping (offsets, parked events, dead letters).
+"""The read database: denormalized tables shaped for the merchant dashboard, the projector's
+own bookkeeping (offsets, parked events, dead letters), and the reconciler's (its runs, their
+findings, its state).
 
-Only the projector writes here; the query service reads through a read-only connection.
+The projector writes the read model and its bookkeeping, the reconciler its own tables (and,
+to repair drift, read rows under the projector's offset locks); the query service reads through
+a read-only connection.
 Every index serves a named query of the query service and nothing else:
 
 - ``ix_payments_merchant_id_created_at_payment_id``: a merchant's payments, newest first
