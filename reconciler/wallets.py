@@ -54,6 +54,7 @@ from reconciler.loaders import EventRow
 from reconciler.records import Finding
 from reconciler.republish import republisher
 
+
 def is_wallet_stream(stream_id: uuid.UUID | None) -> bool:
     return stream_id is not None and stream_id.version == 5
 
