@@ -17,6 +17,7 @@ the wallet's side of a balance payment and of its refund, each with the balance 
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import Annotated, Any, Literal, Self
 
@@ -187,9 +188,11 @@ Balance = Annotated[int, Field(ge=0, strict=True)]
 """A wallet's balance after a movement: never below zero."""
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def wallet_stream_id(user_id: str) -> uuid.UUID:
     """The id of a user's wallet stream: the same for the same user everywhere (its Kafka key
-    and outbox rows), and never a payment's (UUIDv5, where payments are UUIDv7)."""
+    and outbox rows), and never a payment's (UUIDv5, where payments are UUIDv7). Cached: a
+    SHA-1 per wallet event was about 1% of the command API's CPU."""
     return uuid.uuid5(WALLET_NAMESPACE, user_account(user_id))
 
 
