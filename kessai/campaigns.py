@@ -223,13 +223,15 @@ def parse_rules(data: Mapping[str, Any]) -> AnyRules:
 # -- events -----------------------------------------------------------------------------------
 
 CAMPAIGN_NAMESPACE = uuid.UUID("0193a6c1-5e7a-7b3c-9d2e-6b61c0ffee02")
-"""The namespace of campaigns' stream ids (UUIDv5 of ``campaign:<id>``)."""
+"""The namespace of campaigns' stream ids (``campaign_stream_id``)."""
 
 
 def campaign_stream_id(campaign_id: str) -> uuid.UUID:
-    """The id of a campaign's stream, the same everywhere and never a payment's or a
-    wallet's (a UUIDv5 of another namespace)."""
-    return uuid.uuid5(CAMPAIGN_NAMESPACE, f"campaign:{campaign_id}")
+    """The id of a campaign's stream, the same everywhere: a UUIDv5 of its own namespace with
+    its version set to 8 (RFC 9562's custom), so no reader takes it for a payment's (7) or a
+    wallet's (5; ``reconciler.wallets.is_wallet_stream`` tells them apart so)."""
+    name_based = uuid.uuid5(CAMPAIGN_NAMESPACE, f"campaign:{campaign_id}").int
+    return uuid.UUID(int=name_based & ~(0xF << 76) | 8 << 76)
 
 
 class _CampaignEnvelope(_Frozen):

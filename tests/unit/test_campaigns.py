@@ -277,7 +277,8 @@ def test_a_creation_is_version_1_of_its_own_campaign() -> None:
 def test_a_campaign_stream_has_an_id_of_its_own() -> None:
     assert campaign_stream_id("c1") == campaign_stream_id("c1") != campaign_stream_id("c2")
     assert campaign_stream_id("c1") != wallet_stream_id("c1")
-    assert campaign_stream_id("c1").version == 5
+    assert campaign_stream_id("c1").version == 8  # neither a payment's (7) nor a wallet's (5)
+    assert campaign_stream_id("c1").variant == uuid.RFC_4122
 
 
 # -- changes ----------------------------------------------------------------------------------
