@@ -13,6 +13,7 @@ rewritten.
 
 Wallets have streams of their own (``wallet_events``; the end of this module): a top-up, and
 the wallet's side of a balance payment and of its refund, each with the balance it leaves.
+A user's registration is a stream too (``UserRegistered``, its only event), which moves no money.
 """
 
 from __future__ import annotations
@@ -294,10 +295,70 @@ def wallet_event_to_json(event: TopUpReceived | WalletDebited | WalletCredited) 
     return event.model_dump_json().encode()
 
 
-# -- the topic ----------------------------------------------------------------------------------
-# One topic carries both kinds of stream; a record is keyed by its stream's id.
+# -- registrations -------------------------------------------------------------------------------
+# A user's registration is a stream of its own with one event, ``UserRegistered`` at version 1:
+# the write store's ``user_registrations`` holds one row per user (its primary key), so a user is
+# registered once. It moves no money: no postings. Its stream id must be neither a payment's
+# (UUIDv7) nor a wallet's (UUIDv5): it is a UUIDv3 of ``user:<id>`` in a namespace of its own,
+# so a reader tells the three kinds of stream apart by the id's version alone.
 
-AnyEvent = PaymentCaptured | PaymentRefunded | TopUpReceived | WalletDebited | WalletCredited
+REGISTRATION_NAMESPACE = uuid.UUID("0193a6c1-5e7a-7b3c-9d2e-6b61c0ffee02")
+"""The namespace of registrations' stream ids (UUIDv3 of ``user:<id>``)."""
+DeviceId = Annotated[str, Field(pattern=r"^[\x21-\x7e]{1,128}$")]
+"""A device's id, as payments carry it (``X-Device-Id``): 1-128 printable ASCII characters
+without spaces."""
+
+
+def registration_stream_id(user_id: str) -> uuid.UUID:
+    """The id of a user's registration stream (its Kafka key and outbox row): the same for the
+    same user everywhere, and never a payment's (UUIDv7) nor a wallet's (UUIDv5): a UUIDv3."""
+    return uuid.uuid3(REGISTRATION_NAMESPACE, user_account(user_id))
+
+
+class UserRegisteredPayload(_Frozen):
+    device_id: DeviceId | None = None
+    """The device the user registered from, if the client said."""
+    referrer: UserId | None = None
+    """The user who referred this one, if any (never the user itself)."""
+
+
+class UserRegistered(_Frozen):
+    """A user registered: the only event of the user's registration stream (version 1). It
+    moves no money: no postings."""
+
+    event_type: Literal["UserRegistered"] = "UserRegistered"
+    event_id: uuid.UUID
+    schema_version: int = Field(SCHEMA_VERSION, ge=2)
+    user_id: UserId
+    version: Literal[1] = 1
+    """A registration stream holds this one event."""
+    occurred_at: AwareDatetime
+    recorded_at: AwareDatetime
+    payload: UserRegisteredPayload
+
+    @model_validator(mode="after")
+    def _not_its_own_referrer(self) -> Self:
+        if self.payload.referrer == self.user_id:
+            raise ValueError("a user is not its own referrer")
+        return self
+
+
+def registration_to_json(event: UserRegistered) -> bytes:
+    return event.model_dump_json().encode()
+
+
+# -- the topic ----------------------------------------------------------------------------------
+# One topic carries every kind of stream (payments, wallets, registrations); a record is keyed
+# by its stream's id.
+
+AnyEvent = (
+    PaymentCaptured
+    | PaymentRefunded
+    | TopUpReceived
+    | WalletDebited
+    | WalletCredited
+    | UserRegistered
+)
 
 _any_event_adapter: TypeAdapter[AnyEvent] = TypeAdapter(
     Annotated[AnyEvent, Field(discriminator="event_type")]
@@ -305,14 +366,17 @@ _any_event_adapter: TypeAdapter[AnyEvent] = TypeAdapter(
 
 
 def parse_any_event(raw: bytes | str) -> AnyEvent:
-    """A payment's or a wallet's event from its JSON form, by its ``event_type`` (raises
-    ``pydantic.ValidationError``)."""
+    """A payment's, a wallet's or a registration's event from its JSON form, by its
+    ``event_type`` (raises ``pydantic.ValidationError``)."""
     return _any_event_adapter.validate_json(raw)
 
 
 def stream_of(event: AnyEvent) -> uuid.UUID:
     """The id of the event's stream: its Kafka key and its outbox rows' ``payment_id`` (the
-    payment's id, or ``wallet_stream_id`` of the wallet's user)."""
+    payment's id, ``wallet_stream_id`` of the wallet's user, or ``registration_stream_id`` of
+    the registered user)."""
     if isinstance(event, PaymentCaptured | PaymentRefunded):
         return event.payment_id
+    if isinstance(event, UserRegistered):
+        return registration_stream_id(event.user_id)
     return wallet_stream_id(event.user_id)

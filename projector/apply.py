@@ -2,9 +2,13 @@
 
 A record is an event of a stream: a payment's (keyed by its ``payment_id``) or a wallet's (keyed
 by ``wallet_stream_id(user_id)``, a UUIDv5, never a payment's id). Both follow the same rules,
-by stream id and version. Given the current read-side state of the streams a batch touches
-(their rows, parked events and open dead letters), ``apply_batch`` decides for each record, in
-offset order:
+by stream id and version. A registration (``UserRegistered``, keyed by
+``registration_stream_id(user_id)``, a UUIDv3) is known and skipped: the read side shows nothing
+of it yet, so it writes no row, is never parked nor dead-lettered, and only moves the offset
+(a valid one supersedes an open dead letter of its stream, like any valid event).
+
+Given the current read-side state of the streams a batch touches (their rows, parked events and
+open dead letters), ``apply_batch`` decides for each record, in offset order:
 
 - version at or below the stored one: a duplicate, nothing changes;
 - exactly the next version: applied through the ledger fold (``kessai.ledger.apply``; for a
@@ -37,6 +41,7 @@ from kessai.events import (
     PaymentCaptured,
     PaymentRefunded,
     TopUpReceived,
+    UserRegistered,
     WalletCredited,
     WalletDebited,
     parse_any_event,
@@ -147,6 +152,8 @@ class Changes:
     resolved: set[tuple[uuid.UUID, int]] = field(default_factory=set)
     applied: int = 0
     duplicates: int = 0
+    skipped: int = 0
+    """Events known and skipped: registrations (nothing on the read side shows them yet)."""
     last_event_at: dict[int, datetime] = field(default_factory=dict)
 
 
@@ -189,11 +196,7 @@ def decode(record: Record, key_id: uuid.UUID | None = None) -> Event | DeadLette
                 reason = f"undecodable event: {exc}"[:1000]
         else:
             if key_id is not None and key_id != stream_of(event):
-                reason = (
-                    "record key does not match the event's payment_id"
-                    if isinstance(event, PaymentCaptured | PaymentRefunded)
-                    else "record key is not the wallet stream of the event's user_id"
-                )
+                reason = _key_mismatch(event)
             elif event.schema_version > SCHEMA_VERSION:
                 reason = f"schema_version {event.schema_version} is newer than {SCHEMA_VERSION}"
             else:
@@ -209,6 +212,14 @@ def decode(record: Record, key_id: uuid.UUID | None = None) -> Event | DeadLette
         headers=orjson.dumps({k: v.decode("latin-1") for k, v in record.headers}).decode(),
         reason=reason,
     )
+
+
+def _key_mismatch(event: Event) -> str:
+    if isinstance(event, PaymentCaptured | PaymentRefunded):
+        return "record key does not match the event's payment_id"
+    if isinstance(event, UserRegistered):
+        return "record key is not the registration stream of the event's user_id"
+    return "record key is not the wallet stream of the event's user_id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +280,9 @@ class _Batch:
             self.changes.last_event_at.get(record.partition, event.recorded_at),
         )
         pid = stream_of(event)
+        if isinstance(event, UserRegistered):
+            self.skip(pid)
+            return
         current = self.version_of(pid)
         if event.version <= current:
             self.changes.duplicates += 1
@@ -287,7 +301,17 @@ class _Batch:
             self.changes.resolved.add((pid, blocked_at))
         self.drain(pid)
 
+    def skip(self, stream_id: uuid.UUID) -> None:
+        """A registration: nothing to write but its offset. Being valid, it supersedes an open
+        dead letter of its stream (at its version, 1), which blocked nothing else."""
+        self.changes.skipped += 1
+        if 1 in self.dead_lettered.get(stream_id, ()):
+            self.dead_lettered[stream_id].discard(1)
+            self.changes.resolved.add((stream_id, 1))
+
     def apply(self, event: Event, record: Record | Parked) -> bool:
+        if isinstance(event, UserRegistered):
+            return False  # never parked, so never drained here: ``handle`` skips it first
         if not isinstance(event, PaymentCaptured | PaymentRefunded):
             return self.apply_wallet(event, record)
         pid = event.payment_id

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 class BatchResult:
     applied: int
     duplicates: int
+    skipped: int
     parked: int
     dead_letters: int
 
@@ -22,6 +23,11 @@ class ProjectorMetrics:
         )
         self.duplicates = Counter(
             "kessai_projector_duplicates_total", "Events skipped as duplicates.", registry=registry
+        )
+        self.skipped = Counter(
+            "kessai_projector_skipped_total",
+            "Events known and skipped: registrations, which the read side does not show yet.",
+            registry=registry,
         )
         self.parked = Counter(
             "kessai_projector_parked_total", "Events parked behind a gap.", registry=registry
@@ -49,5 +55,6 @@ class ProjectorMetrics:
         self.batch_seconds.observe(seconds)
         self.applied.inc(result.applied)
         self.duplicates.inc(result.duplicates)
+        self.skipped.inc(result.skipped)
         self.parked.inc(result.parked)
         self.dead_letters.inc(result.dead_letters)

@@ -76,7 +76,7 @@ class Projector:
         self.expected: dict[int, int | None] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._zones: dict[str, ZoneInfo] = {}
-        self._last_applied = -math.inf  # monotonic time of the last batch that applied events
+        self._last_applied = -math.inf  # monotonic time of the last batch that applied (or skipped)
         self._seek_lock = asyncio.Lock()
         # Assigned partitions to seek to their stored offsets before anything else is applied
         # (a seek failed in the rebalance listener, or a batch of theirs was refused).
@@ -193,7 +193,7 @@ class Projector:
             await asyncio.sleep(0.5)
             return
         self.metrics.count(result, time.perf_counter() - started)
-        if result.applied:
+        if result.applied or result.skipped:
             self._last_applied = time.monotonic()
         kafka_offsets = {}
         for p in partitions:
@@ -231,6 +231,7 @@ class Projector:
         return BatchResult(
             applied=changes.applied,
             duplicates=changes.duplicates,
+            skipped=changes.skipped,
             parked=len(changes.parked),
             dead_letters=len(changes.dead_letters),
         )

@@ -6,6 +6,8 @@ concurrency check (two writers of the same next version collide on it), plus one
 ``event_id`` (UUIDv7, so it is time-ordered: the reconciler scans new events by it).
 Triggers make the database refuse UPDATE and DELETE on events. ``wallet_events`` is the same
 for each user's wallet, keyed ``(user_id, version)``, and also refuses a negative balance.
+``user_registrations`` holds one ``UserRegistered`` per user: its primary key ``user_id`` is
+what registers a user once, whatever races (two processes inserting one user: one fails).
 """
 
 from __future__ import annotations
@@ -55,6 +57,19 @@ wallet_events = sa.Table(
     sa.Column("body", long_text(), nullable=False),
     # Beneath the write path's own check: the database itself never holds a negative balance.
     sa.CheckConstraint("balance_after >= 0", name="balance_after_not_negative"),
+)
+
+user_registrations = sa.Table(
+    "user_registrations",
+    metadata,
+    # One row per user, ever: the primary key refuses a second registration of a user, by
+    # whichever process or transaction (the write path's own check only picks the answer).
+    sa.Column("user_id", ascii_id(64), primary_key=True),
+    sa.Column("event_id", BinaryUUID(), nullable=False, unique=True),
+    sa.Column("event_type", sa.String(40), nullable=False),
+    sa.Column("schema_version", sa.SmallInteger, nullable=False),
+    sa.Column("recorded_at", UTCDateTime(), nullable=False),
+    sa.Column("body", long_text(), nullable=False),
 )
 
 outbox = sa.Table(
