@@ -100,7 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return create_api(
         service="command",
         title="kessai command API",
-        description="Writes of the kessai payment ledger: payments and refunds. "
+        description="Writes of the kessai payment ledger: payments, refunds, top-ups and user "
+        "registrations. "
         "Every write needs an Idempotency-Key. Amounts are integers in minor units.",
         settings=settings,
         registry=registry,

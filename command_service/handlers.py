@@ -2,18 +2,20 @@
 
 A route builds a ``WriteCommand`` (``capture_command`` and ``decline_command`` in
 ``routes/payments.py``, ``refund_command`` in ``routes/refunds.py``, ``top_up_command`` in
-``routes/top_ups.py``): the normalized request and a pure ``decide`` step, given the state of
-the payment and of the wallet it touches. It hands the command to ``Recorder.record``, which
+``routes/top_ups.py``, ``registration_command`` in ``routes/users.py``): the normalized
+request and a pure ``decide`` step, given the state of the payment and of the wallet it touches
+(a registration is checked against the users registered before ``decide``: ``registers``). It
+hands the command to ``Recorder.record``, which
 gathers the commands of concurrent requests into batches (group commit, with
 ``command_service/batching.py``), or records one alone (``record_alone``: a batch of one, run
 again from the top on a write conflict) when group commit is off or its batch failed as a
 whole.
 
 This module owns the transaction; its SQL is in ``command_service/store.py``.
-``commit_batch`` is the only transaction script of the write path: every payment, refund and
-top-up is recorded there (events of payments and of wallets, outbox rows and idempotency
-records, all or nothing; ``engine.begin()``), and nothing else in the command API begins or
-commits one. A refused command writes nothing, its key included.
+``commit_batch`` is the only transaction script of the write path: every payment, refund,
+top-up and registration is recorded there (events of payments, of wallets and registrations,
+outbox rows and idempotency records, all or nothing; ``engine.begin()``), and nothing else in
+the command API begins or commits one. A refused command writes nothing, its key included.
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ from command_service.store import (
     get_idempotency_many,
     is_write_conflict,
     load_events_of_payments,
+    load_registrations,
     load_wallets,
     save_idempotency_many,
 )
 from kessai.clock import utcnow
 from kessai.errors import ApiError
-from kessai.events import PaymentCaptured, PaymentRefunded
+from kessai.events import PaymentCaptured, PaymentRefunded, UserRegistered
 from kessai.ids import new_id
 from kessai.ledger import PaymentState, apply, fold
 from kessai.settings import Settings
@@ -124,6 +127,9 @@ class WriteCommand:
     decide: Decide
     wallet_of: Callable[[PaymentState | None], str | None] = no_wallet
     """The user whose wallet the command moves money in, given its payment's state."""
+    registers: str | None = None
+    """The user the command registers: refused ``409 user_exists`` (before ``decide``) when
+    the user is registered already, in the store or by an earlier command of its batch."""
 
     @property
     def scope(self) -> Scope:
@@ -208,22 +214,49 @@ def wallets_touched(
     }
 
 
+def user_exists(user_id: str, registered_at: datetime) -> ApiError:
+    """The refusal of a second registration of a user (another Idempotency-Key, or another
+    client): when the first one was, in ``details``."""
+    return ApiError(
+        409,
+        "user_exists",
+        f"User {user_id} is registered already.",
+        {"user_id": user_id, "registered_at": _iso(registered_at)},
+    )
+
+
+def _iso(moment: datetime) -> str:
+    """As the answers' bodies write an instant (``2026-12-03T08:51:00.152835Z``)."""
+    return orjson.dumps(moment, option=orjson.OPT_UTC_Z).decode().strip('"')
+
+
+def _registered_first(command: WriteCommand, registered: Mapping[str, datetime]) -> None:
+    """``409 user_exists`` if ``command`` registers a user who is registered already."""
+    user_id = command.registers
+    if user_id is not None and (registered_at := registered.get(user_id)) is not None:
+        raise user_exists(user_id, registered_at)
+
+
 def decide_batch(
     commands: Sequence[WriteCommand],
     records: Mapping[Scope, IdempotencyRecord],
     states: dict[uuid.UUID, PaymentState | None],
     wallets: dict[str, Wallet],
     *,
+    registered: dict[str, datetime],
     now: datetime,
     clock: Clock,
     ids: IdSource,
 ) -> BatchDecision:
     """Decide ``commands`` in order, in memory, each exactly as it would be alone: a replay,
-    ``422 idempotency_key_reused``, a capture, a top-up, or a refund, each checked against
-    the running fold of its payment and the running balance of its wallet (two refunds of one
-    payment get versions n+1 and n+2, two payments from one wallet its versions m+1 and m+2,
-    and the second is checked against what the first left). ``states`` and ``wallets`` are
-    advanced in place. New events come out in (stream, version) order."""
+    ``422 idempotency_key_reused``, a capture, a top-up, a refund or a registration, each
+    checked against the running fold of its payment and the running balance of its wallet (two
+    refunds of one payment get versions n+1 and n+2, two payments from one wallet its versions
+    m+1 and m+2, and the second is checked against what the first left), a registration
+    against the users registered (``registered``: user -> when; two registrations of one user
+    in a batch: the first wins, the second is ``409 user_exists``). ``states``, ``wallets``
+    and ``registered`` are advanced in place. New events come out in (stream, version)
+    order."""
     decided = BatchDecision(results=[None] * len(commands))
     seen: set[Scope] = set()
     for index, command in enumerate(commands):
@@ -239,6 +272,7 @@ def decide_batch(
             if replayed is not None:
                 decided.results[index] = replayed
                 continue
+            _registered_first(command, registered)
             wallet = None if user_id is None else wallets[user_id]
             status, body, events = command.decide(state, wallet, clock=clock, ids=ids)
         except ApiError as exc:
@@ -248,6 +282,8 @@ def decide_batch(
             if isinstance(event, PaymentCaptured | PaymentRefunded):
                 state = apply(state, event)
                 states[event.payment_id] = state
+            elif isinstance(event, UserRegistered):
+                registered[event.user_id] = event.recorded_at
             else:
                 wallets[event.user_id] = apply_movement(wallets[event.user_id], movement_of(event))
         if record is not None:
@@ -282,7 +318,8 @@ def commit_batch(
 
     1. one read of the idempotency records of every command, one primary-key read of the events
        of every payment being refunded, one read of the newest movement of every wallet the
-       commands touch (a balance payment's, a top-up's, a refund of a balance payment's);
+       commands touch (a balance payment's, a top-up's, a refund of a balance payment's), one
+       primary-key read of the registrations of the users the commands register;
     2. ``decide_batch``;
     3. the new events, their outbox rows and the idempotency records as multi-row INSERTs in
        primary-key order (two writers inserting overlapping keys in different orders deadlock on
@@ -312,7 +349,10 @@ def record_batch(
     refunded = {c.payment_id for c in commands if c.payment_id is not None}
     states = payment_states(commands, load_events_of_payments(conn, refunded))
     wallets = load_wallets(conn, wallets_touched(commands, states))
-    decided = decide_batch(commands, records, states, wallets, now=now, clock=clock, ids=ids)
+    registered = load_registrations(conn, {c.registers for c in commands if c.registers})
+    decided = decide_batch(
+        commands, records, states, wallets, registered=registered, now=now, clock=clock, ids=ids
+    )
     if before_write is not None:
         before_write(conn)
     delete_idempotency_many(conn, decided.expired)

@@ -13,11 +13,12 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
 )
 
-from kessai.events import MerchantId, PaymentMethod, UserId
+from kessai.events import DeviceId, MerchantId, PaymentMethod, UserId
 from kessai.money import CURRENCY_EXPONENTS, MAX_AMOUNT, is_known_currency
 
 # Printable text without control characters: what a person or a receipt would show.
@@ -138,6 +139,25 @@ class CreateTopUp(_Request):
     )
 
 
+class CreateUser(_Request):
+    """Register a user."""
+
+    user_id: UserId
+    device_id: DeviceId | None = Field(
+        None, description="The device the user registers from (as `X-Device-Id` on payments)."
+    )
+    referrer: UserId | None = Field(
+        None, description="The user who referred this one; not the user itself."
+    )
+
+    @field_validator("referrer")
+    @classmethod
+    def _not_the_user(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and value == info.data.get("user_id"):
+            raise ValueError("must not be the user itself")
+        return value
+
+
 class PaymentOut(BaseModel):
     payment_id: uuid.UUID
     merchant_id: str
@@ -176,3 +196,9 @@ class TopUpOut(BaseModel):
     balance: int = Field(description="The wallet's balance after this top-up.")
     version: int = Field(description="The wallet's version after this top-up (1 for its first).")
     created_at: datetime
+
+
+class UserOut(BaseModel):
+    user_id: str
+    registered_at: datetime = Field(description="When the registration was recorded.")
+    event_id: uuid.UUID = Field(description="The id of its `UserRegistered` event.")

@@ -7,6 +7,9 @@
 - Wallets: a wallet's balance is its newest movement (``kessai/wallets.py``): ``load_wallets``
   reads the newest row of every wallet a batch touches in one statement (a primary-key range
   per wallet, never a scan of its history).
+- Registrations: ``load_registrations`` reads whether (and when) users are registered;
+  ``append_events`` appends ``UserRegistered`` to ``user_registrations``, whose primary key
+  (``user_id``) refuses a second registration of a user (``is_write_conflict`` too).
 - Idempotency records: read, replaced and saved in one statement each per batch.
 """
 
@@ -26,10 +29,13 @@ from kessai.events import (
     PaymentCaptured,
     PaymentRefunded,
     TopUpReceived,
+    UserRegistered,
     WalletCredited,
     WalletDebited,
     event_to_json,
     parse_event,
+    registration_stream_id,
+    registration_to_json,
     wallet_event_to_json,
     wallet_stream_id,
 )
@@ -38,13 +44,14 @@ from kessai.schema.write import (
     idempotency_keys,
     newest_wallet_movements,
     outbox,
+    user_registrations,
     wallet_events,
 )
 from kessai.wallets import Wallet, movement_of
 
 PaymentEvent = PaymentCaptured | PaymentRefunded
 WalletEvent = TopUpReceived | WalletDebited | WalletCredited
-Event = PaymentEvent | WalletEvent
+Event = PaymentEvent | WalletEvent | UserRegistered
 Scope = tuple[str, str]
 """(API key id, Idempotency-Key): idempotency keys are scoped per API client."""
 
@@ -80,15 +87,19 @@ def load_events_of_payments(
 
 
 def append_events(conn: sa.Connection, new_events: Sequence[Event], *, shards: int) -> None:
-    """Append events of payments and of wallets, in primary-key order, and their outbox rows
-    (a wallet event's under its stream id, ``wallet_stream_id``). A duplicate (payment_id,
-    version) or (user_id, version) raises ``IntegrityError``: that is the optimistic-concurrency
-    check."""
+    """Append events of payments, of wallets and registrations, in primary-key order, and their
+    outbox rows (a wallet event's under its stream id, ``wallet_stream_id``; a registration's
+    under ``registration_stream_id``). A duplicate (payment_id, version) or (user_id, version)
+    raises ``IntegrityError``: that is the optimistic-concurrency check; so does a second
+    registration of a user (``user_registrations``' primary key)."""
     payment_events: list[PaymentEvent] = []
     of_wallets: list[WalletEvent] = []
+    registered: list[UserRegistered] = []
     for event in new_events:
         if isinstance(event, PaymentCaptured | PaymentRefunded):
             payment_events.append(event)
+        elif isinstance(event, UserRegistered):
+            registered.append(event)
         else:
             of_wallets.append(event)
     payment_events.sort(key=lambda e: (e.payment_id, e.version))
@@ -113,10 +124,15 @@ def append_events(conn: sa.Connection, new_events: Sequence[Event], *, shards: i
     movements = wallet_rows(of_wallets)
     for row in movements:
         outbox_rows.append(_outbox_row(wallet_stream_id(str(row["user_id"])), row, shards))
+    registrations = registration_rows(registered)
+    for row in registrations:
+        stream_id = registration_stream_id(str(row["user_id"]))
+        outbox_rows.append(_outbox_row(stream_id, {**row, "version": 1}, shards))
     # Plain multi-row INSERTs handed to the driver as text (``kessai.db.upsert``, as the
     # projector writes): SQLAlchemy's executemany of a compiled insert costs more per row.
     upsert(conn, events, event_rows)
     upsert(conn, wallet_events, movements)
+    upsert(conn, user_registrations, registrations)
     upsert(conn, outbox, outbox_rows)  # none: an answer without events (a declined card)
 
 
@@ -230,3 +246,28 @@ def wallet_rows(new_events: Sequence[WalletEvent]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def registration_rows(new_events: Sequence[UserRegistered]) -> list[dict[str, Any]]:
+    """Rows of ``user_registrations`` for ``new_events``, in primary-key order."""
+    return [
+        {
+            "user_id": event.user_id,
+            "event_id": event.event_id,
+            "event_type": event.event_type,
+            "schema_version": event.schema_version,
+            "recorded_at": event.recorded_at,
+            "body": registration_to_json(event).decode(),
+        }
+        for event in sorted(new_events, key=lambda e: e.user_id)
+    ]
+
+
+def load_registrations(conn: sa.Connection, user_ids: Collection[str]) -> dict[str, datetime]:
+    """When each of ``user_ids`` that is registered was (its ``UserRegistered``'s
+    ``recorded_at``), in one primary-key read."""
+    if not user_ids:
+        return {}
+    r = user_registrations.c
+    rows = conn.execute(sa.select(r.user_id, r.recorded_at).where(r.user_id.in_(sorted(user_ids))))
+    return {str(user_id): recorded_at for user_id, recorded_at in rows}

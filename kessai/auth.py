@@ -10,6 +10,7 @@ Scopes:
 - ``payments:write``: create payments and refunds (a payments backend). Idempotency keys are
   scoped to the API key: two backends can use the same Idempotency-Key without colliding.
 - ``wallets:write``: top up users' wallets (a top-up backend).
+- ``users:write``: register users (a sign-up backend).
 - ``merchant:<merchant_id>:read``: one merchant's dashboard data; a key may hold several.
 - ``users:read``: users' payment histories (the app backend).
 - ``admin``: reconciliation runs, dead letters, admission settings.
@@ -48,6 +49,7 @@ from kessai.schema.keys import api_keys
 
 PAYMENTS_WRITE = "payments:write"
 WALLETS_WRITE = "wallets:write"
+USERS_WRITE = "users:write"
 USERS_READ = "users:read"
 ADMIN = "admin"
 _MERCHANT_SCOPE = re.compile(r"merchant:([A-Za-z0-9_-]{1,64}):read")
@@ -63,13 +65,12 @@ def merchant_scope(merchant_id: str) -> str:
 
 def check_scope(scope: str) -> str:
     """``scope`` if it is one kessai knows, else ValueError naming the valid forms."""
-    if scope in (PAYMENTS_WRITE, WALLETS_WRITE, USERS_READ, ADMIN) or _MERCHANT_SCOPE.fullmatch(
-        scope
-    ):
+    known = (PAYMENTS_WRITE, WALLETS_WRITE, USERS_WRITE, USERS_READ, ADMIN)
+    if scope in known or _MERCHANT_SCOPE.fullmatch(scope):
         return scope
     raise ValueError(
-        f"unknown scope {scope!r}: use payments:write, wallets:write, merchant:<merchant_id>:read "
-        "(merchant id: 1-64 of A-Z a-z 0-9 _ -), users:read or admin"
+        f"unknown scope {scope!r}: use payments:write, wallets:write, users:write, "
+        "merchant:<merchant_id>:read (merchant id: 1-64 of A-Z a-z 0-9 _ -), users:read or admin"
     )
 
 

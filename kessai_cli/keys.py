@@ -35,8 +35,8 @@ def keys_create(
         list[str],
         typer.Option(
             "--scope",
-            help="payments:write, wallets:write, merchant:<merchant_id>:read, users:read or "
-            "admin; repeat for several.",
+            help="payments:write, wallets:write, users:write, merchant:<merchant_id>:read, "
+            "users:read or admin; repeat for several.",
         ),
     ],
     name: Annotated[str, typer.Option(help="What the key is for (at most 100 characters).")] = "",
@@ -111,6 +111,7 @@ DEV_MERCHANTS = ("shop-1", "shop-2")
 DEV_KEYS = {
     "payments": ("development payments backend", ["payments:write"]),
     "wallets": ("development top-up backend", ["wallets:write"]),
+    "signups": ("development sign-up backend", ["users:write"]),
     "merchant": (
         "development merchant dashboard",
         [f"merchant:{m}:read" for m in DEV_MERCHANTS],

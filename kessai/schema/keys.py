@@ -23,7 +23,8 @@ api_keys = sa.Table(
     sa.Column("key_id", ascii_id(32), primary_key=True),
     sa.Column("name", sa.String(100), nullable=False),
     sa.Column("secret_sha256", ascii_id(64), nullable=False),
-    # JSON list of scopes: payments:write, wallets:write, merchant:<id>:read, users:read, admin.
+    # JSON list of scopes: payments:write, wallets:write, users:write, merchant:<id>:read,
+    # users:read, admin.
     sa.Column("scopes", long_text(), nullable=False),
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("revoked_at", UTCDateTime(), nullable=True),
