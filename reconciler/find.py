@@ -29,7 +29,7 @@ from reconciler import fingerprints, loaders, totals
 from reconciler.compare import compare_loaded
 from reconciler.context import ProgressCallback, RunContext
 from reconciler.records import Finding
-from reconciler.wallets import is_wallet_stream
+from reconciler.wallets import is_registration_stream, is_wallet_stream
 
 CHUNKS_IN_FLIGHT = 2
 """Blocks compared at once (MySQL/MariaDB): while one waits for a database, another is worked
@@ -52,9 +52,14 @@ class Start:
     @property
     def flagged(self) -> set[uuid.UUID]:
         """Payments with a parked event or an open dead letter: checked whatever the scope.
-        (Wallet streams' are checked with their wallets, ``reconciler.wallets``.)"""
+        (Wallet streams' are checked with their wallets, ``reconciler.wallets``; registrations'
+        are no payments.)"""
         flagged = {pid for pid, _, _ in self.parked} | {pid for _, pid, _, _ in self.letters}
-        return {pid for pid in flagged if pid is not None and not is_wallet_stream(pid)}
+        return {
+            pid
+            for pid in flagged
+            if pid is not None and not is_wallet_stream(pid) and not is_registration_stream(pid)
+        }
 
 
 def look_around(ctx: RunContext) -> Start:

@@ -26,7 +26,7 @@ from reconciler.context import RunContext
 from reconciler.find import compare_payments
 from reconciler.records import Finding
 from reconciler.republish import republisher
-from reconciler.wallets import is_wallet_stream
+from reconciler.wallets import is_registration_stream, is_wallet_stream
 
 PAYMENT_KINDS = {"missing", "mismatch", "parked", "dead_letter"}
 
@@ -86,7 +86,10 @@ async def republish(
         {
             f.payment_id
             for f in findings
-            if f.kind in PAYMENT_KINDS and f.payment_id and not is_wallet_stream(f.payment_id)
+            if f.kind in PAYMENT_KINDS
+            and f.payment_id
+            and not is_wallet_stream(f.payment_id)
+            and not is_registration_stream(f.payment_id)
         }
     )
     if not targets:

@@ -22,6 +22,7 @@ scope (all of them in a full audit):
 Each check runs on one connection of its own at a time (no transaction spans two steps).
 Wallet streams' ids are UUIDv5 (``kessai.events.wallet_stream_id``), payments' UUIDv7: the
 parked events and dead letters of wallets are told apart by that, and repaired here.
+Registrations' streams are UUIDv3 (``is_registration_stream``): neither.
 """
 
 from __future__ import annotations
@@ -57,6 +58,14 @@ from reconciler.republish import republisher
 
 def is_wallet_stream(stream_id: uuid.UUID | None) -> bool:
     return stream_id is not None and stream_id.version == 5
+
+
+def is_registration_stream(stream_id: uuid.UUID | None) -> bool:
+    """A registration's stream (``kessai.events.registration_stream_id``, a UUIDv3): neither a
+    payment nor a wallet. The projector skips its one event and the read side shows nothing
+    of it, so it is never compared or re-published as a payment; a parked event or a dead
+    letter of one is reported (and left unrepaired: the run is drift)."""
+    return stream_id is not None and stream_id.version == 3
 
 
 @dataclass(frozen=True, slots=True)

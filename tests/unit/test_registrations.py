@@ -123,3 +123,14 @@ def test_a_valid_registration_supersedes_an_open_dead_letter_of_its_stream() -> 
     assert changes.resolved == {(stream, 1)}
     assert changes.skipped == 1
     assert not changes.dead_letters
+
+
+def test_the_reconciler_tells_a_registration_stream_from_payments_and_wallets() -> None:
+    from reconciler.wallets import is_registration_stream, is_wallet_stream
+
+    stream = registration_stream_id("u1")
+    assert is_registration_stream(stream)
+    assert not is_wallet_stream(stream)
+    assert not is_registration_stream(wallet_stream_id("u1"))
+    assert not is_registration_stream(new_id())
+    assert not is_registration_stream(None)
