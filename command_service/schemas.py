@@ -17,6 +17,7 @@ from pydantic import (
     WithJsonSchema,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from kessai.events import DeviceId, MerchantId, PaymentMethod, UserId
 from kessai.money import CURRENCY_EXPONENTS, MAX_AMOUNT, is_known_currency
@@ -154,7 +155,9 @@ class CreateUser(_Request):
     @classmethod
     def _not_the_user(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and value == info.data.get("user_id"):
-            raise ValueError("must not be the user itself")
+            # A type of its own: no JSON Schema can say "not equal to another field", so the
+            # schema tests tell this refusal from a schema's (``referrer_is_user``).
+            raise PydanticCustomError("referrer_is_user", "must not be the user itself")
         return value
 
 

@@ -11,7 +11,8 @@ under a minute together.
 What a schema cannot say, and is therefore not held against "schema-valid requests are
 accepted": whether a cursor is one this API issued (``invalid_cursor``), whether a range spans
 more buckets than a summary may have (``range_too_large``), whether ``to`` is after ``from``
-(a ``validation_error`` of type ``range_empty``), and an integer written as a float
+(a ``validation_error`` of type ``range_empty``), whether a registration's ``referrer`` is its
+user (``referrer_is_user``), and an integer written as a float
 (``"amount": 1200.0``, refused on purpose, though to a JSON Schema validator it is the integer
 1200). Idempotency keys are made unique per request, as a client makes them; replays are tested
 in ``test_command_api.py``.
@@ -51,7 +52,14 @@ from sqlalchemy.engine import Engine
 
 from command_service.app import create_app as create_command_app
 from command_service.schemas import CreatePayment
-from kessai.auth import ADMIN, PAYMENTS_WRITE, USERS_READ, WALLETS_WRITE, merchant_scope
+from kessai.auth import (
+    ADMIN,
+    PAYMENTS_WRITE,
+    USERS_READ,
+    USERS_WRITE,
+    WALLETS_WRITE,
+    merchant_scope,
+)
 from kessai.broker import free_port
 from kessai.clock import utcnow
 from kessai.db import create_db_engine
@@ -74,7 +82,7 @@ tested on it (any other merchant is a 404 before anything else is looked at)."""
 LEAKS = ("Traceback", "sqlalchemy", "pymysql")
 IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 SEMANTIC_REFUSALS = {"invalid_cursor", "range_too_large"}
-SEMANTIC_VALIDATION_ERRORS = {"range_empty"}
+SEMANTIC_VALIDATION_ERRORS = {"range_empty", "referrer_is_user"}
 WALLET_REFUSALS = {"insufficient_balance", "currency_mismatch"}
 """Refusals by a wallet's state (its balance, its currency): see the module docstring."""
 
@@ -153,7 +161,7 @@ def deployment(mysql_server: str, tmp_path_factory: pytest.TempPathFactory) -> I
             rate_limit_reads=UNLIMITED,
             rate_limit_expensive=UNLIMITED,
         )
-        scopes = [PAYMENTS_WRITE, WALLETS_WRITE, USERS_READ, ADMIN]
+        scopes = [PAYMENTS_WRITE, WALLETS_WRITE, USERS_WRITE, USERS_READ, ADMIN]
         scopes += [merchant_scope(f"m{i}") for i in range(3)]
         key = api_key(settings, *scopes, name="schemathesis")
         funding = create_db_engine(settings.resolved_write_db_url(), pool_size=1)
