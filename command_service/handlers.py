@@ -52,6 +52,7 @@ from command_service.store import (
     load_wallets,
     save_idempotency_many,
 )
+from kessai.campaigns import AnyCampaignEvent
 from kessai.clock import utcnow
 from kessai.errors import ApiError
 from kessai.events import PaymentCaptured, PaymentRefunded, UserRegistered
@@ -284,6 +285,8 @@ def decide_batch(
                 states[event.payment_id] = state
             elif isinstance(event, UserRegistered):
                 registered[event.user_id] = event.recorded_at
+            elif isinstance(event, AnyCampaignEvent):
+                continue
             else:
                 wallets[event.user_id] = apply_movement(wallets[event.user_id], movement_of(event))
         if record is not None:

@@ -11,7 +11,6 @@ commit out of order, and such a reader would skip a late commit forever).
 from __future__ import annotations
 
 import uuid
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,11 +18,9 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from kessai.schema.write import idempotency_keys, outbox, relay_leases
+from kessai.write_store import shard_of
 
-
-def shard_of(payment_id: uuid.UUID, shards: int) -> int:
-    """The outbox shard of a payment: every event of one payment lands in the same shard."""
-    return zlib.crc32(payment_id.bytes) % shards
+__all__ = ["shard_of"]
 
 
 @dataclass(frozen=True, slots=True)

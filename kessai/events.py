@@ -35,6 +35,7 @@ from kessai.money import MAX_AMOUNT
 from kessai.postings import (
     TOPUP_SOURCE_PATTERN,
     Posting,
+    campaign_account,
     imbalance,
     topup_account,
     transfer,
@@ -277,21 +278,64 @@ class WalletCredited(_WalletSideOfAPayment):
     payload: WalletCreditedPayload
 
 
-WalletEvent = Annotated[
-    TopUpReceived | WalletDebited | WalletCredited, Field(discriminator="event_type")
-]
-
-_wallet_event_adapter: TypeAdapter[TopUpReceived | WalletDebited | WalletCredited] = TypeAdapter(
-    WalletEvent
-)
+RewardKind = Literal["cashback", "welcome_bonus"]
 
 
-def parse_wallet_event(raw: bytes | str) -> TopUpReceived | WalletDebited | WalletCredited:
+class RewardGrantedPayload(_Frozen):
+    campaign_id: MerchantId
+    """The campaign that grants it (``campaign:<id>`` is the account it comes from)."""
+    kind: RewardKind
+    payment_id: uuid.UUID | None = None
+    """The captured payment a cashback is for; ``None`` for a welcome bonus."""
+    amount: Amount
+    """What the wallet receives."""
+    requested: Amount
+    """What the rules gave before the budget: ``amount`` unless the budget's remainder cut it
+    (``cut``)."""
+    currency: CurrencyCode
+    balance_after: Balance
+
+    @property
+    def cut(self) -> bool:
+        return self.amount < self.requested
+
+    @model_validator(mode="after")
+    def _a_cut_only_lowers(self) -> Self:
+        if self.amount > self.requested:
+            raise ValueError("a grant is at most what the rules gave (requested)")
+        if (self.kind == "cashback") != (self.payment_id is not None):
+            raise ValueError("a cashback names its payment; a welcome bonus names none")
+        return self
+
+
+class RewardGranted(_WalletEnvelope):
+    """A campaign's grant into a wallet (cashback on a payment, or the welcome bonus): posts
+    ``campaign:<id>`` -> ``user:<id>``. Written by the rewards service."""
+
+    event_type: Literal["RewardGranted"] = "RewardGranted"
+    payload: RewardGrantedPayload
+
+    @model_validator(mode="after")
+    def _posts_from_its_campaign_to_the_wallet(self) -> Self:
+        p = self.payload
+        expected = transfer(campaign_account(p.campaign_id), user_account(self.user_id), p.amount)
+        if self.schema_version <= SCHEMA_VERSION and self.postings != expected:
+            raise ValueError(f"a grant posts {expected}, not {self.postings}")
+        return self
+
+
+AnyWalletEvent = TopUpReceived | WalletDebited | WalletCredited | RewardGranted
+WalletEvent = Annotated[AnyWalletEvent, Field(discriminator="event_type")]
+
+_wallet_event_adapter: TypeAdapter[AnyWalletEvent] = TypeAdapter(WalletEvent)
+
+
+def parse_wallet_event(raw: bytes | str) -> AnyWalletEvent:
     """Parse a wallet event from its JSON form (raises ``pydantic.ValidationError``)."""
     return _wallet_event_adapter.validate_json(raw)
 
 
-def wallet_event_to_json(event: TopUpReceived | WalletDebited | WalletCredited) -> bytes:
+def wallet_event_to_json(event: AnyWalletEvent) -> bytes:
     return event.model_dump_json().encode()
 
 
@@ -357,6 +401,7 @@ AnyEvent = (
     | TopUpReceived
     | WalletDebited
     | WalletCredited
+    | RewardGranted
     | UserRegistered
 )
 

@@ -78,6 +78,10 @@ def merchant_account(merchant_id: str) -> str:
     return f"merchant:{merchant_id}"
 
 
+def campaign_account(campaign_id: str) -> str:
+    return f"campaign:{campaign_id}"
+
+
 def topup_account(source: str) -> str:
     return f"world:topup:{source}"
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from kessai.errors import ApiError
-from kessai.events import TopUpReceived, WalletCredited, WalletDebited
+from kessai.events import AnyWalletEvent, RewardGranted, TopUpReceived, WalletDebited
 from kessai.ledger import InvariantViolation
 
-MovementKind = Literal["top_up", "payment", "refund"]
+MovementKind = Literal["top_up", "payment", "refund", "reward"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +161,7 @@ def credit(wallet: Wallet, amount: int, currency: str) -> Movement:
     return _movement(wallet, "refund", amount, currency)
 
 
-def movement_of(event: TopUpReceived | WalletDebited | WalletCredited) -> Movement:
+def movement_of(event: AnyWalletEvent) -> Movement:
     """The movement a stored wallet event records (its stream's fold is ``fold_wallet``)."""
     p = event.payload
     if isinstance(event, TopUpReceived):
@@ -169,6 +169,8 @@ def movement_of(event: TopUpReceived | WalletDebited | WalletCredited) -> Moveme
         amount = p.amount
     elif isinstance(event, WalletDebited):
         kind, amount = "payment", -p.amount
+    elif isinstance(event, RewardGranted):
+        kind, amount = "reward", p.amount
     else:
         kind, amount = "refund", p.amount
     return Movement(

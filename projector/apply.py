@@ -38,12 +38,10 @@ from pydantic import ValidationError
 from kessai.events import (
     SCHEMA_VERSION,
     AnyEvent,
+    AnyWalletEvent,
     PaymentCaptured,
     PaymentRefunded,
-    TopUpReceived,
     UserRegistered,
-    WalletCredited,
-    WalletDebited,
     parse_any_event,
     stream_of,
 )
@@ -51,7 +49,7 @@ from kessai.ledger import InvariantViolation, PaymentState, apply
 from projector.wallet_rows import MovementRow, WalletRow, apply_wallet_event
 
 PaymentEvent = PaymentCaptured | PaymentRefunded
-WalletEvent = TopUpReceived | WalletDebited | WalletCredited
+WalletEvent = AnyWalletEvent
 Event = AnyEvent
 
 

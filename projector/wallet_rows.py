@@ -12,10 +12,16 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from kessai.events import TopUpReceived, WalletCredited, WalletDebited, wallet_stream_id
+from kessai.events import (
+    AnyWalletEvent,
+    RewardGranted,
+    TopUpReceived,
+    WalletCredited,
+    wallet_stream_id,
+)
 from kessai.wallets import Wallet, apply_movement, movement_of
 
-WalletEvent = TopUpReceived | WalletDebited | WalletCredited
+WalletEvent = AnyWalletEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +67,8 @@ def apply_wallet_event(row: WalletRow | None, event: WalletEvent) -> tuple[Walle
     if isinstance(event, TopUpReceived):
         top_up = event.payload
         top_up_id, source, reference = top_up.top_up_id, top_up.source, top_up.reference
+    elif isinstance(event, RewardGranted):
+        payment_id = event.payload.payment_id
     else:
         payment_id, merchant_id = event.payload.payment_id, event.payload.merchant_id
         if isinstance(event, WalletCredited):

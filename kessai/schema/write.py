@@ -8,6 +8,10 @@ Triggers make the database refuse UPDATE and DELETE on events. ``wallet_events``
 for each user's wallet, keyed ``(user_id, version)``, and also refuses a negative balance.
 ``user_registrations`` holds one ``UserRegistered`` per user: its primary key ``user_id`` is
 what registers a user once, whatever races (two processes inserting one user: one fails).
+``campaign_events`` is each campaign's stream (its rules, changes, stop, exhaustion);
+``campaign_budget`` what each campaign has granted, one row per batch of grants; and
+``reward_grants`` one row per grant, whose primary key grants a payment (or a registration) at
+most once per campaign. All of them are append-only.
 """
 
 from __future__ import annotations
@@ -70,6 +74,62 @@ user_registrations = sa.Table(
     sa.Column("schema_version", sa.SmallInteger, nullable=False),
     sa.Column("recorded_at", UTCDateTime(), nullable=False),
     sa.Column("body", long_text(), nullable=False),
+)
+
+campaign_events = sa.Table(
+    "campaign_events",
+    metadata,
+    # A campaign is a stream of its own (kessai/campaigns.py): its creation, changes, stop and
+    # exhaustion by version; the primary key is the optimistic concurrency check (two admins,
+    # or an admin and the rewards service recording an exhaustion, collide on the next one).
+    sa.Column("campaign_id", ascii_id(64), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("event_id", BinaryUUID(), nullable=False, unique=True),
+    sa.Column("event_type", sa.String(40), nullable=False),
+    sa.Column("schema_version", sa.SmallInteger, nullable=False),
+    sa.Column("recorded_at", UTCDateTime(), nullable=False),
+    sa.Column("body", long_text(), nullable=False),
+)
+
+campaign_budget = sa.Table(
+    "campaign_budget",
+    metadata,
+    # What a campaign has granted, as a stream of its own: one row per batch of grants (or
+    # take-backs) the rewards service records, holding the total granted after it, so what is
+    # granted is the newest row (one primary-key read) and the budget is never a row updated
+    # per grant. The primary key is the concurrency check: two rewards instances granting from
+    # one campaign at once collide on its next version, and one of them decides again.
+    sa.Column("campaign_id", ascii_id(64), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    # This batch's grants minus its take-backs (signed), how many grants it holds, and the
+    # campaign's total granted after it (net of take-backs).
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("grants", sa.Integer, nullable=False),
+    sa.Column("granted_after", sa.BigInteger, nullable=False),
+    sa.Column("recorded_at", UTCDateTime(), nullable=False),
+    sa.CheckConstraint("granted_after >= 0", name="granted_after_not_negative"),
+)
+
+reward_grants = sa.Table(
+    "reward_grants",
+    metadata,
+    # One row per grant (and per take-back), ever: the primary key is what grants a payment
+    # (or a registration) at most once per campaign, whichever process or transaction tries
+    # twice. ``period`` is the payment's month in the campaign's time zone (``YYYY-MM``) or
+    # ``welcome``; ``grant_key`` the payment's id (a cashback), ``user`` (a welcome bonus) or
+    # ``<payment id>/<refund id>`` (a take-back). A payment fixes its user and its month, so
+    # the key is unique per (campaign, payment), and a user's grants of a month are one
+    # primary-key range: what the per-user cap reads.
+    sa.Column("campaign_id", ascii_id(64), primary_key=True),
+    sa.Column("user_id", ascii_id(64), primary_key=True),
+    sa.Column("period", ascii_id(7), primary_key=True),
+    sa.Column("grant_key", ascii_id(80), primary_key=True),
+    # Signed: a grant is positive, a take-back negative.
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    # The wallet event that moved the money (``RewardGranted`` or its take-back).
+    sa.Column("event_id", BinaryUUID(), nullable=False, unique=True),
+    sa.Column("recorded_at", UTCDateTime(), nullable=False),
 )
 
 outbox = sa.Table(
