@@ -2,7 +2,9 @@
 
 A record is an event of a stream: a payment's (keyed by its ``payment_id``) or a wallet's (keyed
 by ``wallet_stream_id(user_id)``, a UUIDv5, never a payment's id). Both follow the same rules,
-by stream id and version. A registration (``UserRegistered``, keyed by
+by stream id and version; so does a campaign's (keyed by ``campaign_stream_id``, a UUIDv8:
+``projector.campaign_rows``, whose grants, wallet events, add to its figures). A registration
+(``UserRegistered``, keyed by
 ``registration_stream_id(user_id)``, a UUIDv3) is known and skipped: the read side shows nothing
 of it yet, so it writes no row, is never parked nor dead-lettered, and only moves the offset
 (a valid one supersedes an open dead letter of its stream, like any valid event).
@@ -35,22 +37,30 @@ from zoneinfo import ZoneInfo
 import orjson
 from pydantic import ValidationError
 
+from kessai.campaigns import AnyCampaignEvent
 from kessai.events import (
     SCHEMA_VERSION,
-    AnyEvent,
     AnyWalletEvent,
     PaymentCaptured,
     PaymentRefunded,
+    RewardGranted,
     UserRegistered,
-    parse_any_event,
-    stream_of,
 )
 from kessai.ledger import InvariantViolation, PaymentState, apply
+from projector.campaign_rows import (
+    CampaignRow,
+    GrantDelta,
+    StreamEvent,
+    apply_campaign,
+    count_grant,
+    parse_stream_event,
+    stream_id_of,
+)
 from projector.wallet_rows import MovementRow, WalletRow, apply_wallet_event
 
 PaymentEvent = PaymentCaptured | PaymentRefunded
 WalletEvent = AnyWalletEvent
-Event = AnyEvent
+Event = StreamEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +88,7 @@ class PaymentRow:
 @dataclass(frozen=True, slots=True)
 class Parked:
     payment_id: uuid.UUID
-    """The stream's id: the payment's, or the wallet's (``stream_of``)."""
+    """The stream's id: the payment's, the wallet's or the campaign's (``stream_id_of``)."""
     version: int
     reason: str
     body: str
@@ -129,6 +139,7 @@ class Snapshot:
     payments: dict[uuid.UUID, PaymentRow] = field(default_factory=dict)
     # By stream id (``wallet_stream_id(user_id)``).
     wallets: dict[uuid.UUID, WalletRow] = field(default_factory=dict)
+    campaigns: dict[uuid.UUID, CampaignRow] = field(default_factory=dict)
     parked: dict[tuple[uuid.UUID, int], Parked] = field(default_factory=dict)
     # stream id -> versions of its open dead letters.
     dead_lettered: dict[uuid.UUID, set[int]] = field(default_factory=dict)
@@ -143,6 +154,10 @@ class Changes:
     # By stream id; and the statement lines the batch adds.
     wallets: dict[uuid.UUID, WalletRow] = field(default_factory=dict)
     movements: list[MovementRow] = field(default_factory=list)
+    # By stream id; and what the batch's grants add to their campaigns' figures.
+    campaigns: dict[uuid.UUID, CampaignRow] = field(default_factory=dict)
+    campaign_totals: dict[str, GrantDelta] = field(default_factory=dict)
+    campaign_minutes: dict[tuple[str, datetime], GrantDelta] = field(default_factory=dict)
     parked: dict[tuple[uuid.UUID, int], Parked] = field(default_factory=dict)
     unparked: set[tuple[uuid.UUID, int]] = field(default_factory=set)
     dead_letters: list[DeadLetter] = field(default_factory=list)
@@ -184,7 +199,7 @@ def decode(record: Record, key_id: uuid.UUID | None = None) -> Event | DeadLette
         reason = f"schema_version {int(declared)} is newer than {SCHEMA_VERSION}, the newest known"
     else:
         try:
-            event = parse_any_event(record.value or b"")
+            event = parse_stream_event(record.value or b"")
         except ValidationError as exc:
             errors = exc.errors()
             if errors:
@@ -193,7 +208,7 @@ def decode(record: Record, key_id: uuid.UUID | None = None) -> Event | DeadLette
             else:
                 reason = f"undecodable event: {exc}"[:1000]
         else:
-            if key_id is not None and key_id != stream_of(event):
+            if key_id is not None and key_id != stream_id_of(event):
                 reason = _key_mismatch(event)
             elif event.schema_version > SCHEMA_VERSION:
                 reason = f"schema_version {event.schema_version} is newer than {SCHEMA_VERSION}"
@@ -217,6 +232,8 @@ def _key_mismatch(event: Event) -> str:
         return "record key does not match the event's payment_id"
     if isinstance(event, UserRegistered):
         return "record key is not the registration stream of the event's user_id"
+    if isinstance(event, AnyCampaignEvent):
+        return "record key is not the campaign stream of the event's campaign_id"
     return "record key is not the wallet stream of the event's user_id"
 
 
@@ -237,7 +254,7 @@ def decode_batch(records: Iterable[Record]) -> DecodedBatch:
     decoded = [decode(r, key) for r, key in zip(listed, keys, strict=True)]
     stream_ids = {key for key in keys if key is not None}
     stream_ids.update(
-        stream_of(event)
+        stream_id_of(event)
         for key, event in zip(keys, decoded, strict=True)
         if key is None and not isinstance(event, DeadLetter)
     )
@@ -254,6 +271,7 @@ class _Batch:
         self.changes = Changes()
         self.rows = dict(snapshot.payments)
         self.wallets = dict(snapshot.wallets)
+        self.campaigns = dict(snapshot.campaigns)
         self.parked = dict(snapshot.parked)
         self.dead_lettered = {pid: set(vs) for pid, vs in snapshot.dead_lettered.items()}
 
@@ -266,7 +284,10 @@ class _Batch:
         if row is not None:
             return row.state.version
         wallet = self.wallets.get(stream_id)
-        return wallet.wallet.version if wallet is not None else 0
+        if wallet is not None:
+            return wallet.wallet.version
+        campaign = self.campaigns.get(stream_id)
+        return campaign.state.version if campaign is not None else 0
 
     def handle(self, record: Record, decoded: Event | DeadLetter) -> None:
         if isinstance(decoded, DeadLetter):
@@ -277,7 +298,7 @@ class _Batch:
             event.recorded_at,
             self.changes.last_event_at.get(record.partition, event.recorded_at),
         )
-        pid = stream_of(event)
+        pid = stream_id_of(event)
         if isinstance(event, UserRegistered):
             self.skip(pid)
             return
@@ -310,6 +331,8 @@ class _Batch:
     def apply(self, event: Event, record: Record | Parked) -> bool:
         if isinstance(event, UserRegistered):
             return False  # never parked, so never drained here: ``handle`` skips it first
+        if isinstance(event, AnyCampaignEvent):
+            return self.apply_campaign(event, record)
         if not isinstance(event, PaymentCaptured | PaymentRefunded):
             return self.apply_wallet(event, record)
         pid = event.payment_id
@@ -365,7 +388,7 @@ class _Batch:
     def apply_wallet(self, event: WalletEvent, record: Record | Parked) -> bool:
         """A wallet's movement: its balance and its statement line. Merchant totals are not
         touched: the payment's (or refund's) own event counts there."""
-        sid = stream_of(event)
+        sid = stream_id_of(event)
         try:
             wallet, movement = apply_wallet_event(self.wallets.get(sid), event)
         except InvariantViolation as exc:
@@ -375,10 +398,25 @@ class _Batch:
         self.changes.wallets[sid] = wallet
         self.changes.movements.append(movement)
         self.changes.applied += 1
+        if isinstance(event, RewardGranted):  # where its movement is applied: once
+            count_grant(self.changes.campaign_totals, self.changes.campaign_minutes, event)
+        return True
+
+    def apply_campaign(self, event: AnyCampaignEvent, record: Record | Parked) -> bool:
+        """A campaign's event: its row as the fold leaves it."""
+        sid = stream_id_of(event)
+        try:
+            row = apply_campaign(self.campaigns.get(sid), event)
+        except InvariantViolation as exc:
+            self.invariant_broken(event, record, exc)
+            return False
+        self.campaigns[sid] = row
+        self.changes.campaigns[sid] = row
+        self.changes.applied += 1
         return True
 
     def invariant_broken(self, event: Event, record: Record | Parked, exc: Exception) -> None:
-        sid = stream_of(event)
+        sid = stream_id_of(event)
         self.dead_letter(
             DeadLetter(
                 payment_id=sid,
@@ -407,12 +445,12 @@ class _Batch:
             self.changes.parked.pop(next_key, None)
             if next_key in self.snapshot.parked:
                 self.changes.unparked.add(next_key)
-            event = parse_any_event(parked.body)
+            event = parse_stream_event(parked.body)
             if not self.apply(event, parked):
                 return
 
     def park(self, event: Event, record: Record, reason: str) -> None:
-        key = (stream_of(event), event.version)
+        key = (stream_id_of(event), event.version)
         if key in self.parked:
             return  # the same version parked twice: a duplicate delivery
         parked = Parked(

@@ -15,6 +15,9 @@ import sqlalchemy as sa
 from kessai.db import upsert_rows
 from kessai.ledger import PaymentState
 from kessai.schema.read import (
+    campaign_minute_totals,
+    campaign_totals,
+    campaigns,
     dead_letters,
     merchant_daily_totals,
     merchant_hourly_totals,
@@ -27,12 +30,15 @@ from kessai.schema.read import (
 )
 from kessai.wallets import Wallet
 from projector.apply import Changes, Parked, PaymentRow, Snapshot, TotalsDelta
+from projector.campaign_rows import GrantDelta, campaign_row_of, campaign_values
 from projector.wallet_rows import WalletRow
 
 T = TypeVar("T")
 CHUNK = 2_000
 WALLET_STREAM_UUID_VERSION = 5
 """``kessai.events.wallet_stream_id`` is a UUIDv5; payments are UUIDv7."""
+CAMPAIGN_STREAM_UUID_VERSION = 8
+"""``kessai.campaigns.campaign_stream_id`` is a UUID of version 8."""
 
 
 def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterable[Sequence[T]]:
@@ -41,11 +47,15 @@ def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterable[Sequence[T]]:
 
 
 def load_snapshot(conn: sa.Connection, stream_ids: set[uuid.UUID]) -> Snapshot:
-    """The rows, parked events and open dead letters of the payments and wallets ``stream_ids``
-    name (payment ids and wallet stream ids, which are UUIDv5: only a batch holding some asks
-    for wallets)."""
+    """The rows, parked events and open dead letters of the payments, wallets and campaigns
+    ``stream_ids`` name (payment ids, wallet stream ids, which are UUIDv5, and campaign stream
+    ids, UUIDv8: only a batch holding some asks for wallets or campaigns)."""
     snapshot = Snapshot()
     ids = sorted(stream_ids)
+    campaign_ids = [i for i in ids if i.version == CAMPAIGN_STREAM_UUID_VERSION]
+    for chunk in _chunks(campaign_ids):
+        for row in conn.execute(sa.select(campaigns).where(campaigns.c.stream_id.in_(chunk))):
+            snapshot.campaigns[row.stream_id] = campaign_row_of(row)
     wallet_ids = [i for i in ids if i.version == WALLET_STREAM_UUID_VERSION]
     for chunk in _chunks(wallet_ids):
         for row in conn.execute(sa.select(wallets).where(wallets.c.stream_id.in_(chunk))):
@@ -114,6 +124,8 @@ PAYMENT_COLUMNS = tuple(c.name for c in payments.columns)
 REFUND_COLUMNS = tuple(c.name for c in refunds.columns)
 WALLET_COLUMNS = tuple(c.name for c in wallets.columns)
 MOVEMENT_COLUMNS = tuple(c.name for c in wallet_movements.columns)
+CAMPAIGN_COLUMNS = tuple(c.name for c in campaigns.columns)
+GRANTED = ("granted_amount", "grants_count")
 TOTALS = ("payments_count", "payments_amount", "refunds_count", "refunds_amount")
 
 
@@ -122,6 +134,7 @@ def write_changes(conn: sa.Connection, changes: Changes, snapshot: Snapshot, now
     _write_payments(conn, changes)
     _write_totals(conn, changes)
     _write_wallets(conn, changes)
+    _write_campaigns(conn, changes)
     _write_parked(conn, changes, snapshot, now)
     _write_dead_letters(conn, changes, now)
 
@@ -185,10 +198,40 @@ def _write_wallets(conn: sa.Connection, changes: Changes) -> None:
         [
             (m.user_id, m.version, m.event_id, m.kind, m.amount, m.currency, m.balance_after,
              m.payment_id, m.refund_id, m.top_up_id, m.merchant_id, m.source, m.reference,
-             m.recorded_at)
+             m.recorded_at, m.campaign_id)
             for m in sorted(changes.movements, key=lambda m: (m.user_id, m.version))
         ],
     )  # fmt: skip
+
+
+def _write_campaigns(conn: sa.Connection, changes: Changes) -> None:
+    """Each campaign's new state, and what the batch's grants add to their campaigns' figures
+    (in the batch's transaction, like the merchants' totals)."""
+    upsert_rows(
+        conn,
+        campaigns,
+        CAMPAIGN_COLUMNS,
+        sorted(campaign_values(row) for row in changes.campaigns.values()),
+        replace=CAMPAIGN_COLUMNS[1:],
+    )
+    upsert_rows(
+        conn,
+        campaign_totals,
+        ("campaign_id", *GRANTED),
+        [(key, *_granted(delta)) for key, delta in sorted(changes.campaign_totals.items())],
+        add=GRANTED,
+    )
+    upsert_rows(
+        conn,
+        campaign_minute_totals,
+        ("campaign_id", "minute", *GRANTED),
+        [(*key, *_granted(delta)) for key, delta in sorted(changes.campaign_minutes.items())],
+        add=GRANTED,
+    )
+
+
+def _granted(delta: GrantDelta) -> tuple[int, int]:
+    return delta.granted_amount, delta.grants_count
 
 
 def _write_parked(conn: sa.Connection, changes: Changes, snapshot: Snapshot, now: datetime) -> None:

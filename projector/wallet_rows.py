@@ -54,6 +54,8 @@ class MovementRow:
     source: str | None
     reference: str | None
     recorded_at: datetime
+    campaign_id: str | None = None
+    """The campaign a grant (``reward``) comes from."""
 
 
 def apply_wallet_event(row: WalletRow | None, event: WalletEvent) -> tuple[WalletRow, MovementRow]:
@@ -63,12 +65,12 @@ def apply_wallet_event(row: WalletRow | None, event: WalletEvent) -> tuple[Walle
     movement = movement_of(event)
     after = apply_movement(wallet, movement)
     payment_id = refund_id = top_up_id = None
-    merchant_id = source = reference = None
+    merchant_id = source = reference = campaign_id = None
     if isinstance(event, TopUpReceived):
         top_up = event.payload
         top_up_id, source, reference = top_up.top_up_id, top_up.source, top_up.reference
     elif isinstance(event, RewardGranted):
-        payment_id = event.payload.payment_id
+        payment_id, campaign_id = event.payload.payment_id, event.payload.campaign_id
     else:
         payment_id, merchant_id = event.payload.payment_id, event.payload.merchant_id
         if isinstance(event, WalletCredited):
@@ -93,4 +95,5 @@ def apply_wallet_event(row: WalletRow | None, event: WalletEvent) -> tuple[Walle
         source=source,
         reference=reference,
         recorded_at=event.recorded_at,
+        campaign_id=campaign_id,
     )

@@ -1,5 +1,6 @@
 """Wallet streams for tests of the read side: consistent histories built with the event contract
-(kessai/events.py), and the Kafka record the relay publishes for each event.
+(kessai/events.py), campaigns' streams (kessai/campaigns.py), and the Kafka record the relay
+publishes for each event.
 
 The relay publishes a wallet event exactly as a payment event, on the same topic: key
 ``kafka_key(wallet_stream_id(user_id))``, value ``wallet_event_to_json(event)``, headers
@@ -13,9 +14,20 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
+from kessai.campaigns import (
+    AnyCampaignEvent,
+    CampaignCreated,
+    CashbackRules,
+    WelcomeBonusRules,
+    campaign_event_to_json,
+    campaign_stream_id,
+    decide_create,
+)
 from kessai.events import (
     PaymentCaptured,
     PaymentRefunded,
+    RewardGranted,
+    RewardGrantedPayload,
     TopUpReceived,
     TopUpReceivedPayload,
     WalletCredited,
@@ -29,12 +41,13 @@ from kessai.events import (
     wallet_stream_id,
 )
 from kessai.ids import new_id
-from kessai.postings import topup_account, transfer, user_account
+from kessai.postings import campaign_account, topup_account, transfer, user_account
 
-WalletEvent = TopUpReceived | WalletDebited | WalletCredited
-AnyEvent = PaymentCaptured | PaymentRefunded | WalletEvent
-Step = tuple[Literal["top_up", "payment", "refund"], int]
-"""A movement to build: its kind and its (unsigned) amount."""
+WalletEvent = TopUpReceived | WalletDebited | WalletCredited | RewardGranted
+AnyEvent = PaymentCaptured | PaymentRefunded | WalletEvent | AnyCampaignEvent
+Step = tuple[Literal["top_up", "payment", "refund", "cashback", "bonus"], int]
+"""A movement to build: its kind and its (unsigned) amount. ``cashback`` is a grant on the
+wallet's latest payment, ``bonus`` a welcome bonus, both from the history's campaign."""
 T0 = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
 
 
@@ -46,6 +59,7 @@ def wallet_history(
     currency: str = "JPY",
     start: datetime = T0,
     source: str = "bank",
+    campaign_id: str = "camp-1",
 ) -> list[WalletEvent]:
     """A wallet's stream from version 1, one event per step, a minute apart, each with the
     balance it leaves. A refund credits back the wallet's latest payment."""
@@ -75,6 +89,20 @@ def wallet_history(
                         reference=f"ref-{version}",
                         balance_after=balance,
                     ),
+                )
+            )
+        elif kind in ("cashback", "bonus"):
+            balance += amount
+            events.append(
+                granted(
+                    user_id,
+                    amount,
+                    balance_after=balance,
+                    campaign_id=campaign_id,
+                    payment_id=payment_id if kind == "cashback" else None,
+                    version=version,
+                    at=at,
+                    currency=currency,
                 )
             )
         elif kind == "payment":
@@ -111,9 +139,73 @@ def wallet_history(
     return events
 
 
+def granted(
+    user_id: str,
+    amount: int,
+    *,
+    balance_after: int,
+    version: int,
+    at: datetime = T0,
+    campaign_id: str = "camp-1",
+    payment_id: uuid.UUID | None = None,
+    requested: int | None = None,
+    currency: str = "JPY",
+) -> RewardGranted:
+    """A grant of ``campaign_id`` into the user's wallet at ``version``: a cashback on
+    ``payment_id``, or a welcome bonus without one."""
+    return RewardGranted(
+        event_id=new_id(),
+        user_id=user_id,
+        version=version,
+        occurred_at=at,
+        recorded_at=at,
+        postings=transfer(campaign_account(campaign_id), user_account(user_id), amount),
+        payload=RewardGrantedPayload(
+            campaign_id=campaign_id,
+            kind="cashback" if payment_id is not None else "welcome_bonus",
+            payment_id=payment_id,
+            amount=amount,
+            requested=requested or amount,
+            currency=currency,
+            balance_after=balance_after,
+        ),
+    )
+
+
+def created(
+    campaign_id: str = "camp-1",
+    *,
+    budget: int = 1_000_000,
+    starts_at: datetime = T0,
+    ends_at: datetime = T0 + timedelta(days=10),
+    kind: Literal["cashback", "welcome_bonus"] = "cashback",
+    at: datetime = T0,
+    currency: str = "JPY",
+) -> CampaignCreated:
+    """A campaign's creation (version 1 of its stream), decided at ``at``: 20% back, at most
+    1,000 a payment and 10,000 a month (cashback), or the 500-yen bonus."""
+    common = {
+        "campaign_id": campaign_id,
+        "name": f"Campaign {campaign_id}",
+        "currency": currency,
+        "budget": budget,
+        "starts_at": starts_at,
+        "ends_at": ends_at,
+    }
+    rules = (
+        CashbackRules(**common, rate_bp=2000, cap_per_payment=1_000, cap_per_user_month=10_000)
+        if kind == "cashback"
+        else WelcomeBonusRules(**common, amount=500)
+    )
+    return decide_create(rules, now=at, actor="admin-key")
+
+
 def record_parts(event: AnyEvent) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
     """(key, value, headers) of the Kafka record the relay publishes for ``event``."""
     headers = kafka_headers(event.event_type, event.schema_version, event.event_id)
     if isinstance(event, PaymentCaptured | PaymentRefunded):
         return kafka_key(event.payment_id), event_to_json(event), headers
+    if isinstance(event, AnyCampaignEvent):
+        stream = kafka_key(campaign_stream_id(event.campaign_id))
+        return stream, campaign_event_to_json(event), headers
     return kafka_key(wallet_stream_id(event.user_id)), wallet_event_to_json(event), headers

@@ -11,7 +11,9 @@ Every index serves a named query of the query service and nothing else:
   (list, CSV), keyset-paged on ``(created_at, payment_id)``;
 - ``ix_payments_user_id_created_at_payment_id``: a user's own history;
 - ``wallet_movements``' primary key ``(user_id, version)``: a user's statement, newest first;
-- the totals' primary keys: a merchant's summary over a range of days or hours.
+- the totals' primary keys: a merchant's summary over a range of days or hours;
+- ``campaigns``' primary key: the campaigns, by id; ``campaign_minute_totals``' primary key
+  ``(campaign_id, minute)``: a campaign's grants in the last hour.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ wallet_movements = sa.Table(
     sa.Column("user_id", ascii_id(64), primary_key=True),
     sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("event_id", BinaryUUID(), nullable=False, unique=True),
-    # "top_up", "payment" or "refund" (kessai.wallets.MovementKind).
+    # "top_up", "payment", "refund" or "reward" (kessai.wallets.MovementKind).
     sa.Column("kind", sa.String(16), nullable=False),
     # Signed, in minor units: positive into the wallet (top-up, refund), negative out of it.
     sa.Column("amount", sa.BigInteger, nullable=False),
@@ -136,6 +138,60 @@ wallet_movements = sa.Table(
     sa.Column("source", sa.String(32), nullable=True),
     sa.Column("reference", sa.String(128), nullable=True),
     sa.Column("recorded_at", UTCDateTime(), nullable=False),
+    # The campaign a grant (``reward``) comes from; NULL for every other movement.
+    sa.Column("campaign_id", ascii_id(64), nullable=True),
+)
+
+# -- campaigns -------------------------------------------------------------------------------
+# Each campaign as its stream (kessai/campaigns.py) left it, and what its grants (``RewardGranted``
+# on the users' wallet streams) add up to: in all, and per minute for "the last hour". Written by
+# the projector only; the figures in the same batch transaction as the grants' statement lines.
+
+campaigns = sa.Table(
+    "campaigns",
+    metadata,
+    sa.Column("campaign_id", ascii_id(64), primary_key=True),
+    # campaign_stream_id(campaign_id): the campaign's Kafka key, by which a batch finds the rows
+    # of the campaigns its records touch, as ``wallets.stream_id``.
+    sa.Column("stream_id", BinaryUUID(), nullable=False, unique=True),
+    # "cashback" or "welcome_bonus".
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    # Money in minor units of `currency`: the most the campaign ever grants.
+    sa.Column("budget", sa.BigInteger, nullable=False),
+    sa.Column("starts_at", UTCDateTime(), nullable=False),
+    sa.Column("ends_at", UTCDateTime(), nullable=False),
+    sa.Column("time_zone", sa.String(64), nullable=False),
+    # The rules as the campaign's events left them (kessai.campaigns.CashbackRules or
+    # WelcomeBonusRules, their JSON form).
+    sa.Column("rules", long_text(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("stopped_at", UTCDateTime(), nullable=True),
+    sa.Column("exhausted_at", UTCDateTime(), nullable=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    # When its newest event happened.
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+campaign_totals = sa.Table(
+    "campaign_totals",
+    metadata,
+    sa.Column("campaign_id", ascii_id(64), primary_key=True),
+    # Every grant so far, in minor units of the campaign's currency, and how many.
+    sa.Column("granted_amount", sa.BigInteger, nullable=False),
+    sa.Column("grants_count", sa.BigInteger, nullable=False),
+)
+
+campaign_minute_totals = sa.Table(
+    "campaign_minute_totals",
+    metadata,
+    sa.Column("campaign_id", ascii_id(64), primary_key=True),
+    # The start of the minute (UTC) the grants happened in: the last hour is a range of at
+    # most 61 rows of the primary key.
+    sa.Column("minute", UTCDateTime(), primary_key=True),
+    sa.Column("granted_amount", sa.BigInteger, nullable=False),
+    sa.Column("grants_count", sa.BigInteger, nullable=False),
 )
 
 projector_offsets = sa.Table(
