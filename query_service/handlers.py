@@ -142,6 +142,7 @@ def statement_page(
                 "source": r.source,
                 "reference": r.reference,
                 "recorded_at": r.recorded_at,
+                "campaign_id": r.campaign_id,
             }
             for r in rows
         ],

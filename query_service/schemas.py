@@ -80,27 +80,31 @@ class BalanceOut(Freshness):
     )
 
 
-MovementKind = Literal["top_up", "payment", "refund"]
+MovementKind = Literal["top_up", "payment", "refund", "reward"]
 
 
 class MovementOut(BaseModel):
     version: int = Field(description="The movement's position in the wallet: 1, 2, 3, ...")
     kind: MovementKind = Field(
         description="`top_up`: money in from outside; `payment`: a balance payment; "
-        "`refund`: a refund of one."
+        "`refund`: a refund of one; `reward`: a campaign's grant (cashback on a payment, or "
+        "the welcome bonus)."
     )
     amount: int = Field(
         description="Signed, in minor units: positive into the wallet, negative out of it."
     )
     currency: str
     balance_after: int = Field(description="The balance this movement left.")
-    payment_id: uuid.UUID | None = Field(description="The payment (`payment`, `refund`).")
+    payment_id: uuid.UUID | None = Field(
+        description="The payment (`payment`, `refund`; a cashback's `reward`)."
+    )
     refund_id: uuid.UUID | None = Field(description="The refund (`refund`).")
     top_up_id: uuid.UUID | None = Field(description="The top-up (`top_up`).")
     merchant_id: str | None = Field(description="The merchant paid (`payment`, `refund`).")
     source: str | None = Field(description="Where a top-up's money came from (`top_up`).")
     reference: str | None = Field(description="The top-up's reference, if it had one.")
     recorded_at: datetime = Field(description="When the write side recorded it (UTC).")
+    campaign_id: str | None = Field(description="The campaign that granted it (`reward`).")
 
 
 class StatementPageOut(Freshness):
@@ -245,3 +249,68 @@ class ReconciliationRunsOut(Freshness):
     verified_up_to: VerifiedUpToOut
     items: list[ReconciliationRunOut]
     next_before: int | None = Field(description="Pass as `before` for the next (older) page.")
+
+
+CampaignStatus = Literal["scheduled", "active", "stopped", "ended", "exhausted"]
+
+
+class CashbackRulesOut(BaseModel):
+    rate_bp: int = Field(description="Basis points of each eligible payment: 2000 = 20%.")
+    cap_per_payment: int = Field(description="The most one payment earns, in minor units.")
+    cap_per_user_month: int = Field(
+        description="The most one user earns in a calendar month of `time_zone`."
+    )
+    min_payment_amount: int = Field(description="The least payment that earns anything.")
+    methods: list[PaymentMethod] = Field(description="The payment methods that earn.")
+    merchants: list[str] | None = Field(description="The merchants whose payments earn; null: all.")
+
+
+class WelcomeBonusRulesOut(BaseModel):
+    amount: int = Field(description="What each user who registers within the window gets.")
+
+
+class CampaignOut(BaseModel):
+    campaign_id: str
+    name: str
+    kind: Literal["cashback", "welcome_bonus"]
+    currency: str
+    status: CampaignStatus = Field(
+        description="As of the moment of the answer: `stopped` from its stop on, `exhausted` "
+        "from its exhaustion on, else `ended` from `ends_at`, `scheduled` before `starts_at`, "
+        "`active` between."
+    )
+    starts_at: datetime = Field(description="The first instant that earns.")
+    ends_at: datetime = Field(description="The first instant that earns nothing (exclusive).")
+    time_zone: str = Field(description="Whose calendar months the per-user cap counts.")
+    rules: CashbackRulesOut | WelcomeBonusRulesOut = Field(description="What earns, and how much.")
+    budget: int = Field(description="The most the campaign ever grants, in minor units.")
+    granted: int = Field(description="Every grant projected so far, in minor units.")
+    remaining: int = Field(description="budget - granted, never below 0.")
+    grants_count: int = Field(description="How many grants were projected so far.")
+    last_hour_since: datetime = Field(
+        description="Where the last hour's figures start: the start of the minute an hour "
+        "before the answer's (so they span 60 to 61 minutes, up to the answer)."
+    )
+    granted_last_hour: int = Field(description="Granted since `last_hour_since`.")
+    grants_last_hour: int = Field(description="Grants since `last_hour_since`.")
+    projected_exhaustion_at: datetime | None = Field(
+        description="When the remaining budget runs out at the last hour's rate; null unless "
+        "the campaign is active, granted something in the last hour and would run out before "
+        "`ends_at`."
+    )
+    created_at: datetime
+    stopped_at: datetime | None
+    exhausted_at: datetime | None
+    version: int = Field(description="How many events the campaign has had (1: its creation).")
+    updated_at: datetime = Field(description="When its newest event happened.")
+
+
+class CampaignDetailOut(CampaignOut, Freshness):
+    pass
+
+
+class CampaignPageOut(Freshness):
+    items: list[CampaignOut] = Field(description="By `campaign_id`.")
+    next_after: str | None = Field(
+        description="Pass as `after` for the next page; null on the last page."
+    )

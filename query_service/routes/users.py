@@ -101,8 +101,8 @@ async def list_user_statement(
     resources: ResourcesDep,
 ) -> Response:
     """Every movement of the user's wallet, newest first: top-ups, balance payments and their
-    refunds, each with its signed amount, the balance it left, and the payment, refund, top-up
-    and merchant it belongs to.
+    refunds, and campaigns' grants (`reward`), each with its signed amount, the balance it left,
+    and the payment, refund, top-up, merchant and campaign it belongs to.
 
     Paged by keyset on the movement's `version`: pass `next_cursor` as `cursor` until it is
     null; paging to the end returns every movement that existed when paging began exactly

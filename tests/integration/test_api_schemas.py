@@ -71,6 +71,7 @@ from tests import backends
 from tests.helpers import UNLIMITED, api_key, bearer, fund
 from tests.integration.read_model import captured, project, refunded
 from tests.integration.test_acquirer import AcquirerDouble
+from tests.wallet_streams import created, granted
 
 EXAMPLES = 15
 """Generated requests per operation in the fuzzing phase (the coverage phase adds its own)."""
@@ -118,8 +119,8 @@ class Server:
 
 
 def seed_read_side(read_db_url: str) -> None:
-    """A few payments of ``MERCHANT`` in the read database, one refunded, so the query API's
-    pages, details and cursors have something real to show."""
+    """A few payments of ``MERCHANT`` in the read database, one refunded, and two campaigns with
+    grants, so the query API's pages, details and cursors have something real to show."""
     now = utcnow()
     engine = create_db_engine(read_db_url, pool_size=1)
     try:
@@ -131,6 +132,12 @@ def seed_read_side(read_db_url: str) -> None:
             events.append(payment)
             if i == 0:
                 events.append(refunded(payment, at=now - timedelta(minutes=1), amount=100))
+        window = {"starts_at": now - timedelta(days=1), "ends_at": now + timedelta(days=1)}
+        events += [created("spring", **window), created("welcome", kind="welcome_bonus", **window)]
+        events += [
+            granted(f"user-{i % 2}", 500, balance_after=500, version=1, at=now, campaign_id=c)
+            for i, c in enumerate(("spring", "welcome"))
+        ]
         project(engine, events)
     finally:
         engine.dispose()

@@ -127,6 +127,7 @@ async def test_the_statement_pages_newest_first_with_every_movement_once(
         "source": "bank",
         "reference": "ref-1",
         "recorded_at": top_up["recorded_at"],
+        "campaign_id": None,
     }
     assert datetime.fromisoformat(top_up["recorded_at"]) == history[0].recorded_at
     assert (payment["kind"], payment["amount"], payment["balance_after"]) == (
