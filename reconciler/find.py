@@ -26,6 +26,7 @@ from kessai.clock import utcnow
 from kessai.ids import bound_at
 from kessai.schema import read, write
 from reconciler import fingerprints, loaders, totals
+from reconciler.campaigns import is_campaign_stream
 from reconciler.compare import compare_loaded
 from reconciler.context import ProgressCallback, RunContext
 from reconciler.records import Finding
@@ -53,12 +54,15 @@ class Start:
     def flagged(self) -> set[uuid.UUID]:
         """Payments with a parked event or an open dead letter: checked whatever the scope.
         (Wallet streams' are checked with their wallets, ``reconciler.wallets``; registrations'
-        are no payments.)"""
+        and campaigns' are no payments.)"""
         flagged = {pid for pid, _, _ in self.parked} | {pid for _, pid, _, _ in self.letters}
         return {
             pid
             for pid in flagged
-            if pid is not None and not is_wallet_stream(pid) and not is_registration_stream(pid)
+            if pid is not None
+            and not is_wallet_stream(pid)
+            and not is_registration_stream(pid)
+            and not is_campaign_stream(pid)
         }
 
 

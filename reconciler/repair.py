@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from kessai.schema import read, write
 from reconciler import loaders, sums, totals
+from reconciler.campaigns import is_campaign_stream
 from reconciler.context import RunContext
 from reconciler.find import compare_payments
 from reconciler.records import Finding
@@ -90,6 +91,7 @@ async def republish(
             and f.payment_id
             and not is_wallet_stream(f.payment_id)
             and not is_registration_stream(f.payment_id)
+            and not is_campaign_stream(f.payment_id)
         }
     )
     if not targets:

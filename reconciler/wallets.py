@@ -22,7 +22,11 @@ scope (all of them in a full audit):
 Each check runs on one connection of its own at a time (no transaction spans two steps).
 Wallet streams' ids are UUIDv5 (``kessai.events.wallet_stream_id``), payments' UUIDv7: the
 parked events and dead letters of wallets are told apart by that, and repaired here.
-Registrations' streams are UUIDv3 (``is_registration_stream``): neither.
+Registrations' streams are UUIDv3 (``is_registration_stream``), campaigns' UUIDv8
+(``reconciler.campaigns.is_campaign_stream``): neither. A grant (``RewardGranted``) is a
+wallet's movement like any other here, and posts itself (``campaign:<id>`` -> ``user:<id>``);
+repairing a wallet keeps its grants' campaign figures as they were
+(``reconciler.campaigns.compensate``).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from kessai.ledger import PaymentState, apply, postings_of
 from kessai.postings import user_account
 from kessai.schema import read, write
 from kessai.wallets import Wallet, apply_movement, movement_of
-from reconciler import movements, totals
+from reconciler import campaigns, movements, totals
 from reconciler.context import RunContext
 from reconciler.loaders import EventRow
 from reconciler.records import Finding
@@ -193,13 +197,14 @@ def trial_balance(
             for posting in postings_of(event, before):
                 total[event.payload.currency] += posting.amount
             owed += movements.owed_by(event)
-        topups = sa.select(w.body).where(w.event_type == "TopUpReceived")
+        # The wallet movements that post themselves: top-ups and grants.
+        topups = sa.select(w.body).where(w.event_type.in_(("TopUpReceived", "RewardGranted")))
         if lower is not None:
             topups = topups.where(w.event_id >= lower)
         for (body,) in conn.execute(topups):
-            top_up = parse_wallet_event(body)
-            for posting in top_up.postings or ():
-                total[top_up.payload.currency] += posting.amount
+            moved = parse_wallet_event(body)
+            for posting in moved.postings or ():
+                total[moved.payload.currency] += posting.amount
     return [
         Finding(kind="trial_balance", details={"currency": currency, "sum": amount})
         for currency, amount in sorted(total.items())
@@ -409,7 +414,7 @@ async def _repair(ctx: RunContext, users: list[str]) -> set[str]:
     side matches; the users still wrong when the wait ran out."""
     rows = await asyncio.to_thread(ctx.in_write, lambda c: _bodies(c, users))
     async with republisher(ctx.settings) as send:
-        await asyncio.to_thread(_delete_read_rows, ctx, users)
+        await asyncio.to_thread(_delete_read_rows, ctx, users, rows)
         await send(rows)
     remaining = set(users)
     loop = asyncio.get_running_loop()
@@ -433,11 +438,13 @@ def _bodies(conn: sa.Connection, users: list[str]) -> list[EventRow]:
     return [(wallet_stream_id(u), v, i, t, s, b) for u, v, i, t, s, b in rows]
 
 
-def _delete_read_rows(ctx: RunContext, users: list[str]) -> None:
+def _delete_read_rows(ctx: RunContext, users: list[str], republished: list[EventRow]) -> None:
     """The wallets' read rows, removed in one transaction under the projector's offset locks
-    (no projector batch interleaves): the re-published movements rebuild them from version 1."""
+    (no projector batch interleaves): the re-published movements rebuild them from version 1.
+    Their grants' campaign figures are compensated in the same transaction."""
     with ctx.read.begin() as conn:
         totals.lock_projector(conn, ctx.settings.topic)
+        campaigns.compensate(conn, republished)
         conn.execute(
             read.wallet_movements.delete().where(read.wallet_movements.c.user_id.in_(users))
         )
