@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 
@@ -45,6 +46,7 @@ from kessai.schema.read import (
 from kessai.schema.write import campaign_events, wallet_events
 from kessai.settings import Settings
 from kessai.write_store import append_events, load_wallets
+from migrations import alembic_config, upgrade
 from projector.service import Projector
 from reconciler.service import Reconciler
 from tests.integration.test_projector import count, metric
@@ -314,3 +316,26 @@ async def test_a_campaign_stream_is_never_taken_for_a_payment_or_a_wallet(
             ], result.findings
             assert result.outcome == "drift"
         assert all_projected(write_engine, read_engine)
+
+
+def test_the_migration_adds_and_removes_the_campaign_tables(read_db_url: str) -> None:
+    def shape() -> tuple[set[str], bool]:
+        engine = sa.create_engine(read_db_url)
+        try:
+            inspector = sa.inspect(engine)
+            tables = set(inspector.get_table_names()) & {
+                "campaigns",
+                "campaign_totals",
+                "campaign_minute_totals",
+            }
+            columns = {c["name"] for c in inspector.get_columns("wallet_movements")}
+            return tables, "campaign_id" in columns
+        finally:
+            engine.dispose()
+
+    every = {"campaigns", "campaign_totals", "campaign_minute_totals"}
+    assert shape() == (every, True)
+    command.downgrade(alembic_config("read", read_db_url), "r0006_verified_up_to")
+    assert shape() == (set(), False)
+    upgrade("read", read_db_url)
+    assert shape() == (every, True)

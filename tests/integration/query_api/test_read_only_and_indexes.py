@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from kessai.clock import utcnow
 from kessai.schema.read import payments
 from tests.integration.query_api.helpers import (
     T0,
@@ -31,7 +32,7 @@ from tests.integration.read_model import (
     project,
     server_execute,
 )
-from tests.wallet_streams import wallet_history
+from tests.wallet_streams import created, granted, wallet_history
 
 # -- read only -------------------------------------------------------------------------------
 
@@ -138,6 +139,12 @@ def _kind_of(statement: str) -> tuple[str, str] | None:
         return "balance", "wallets"
     if "FROM wallet_movements" in statement:
         return "statement", "wallet_movements"
+    if "FROM campaigns" in statement:
+        return "campaigns", "campaigns"
+    if "FROM campaign_totals" in statement:
+        return "campaign totals", "campaign_totals"
+    if "FROM campaign_minute_totals" in statement:
+        return "campaign last hour", "campaign_minute_totals"
     return None
 
 
@@ -159,10 +166,23 @@ async def test_mysql_queries_use_the_intended_indexes(
         wallet_history(f"u-{i:03d}", [("top_up", 10_000), *[("payment", 10)] * 19])
         for i in range(50)
     ]
+    # 300 campaigns, each with a grant; ten of them with a grant a minute over the last ten
+    # hours.
+    now = utcnow()
+    campaigns = [created(f"c-{c:03d}") for c in range(300)]
+    grants = [
+        granted(f"g-{c}-{m}", 500, balance_after=500, version=1, at=now - timedelta(minutes=m),
+                campaign_id=f"c-{c:03d}")
+        for c in range(300)
+        for m in range(600 if c < 10 else 1)
+    ]  # fmt: skip
     for engine in read_db_writer(mysql_read_db_url):
         for start in range(0, len(events), 1000):
             project(engine, events[start : start + 1000])
         project(engine, [e for stream in wallet_streams for e in stream])
+        project(engine, campaigns)
+        for start in range(0, len(grants), 1000):
+            project(engine, grants[start : start + 1000])
         with engine.connect() as conn:
             for table in (
                 "payments",
@@ -170,6 +190,9 @@ async def test_mysql_queries_use_the_intended_indexes(
                 "merchant_hourly_totals",
                 "wallets",
                 "wallet_movements",
+                "campaigns",
+                "campaign_totals",
+                "campaign_minute_totals",
             ):
                 conn.exec_driver_sql(f"ANALYZE TABLE {table}").all()
 
@@ -210,6 +233,9 @@ async def test_mysql_queries_use_the_intended_indexes(
         await client.get(
             "/v1/users/u-042/statement", params={"limit": 5, "cursor": lines["next_cursor"]}
         )
+        assert (await client.get("/v1/admin/campaigns/c-003")).json()["grants_last_hour"] >= 60
+        page = (await client.get("/v1/admin/campaigns", params={"limit": 3})).json()
+        await client.get("/v1/admin/campaigns", params={"limit": 3, "after": page["next_after"]})
         log.close()
 
     def explain(statement: str, params: Any) -> list[dict[str, Any]]:
@@ -235,6 +261,9 @@ async def test_mysql_queries_use_the_intended_indexes(
         "merchant balance": "PRIMARY",
         "balance": "PRIMARY",
         "statement": "PRIMARY",
+        "campaigns": "PRIMARY",
+        "campaign totals": "PRIMARY",
+        "campaign last hour": "PRIMARY",
     }
     checked: dict[str, int] = dict.fromkeys(expected_keys, 0)
     # The merchant's balance sums its daily totals per currency: the scan is the merchant's
@@ -266,4 +295,7 @@ async def test_mysql_queries_use_the_intended_indexes(
         "merchant balance": 2,
         "balance": 1,
         "statement": 2,
+        "campaigns": 3,
+        "campaign totals": 3,
+        "campaign last hour": 3,
     }
