@@ -176,7 +176,7 @@ class ReconciliationFindingOut(BaseModel):
     kind: str = Field(
         description="missing, mismatch, parked, dead_letter, orphan, outbox_stuck, "
         "daily_totals, hourly_totals, totals_unverified, trial_balance, wallet_chain, "
-        "wallet_movement, wallet_balance..."
+        "wallet_movement, wallet_balance, campaign..."
     )
     payment_id: uuid.UUID | None
     merchant_id: str | None

@@ -2,9 +2,10 @@
 
 A run is several checks (``RECONCILER_CHECKS``), each owning some kinds of finding:
 
-- ``payments``: the payments' read rows, parked events and dead letters (of payments), orphan
-  read rows, the outbox (``missing``, ``mismatch``, ``invalid_write_history``, ``parked``,
-  ``dead_letter``, ``orphan``, ``outbox_stuck``);
+- ``payments``: the payments' read rows, parked events and dead letters (of payments and of
+  the other streams of the payments' topic but wallets'), orphan read rows, the outbox
+  (``missing``, ``mismatch``, ``invalid_write_history``, ``parked``, ``dead_letter``,
+  ``orphan``, ``outbox_stuck``), and the campaigns' read rows (``campaign``);
 - ``totals``: the merchant buckets (``daily_totals``, ``hourly_totals``, ``totals_unverified``);
 - ``trial_balance``, ``wallet_chain``, ``wallet_movement``: the ledger in the write store;
 - ``wallet_balance``: the wallets on the read side, with the parked events and dead letters of
@@ -42,6 +43,7 @@ CHECK_OF_KIND = {
     "dead_letter": "payments",
     "orphan": "payments",
     "outbox_stuck": "payments",
+    "campaign": "payments",
     "daily_totals": "totals",
     "hourly_totals": "totals",
     "totals_unverified": "totals",

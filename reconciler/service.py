@@ -18,7 +18,9 @@ its phases in order, each a function that takes values and returns values:
 4. the ledger (``reconciler.wallets``): the trial balance of the events in scope, the wallet
    movement each of them owes (``reconciler.movements``), each wallet's chain of balances, and
    the read side's balances (repaired by re-publishing the wallet's movements);
-5. record: the outcome, the findings and the run are recorded, with what the run concluded
+5. the campaigns (``reconciler.campaigns``): every campaign's read row against the fold of its
+   stream (repaired by re-publishing the campaign's events);
+6. record: the outcome, the findings and the run are recorded, with what the run concluded
    of each check (``reconciler.checks``): its findings, those unrepaired, and how far it is
    verified; the watermark advances only when everything checked is consistent, each check's
    "verified up to" when that check is (and the run continues what it verified before), both
@@ -50,7 +52,7 @@ from kessai.broker import BrokerUnavailable
 from kessai.clock import utcnow
 from kessai.ids import bound_at_ms, timestamp_ms
 from kessai.settings import Settings
-from reconciler import checks, find, records, repair, verify, wallets
+from reconciler import campaigns, checks, find, records, repair, verify, wallets
 from reconciler.context import ProgressCallback, RunContext
 from reconciler.records import CheckResult, Finding, LockHeld, Scope, Verified
 from reconciler.repair import PAYMENT_KINDS
@@ -354,7 +356,11 @@ class Reconciler:
             ctx, lower, start.outbox.in_flight, repaired.findings, dry_run=result.dry_run
         )
         settled = wallets.settle_flagged(repaired.findings, of_wallets)
-        result.conclude(settled + totals_found + of_wallets)
+        ctx.checkpoint()
+        settled, of_campaigns = await campaigns.check(
+            ctx, start.outbox.in_flight, settled, dry_run=result.dry_run
+        )
+        result.conclude(settled + totals_found + of_wallets + of_campaigns)
         result.checks = checks.conclude(
             result.findings,
             before=verified,

@@ -12,9 +12,11 @@ movements.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -26,6 +28,7 @@ from command_service.relay import Relay
 from kessai.campaigns import (
     AnyCampaignEvent,
     CampaignChange,
+    CampaignStopped,
     campaign_stream_id,
     decide_change,
     fold_campaign,
@@ -280,42 +283,83 @@ async def test_a_damaged_grant_on_the_read_side_is_repaired_and_its_figures_stay
     assert read_figures(read_engine) == figures
 
 
-async def test_a_campaign_stream_is_never_taken_for_a_payment_or_a_wallet(
+def dead_letter(settings: Settings, stream: uuid.UUID, version: int, body: bytes) -> dict[str, Any]:
+    return {
+        "payment_id": stream,
+        "version": version,
+        "topic": settings.topic,
+        "kafka_partition": 0,
+        "kafka_offset": 10**9,
+        "raw_key": str(stream).encode(),
+        "raw_value": body,
+        "headers": "{}",
+        "reason": "undecodable event: mangled",
+        "status": "open",
+        "created_at": utcnow(),
+    }
+
+
+async def test_campaign_rows_that_differ_are_repaired_from_their_streams_never_as_payments(
     rsettings: Settings, write_engine: Engine, read_engine: Engine
 ) -> None:
-    """A dead letter of a campaign's stream is reported, and left alone: no payment or wallet
-    is compared, re-published or deleted for it."""
+    """A campaign's change lost in transit (a dead letter, the row left at version 1), a row
+    gone and a row altered behind the projector's back: each is a ``campaign`` finding, repaired
+    by re-publishing the campaign's stream; no payment or wallet is compared or re-published for
+    them. A dead letter of a stream no campaign has is reported and left."""
     await asyncio.to_thread(make_traffic, write_engine, payments_count=10, seed=8)
     record_campaigns(write_engine, rsettings)
-    stream = campaign_stream_id("spring")
+    grant_to(write_engine, rsettings, ["u1", "u2"], at=utcnow())
+    spring, ghost = campaign_stream_id("spring"), campaign_stream_id("ghost")
     reconciler = Reconciler(write_engine=write_engine, read_engine=read_engine, settings=rsettings)
     relay = Relay(engine=write_engine, settings=rsettings)
     projector = Projector(engine=read_engine, settings=rsettings)
     async with running(relay, projector) as tasks:
         await wait_until(lambda: all_projected(write_engine, read_engine), tasks=tasks)
+        figures = read_figures(read_engine)
         with read_engine.begin() as conn:
             conn.execute(
-                dead_letters.insert().values(
-                    payment_id=stream,
-                    version=3,
-                    topic=rsettings.topic,
-                    kafka_partition=0,
-                    kafka_offset=10**9,
-                    raw_key=str(stream).encode(),
-                    raw_value=b"{}",
-                    headers="{}",
-                    reason="undecodable event: mangled",
-                    status="open",
-                    created_at=utcnow(),
-                )
+                campaigns.update()
+                .where(campaigns.c.campaign_id == "spring")
+                .values(version=1, budget=500_000)
             )
-        for full in (False, True):
-            result = await reconciler.run(full=full)
-            assert [(f.kind, f.payment_id, f.repaired) for f in result.findings] == [
-                ("dead_letter", stream, False)
-            ], result.findings
-            assert result.outcome == "drift"
+            conn.execute(dead_letters.insert().values(dead_letter(rsettings, spring, 2, b"{}")))
+            conn.execute(campaigns.delete().where(campaigns.c.campaign_id == "welcome"))
+        dry = await reconciler.run(dry_run=True)
+        assert sorted((f.kind, f.payment_id, f.repaired) for f in dry.findings) == sorted(
+            [
+                ("dead_letter", spring, False),
+                ("campaign", spring, False),
+                ("campaign", campaign_stream_id("welcome"), False),
+            ]
+        ), dry.findings
+        by_campaign = {
+            str(f.details["campaign_id"]): f.details
+            for f in dry.findings
+            if f.kind == "campaign" and f.details
+        }
+        assert by_campaign["spring"] == {
+            "campaign_id": "spring",
+            "write_version": 2,
+            "read_version": 1,
+            "write_budget": 600_000,
+            "read_budget": 500_000,
+        }
+        assert by_campaign["welcome"]["read_version"] is None
+        result = await reconciler.run(full=True)
+        assert result.outcome == "consistent", result.findings
+        assert len(result.findings) == 3
+        assert all(f.repaired for f in result.findings)
         assert all_projected(write_engine, read_engine)
+        assert count(read_engine, dead_letters, dead_letters.c.status == "open") == 0
+        with read_engine.begin() as conn:
+            conn.execute(dead_letters.insert().values(dead_letter(rsettings, ghost, 1, b"{}")))
+        result = await reconciler.run()
+        assert [(f.kind, f.payment_id, f.repaired) for f in result.findings] == [
+            ("dead_letter", ghost, False)
+        ], result.findings
+        assert result.outcome == "drift"
+    assert read_figures(read_engine) == figures  # a campaign's repair leaves its figures alone
+    assert read_campaigns(read_engine) == expected_campaigns(write_engine)
 
 
 def test_the_migration_adds_and_removes_the_campaign_tables(read_db_url: str) -> None:
@@ -339,3 +383,25 @@ def test_the_migration_adds_and_removes_the_campaign_tables(read_db_url: str) ->
     assert shape() == (set(), False)
     upgrade("read", read_db_url)
     assert shape() == (every, True)
+
+
+async def test_a_campaign_stream_that_does_not_fold_is_reported_not_repaired(
+    rsettings: Settings, write_engine: Engine, read_engine: Engine
+) -> None:
+    """The write store is the truth: a stream it holds that does not fold (a stop with no
+    creation before it) is a ``campaign`` finding with the reason, and nothing is re-published."""
+    stop = CampaignStopped(
+        event_id=new_id(), campaign_id="lonely", version=2, occurred_at=utcnow(),
+        recorded_at=utcnow(), actor="admin-1",
+    )  # fmt: skip
+    with write_engine.begin() as conn:
+        append_events(conn, [stop], shards=rsettings.outbox_shards)
+    result = await Reconciler(
+        write_engine=write_engine, read_engine=read_engine, settings=rsettings
+    ).run(full=True)
+    assert [(f.kind, f.repaired) for f in result.findings] == [("campaign", False)]
+    details = result.findings[0].details or {}
+    assert details["campaign_id"] == "lonely"
+    assert "does not follow" in str(details["problem"])
+    assert result.outcome == "drift"
+    assert read_campaigns(read_engine) == {}
