@@ -421,6 +421,7 @@ async def test_users_and_admin_routes_need_their_scopes(
     cases = [
         ("/v1/users/user-1/payments", users, merchant, "users:read"),
         ("/v1/admin/reconciliation/runs", admin, users, "admin"),
+        ("/v1/admin/campaigns", admin, users, "admin"),
     ]
     for path, allowed, refused, scope in cases:
         assert (await query.get(path, headers=allowed)).status_code == 200, path

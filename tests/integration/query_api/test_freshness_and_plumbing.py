@@ -26,6 +26,7 @@ from tests.integration.read_model import (
     project,
     write_offsets,
 )
+from tests.wallet_streams import created
 
 # -- freshness -------------------------------------------------------------------------------
 
@@ -34,7 +35,7 @@ async def test_every_data_response_says_how_fresh_it_is(
     read_db_url: str, writer: Engine, tmp_path: Path
 ) -> None:
     payment = captured(at=T0, merchant_id="shop-a", user_id="user-1")
-    project(writer, [payment])
+    project(writer, [payment, created("spring")])
     routes = [
         ("/v1/payments/{payment_id}", f"/v1/payments/{payment.payment_id}"),
         ("/v1/merchants/{merchant_id}/payments", "/v1/merchants/shop-a/payments"),
@@ -47,6 +48,8 @@ async def test_every_data_response_says_how_fresh_it_is(
             "/v1/merchants/shop-a/summary?from=2026-11-25&to=2026-11-25",
         ),
         ("/v1/admin/reconciliation/runs", "/v1/admin/reconciliation/runs"),
+        ("/v1/admin/campaigns", "/v1/admin/campaigns"),
+        ("/v1/admin/campaigns/{campaign_id}", "/v1/admin/campaigns/spring"),
     ]
     paths = [path for _, path in routes]
     settings = query_settings(read_db_url, tmp_path)
