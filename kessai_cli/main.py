@@ -65,6 +65,13 @@ def projector() -> None:
     projector_main()
 
 
+def rewards() -> None:
+    """Grant cashback and welcome bonuses from the payments topic until stopped."""
+    from rewards.service import main as rewards_main
+
+    rewards_main()
+
+
 def query_api(
     host: Annotated[str | None, typer.Option(help="Default: KESSAI_QUERY_API_HOST.")] = None,
     port: Annotated[int | None, typer.Option(help="Default: KESSAI_QUERY_API_PORT.")] = None,
@@ -106,6 +113,7 @@ app.command()(migrate)
 app.command("command-api")(command_api)
 app.command()(relay)
 app.command()(projector)
+app.command()(rewards)
 app.add_typer(dead_letters.dead_letters_app, name="dead-letters")
 app.add_typer(keys.keys_app, name="keys")
 app.command()(reconcile)

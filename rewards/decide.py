@@ -139,8 +139,8 @@ class Decided:
     user_id: str
     amount: int
     requested: int
-    recorded_after: datetime
-    """The granted event's ``recorded_at``: the lag is the grant's ``recorded_at`` minus this."""
+    lag_seconds: float
+    """The grant's ``recorded_at`` minus the payment's (or registration's)."""
 
 
 @dataclass
@@ -154,8 +154,10 @@ class BatchDecision:
     grants: list[Decided] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
     """By reason: a ``kessai.grants.Ineligible`` value or a ``SkipReason``."""
-    granted_after: dict[str, int] = field(default_factory=dict)
-    """Per campaign that granted in the batch: its total after it."""
+    remaining: dict[str, int] = field(default_factory=dict)
+    """Per campaign whose total the batch read: what is left of its budget after the batch."""
+    exhausted: frozenset[str] = frozenset()
+    """The campaigns exhausted after the batch (recorded before it, or by it)."""
 
 
 class _Running:
@@ -256,7 +258,14 @@ class _Running:
             }
         )
         self.out.grants.append(
-            Decided(campaign_id, kind, user_id, amount, requested, fact.recorded_at)
+            Decided(
+                campaign_id,
+                kind,
+                user_id,
+                amount,
+                requested,
+                (self.now - fact.recorded_at).total_seconds(),
+            )
         )
         self.exhaust_if_spent(state)
 
@@ -300,7 +309,16 @@ class _Running:
                     "recorded_at": self.now,
                 }
             )
-            self.out.granted_after[campaign_id] = self.granted[campaign_id]
+        self.out.remaining = {
+            campaign_id: max(0, self.campaigns[campaign_id].rules.budget - granted)
+            for campaign_id, granted in self.granted.items()
+            if campaign_id in self.campaigns
+        }
+        self.out.exhausted = frozenset(
+            campaign_id
+            for campaign_id, state in self.campaigns.items()
+            if state.exhausted_at is not None
+        )
         return self.out
 
 
