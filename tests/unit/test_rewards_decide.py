@@ -208,6 +208,8 @@ def test_the_last_grant_is_cut_to_the_budget_and_the_campaign_is_exhausted() -> 
     assert [(g.amount, g.requested) for g in decision.grants] == [(600, 600), (400, 600)]
     assert decision.wallet_events[1].payload.cut
     assert decision.skipped == {"exhausted": 1}
+    assert decision.remaining == {"autumn-20": 0}
+    assert decision.exhausted == {"autumn-20"}
     (exhausted,) = decision.campaign_events
     assert isinstance(exhausted, CampaignBudgetExhausted)
     assert (exhausted.version, exhausted.actor) == (2, "rewards")
