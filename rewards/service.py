@@ -13,13 +13,12 @@ a consumer again, and the grants' keys skip what was granted. A failed transacti
 store unreachable, more lost races than ``KESSAI_REWARDS_ATTEMPTS``) commits nothing; the
 batch's partitions are sought back to where it began and fetched again.
 
-A broker restarted empty (the embedded one keeps nothing) is a new log under the consumer's
-positions, and it never answers OffsetOutOfRange: a consumer beyond its end would receive
-nothing until the new log passed its position, then skip what came before. So whenever a
-connection to the broker was lost, every assigned partition's position is compared with the
-log's real end, and a position past it starts again from the log's beginning (granting again
-is harmless: the keys skip it). Records the new log took beyond the old position before that
-check are the window this leaves; the reconciler's check of eligible payments covers it.
+A broker restarted empty (the embedded one keeps nothing) forgets the group's committed offsets
+with its log, so the consumer, joining the new cluster's group, starts again from the new log's
+beginning (``auto_offset_reset="earliest"``): nothing published after the restart is skipped.
+What it fetched from the new log at its old positions before it rejoined is read again, and
+skipped by its keys. (The projector, whose offsets live in the read database, must check for a
+reset log itself; this service needs no such check.)
 
 Run it with ``kessai rewards`` or ``python -m rewards``.
 """
@@ -42,7 +41,7 @@ from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 
-from kessai.broker import BrokerUnavailable, ensure_topic, log_ends, refuse_auto_creation
+from kessai.broker import ensure_topic, refuse_auto_creation
 from kessai.events import PaymentCaptured, UserRegistered, parse_any_event
 from kessai.grants import PaymentFacts
 from kessai.settings import Settings
@@ -109,7 +108,6 @@ class Rewards:
         self.settings = settings
         self.topic = settings.topic
         self.metrics = RewardsMetrics(registry or CollectorRegistry())
-        self._connections: list[Any] = []
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -139,13 +137,6 @@ class Rewards:
                 fetched = await consumer.getmany(
                     timeout_ms=200, max_records=self.settings.rewards_batch_size
                 )
-                if self._connection_lost(consumer):
-                    # What was fetched may come from a new, empty log: fetch it again after
-                    # the check (which may start a partition again from its beginning).
-                    log.warning("the connection to the broker was lost; checking for a log reset")
-                    _seek_back(consumer, fetched)
-                    await self._rewind_reset_logs(consumer)
-                    continue
                 if fetched:
                     await self._grant(consumer, fetched)
         finally:
@@ -184,38 +175,6 @@ class Rewards:
             attempts=self.settings.rewards_attempts,
             on_retry=self.metrics.retries.inc,
         )
-
-    def _connection_lost(self, consumer: AIOKafkaConsumer) -> bool:
-        """Whether a broker connection of the consumer closed since the last call (aiokafka
-        reconnects by itself and says nothing; its connection table is the only sign)."""
-        lost = any(not conn.connected() for conn in self._connections)
-        self._connections = [
-            conn for conn in getattr(consumer._client, "_conns", {}).values() if conn.connected()
-        ]
-        return lost
-
-    async def _rewind_reset_logs(self, consumer: AIOKafkaConsumer) -> None:
-        assigned = sorted(consumer.assignment(), key=lambda tp: tp.partition)
-        if not assigned:
-            return
-        try:
-            ends = await log_ends(
-                self.settings.resolved_kafka_bootstrap(), self.topic, self.settings.topic_partitions
-            )
-        except (BrokerUnavailable, KafkaError, OSError):
-            log.warning("the log's ends are unknown; checking again on the next loss")
-            return
-        for tp in assigned:
-            position = await consumer.position(tp)
-            if position > ends.get(tp.partition, position):
-                log.warning(
-                    "partition %d: position %d is past the log's end %d: the log was reset; "
-                    "reading it again from its beginning",
-                    tp.partition,
-                    position,
-                    ends[tp.partition],
-                )
-                await consumer.seek_to_beginning(tp)
 
 
 def _seek_back(consumer: AIOKafkaConsumer, fetched: dict[TopicPartition, list[Any]]) -> None:

@@ -5,6 +5,7 @@ wallets and statements.
 
 Every captured payment gets its cashback once, every registered user 500 yen once, and a
 second instance reading the whole topic again (another consumer group) grants nothing more.
+A broker restarted empty loses no grant of what is published after it, and doubles none.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 
 from command_service.relay import Relay
+from kessai.broker import ensure_topic
 from kessai.campaigns import decide_create, parse_rules
 from kessai.clock import utcnow
 from kessai.events import PaymentCaptured, RewardGranted
@@ -35,6 +37,7 @@ from kessai.settings import Settings
 from kessai.write_store import append_events, load_granted
 from projector.service import Projector
 from rewards.service import Rewards
+from tests.helpers import own_broker, restart_on_same_port
 from tests.integration.test_projector import count
 from tests.integration.test_registrations import register, running
 from tests.pipeline import (
@@ -201,3 +204,42 @@ async def _read_again_by_a_second_instance(
             tasks=tasks,
         )
     return registry
+
+
+async def test_a_broker_restarted_empty_neither_loses_nor_doubles_a_grant(
+    settings: Settings, write_engine: Engine, tmp_path: Path
+) -> None:
+    """The broker SIGKILLed after every grant of a first traffic, and a new, empty one started
+    on its address (the topic created at once, as ``kessai up`` does): the payments written
+    after it reach a new log whose offsets start again below the consumer's old positions, and
+    each of them is granted; nothing of before is granted again."""
+    with own_broker(tmp_path) as broker:
+        settings = settings.model_copy(
+            update={
+                "kafka_bootstrap": broker.bootstrap,
+                "kafka_request_timeout_ms": 1_000,
+                "rewards_group_id": f"kessai-rewards-{settings.topic}",
+                "rewards_batch_size": 20,
+            }
+        )
+        create_campaigns(write_engine)
+        await asyncio.to_thread(make_traffic, write_engine, payments_count=PAYMENTS, seed=21)
+        instance = Rewards(engine=write_engine, settings=settings, registry=CollectorRegistry())
+        relay = Relay(engine=write_engine, settings=settings)
+        async with running_components(relay, instance) as tasks:
+            await wait_until(lambda: grants_count(write_engine) == PAYMENTS, tasks=tasks)
+            broker.kill()
+            restart_on_same_port(broker)
+            await ensure_topic(
+                broker.bootstrap, settings.topic, partitions=settings.topic_partitions
+            )
+            await asyncio.to_thread(
+                make_traffic, write_engine, payments_count=10, refund_share=0.0, seed=22
+            )
+            await wait_until(
+                lambda: grants_count(write_engine) == PAYMENTS + 10, tasks=tasks, within=60
+            )
+    captured = [e for e in write_store_events(write_engine) if isinstance(e, PaymentCaptured)]
+    granted = rewards_by_key(write_engine)
+    assert set(granted.values()) == {1}
+    assert set(granted) == {("cashback-20", str(e.payment_id)) for e in captured}
