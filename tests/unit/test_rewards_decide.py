@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from kessai.campaigns import (
     CampaignBudgetExhausted,
@@ -37,6 +38,7 @@ from rewards.decide import (
     key_of,
     keys_of,
 )
+from rewards.metrics import RewardsMetrics
 
 START = datetime(2026, 11, 1, tzinfo=UTC)
 END = datetime(2026, 12, 1, tzinfo=UTC)
@@ -295,3 +297,30 @@ def test_the_movements_of_one_wallet_in_a_batch_follow_each_other() -> None:
     assert wallet.balance == sum(amounts(decision)) == 600 + 600 + 200 + 200
     with pytest.raises(InvariantViolation):
         fold_wallet("u1", [movement_of(e) for e in decision.wallet_events[::-1]])
+
+
+def test_a_batch_is_counted_into_the_metrics_by_campaign_kind_and_reason() -> None:
+    registry = CollectorRegistry()
+    metrics = RewardsMetrics(registry)
+    facts = [paid(1, user_id="a"), paid(2, user_id="b", method="card"), joined("c"), paid(3)]
+    decision = decide(
+        facts,
+        campaign(WELCOME),
+        campaign(),
+        granted={"autumn-20": Granted(version=3, amount=999_000)},
+    )
+    metrics.count(decision, 0.02)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert sample("kessai_rewards_grants_total", campaign="autumn-20", kind="cashback") == 2
+    assert sample("kessai_rewards_grants_total", campaign="welcome-500", kind="welcome_bonus") == 1
+    assert sample("kessai_rewards_granted_minor_units_total", campaign="autumn-20") == 1000
+    assert sample("kessai_rewards_skipped_total", reason="method") == 1
+    assert sample("kessai_rewards_budget_remaining", campaign="autumn-20") == 0
+    assert sample("kessai_rewards_budget_remaining", campaign="welcome-500") == 999_500
+    assert sample("kessai_rewards_exhausted_campaigns") == 1
+    # Payments recorded on day 3, registrations on day 1, granted on day 5.
+    assert sample("kessai_rewards_grant_lag_seconds_count") == 3
+    assert sample("kessai_rewards_grant_lag_seconds_sum") == (2 * 2 + 4) * 86_400
