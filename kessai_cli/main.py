@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from kessai.settings import Settings
-from kessai_cli import dead_letters, keys, loadgen_command, up
+from kessai_cli import campaigns, dead_letters, keys, loadgen_command, up
 from kessai_cli.screen import console
 from kessai_cli.supervisor import StopRequested, stop_on_signals, wait_for_exit
 from reconciler.cli import reconcile
@@ -116,6 +116,7 @@ app.command()(projector)
 app.command()(rewards)
 app.add_typer(dead_letters.dead_letters_app, name="dead-letters")
 app.add_typer(keys.keys_app, name="keys")
+app.add_typer(campaigns.campaigns_app, name="campaigns")
 app.command()(reconcile)
 app.command()(broker)
 app.command()(up.up)
