@@ -32,7 +32,7 @@ from kessai.campaigns import (
 from kessai.db import create_db_engine
 from kessai.schema.write import campaign_budget, campaign_events, idempotency_keys, outbox
 from kessai.settings import Settings
-from tests.helpers import api_key, bearer, new_key
+from tests.helpers import PAYER, api_key, bearer, fund, new_key, payment_body
 from tests.integration.command_api import assert_error, error_fields
 from tests.integration.test_registrations import running
 
@@ -405,3 +405,51 @@ async def test_reads_show_every_campaign_and_404_an_unknown_one(
     assert campaigns[0]["rules"]["starts_at"] == "2026-12-01T00:00:00+09:00"  # as given
     assert assert_error(missing, 404, "campaign_not_found")["details"] == {"campaign_id": "no-such"}
     assert_error(malformed, 422, "validation_error")
+
+
+@pytest.mark.parametrize(
+    "group_commit",
+    [{"group_commit": False}, {"group_commit_max_batch": 20, "group_commit_max_delay_ms": 5_000}],
+    ids=["alone", "one-batch"],
+)
+async def test_twenty_concurrent_creations_of_one_campaign_create_it_once(
+    settings: Settings, write_engine: Engine, group_commit: dict[str, Any]
+) -> None:
+    async with running(settings, ADMIN, **group_commit) as (_, api):
+        responses = await asyncio.gather(
+            *(create(api, cashback(name=f"Winter {n}")) for n in range(20))
+        )
+    assert sorted(r.status_code for r in responses) == [201] + [409] * 19
+    (winner,) = (r for r in responses if r.status_code == 201)
+    for refused in (r for r in responses if r.status_code == 409):
+        details = assert_error(refused, 409, "campaign_exists")["details"]
+        assert details["created_at"] == winner.json()["created_at"]
+    (event,) = stream(write_engine)
+    assert event.payload.name == winner.json()["rules"]["name"]
+
+
+async def test_a_payment_reads_no_campaign_table(settings: Settings) -> None:
+    """Campaign commands make their batch read the campaign's stream and budget; a payment's
+    batch reads neither (every statement the command API sends while paying is looked at)."""
+    fund(settings, PAYER)
+    statements: list[str] = []
+    async with running(settings, ADMIN, PAYMENTS_WRITE) as (app, api):
+        assert (await create(api, cashback())).status_code == 201
+        engine = app.state.resources.engine
+
+        def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            statements.append(statement)
+
+        sa.event.listen(engine, "before_cursor_execute", seen)
+        try:
+            paid = await api.post(
+                "/v1/payments", json=payment_body(), headers={"Idempotency-Key": new_key()}
+            )
+            assert paid.status_code == 201, paid.text
+            payment_statements = list(statements)
+            assert (await change(api, {"budget": 2_000_000})).status_code == 200
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", seen)
+    assert payment_statements
+    assert not [s for s in payment_statements if "campaign" in s.lower()]
+    assert any("campaign_budget" in s for s in statements[len(payment_statements) :])
