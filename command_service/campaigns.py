@@ -16,9 +16,10 @@ service writes ``campaign_budget``). The merchant-facing figures are the query A
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Collection
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Engine
@@ -66,8 +67,8 @@ class CampaignOut(BaseModel):
 class CampaignRecordedOut(CampaignOut):
     """A campaign after the event a request recorded."""
 
-    event_id: str
-    event_type: str
+    event_id: uuid.UUID
+    event_type: Literal["CampaignCreated", "CampaignChanged", "CampaignStopped"]
     actor: str = Field(description="Who recorded the event: the admin's API key id.")
 
 
