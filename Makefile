@@ -8,7 +8,7 @@ TEST_WORKERS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-TYPED_PACKAGES := kessai kessai_cli migrations/__init__.py command_service query_service projector reconciler bench
+TYPED_PACKAGES := kessai kessai_cli migrations/__init__.py command_service query_service projector reconciler rewards bench
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 

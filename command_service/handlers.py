@@ -1,21 +1,24 @@
 """The write path after the route: decide each write command, and record it in one transaction.
 
-A route builds a ``WriteCommand`` (``capture_command`` and ``decline_command`` in
-``routes/payments.py``, ``refund_command`` in ``routes/refunds.py``, ``top_up_command`` in
-``routes/top_ups.py``, ``registration_command`` in ``routes/users.py``): the normalized
-request and a pure ``decide`` step, given the state of the payment and of the wallet it touches
-(a registration is checked against the users registered before ``decide``: ``registers``). It
-hands the command to ``Recorder.record``, which
+A route builds a ``WriteCommand`` (``command_service/commands.py``; ``capture_command`` and
+``decline_command`` in ``routes/payments.py``, ``refund_command`` in ``routes/refunds.py``,
+``top_up_command`` in ``routes/top_ups.py``, ``registration_command`` in ``routes/users.py``,
+the campaign commands in ``routes/campaigns.py``): the normalized request and a pure ``decide``
+step, given the state of the payment and of the wallet it touches (a registration is checked
+against the users registered before ``decide``: ``registers``; a campaign's command is given
+its campaign instead: ``decide_campaign``). It hands the command to ``Recorder.record``, which
 gathers the commands of concurrent requests into batches (group commit, with
 ``command_service/batching.py``), or records one alone (``record_alone``: a batch of one, run
 again from the top on a write conflict) when group commit is off or its batch failed as a
 whole.
 
-This module owns the transaction; its SQL is in ``command_service/store.py``.
-``commit_batch`` is the only transaction script of the write path: every payment, refund,
-top-up and registration is recorded there (events of payments, of wallets and registrations,
-outbox rows and idempotency records, all or nothing; ``engine.begin()``), and nothing else in
-the command API begins or commits one. A refused command writes nothing, its key included.
+This module owns the transaction; its SQL is in ``command_service/store.py`` and
+``kessai/write_store.py``, and what a command is lives in ``command_service/commands.py``
+(re-exported here). ``commit_batch`` is the only transaction script of the write path: every
+payment, refund, top-up, registration and campaign change is recorded there (events of
+payments, of wallets, registrations and campaigns, outbox rows and idempotency records, all or
+nothing; ``engine.begin()``), and nothing else in the command API begins or commits one. A
+refused command writes nothing, its key included.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from datetime import datetime
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -37,6 +40,21 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 
 from command_service.batching import GroupCommitter
+from command_service.commands import (
+    CampaignNow,
+    Clock,
+    Decide,
+    DecideCampaign,
+    Decision,
+    IdSource,
+    Outcome,
+    Result,
+    WriteCommand,
+    WritePolicy,
+    campaign_command,
+    canonical,
+    no_wallet,
+)
 from command_service.store import (
     Event,
     IdempotencyRecord,
@@ -60,86 +78,29 @@ from kessai.ids import new_id
 from kessai.ledger import PaymentState, apply, fold
 from kessai.settings import Settings
 from kessai.wallets import Wallet, apply_movement, movement_of
+from kessai.write_store import load_campaigns, load_granted
 
-__all__ = ["Event", "append_events", "is_write_conflict", "load_events_of_payments"]
-Clock = Callable[[], datetime]
-IdSource = Callable[[], uuid.UUID]
+__all__ = [
+    "CampaignNow",
+    "Clock",
+    "Decide",
+    "DecideCampaign",
+    "Decision",
+    "Event",
+    "IdSource",
+    "Outcome",
+    "Result",
+    "WriteCommand",
+    "WritePolicy",
+    "append_events",
+    "campaign_command",
+    "canonical",
+    "is_write_conflict",
+    "load_events_of_payments",
+    "no_wallet",
+]
 Hook = Callable[[sa.Connection], None]
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True, slots=True)
-class WritePolicy:
-    client_id: str
-    idempotency_key: str
-    retention: timedelta
-    shards: int
-    max_attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    status: int
-    body: bytes
-    replayed: bool
-
-
-Result = Outcome | ApiError
-"""A command's answer (new or replayed), or its refusal."""
-
-Decision = tuple[int, dict[str, Any], list[Event]]
-"""The answer to a request (status, body) and the events it appends."""
-
-
-class Decide(Protocol):
-    def __call__(
-        self,
-        state: PaymentState | None,
-        wallet: Wallet | None,
-        /,
-        *,
-        clock: Clock,
-        ids: IdSource,
-    ) -> Decision:
-        """The answer to the command given its payment's folded state and the wallet it
-        touches (``None`` if none), or ``ApiError``."""
-        ...
-
-
-def no_wallet(_state: PaymentState | None) -> str | None:
-    """A command that touches no wallet (a card payment, a refund of one)."""
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class WriteCommand:
-    """One write request, ready to be decided against the state of the payment it touches.
-
-    ``decide`` touches no database and reads the time and new ids only from ``clock`` and
-    ``ids``: given the folded state of ``payment_id`` (``None`` for a new payment, or a refund
-    of a payment that does not exist) and the wallet of the user ``wallet_of(state)`` names
-    (its running balance in the batch), it returns the answer and the events to append, or
-    raises ``ApiError`` for a refusal."""
-
-    policy: WritePolicy
-    request: dict[str, Any]
-    request_json: str
-    payment_id: uuid.UUID | None
-    decide: Decide
-    wallet_of: Callable[[PaymentState | None], str | None] = no_wallet
-    """The user whose wallet the command moves money in, given its payment's state."""
-    registers: str | None = None
-    """The user the command registers: refused ``409 user_exists`` (before ``decide``) when
-    the user is registered already, in the store or by an earlier command of its batch."""
-
-    @property
-    def scope(self) -> Scope:
-        return (self.policy.client_id, self.policy.idempotency_key)
-
-
-def canonical(request: dict[str, Any]) -> str:
-    """The normalized request as stored with its idempotency record and compared on reuse."""
-    return orjson.dumps(request, option=orjson.OPT_SORT_KEYS).decode()
 
 
 # -- replays -----------------------------------------------------------------------------------
@@ -245,6 +206,7 @@ def decide_batch(
     wallets: dict[str, Wallet],
     *,
     registered: dict[str, datetime],
+    campaigns: dict[str, CampaignNow] | None = None,
     now: datetime,
     clock: Clock,
     ids: IdSource,
@@ -255,9 +217,11 @@ def decide_batch(
     refunds of one payment get versions n+1 and n+2, two payments from one wallet its versions
     m+1 and m+2, and the second is checked against what the first left), a registration
     against the users registered (``registered``: user -> when; two registrations of one user
-    in a batch: the first wins, the second is ``409 user_exists``). ``states``, ``wallets``
-    and ``registered`` are advanced in place. New events come out in (stream, version)
-    order."""
+    in a batch: the first wins, the second is ``409 user_exists``), a campaign's command
+    against its campaign (``campaigns``: two changes of one campaign get versions n+1 and
+    n+2). ``states``, ``wallets``, ``registered`` and ``campaigns`` are advanced in place. New
+    events come out in (stream, version) order."""
+    campaigns = {} if campaigns is None else campaigns
     decided = BatchDecision(results=[None] * len(commands))
     seen: set[Scope] = set()
     for index, command in enumerate(commands):
@@ -274,8 +238,12 @@ def decide_batch(
                 decided.results[index] = replayed
                 continue
             _registered_first(command, registered)
-            wallet = None if user_id is None else wallets[user_id]
-            status, body, events = command.decide(state, wallet, clock=clock, ids=ids)
+            if command.decide_campaign is not None and command.campaign_id is not None:
+                campaign = campaigns[command.campaign_id]
+                status, body, events = command.decide_campaign(campaign, clock=clock, ids=ids)
+            else:
+                wallet = None if user_id is None else wallets[user_id]
+                status, body, events = command.decide(state, wallet, clock=clock, ids=ids)
         except ApiError as exc:
             decided.results[index] = exc
             continue
@@ -286,7 +254,7 @@ def decide_batch(
             elif isinstance(event, UserRegistered):
                 registered[event.user_id] = event.recorded_at
             elif isinstance(event, AnyCampaignEvent):
-                continue
+                campaigns[event.campaign_id] = campaigns[event.campaign_id].after(event)
             else:
                 wallets[event.user_id] = apply_movement(wallets[event.user_id], movement_of(event))
         if record is not None:
@@ -308,6 +276,22 @@ def decide_batch(
     return decided
 
 
+def campaigns_named(
+    conn: sa.Connection, commands: Sequence[WriteCommand]
+) -> dict[str, CampaignNow]:
+    """The campaign of every campaign's command in ``commands``: its events folded and what it
+    has granted, in one read each; no read at all for a batch without one (payments)."""
+    named = {c.campaign_id for c in commands if c.campaign_id is not None}
+    if not named:
+        return {}
+    states = load_campaigns(conn, named)
+    granted = load_granted(conn, named)
+    return {
+        campaign_id: CampaignNow(campaign_id, states.get(campaign_id), granted[campaign_id].amount)
+        for campaign_id in named
+    }
+
+
 def commit_batch(
     engine: Engine,
     commands: Sequence[WriteCommand],
@@ -322,7 +306,8 @@ def commit_batch(
     1. one read of the idempotency records of every command, one primary-key read of the events
        of every payment being refunded, one read of the newest movement of every wallet the
        commands touch (a balance payment's, a top-up's, a refund of a balance payment's), one
-       primary-key read of the registrations of the users the commands register;
+       primary-key read of the registrations of the users the commands register, and of the
+       campaigns the commands change (their events, and what they granted), if any do;
     2. ``decide_batch``;
     3. the new events, their outbox rows and the idempotency records as multi-row INSERTs in
        primary-key order (two writers inserting overlapping keys in different orders deadlock on
@@ -354,7 +339,15 @@ def record_batch(
     wallets = load_wallets(conn, wallets_touched(commands, states))
     registered = load_registrations(conn, {c.registers for c in commands if c.registers})
     decided = decide_batch(
-        commands, records, states, wallets, registered=registered, now=now, clock=clock, ids=ids
+        commands,
+        records,
+        states,
+        wallets,
+        registered=registered,
+        campaigns=campaigns_named(conn, commands),
+        now=now,
+        clock=clock,
+        ids=ids,
     )
     if before_write is not None:
         before_write(conn)

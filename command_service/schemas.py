@@ -29,7 +29,7 @@ METADATA_MAX_BYTES = 2048
 METADATA_KEY_MAX = 64
 METADATA_VALUE_MAX = 512
 
-_CURRENCY_CODES: list[JsonValue] = [*sorted(CURRENCY_EXPONENTS)]
+CURRENCY_CODES: list[JsonValue] = [*sorted(CURRENCY_EXPONENTS)]
 """What ``currency`` may be, in the document: the codes ``is_known_currency`` accepts."""
 
 RequestAmount = Annotated[int, Field(strict=True, ge=1, le=MAX_AMOUNT)]
@@ -70,7 +70,7 @@ Currency = Annotated[
     str,
     Field(
         description="Active ISO 4217 code, upper case; the amount is in its minor unit.",
-        json_schema_extra={"enum": _CURRENCY_CODES},
+        json_schema_extra={"enum": CURRENCY_CODES},
     ),
     AfterValidator(_known_currency),
 ]

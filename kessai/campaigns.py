@@ -45,6 +45,7 @@ from pydantic_core import PydanticCustomError
 from kessai.errors import ApiError
 from kessai.events import SCHEMA_VERSION, CurrencyCode, MerchantId, PaymentMethod
 from kessai.ids import new_id
+from kessai.instants import Instant
 from kessai.ledger import InvariantViolation
 from kessai.money import MAX_AMOUNT, is_known_currency
 
@@ -123,9 +124,9 @@ class _Rules(_Frozen):
     currency: Currency
     budget: Budget
     """The most the campaign ever grants, in minor units: a hard limit."""
-    starts_at: AwareDatetime
+    starts_at: Instant
     """The first instant a payment (or registration) earns; any offset, kept as given."""
-    ends_at: AwareDatetime
+    ends_at: Instant
     """The first instant that earns nothing: the window is ``[starts_at, ends_at)``."""
     time_zone: TimeZone = DEFAULT_TIME_ZONE
     """Whose calendar months the per-user cap counts (``kessai.grants.month_of``)."""
@@ -262,7 +263,7 @@ class CampaignCreated(_CampaignEnvelope):
 class CampaignChange(_Frozen):
     """What a change may set: a later end, a higher budget, or both."""
 
-    ends_at: AwareDatetime | None = Field(None, exclude_if=lambda value: value is None)
+    ends_at: Instant | None = Field(None, exclude_if=lambda value: value is None)
     budget: Budget | None = Field(None, exclude_if=lambda value: value is None)
 
     @model_validator(mode="after")

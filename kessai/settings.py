@@ -232,6 +232,19 @@ class Settings(BaseSettings):
     projector_metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Serve the projector's Prometheus metrics here."
     )
+    rewards_group_id: str = Field("kessai-rewards", min_length=1)
+    rewards_batch_size: int = Field(
+        500, ge=1, le=5_000, description="Most records one grant transaction decides."
+    )
+    rewards_attempts: int = Field(
+        20,
+        ge=1,
+        description="Times a grant batch is decided again after losing a race to another "
+        "rewards instance (or a command) before the batch is fetched again.",
+    )
+    rewards_metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve the rewards service's Prometheus metrics here."
+    )
     query_api_host: str = "127.0.0.1"
     query_api_port: int = Field(8001, ge=1, le=65535)
     query_db_url: str | None = Field(

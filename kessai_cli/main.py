@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from kessai.settings import Settings
-from kessai_cli import dead_letters, keys, loadgen_command, up
+from kessai_cli import campaigns, dead_letters, keys, loadgen_command, up
 from kessai_cli.screen import console
 from kessai_cli.supervisor import StopRequested, stop_on_signals, wait_for_exit
 from reconciler.cli import reconcile
@@ -65,6 +65,13 @@ def projector() -> None:
     projector_main()
 
 
+def rewards() -> None:
+    """Grant cashback and welcome bonuses from the payments topic until stopped."""
+    from rewards.service import main as rewards_main
+
+    rewards_main()
+
+
 def query_api(
     host: Annotated[str | None, typer.Option(help="Default: KESSAI_QUERY_API_HOST.")] = None,
     port: Annotated[int | None, typer.Option(help="Default: KESSAI_QUERY_API_PORT.")] = None,
@@ -106,8 +113,10 @@ app.command()(migrate)
 app.command("command-api")(command_api)
 app.command()(relay)
 app.command()(projector)
+app.command()(rewards)
 app.add_typer(dead_letters.dead_letters_app, name="dead-letters")
 app.add_typer(keys.keys_app, name="keys")
+app.add_typer(campaigns.campaigns_app, name="campaigns")
 app.command()(reconcile)
 app.command()(broker)
 app.command()(up.up)

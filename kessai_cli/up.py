@@ -95,6 +95,7 @@ def _ports(settings: Settings) -> list[Port]:
     metrics = [
         (settings.projector_metrics_port, "projector metrics", "KESSAI_PROJECTOR_METRICS_PORT"),
         (settings.relay_metrics_port, "relay metrics", "KESSAI_RELAY_METRICS_PORT"),
+        (settings.rewards_metrics_port, "rewards metrics", "KESSAI_REWARDS_METRICS_PORT"),
         (
             settings.reconciler_metrics_port,
             "reconciler metrics",
@@ -130,7 +131,7 @@ def _warnings(settings: Settings) -> list[str]:
 
 RECONCILE_EVERY = "5m"
 
-KAFKA_CLIENTS = ("relay", "projector", "reconciler")
+KAFKA_CLIENTS = ("relay", "projector", "rewards", "reconciler")
 """The children that talk to the broker (frozen while the embedded broker restarts)."""
 
 
@@ -189,6 +190,7 @@ class _System:
             ("command-api", ["command_service"]),
             ("relay", ["command_service.relay"]),
             ("projector", ["projector"]),
+            ("rewards", ["rewards"]),
             ("query-api", ["query_service"]),
             ("reconciler", ["reconciler", "--every", RECONCILE_EVERY]),
         ):
@@ -203,6 +205,7 @@ class _System:
             ("command API", f"{command_url}  (docs: {command_url}/docs)"),
             ("relay", f"outbox -> {bootstrap} topic {settings.topic}"),
             ("projector", f"{settings.topic} -> read database"),
+            ("rewards", f"{settings.topic} -> grants in the write store"),
             ("query API", f"{query_url}  (docs: {query_url}/docs)"),
             ("reconciler", _reconciler_schedule(settings)),
             ("logs", str(home)),

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from command_service.routes import admin, payments, refunds, top_ups, users
+from command_service.routes import admin, campaigns, payments, refunds, top_ups, users
 from command_service.routes.dependencies import Resources
 
 __all__ = ["Resources", "router"]
 
 router = APIRouter()
-for _module in (payments, refunds, top_ups, users, admin):
+for _module in (payments, refunds, top_ups, users, campaigns, admin):
     router.include_router(_module.router)

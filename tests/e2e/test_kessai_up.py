@@ -349,6 +349,7 @@ _MODULES = {
     b"command_service": "command-api",
     b"command_service.relay": "relay",
     b"projector": "projector",
+    b"rewards": "rewards",
     b"query_service": "query-api",
     b"reconciler": "reconciler",
 }
@@ -502,7 +503,7 @@ def test_killed_children_are_restarted_while_the_payment_api_keeps_serving(
 ) -> None:
     system = embedded
     assert set(_children(system.process.pid)) == {
-        "broker", "command-api", "relay", "projector", "query-api", "reconciler",
+        "broker", "command-api", "relay", "projector", "rewards", "query-api", "reconciler",
     }  # fmt: skip
     system.top_up(PAYER)  # whom _Payer and _pay_and_see_it_listed pay from
     with _Payer(system) as payer:
@@ -583,7 +584,7 @@ def test_sigkill_of_kessai_up_takes_every_child_along(embedded: RunningSystem) -
         what="the card payments warning on the screen",
     )
     children = _children(system.process.pid)
-    assert len(children) == 6, children
+    assert len(children) == 7, children
     ports = [int(url.rsplit(":", 1)[1]) for url in (system.api, system.query)]
     ports.append(system.broker_port)
 

@@ -12,7 +12,9 @@ What a schema cannot say, and is therefore not held against "schema-valid reques
 accepted": whether a cursor is one this API issued (``invalid_cursor``), whether a range spans
 more buckets than a summary may have (``range_too_large``), whether ``to`` is after ``from``
 (a ``validation_error`` of type ``range_empty``), whether a registration's ``referrer`` is its
-user (``referrer_is_user``), and an integer written as a float
+user (``referrer_is_user``), whether a campaign ends after it starts, is changed to a later
+end and a higher budget than it has, is still active, names an IANA time zone and a printable
+name (``CAMPAIGN_SEMANTICS``), and an integer written as a float
 (``"amount": 1200.0``, refused on purpose, though to a JSON Schema validator it is the integer
 1200). Idempotency keys are made unique per request, as a client makes them; replays are tested
 in ``test_command_api.py``.
@@ -84,6 +86,22 @@ LEAKS = ("Traceback", "sqlalchemy", "pymysql")
 IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
 SEMANTIC_REFUSALS = {"invalid_cursor", "range_too_large"}
 SEMANTIC_VALIDATION_ERRORS = {"range_empty", "referrer_is_user"}
+CAMPAIGN_SEMANTICS = {
+    "invalid_campaign",
+    "nothing_to_change",
+    "earlier",
+    "lower",
+    "below_granted",
+    "campaign_stopped",
+    "campaign_ended",
+    "campaign_exhausted",
+    "name:value_error",
+    "time_zone:value_error",
+}
+"""Types (or ``field:type``) of the errors of ``invalid_campaign`` and ``budget_below_granted``
+that no schema can say (``kessai.campaigns``): a campaign's order of instants, its state, what
+it granted, the IANA database, printable text."""
+VALIDATION_CODES = {"validation_error", "invalid_campaign", "budget_below_granted"}
 WALLET_REFUSALS = {"insufficient_balance", "currency_mismatch"}
 """Refusals by a wallet's state (its balance, its currency): see the module docstring."""
 
@@ -227,12 +245,16 @@ def _inexpressible(response: Response, case: Case) -> bool:
         error = response.json()["error"]
         if error["code"] in WALLET_REFUSALS:
             return response.status_code == (402 if error["code"] == "insufficient_balance" else 422)
-        if error["code"] != "validation_error":
+        if error["code"] not in VALIDATION_CODES:
             return error["code"] in SEMANTIC_REFUSALS
         floats = _integers_written_as_floats(case)
         return bool(error["details"]["errors"]) and all(
             e["type"] in SEMANTIC_VALIDATION_ERRORS
             or (e["type"] == "int_type" and e["field"] in floats)
+            or (
+                error["code"] != "validation_error"
+                and {e["type"], f"{e['field']}:{e['type']}"} & CAMPAIGN_SEMANTICS
+            )
             for e in error["details"]["errors"]
         )
     except (ValueError, KeyError, TypeError):

@@ -114,6 +114,11 @@ def test_a_jpy_welcome_bonus_is_500_yen_unless_it_says_otherwise() -> None:
         ({"ends_at": "2026-11-01T09:00:00+09:00"}, "ends_at"),  # at its start
         ({"ends_at": "2026-10-01T00:00:00Z"}, "ends_at"),  # before its start
         ({"starts_at": "2026-11-01T00:00:00"}, "starts_at"),  # no offset
+        ({"starts_at": 0}, "starts_at"),  # a number is not an instant, whatever pydantic says
+        ({"starts_at": "1700000000"}, "starts_at"),
+        ({"starts_at": "2026-11-01"}, "starts_at"),  # a date: midnight where?
+        ({"starts_at": "0001-01-01T00:00:00+14:00"}, "starts_at"),  # before 1970
+        ({"ends_at": "9999-12-31T23:59:59-14:00"}, "ends_at"),  # after 9998
         ({"currency": "XXX"}, "currency"),
         ({"currency": "jpy"}, "currency"),
         ({"time_zone": "Mars/Olympus"}, "time_zone"),

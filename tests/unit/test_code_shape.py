@@ -18,6 +18,7 @@ PACKAGES = (
     "query_service",
     "projector",
     "reconciler",
+    "rewards",
     "migrations",
     "bench",
 )

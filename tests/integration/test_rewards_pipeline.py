@@ -1,0 +1,245 @@
+"""The rewards service through the whole pipeline: payments and registrations recorded by the
+command path, published by the relay, granted by a ``python -m rewards`` process that is
+SIGKILLed mid-run and started again, the grants published back and projected into the users'
+wallets and statements.
+
+Every captured payment gets its cashback once, every registered user 500 yen once, and a
+second instance reading the whole topic again (another consumer group) grants nothing more.
+A broker restarted empty loses no grant of what is published after it, and doubles none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+from sqlalchemy.engine import Engine
+
+from command_service.relay import Relay
+from kessai.broker import ensure_topic
+from kessai.campaigns import decide_create, parse_rules
+from kessai.clock import utcnow
+from kessai.events import PaymentCaptured, RewardGranted
+from kessai.schema.read import wallet_movements
+from kessai.schema.write import campaign_budget, reward_grants
+from kessai.settings import Settings
+from kessai.write_store import append_events, load_granted
+from projector.service import Projector
+from rewards.service import Rewards
+from tests.helpers import own_broker, restart_on_same_port
+from tests.integration.test_projector import count
+from tests.integration.test_registrations import register, running
+from tests.pipeline import (
+    make_traffic,
+    wait_until,
+    wallets_match,
+    write_store_events,
+    write_store_wallet_events,
+)
+from tests.pipeline import running as running_components
+
+REPO = Path(__file__).resolve().parents[2]
+USERS = [f"joined-{n}" for n in range(20)]
+PAYMENTS = 60
+
+
+def create_campaigns(engine: Engine) -> None:
+    now = utcnow()
+    window = {
+        "currency": "JPY",
+        "budget": 10**9,
+        "starts_at": (now - timedelta(days=1)).isoformat(),
+        "ends_at": (now + timedelta(days=1)).isoformat(),
+    }
+    cashback = {
+        "campaign_id": "cashback-20",
+        "name": "20% back",
+        "kind": "cashback",
+        "rate_bp": 2000,
+        "cap_per_payment": 1000,
+        "cap_per_user_month": 10**8,
+        **window,
+    }
+    welcome = {"campaign_id": "welcome", "name": "500 yen", "kind": "welcome_bonus", **window}
+    created = [decide_create(parse_rules(r), now=now, actor="admin") for r in (cashback, welcome)]
+    with engine.begin() as conn:
+        append_events(conn, created, shards=8)
+
+
+def spawn_rewards(settings: Settings, home: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("KESSAI_")},
+        "KESSAI_WRITE_DB_URL": settings.resolved_write_db_url(),
+        "KESSAI_KAFKA_BOOTSTRAP": settings.resolved_kafka_bootstrap(),
+        "KESSAI_TOPIC": settings.topic,
+        "KESSAI_TOPIC_PARTITIONS": str(settings.topic_partitions),
+        "KESSAI_REWARDS_GROUP_ID": settings.rewards_group_id,
+        "KESSAI_REWARDS_BATCH_SIZE": "5",
+        "KESSAI_HOME": str(home),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "rewards"],
+        cwd=REPO,
+        env=env,
+        stdout=(home / "rewards.log").open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts: killed at its end if still running."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def total(registry: CollectorRegistry, name: str) -> float:
+    """The sum of a metric's samples over all its labels."""
+    return sum(
+        sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+def grants_count(engine: Engine) -> int:
+    return count(engine, reward_grants)
+
+
+def rewards_by_key(engine: Engine) -> Counter[tuple[str, str]]:
+    """How many ``RewardGranted`` each (campaign, payment id or user) has in the write store."""
+    granted: Counter[tuple[str, str]] = Counter()
+    for event in write_store_wallet_events(engine):
+        if isinstance(event, RewardGranted):
+            p = event.payload
+            granted[(p.campaign_id, str(p.payment_id) if p.payment_id else event.user_id)] += 1
+    return granted
+
+
+async def test_every_payment_and_registration_is_granted_once_through_a_sigkill(
+    pipeline_settings: Settings,
+    write_engine: Engine,
+    read_engine: Engine,
+    tmp_path: Path,
+    processes: list[subprocess.Popen[bytes]],
+) -> None:
+    settings = pipeline_settings.model_copy(
+        update={"rewards_group_id": f"kessai-rewards-{pipeline_settings.topic}"}
+    )
+    create_campaigns(write_engine)
+    async with running(settings) as (_, api):
+        for user in USERS:
+            assert (await register(api, {"user_id": user})).status_code == 201
+    await asyncio.to_thread(make_traffic, write_engine, payments_count=PAYMENTS, refund_share=0.2)
+    captured = [e for e in write_store_events(write_engine) if isinstance(e, PaymentCaptured)]
+    assert len(captured) == PAYMENTS
+    expected = len(USERS) + PAYMENTS
+
+    relay = Relay(engine=write_engine, settings=settings)
+    projector = Projector(engine=read_engine, settings=settings, registry=CollectorRegistry())
+    async with running_components(relay, projector) as tasks:
+        first = spawn_rewards(settings, tmp_path)
+        processes.append(first)
+        await wait_until(lambda: grants_count(write_engine) > 0, tasks=tasks)
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(timeout=10) == -signal.SIGKILL
+        granted_before_the_kill = grants_count(write_engine)
+        second = spawn_rewards(settings, tmp_path)
+        processes.append(second)
+        await wait_until(lambda: grants_count(write_engine) == expected, tasks=tasks)
+        await wait_until(lambda: wallets_match(write_engine, read_engine), tasks=tasks)
+        again = await _read_again_by_a_second_instance(settings, write_engine, expected)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=30) == 0
+
+    assert 0 < granted_before_the_kill <= expected
+    assert total(again, "kessai_rewards_grants_total") == 0
+    granted = rewards_by_key(write_engine)
+    assert set(granted.values()) == {1}
+    assert {p for c, p in granted if c == "cashback-20"} == {str(e.payment_id) for e in captured}
+    assert {u for c, u in granted if c == "welcome"} == set(USERS)
+    cashback = {
+        str(e.payload.payment_id): e.payload.amount
+        for e in write_store_wallet_events(write_engine)
+        if isinstance(e, RewardGranted) and e.payload.kind == "cashback"
+    }
+    assert cashback == {str(e.payment_id): min(e.payload.amount // 5, 1000) for e in captured}
+    with write_engine.connect() as conn:
+        totals = load_granted(conn, ["cashback-20", "welcome"])
+        batches = conn.execute(sa.select(sa.func.sum(campaign_budget.c.grants))).scalar_one()
+    assert totals["cashback-20"].amount == sum(cashback.values())
+    assert totals["welcome"].amount == 500 * len(USERS)
+    assert batches == expected
+    assert count(read_engine, wallet_movements, wallet_movements.c.kind == "reward") == expected
+
+
+async def _read_again_by_a_second_instance(
+    settings: Settings, write_engine: Engine, expected: int
+) -> CollectorRegistry:
+    """A rewards instance of another consumer group reads the whole topic again: every grant
+    it meets is skipped by its key. Returns its metrics."""
+    registry = CollectorRegistry()
+    other = settings.model_copy(update={"rewards_group_id": f"other-{uuid.uuid4().hex[:8]}"})
+    instance = Rewards(engine=write_engine, settings=other, registry=registry)
+    async with running_components(instance) as tasks:
+        await wait_until(
+            lambda: total(registry, "kessai_rewards_skipped_total") >= expected,
+            tasks=tasks,
+        )
+    return registry
+
+
+async def test_a_broker_restarted_empty_neither_loses_nor_doubles_a_grant(
+    settings: Settings, write_engine: Engine, tmp_path: Path
+) -> None:
+    """The broker SIGKILLed after every grant of a first traffic, and a new, empty one started
+    on its address (the topic created at once, as ``kessai up`` does): the payments written
+    after it reach a new log whose offsets start again below the consumer's old positions, and
+    each of them is granted; nothing of before is granted again."""
+    with own_broker(tmp_path) as broker:
+        settings = settings.model_copy(
+            update={
+                "kafka_bootstrap": broker.bootstrap,
+                "kafka_request_timeout_ms": 1_000,
+                "rewards_group_id": f"kessai-rewards-{settings.topic}",
+                "rewards_batch_size": 20,
+            }
+        )
+        create_campaigns(write_engine)
+        await asyncio.to_thread(make_traffic, write_engine, payments_count=PAYMENTS, seed=21)
+        instance = Rewards(engine=write_engine, settings=settings, registry=CollectorRegistry())
+        relay = Relay(engine=write_engine, settings=settings)
+        async with running_components(relay, instance) as tasks:
+            await wait_until(lambda: grants_count(write_engine) == PAYMENTS, tasks=tasks)
+            broker.kill()
+            restart_on_same_port(broker)
+            await ensure_topic(
+                broker.bootstrap, settings.topic, partitions=settings.topic_partitions
+            )
+            await asyncio.to_thread(
+                make_traffic, write_engine, payments_count=10, refund_share=0.0, seed=22
+            )
+            await wait_until(
+                lambda: grants_count(write_engine) == PAYMENTS + 10, tasks=tasks, within=60
+            )
+    captured = [e for e in write_store_events(write_engine) if isinstance(e, PaymentCaptured)]
+    granted = rewards_by_key(write_engine)
+    assert set(granted.values()) == {1}
+    assert set(granted) == {("cashback-20", str(e.payment_id)) for e in captured}
