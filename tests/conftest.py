@@ -7,6 +7,7 @@ own freshly migrated database and its own Kafka topic, so tests never see each o
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -59,6 +60,17 @@ def kafka_bootstrap() -> Iterator[str]:
         return
     with EmbeddedBroker(free_port()) as broker:
         yield broker.bootstrap
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts (append them): killed at its end if still running."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
 
 
 @pytest.fixture(params=["sqlite", "mysql"])

@@ -11,17 +11,12 @@ A broker restarted empty loses no grant of what is published after it, and doubl
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import uuid
-from collections import Counter
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
@@ -32,7 +27,7 @@ from kessai.campaigns import decide_create, parse_rules
 from kessai.clock import utcnow
 from kessai.events import PaymentCaptured, RewardGranted
 from kessai.schema.read import wallet_movements
-from kessai.schema.write import campaign_budget, reward_grants
+from kessai.schema.write import campaign_budget
 from kessai.settings import Settings
 from kessai.write_store import append_events, load_granted
 from projector.service import Projector
@@ -48,8 +43,8 @@ from tests.pipeline import (
     write_store_wallet_events,
 )
 from tests.pipeline import running as running_components
+from tests.rewards import grants_count, rewards_by_key, spawn_rewards, total
 
-REPO = Path(__file__).resolve().parents[2]
 USERS = [f"joined-{n}" for n in range(20)]
 PAYMENTS = 60
 
@@ -75,62 +70,6 @@ def create_campaigns(engine: Engine) -> None:
     created = [decide_create(parse_rules(r), now=now, actor="admin") for r in (cashback, welcome)]
     with engine.begin() as conn:
         append_events(conn, created, shards=8)
-
-
-def spawn_rewards(settings: Settings, home: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("KESSAI_")},
-        "KESSAI_WRITE_DB_URL": settings.resolved_write_db_url(),
-        "KESSAI_KAFKA_BOOTSTRAP": settings.resolved_kafka_bootstrap(),
-        "KESSAI_TOPIC": settings.topic,
-        "KESSAI_TOPIC_PARTITIONS": str(settings.topic_partitions),
-        "KESSAI_REWARDS_GROUP_ID": settings.rewards_group_id,
-        "KESSAI_REWARDS_BATCH_SIZE": "5",
-        "KESSAI_HOME": str(home),
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "rewards"],
-        cwd=REPO,
-        env=env,
-        stdout=(home / "rewards.log").open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes a test starts: killed at its end if still running."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def total(registry: CollectorRegistry, name: str) -> float:
-    """The sum of a metric's samples over all its labels."""
-    return sum(
-        sample.value
-        for family in registry.collect()
-        for sample in family.samples
-        if sample.name == name
-    )
-
-
-def grants_count(engine: Engine) -> int:
-    return count(engine, reward_grants)
-
-
-def rewards_by_key(engine: Engine) -> Counter[tuple[str, str]]:
-    """How many ``RewardGranted`` each (campaign, payment id or user) has in the write store."""
-    granted: Counter[tuple[str, str]] = Counter()
-    for event in write_store_wallet_events(engine):
-        if isinstance(event, RewardGranted):
-            p = event.payload
-            granted[(p.campaign_id, str(p.payment_id) if p.payment_id else event.user_id)] += 1
-    return granted
 
 
 async def test_every_payment_and_registration_is_granted_once_through_a_sigkill(
