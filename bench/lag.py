@@ -52,8 +52,16 @@ class Pipeline:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, env: dict[str, str], home: Path) -> Iterator[Pipeline]:
-        """``env`` holds the databases' settings; the services' logs go to ``home``."""
+    def running(
+        cls,
+        env: dict[str, str],
+        home: Path,
+        services: tuple[str, ...] = ("relay", "projector"),
+        query_api: bool = True,
+    ) -> Iterator[Pipeline]:
+        """``env`` holds the databases' settings; the services' logs go to ``home``. The
+        ``services`` (``kessai`` commands without a port) and the query API run unless left
+        out."""
         broker = EmbeddedBroker(free_port(), log_path=home / "broker.log")
         broker.start()
         pipeline = cls(broker)
@@ -71,10 +79,13 @@ class Pipeline:
                 )
             )
             with contextlib.ExitStack() as stack:
-                for name in ("relay", "projector"):
+                for name in services:
                     pipeline.processes[name] = stack.enter_context(
-                        _background([sys.executable, "-m", "kessai_cli", name], env, home, name)
+                        background([sys.executable, "-m", "kessai_cli", name], env, home, name)
                     )
+                if not query_api:
+                    yield pipeline
+                    return
                 port = free_port()
                 argv = [sys.executable, "-m", "kessai_cli", "query-api", "--host", "127.0.0.1"]
                 argv += ["--port", str(port)]
@@ -87,7 +98,7 @@ class Pipeline:
 
 
 @contextlib.contextmanager
-def _background(argv: list[str], env: dict[str, str], home: Path, name: str) -> Iterator[Any]:
+def background(argv: list[str], env: dict[str, str], home: Path, name: str) -> Iterator[Any]:
     """A service without an HTTP port (relay, projector), stopped at the end of the block."""
     server = Served(argv, env, 0, home / f"{name}.log")
     try:
