@@ -2,8 +2,9 @@
 gets exactly 500 yen, and what the storm and the rewards service cost the payments.
 
 ``python -m bench.signups [--registrations 20000] [--rate 200] [--seconds 10]
-[--connections 32] [--payment-connections 16] [--workers 2] [--users 2000]
-[--db-url mysql+pymysql://root@127.0.0.1:3306 | --db-url sqlite] [--quick] [--json out.json]``
+[--connections 32] [--storm-rate R] [--payment-connections 16] [--warmup 2] [--workers 2]
+[--users 10000] [--db-url mysql+pymysql://root@127.0.0.1:3306 | --db-url sqlite] [--quick]
+[--json out.json]``
 
 1. Creates fresh databases (write store, read database, key store; as ``bench.writes``),
    a ``payments:write``, a ``wallets:write`` and a ``users:write`` key, and two campaigns in
@@ -12,12 +13,14 @@ gets exactly 500 yen, and what the storm and the rewards service cost the paymen
    registration and every payment.
 2. Starts a private embedded broker, the relay and the rewards service (``kessai rewards``),
    and serves the real command API (``--workers`` uvicorn workers); tops up the payers'
-   wallets (``--users`` payers, the load generator's ``u0``...) outside anything measured.
+   wallets (``--users`` payers, the load generator's ``u0``...) outside anything measured,
+   and warms the API up with ``--warmup`` seconds of closed-loop payments, not measured.
 3. Baseline window: payments, open loop at ``--rate`` per second over
    ``--payment-connections`` connections (the load generator's campaign mix), for
    ``--seconds``: their p50/p99.
 4. The storm: the same open-loop payments while ``--registrations`` users register through
-   ``POST /v1/users`` as fast as ``--connections`` connections go (closed loop); the payments
+   ``POST /v1/users`` as fast as ``--connections`` connections go (closed loop; or open loop
+   at ``--storm-rate`` registrations/s, latencies counted from when each was due); the payments
    stop when the last registration is answered. Figures: registrations/s, and the payments'
    p50/p99 during the storm against the baseline window's (the ratio; the issue's target is
    at most 1.5x).
@@ -33,7 +36,12 @@ gets exactly 500 yen, and what the storm and the rewards service cost the paymen
    databases, also on failure and Ctrl-C. No figure fails the bench: a slow machine is
    reported, not refused.
 
-``--quick`` is a run of a minute or two: 2,000 registrations, 5-second windows, 1,000 payers.
+``--quick`` is a run of a minute or two: 2,000 registrations, 5-second windows, 2,000 payers.
+
+Every payment of the mix is a balance payment whose cashback the rewards service writes to the
+payer's wallet, so payments and grants of one payer contend for its wallet's next version: the
+fewer the payers, the more often a payment waits for a grant batch's transaction and tries
+again. The default, as ``bench.writes``'s, is 10,000 payers.
 """
 
 from __future__ import annotations
@@ -86,10 +94,12 @@ class UntilStopped(Schedule):
 
 class Storm:
     """``count`` registrations of new users (``storm-<run>-<n>``) over ``connections``
-    keep-alive connections, as fast as they are answered."""
+    keep-alive connections, as fast as they are answered (or open loop at ``rate``/s)."""
 
-    def __init__(self, url: str, key: str, count: int, connections: int) -> None:
-        self.url, self.count, self.connections = url, count, connections
+    def __init__(
+        self, url: str, key: str, count: int, connections: int, rate: float | None = None
+    ) -> None:
+        self.url, self.count, self.connections, self.rate = url, count, connections, rate
         self.common = common_headers(url, key)
         self.prefix = f"storm-{uuid.uuid4().hex[:8]}"
         self.issued = 0
@@ -118,7 +128,7 @@ class Storm:
 
     async def run(self) -> None:
         started = time.perf_counter()
-        schedule = Schedule(None, None, requests=self.count)
+        schedule = Schedule(self.rate, None, requests=self.count)
         sources = [self._next] * self.connections
         await drive(self.url, schedule, sources, self._failed)
         self.elapsed = time.perf_counter() - started
@@ -169,10 +179,11 @@ def baseline(url: str, key: str, mix: loadgen.Mix, *, rate: float, connections: 
 
 
 def storm(url: str, keys: tuple[str, str], mix: loadgen.Mix, *, rate: float, connections: int,
-          registrations: int, storm_connections: int) -> tuple[dict[str, Any], Storm]:  # fmt: skip
+          registrations: int, storm_connections: int,
+          storm_rate: float | None) -> tuple[dict[str, Any], Storm]:  # fmt: skip
     """Open-loop payments at ``rate`` for as long as the registrations take."""
     payments_key, users_key = keys
-    burst = Storm(url, users_key, registrations, storm_connections)
+    burst = Storm(url, users_key, registrations, storm_connections, storm_rate)
     schedule = UntilStopped(rate)
     plan = payments_plan(url, payments_key, connections, 24 * 3600)
 
@@ -200,16 +211,23 @@ def main(
     rate: Annotated[float, typer.Option(min=1, help="Payments/s while the storm runs.")] = 200.0,
     seconds: Annotated[float, typer.Option(min=1, help="Seconds of each payments window.")] = 10.0,
     connections: Annotated[int, typer.Option(min=1, help="Connections registering.")] = 32,
+    storm_rate: Annotated[
+        float | None,
+        typer.Option(min=1, help="Registrations/s, open loop; default: as fast as they go."),
+    ] = None,
     payment_connections: Annotated[int, typer.Option(min=1, help="Connections paying.")] = 16,
     workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 2,
-    users: Annotated[int, typer.Option(min=1, help="Payers, their wallets funded first.")] = 2_000,
+    warmup: Annotated[float, typer.Option(min=0, help="Unmeasured seconds first.")] = 2.0,
+    users: Annotated[
+        int, typer.Option(min=1, help="Payers, their wallets funded first.")
+    ] = loadgen.USERS,
     db_url: Annotated[
         str,
         typer.Option(help="Server URL (no database), or 'sqlite' for the embedded default."),
     ] = DEFAULT_DB_URL,
     seed: Annotated[int, typer.Option(help="Seed of the payments' mix.")] = 1,
     quick: Annotated[
-        bool, typer.Option(help="2,000 registrations, 5-second windows, 1,000 payers.")
+        bool, typer.Option(help="2,000 registrations, 5-second windows, 2,000 payers.")
     ] = False,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the figures here as JSON.")
@@ -217,7 +235,7 @@ def main(
 ) -> None:
     """A burst of registrations with a welcome bonus active, while payments flow."""
     if quick:
-        registrations, seconds, users = min(registrations, 2_000), min(seconds, 5.0), 1_000
+        registrations, seconds, users = min(registrations, 2_000), min(seconds, 5.0), 2_000
     signal.signal(signal.SIGTERM, interrupt)
     name = f"kessai_bench_{uuid.uuid4().hex[:10]}"
     names = (f"{name}_w", f"{name}_k", f"{name}_r")
@@ -225,8 +243,9 @@ def main(
     stores = Stores(db_url, home)
     settings = {
         "registrations": registrations, "rate": rate, "seconds": seconds,
-        "connections": connections, "payment_connections": payment_connections,
-        "workers": workers, "users": users, "seed": seed,
+        "connections": connections, "storm_rate": storm_rate,
+        "payment_connections": payment_connections,
+        "warmup_seconds": warmup, "workers": workers, "users": users, "seed": seed,
     }  # fmt: skip
     report: dict[str, Any] = {
         "machine": stores.machine(),
@@ -286,6 +305,11 @@ def _storm_and_grants(
     report: dict[str, Any], url: str, keys: tuple[str, str], mix: loadgen.Mix, engine: Any
 ) -> None:
     s = report["settings"]
+    if s["warmup_seconds"] > 0:
+        console.print(f"warming up: {s['warmup_seconds']:g} s of payments, not measured")
+        warm = loadgen.Mix(seed=s["seed"] + 1, users=s["users"])
+        closed_loop(url, keys[0], warm, connections=s["payment_connections"],
+                    seconds=s["warmup_seconds"])  # fmt: skip
     console.print(f"baseline: payments at {s['rate']:g}/s for {s['seconds']:g} s")
     report["baseline"] = baseline(
         url, keys[0], mix, rate=s["rate"], connections=s["payment_connections"],
@@ -295,6 +319,7 @@ def _storm_and_grants(
     report["storm_payments"], burst = storm(
         url, keys, mix, rate=s["rate"], connections=s["payment_connections"],
         registrations=s["registrations"], storm_connections=s["connections"],
+        storm_rate=s["storm_rate"],
     )  # fmt: skip
     report["storm"] = burst.summary()
     console.print("waiting for the rewards service to grant every user and every payment")
@@ -326,7 +351,9 @@ def show(report: dict[str, Any]) -> None:
     about = machine_table(report["machine"])
     about.add_row(
         "run",
-        f"{s['registrations']:,} registrations over {s['connections']} connections; payments "
+        f"{s['registrations']:,} registrations over {s['connections']} connections"
+        + ("" if s["storm_rate"] is None else f" at {s['storm_rate']:g}/s")
+        + "; payments "
         f"at {s['rate']:g}/s over {s['payment_connections']}; {s['seconds']:g}-second windows; "
         f"{s['workers']} uvicorn workers; {s['users']:,} payers",
     )
