@@ -168,6 +168,16 @@ def exhausted(engine: Engine) -> bool:
     return bool(found)
 
 
+def granted_sum(engine: Engine) -> int:
+    with engine.connect() as conn:
+        total = conn.execute(
+            sa.select(sa.func.sum(reward_grants.c.amount)).where(
+                reward_grants.c.campaign_id == CAMPAIGN
+            )
+        ).scalar_one()
+    return int(total or 0)
+
+
 def outbox_empty(engine: Engine) -> bool:
     with engine.connect() as conn:
         return conn.execute(sa.select(sa.func.count()).select_from(outbox)).scalar_one() == 0
@@ -233,11 +243,13 @@ async def test_the_budget_is_spent_exactly_through_a_kill_and_an_empty_broker(
             instances.spawn()
             paying = asyncio.create_task(asyncio.to_thread(record_payments, write_engine, amounts))
             try:
-                await wait_until(lambda: grants_count(write_engine) >= KILL_AT, within=120)
+                await wait_until(
+                    lambda: grants_count(write_engine) >= KILL_AT, tasks=tasks, within=120
+                )
                 instances.kill_one()
                 instances.spawn()
                 await wait_until(
-                    lambda: grants_count(write_engine) >= BROKER_RESTART_AT, within=120
+                    lambda: grants_count(write_engine) >= BROKER_RESTART_AT, tasks=tasks, within=120
                 )
                 granted_at_the_restart = grants_count(write_engine)
                 broker.kill()
@@ -250,7 +262,7 @@ async def test_the_budget_is_spent_exactly_through_a_kill_and_an_empty_broker(
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.shield(paying), timeout=300)
             payment_ids = paying.result()
-            await wait_until(lambda: exhausted(write_engine), tasks=tasks, within=120)
+            await until_spent(write_engine, tasks)
             late_ids = await asyncio.to_thread(
                 record_payments, write_engine, [1_500] * LATE_PAYMENTS
             )
@@ -259,24 +271,50 @@ async def test_the_budget_is_spent_exactly_through_a_kill_and_an_empty_broker(
             instances.stop()
 
     assert granted_at_the_restart < PAYMENTS  # the broker restarted mid-run
+    last_grant = assert_granted_once_and_in_order(write_engine, payment_ids, amounts, late_ids)
+    assert_exhausted_once_after(write_engine, last_grant)
+
+
+async def until_spent(engine: Engine, tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Wait for the exhaustion; if it never comes, say how much was granted."""
+    try:
+        await wait_until(lambda: exhausted(engine), tasks=tasks, within=120)
+    except AssertionError as error:
+        granted = await asyncio.to_thread(granted_sum, engine)
+        raise AssertionError(
+            f"the budget was not spent: {granted:,} of {BUDGET:,} granted in "
+            f"{grants_count(engine):,} grants (a payment lost on the way?)"
+        ) from error
+
+
+def assert_granted_once_and_in_order(
+    engine: Engine, payment_ids: list[uuid.UUID], amounts: list[int], late_ids: list[uuid.UUID]
+) -> uuid.UUID:
+    """Every payment granted once, those after the exhaustion never; in the order decided
+    (event ids) every grant whole but the last, cut by 2 yen. Returns the last grant's id."""
     granted = sorted(
-        (e for e in write_store_wallet_events(write_engine) if isinstance(e, RewardGranted)),
+        (e for e in write_store_wallet_events(engine) if isinstance(e, RewardGranted)),
         key=lambda e: e.event_id,
     )
     grants = [e.payload for e in granted]
+    assert {g.campaign_id for g in grants} == {CAMPAIGN}
     by_payment = Counter(str(g.payment_id) for g in grants)
     assert max(by_payment.values()) == 1, "a payment was granted twice"
     assert set(by_payment) == {str(p) for p in payment_ids}
     assert not set(by_payment) & {str(p) for p in late_ids}
     assert sum(g.amount for g in grants) == BUDGET
-
-    # The grants in the order they were decided: all whole, the last cut by 2 yen.
     asked = {str(p): amount // 5 for p, amount in zip(payment_ids, amounts, strict=True)}
     assert [g.requested for g in grants] == [asked[str(g.payment_id)] for g in grants]
     assert [g for g in grants if g.cut] == [grants[-1]]
     assert grants[-1].requested - grants[-1].amount == 2
+    return granted[-1].event_id
 
-    with write_engine.connect() as conn:
+
+def assert_exhausted_once_after(engine: Engine, last_grant: uuid.UUID) -> None:
+    """One ``CampaignBudgetExhausted`` (the campaign's version 2), decided after the last
+    grant; the budget's stream rising to the budget exactly, once, and the keys' rows summing
+    to it."""
+    with engine.connect() as conn:
         campaign = conn.execute(
             sa.select(
                 campaign_events.c.version, campaign_events.c.event_type, campaign_events.c.event_id
@@ -298,7 +336,7 @@ async def test_the_budget_is_spent_exactly_through_a_kill_and_an_empty_broker(
         (1, "CampaignCreated"),
         (2, "CampaignBudgetExhausted"),
     ]
-    assert campaign[1].event_id > granted[-1].event_id
+    assert campaign[1].event_id > last_grant
     totals = [after for _grants, after in budget_rows]
     assert totals == sorted(totals)
     assert totals[-1] == BUDGET
