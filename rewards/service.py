@@ -35,7 +35,7 @@ from typing import Any
 import anyio.to_thread
 import pydantic
 import sqlalchemy as sa
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
@@ -96,6 +96,20 @@ def facts_of(records: Iterable[ConsumerRecord[bytes, bytes]]) -> tuple[list[Fact
     return facts, undecodable
 
 
+class Assignments(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Counts the consumer's assignments: a batch fetched under one assignment must not have
+    its offsets committed, nor its partitions sought back, under another."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        self.epoch += 1
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.epoch += 1
+
+
 class Rewards:
     def __init__(
         self,
@@ -108,6 +122,7 @@ class Rewards:
         self.settings = settings
         self.topic = settings.topic
         self.metrics = RewardsMetrics(registry or CollectorRegistry())
+        self.assignments = Assignments()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -130,22 +145,28 @@ class Rewards:
             fetch_max_wait_ms=100,
         )
         refuse_auto_creation(consumer._client)
-        consumer.subscribe([self.topic])
+        consumer.subscribe([self.topic], listener=self.assignments)
         await consumer.start()
         try:
             while not stop.is_set():
+                epoch = self.assignments.epoch
                 fetched = await consumer.getmany(
                     timeout_ms=200, max_records=self.settings.rewards_batch_size
                 )
                 if fetched:
-                    await self._grant(consumer, fetched)
+                    await self._grant(consumer, fetched, epoch)
         finally:
             with contextlib.suppress(KafkaError, OSError, asyncio.TimeoutError):
                 await asyncio.wait_for(consumer.stop(), timeout=10)
 
     async def _grant(
-        self, consumer: AIOKafkaConsumer, fetched: dict[TopicPartition, list[Any]]
+        self, consumer: AIOKafkaConsumer, fetched: dict[TopicPartition, list[Any]], epoch: int
     ) -> None:
+        """Grant a fetched batch, then commit its offsets, unless the group was rebalanced
+        since the fetch (``epoch``): after a broker restarted empty the batch's offsets are
+        positions in the old log, and committed in the new one they would make whoever is
+        assigned the partition next skip the new log's records below them. Not committing
+        only hands the batch to a consumer again, where the keys skip it."""
         records = [r for tp in sorted(fetched, key=lambda t: t.partition) for r in fetched[tp]]
         facts, undecodable = facts_of(records)
         self.metrics.undecodable.inc(undecodable)
@@ -156,10 +177,14 @@ class Rewards:
             except sa.exc.SQLAlchemyError:
                 log.warning("the grant transaction failed; fetching the batch again", exc_info=True)
                 self.metrics.failed.inc()
-                _seek_back(consumer, fetched)
+                if self.assignments.epoch == epoch:
+                    _seek_back(consumer, fetched)
                 await asyncio.sleep(0.5)
                 return
             self.metrics.count(decision, time.perf_counter() - started)
+        if self.assignments.epoch != epoch:
+            log.info("the group was rebalanced during the batch; its offsets are not committed")
+            return
         offsets = {tp: OffsetAndMetadata(batch[-1].offset + 1, "") for tp, batch in fetched.items()}
         try:
             await consumer.commit(offsets)
