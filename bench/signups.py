@@ -27,8 +27,9 @@ gets exactly 500 yen, and what the storm and the rewards service cost the paymen
 5. Waits until the rewards service has granted every registered user and every payment, then
    reads the write store: each storm user's grant lag (the grant's ``recorded_at`` minus the
    registration's; p50/p99/max; the grant's ``recorded_at`` is when its batch began deciding,
-   so the commit's own duration is not in it) and the check that every user holds exactly one grant of
-   exactly 500 yen (its ``reward_grants`` row and its one ``RewardGranted`` wallet event).
+   so the commit's own duration is not in it) and the check that every user holds exactly one
+   grant of exactly 500 yen (its ``reward_grants`` row and its one ``RewardGranted`` wallet
+   event).
 6. The rewards service's cost to payments: the command API's payment rate, closed loop over
    ``--payment-connections`` connections for ``--seconds``, with the rewards service running
    (granting cashback on every payment), then again after stopping it; the ratio (the issue's
