@@ -303,8 +303,10 @@ class _Running:
         """What the wallet holds pays off the user's debts, oldest first: a ``RewardTakenBack``
         of kind ``debt`` per debt it pays (in part or in full)."""
         debts = self.debts.get(user_id)
+        if debts is None or not debts.items:
+            return  # the transaction read no wallet for a user who owes nothing
         wallet = self.wallets[user_id]
-        if debts is None or not debts.items or wallet.balance == 0:
+        if wallet.balance == 0:
             return
         currency = debts.currency
         if currency is None or wallet.currency != currency:

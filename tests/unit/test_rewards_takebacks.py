@@ -319,3 +319,19 @@ def test_take_backs_and_debts_are_counted_into_the_metrics() -> None:
     assert sample(taken, campaign="autumn-20", kind="debt") == 200
     assert sample("kessai_rewards_owed_minor_units_total", campaign="autumn-20") == 500
     assert sample("kessai_rewards_budget_remaining", campaign="autumn-20") == 1_000_000 - 300
+
+
+def test_a_credit_to_a_user_who_owes_nothing_needs_not_even_the_wallet() -> None:
+    """The transaction reads the wallets of the users who owe, not of every user credited: a
+    credit in a batch that grants to others decides nothing for its user."""
+    before = Before(
+        campaigns={"autumn-20": cashback()},
+        existing=frozenset(),
+        granted={},
+        wallets={"u2": Wallet.empty("u2")},
+        month_sums={},
+        debts={"u1": Debts.none("u1")},
+    )
+    decision = decide_batch([topped_up("u1"), paid(1, user_id="u2")], before, now=NOW)
+    assert [(g.user_id, g.amount) for g in decision.grants] == [("u2", 600)]
+    assert decision.taken_back == []
