@@ -3,8 +3,9 @@ command path, published by the relay, granted by a ``python -m rewards`` process
 SIGKILLed mid-run and started again, the grants published back and projected into the users'
 wallets and statements.
 
-Every captured payment gets its cashback once, every registered user 500 yen once, and a
-second instance reading the whole topic again (another consumer group) grants nothing more.
+Every captured payment gets its cashback once, every registered user 500 yen once, every
+refund takes back its share of the cashback once, and a second instance reading the whole topic
+again (another consumer group) grants and takes back nothing more.
 A broker restarted empty loses no grant of what is published after it, and doubles none.
 """
 
@@ -30,7 +31,7 @@ from command_service.relay import Relay
 from kessai.broker import ensure_topic
 from kessai.campaigns import decide_create, parse_rules
 from kessai.clock import utcnow
-from kessai.events import PaymentCaptured, RewardGranted
+from kessai.events import PaymentCaptured, PaymentRefunded, RewardGranted, RewardTakenBack
 from kessai.schema.read import wallet_movements
 from kessai.schema.write import campaign_budget, reward_grants
 from kessai.settings import Settings
@@ -120,7 +121,34 @@ def total(registry: CollectorRegistry, name: str) -> float:
 
 
 def grants_count(engine: Engine) -> int:
-    return count(engine, reward_grants)
+    """The grants recorded (a take-back's row is negative)."""
+    return count(engine, reward_grants, reward_grants.c.amount > 0)
+
+
+def take_backs_count(engine: Engine) -> int:
+    return count(engine, reward_grants, reward_grants.c.amount < 0)
+
+
+def expected_take_backs(engine: Engine) -> dict[tuple[str, str], int]:
+    """What each refund of a payment must take back of its cashback (``min(amount // 5,
+    1000)``), by ``(payment id, refund id)``: its share of the proportion refunded so far,
+    minus what the payment's earlier refunds took; refunds that round to nothing are left out."""
+    due: dict[tuple[str, str], int] = {}
+    by_payment: dict[uuid.UUID, list[PaymentCaptured | PaymentRefunded]] = {}
+    for event in write_store_events(engine):
+        by_payment.setdefault(event.payment_id, []).append(event)
+    for payment_id, history in by_payment.items():
+        captured, *refunds = history
+        assert isinstance(captured, PaymentCaptured)
+        granted = min(captured.payload.amount // 5, 1000)
+        before = 0
+        for refund in refunds:
+            assert isinstance(refund, PaymentRefunded)
+            now = granted * refund.payload.refunded_amount // captured.payload.amount
+            if now > before:
+                due[(str(payment_id), str(refund.payload.refund_id))] = now - before
+            before = now
+    return due
 
 
 def rewards_by_key(engine: Engine) -> Counter[tuple[str, str]]:
@@ -147,10 +175,18 @@ async def test_every_payment_and_registration_is_granted_once_through_a_sigkill(
     async with running(settings) as (_, api):
         for user in USERS:
             assert (await register(api, {"user_id": user})).status_code == 201
-    await asyncio.to_thread(make_traffic, write_engine, payments_count=PAYMENTS, refund_share=0.2)
+    await asyncio.to_thread(
+        make_traffic,
+        write_engine,
+        payments_count=PAYMENTS,
+        refund_share=0.3,
+        second_refund_share=0.5,
+    )
     captured = [e for e in write_store_events(write_engine) if isinstance(e, PaymentCaptured)]
     assert len(captured) == PAYMENTS
     expected = len(USERS) + PAYMENTS
+    due = expected_take_backs(write_engine)
+    assert due, "the traffic's refunds take nothing back: the test would prove nothing"
 
     relay = Relay(engine=write_engine, settings=settings)
     projector = Projector(engine=read_engine, settings=settings, registry=CollectorRegistry())
@@ -164,6 +200,7 @@ async def test_every_payment_and_registration_is_granted_once_through_a_sigkill(
         second = spawn_rewards(settings, tmp_path)
         processes.append(second)
         await wait_until(lambda: grants_count(write_engine) == expected, tasks=tasks)
+        await wait_until(lambda: take_backs_count(write_engine) == len(due), tasks=tasks)
         await wait_until(lambda: wallets_match(write_engine, read_engine), tasks=tasks)
         again = await _read_again_by_a_second_instance(settings, write_engine, expected)
         second.send_signal(signal.SIGTERM)
@@ -171,6 +208,7 @@ async def test_every_payment_and_registration_is_granted_once_through_a_sigkill(
 
     assert 0 < granted_before_the_kill <= expected
     assert total(again, "kessai_rewards_grants_total") == 0
+    assert total(again, "kessai_rewards_taken_back_minor_units_total") == 0
     granted = rewards_by_key(write_engine)
     assert set(granted.values()) == {1}
     assert {p for c, p in granted if c == "cashback-20"} == {str(e.payment_id) for e in captured}
@@ -184,10 +222,18 @@ async def test_every_payment_and_registration_is_granted_once_through_a_sigkill(
     with write_engine.connect() as conn:
         totals = load_granted(conn, ["cashback-20", "welcome"])
         batches = conn.execute(sa.select(sa.func.sum(campaign_budget.c.grants))).scalar_one()
-    assert totals["cashback-20"].amount == sum(cashback.values())
+    taken = {
+        (str(e.payload.payment_id), str(e.payload.refund_id)): e.payload.amount
+        for e in write_store_wallet_events(write_engine)
+        if isinstance(e, RewardTakenBack)
+    }
+    assert taken == due  # the payers' wallets hold plenty: nothing is owed
+    assert totals["cashback-20"].amount == sum(cashback.values()) - sum(due.values())
     assert totals["welcome"].amount == 500 * len(USERS)
     assert batches == expected
     assert count(read_engine, wallet_movements, wallet_movements.c.kind == "reward") == expected
+    takebacks = wallet_movements.c.kind == "reward_takeback"
+    assert count(read_engine, wallet_movements, takebacks) == len(due)
 
 
 async def _read_again_by_a_second_instance(
