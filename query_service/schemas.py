@@ -288,14 +288,19 @@ class CampaignOut(BaseModel):
     time_zone: str = Field(description="Whose calendar months the per-user cap counts.")
     rules: CashbackRulesOut | WelcomeBonusRulesOut = Field(description="What earns, and how much.")
     budget: int = Field(description="The most the campaign ever grants, in minor units.")
-    granted: int = Field(description="Every grant projected so far, in minor units.")
+    granted: int = Field(
+        description="Every grant projected so far, less what take-backs (after refunds) "
+        "brought back, in minor units."
+    )
     remaining: int = Field(description="budget - granted, never below 0.")
     grants_count: int = Field(description="How many grants were projected so far.")
     last_hour_since: datetime = Field(
         description="Where the last hour's figures start: the start of the minute an hour "
         "before the answer's (so they span 60 to 61 minutes, up to the answer)."
     )
-    granted_last_hour: int = Field(description="Granted since `last_hour_since`.")
+    granted_last_hour: int = Field(
+        description="Granted since `last_hour_since`, less what came back since."
+    )
     grants_last_hour: int = Field(description="Grants since `last_hour_since`.")
     projected_exhaustion_at: datetime | None = Field(
         description="When the remaining budget runs out at the last hour's rate; null unless "
