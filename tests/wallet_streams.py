@@ -24,6 +24,7 @@ from kessai.campaigns import (
     decide_create,
 )
 from kessai.events import (
+    AnyWalletEvent,
     PaymentCaptured,
     PaymentRefunded,
     RewardGranted,
@@ -43,7 +44,7 @@ from kessai.events import (
 from kessai.ids import new_id
 from kessai.postings import campaign_account, topup_account, transfer, user_account
 
-WalletEvent = TopUpReceived | WalletDebited | WalletCredited | RewardGranted
+WalletEvent = AnyWalletEvent
 AnyEvent = PaymentCaptured | PaymentRefunded | WalletEvent | AnyCampaignEvent
 Step = tuple[Literal["top_up", "payment", "refund", "cashback", "bonus"], int]
 """A movement to build: its kind and its (unsigned) amount. ``cashback`` is a grant on the
