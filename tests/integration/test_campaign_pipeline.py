@@ -35,15 +35,8 @@ from kessai.campaigns import (
     parse_campaign_event,
 )
 from kessai.clock import utcnow
-from kessai.events import (
-    RewardGranted,
-    RewardTakenBack,
-    RewardTakenBackPayload,
-    kafka_headers,
-    parse_wallet_event,
-)
+from kessai.events import RewardGranted, RewardTakenBack, kafka_headers, parse_wallet_event
 from kessai.ids import new_id
-from kessai.postings import campaign_account, transfer, user_account
 from kessai.schema.read import (
     campaign_minute_totals,
     campaign_totals,
@@ -68,7 +61,7 @@ from tests.pipeline import (
     wait_until,
     wallets_match,
 )
-from tests.wallet_streams import created, granted, record_parts
+from tests.wallet_streams import created, granted, record_parts, taken_back
 
 Figures = tuple[dict[str, tuple[int, int]], dict[tuple[str, datetime], tuple[int, int]]]
 """Each campaign's (granted, grants), and per (campaign, minute)."""
@@ -308,28 +301,12 @@ def take_back_from(engine: Engine, settings: Settings, user_id: str, amount: int
     ][-1]
     with engine.begin() as conn:
         wallet = load_wallets(conn, [user_id])[user_id]
-        assert cashback.payload.payment_id is not None
-        at = utcnow()
-        taken = RewardTakenBack(
-            event_id=new_id(),
-            user_id=user_id,
+        taken = taken_back(
+            cashback,
+            amount,
+            balance_after=wallet.balance - amount,
             version=wallet.version + 1,
-            occurred_at=at,
-            recorded_at=at,
-            postings=transfer(
-                user_account(user_id), campaign_account(cashback.payload.campaign_id), amount
-            ),
-            payload=RewardTakenBackPayload(
-                campaign_id=cashback.payload.campaign_id,
-                kind="refund",
-                payment_id=cashback.payload.payment_id,
-                refund_id=new_id(),
-                due=amount,
-                amount=amount,
-                owed=0,
-                currency=cashback.payload.currency,
-                balance_after=wallet.balance - amount,
-            ),
+            at=utcnow(),
         )
         append_events(conn, [taken], shards=settings.outbox_shards)
 

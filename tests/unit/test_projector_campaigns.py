@@ -16,19 +16,21 @@ from kessai.campaigns import (
     decide_stop,
     fold_campaign,
 )
-from kessai.events import (
-    RewardTakenBack,
-    RewardTakenBackPayload,
-    kafka_key,
-    wallet_stream_id,
-)
+from kessai.events import RewardGranted, kafka_key, wallet_stream_id
 from kessai.grants import decide_exhausted
 from kessai.ids import new_id
-from kessai.postings import campaign_account, transfer, user_account
 from projector.apply import Changes, Record, Snapshot, apply_batch
 from projector.campaign_rows import minute_of
 from tests.unit.test_projector_apply import zone_of
-from tests.wallet_streams import T0, AnyEvent, created, granted, record_parts, wallet_history
+from tests.wallet_streams import (
+    T0,
+    AnyEvent,
+    created,
+    granted,
+    record_parts,
+    taken_back,
+    wallet_history,
+)
 
 STREAM = campaign_stream_id("camp-1")
 
@@ -201,24 +203,10 @@ def test_a_take_back_takes_what_came_back_out_of_its_campaigns_figures_once() ->
     payment_id, refund_id = alice[2].payload.payment_id, new_id()
     assert payment_id is not None
     back = at + timedelta(minutes=4)
-    taken = RewardTakenBack(
-        event_id=new_id(),
-        user_id="alice",
-        version=4,
-        occurred_at=back,
-        recorded_at=back,
-        postings=transfer(user_account("alice"), campaign_account("camp-1"), 150),
-        payload=RewardTakenBackPayload(
-            campaign_id="camp-1",
-            kind="refund",
-            payment_id=payment_id,
-            refund_id=refund_id,
-            due=200,
-            amount=150,
-            owed=50,
-            currency="JPY",
-            balance_after=100,
-        ),
+    cashback = alice[2]
+    assert isinstance(cashback, RewardGranted)
+    taken = taken_back(
+        cashback, 150, owed=50, balance_after=100, version=4, at=back, refund_id=refund_id
     )
     first = run([*alice, taken])
     assert {c: (d.granted_amount, d.grants_count) for c, d in first.campaign_totals.items()} == {
