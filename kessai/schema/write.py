@@ -129,7 +129,9 @@ reward_grants = sa.Table(
     # Signed: a grant is positive, a take-back negative.
     sa.Column("amount", sa.BigInteger, nullable=False),
     sa.Column("currency", sa.String(3), nullable=False),
-    # The wallet event that moved the money (``RewardGranted`` or its take-back).
+    # The wallet event that moved the money (``RewardGranted`` or ``RewardTakenBack``); for a
+    # take-back of which the wallet could give nothing (all of it owed), an id of its own that
+    # no event has: nothing moved.
     sa.Column("event_id", BinaryUUID(), nullable=False, unique=True),
     sa.Column("recorded_at", UTCDateTime(), nullable=False),
 )
