@@ -11,8 +11,9 @@ the event moves money between accounts (``kessai/postings.py``), balanced. Event
 have none; their readers derive them (``kessai.ledger.postings_of``): stored events are never
 rewritten.
 
-Wallets have streams of their own (``wallet_events``; the end of this module): a top-up, and
-the wallet's side of a balance payment and of its refund, each with the balance it leaves.
+Wallets have streams of their own (``wallet_events``; the end of this module): a top-up, the
+wallet's side of a balance payment and of its refund, a campaign's grant and its take-back,
+each with the balance it leaves.
 A user's registration is a stream too (``UserRegistered``, its only event), which moves no money.
 """
 
@@ -324,7 +325,56 @@ class RewardGranted(_WalletEnvelope):
         return self
 
 
-AnyWalletEvent = TopUpReceived | WalletDebited | WalletCredited | RewardGranted
+TakeBackKind = Literal["refund", "debt"]
+"""``refund``: taken back when the payment's refund was recorded; ``debt``: paid off later, from
+a credit to the wallet, of what such a take-back left owed."""
+
+
+class RewardTakenBackPayload(_Frozen):
+    campaign_id: MerchantId
+    """The campaign the cashback goes back to (``campaign:<id>``)."""
+    kind: TakeBackKind
+    payment_id: uuid.UUID
+    """The refunded payment whose cashback this is."""
+    refund_id: uuid.UUID
+    """The refund that made it due."""
+    due: Amount
+    """What was due at this event: the refund's share of the cashback (``kind`` ``refund``),
+    or what was still owed of it (``debt``)."""
+    amount: Amount
+    """What the wallet gives back now: ``min(balance, due)``."""
+    owed: Annotated[int, Field(ge=0, strict=True)]
+    """``due - amount``: what the user still owes the campaign after this event."""
+    currency: CurrencyCode
+    balance_after: Balance
+
+    @model_validator(mode="after")
+    def _gives_back_at_most_what_is_due(self) -> Self:
+        if self.amount + self.owed != self.due:
+            raise ValueError(f"{self.amount} given back and {self.owed} owed is not {self.due}")
+        return self
+
+
+class RewardTakenBack(_WalletEnvelope):
+    """Cashback going back from a wallet to its campaign (posts ``user:<id>`` ->
+    ``campaign:<id>``), because its payment was refunded: at the refund (``kind`` ``refund``),
+    or later, from a credit, paying off what the wallet could not give back then (``debt``).
+    Written by the rewards service, only for an ``amount`` above zero: a wallet with nothing
+    to give moves not, and its debt alone is recorded (``reward_debts``)."""
+
+    event_type: Literal["RewardTakenBack"] = "RewardTakenBack"
+    payload: RewardTakenBackPayload
+
+    @model_validator(mode="after")
+    def _posts_from_the_wallet_to_its_campaign(self) -> Self:
+        p = self.payload
+        expected = transfer(user_account(self.user_id), campaign_account(p.campaign_id), p.amount)
+        if self.schema_version <= SCHEMA_VERSION and self.postings != expected:
+            raise ValueError(f"a take-back posts {expected}, not {self.postings}")
+        return self
+
+
+AnyWalletEvent = TopUpReceived | WalletDebited | WalletCredited | RewardGranted | RewardTakenBack
 WalletEvent = Annotated[AnyWalletEvent, Field(discriminator="event_type")]
 
 _wallet_event_adapter: TypeAdapter[AnyWalletEvent] = TypeAdapter(WalletEvent)
@@ -402,6 +452,7 @@ AnyEvent = (
     | WalletDebited
     | WalletCredited
     | RewardGranted
+    | RewardTakenBack
     | UserRegistered
 )
 

@@ -32,6 +32,7 @@ from kessai.campaigns import (
     WelcomeBonusRules,
     envelope,
 )
+from kessai.events import PaymentCaptured
 
 BASIS_POINTS = 10_000
 
@@ -65,6 +66,20 @@ class PaymentFacts:
     currency: str
     captured_at: datetime
     """The payment's ``occurred_at``: the instant that decides the window and the month."""
+
+
+def payment_facts(event: PaymentCaptured) -> PaymentFacts:
+    """What the cashback of the payment ``event`` captured depends on."""
+    p = event.payload
+    return PaymentFacts(
+        payment_id=event.payment_id,
+        user_id=p.user_id,
+        merchant_id=event.merchant_id,
+        method=p.method,
+        amount=p.amount,
+        currency=p.currency,
+        captured_at=event.occurred_at,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,9 @@ them decides again (the optimistic rule payments already follow).
 - A balance payment (``debit``) takes its amount out, if the balance covers it.
 - A refund of a balance payment (``credit``) puts the refunded amount back; the limit does not
   refuse it (the money was the user's).
+- A campaign's grant (``RewardGranted``) puts cashback or a bonus in; its take-back
+  (``RewardTakenBack``, after a refund of the payment) takes back at most the balance: what the
+  wallet cannot give is a debt (``rewards/``), never a negative balance.
 
 A wallet holds one currency: the first movement fixes it. What a refusal says is in its
 ``details`` as numbers (balance, requested, shortfall), so a client can act on it.
@@ -22,10 +25,16 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from kessai.errors import ApiError
-from kessai.events import AnyWalletEvent, RewardGranted, TopUpReceived, WalletDebited
+from kessai.events import (
+    AnyWalletEvent,
+    RewardGranted,
+    RewardTakenBack,
+    TopUpReceived,
+    WalletDebited,
+)
 from kessai.ledger import InvariantViolation
 
-MovementKind = Literal["top_up", "payment", "refund", "reward"]
+MovementKind = Literal["top_up", "payment", "refund", "reward", "reward_takeback"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +180,8 @@ def movement_of(event: AnyWalletEvent) -> Movement:
         kind, amount = "payment", -p.amount
     elif isinstance(event, RewardGranted):
         kind, amount = "reward", p.amount
+    elif isinstance(event, RewardTakenBack):
+        kind, amount = "reward_takeback", -p.amount
     else:
         kind, amount = "refund", p.amount
     return Movement(

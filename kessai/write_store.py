@@ -34,12 +34,14 @@ from kessai.campaigns import (
     parse_campaign_event,
 )
 from kessai.db import upsert
+from kessai.debts import Debts, parse_debts
 from kessai.events import (
     AnyWalletEvent,
     PaymentCaptured,
     PaymentRefunded,
     UserRegistered,
     event_to_json,
+    parse_event,
     registration_stream_id,
     registration_to_json,
     wallet_event_to_json,
@@ -51,6 +53,7 @@ from kessai.schema.write import (
     events,
     newest_wallet_movements,
     outbox,
+    reward_debts,
     user_registrations,
     wallet_events,
 )
@@ -279,3 +282,46 @@ class Granted:
 
     version: int
     amount: int
+
+
+def load_captured(
+    conn: sa.Connection, payment_ids: Collection[uuid.UUID]
+) -> dict[uuid.UUID, PaymentCaptured]:
+    """The ``PaymentCaptured`` (version 1) of each payment of ``payment_ids`` that the store
+    holds, in one primary-key read."""
+    if not payment_ids:
+        return {}
+    e = events.c
+    rows = conn.execute(
+        sa.select(e.body).where(e.payment_id.in_(sorted(payment_ids)), e.version == 1)
+    ).scalars()
+    found: dict[uuid.UUID, PaymentCaptured] = {}
+    for body in rows:
+        event = parse_event(body)
+        if isinstance(event, PaymentCaptured):
+            found[event.payment_id] = event
+    return found
+
+
+def load_debts(conn: sa.Connection, user_ids: Collection[str]) -> dict[str, Debts]:
+    """What each user of ``user_ids`` owes campaigns, as the newest ``reward_debts`` row of
+    each leaves it (``Debts.none`` for one who never owed anything), in one read: a
+    primary-key range per user."""
+    found = {user_id: Debts.none(user_id) for user_id in user_ids}
+    if not found:
+        return found
+    d = reward_debts.c
+    newest = (
+        sa.select(d.user_id, sa.func.max(d.version).label("version"))
+        .where(d.user_id.in_(sorted(found)))
+        .group_by(d.user_id)
+        .subquery()
+    )
+    rows = conn.execute(
+        sa.select(d.user_id, d.version, d.currency, d.body).join(
+            newest, sa.and_(d.user_id == newest.c.user_id, d.version == newest.c.version)
+        )
+    )
+    for user_id, version, currency, body in rows:
+        found[str(user_id)] = parse_debts(str(user_id), version, currency, body)
+    return found

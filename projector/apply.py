@@ -44,6 +44,7 @@ from kessai.events import (
     PaymentCaptured,
     PaymentRefunded,
     RewardGranted,
+    RewardTakenBack,
     UserRegistered,
 )
 from kessai.ledger import InvariantViolation, PaymentState, apply
@@ -398,7 +399,7 @@ class _Batch:
         self.changes.wallets[sid] = wallet
         self.changes.movements.append(movement)
         self.changes.applied += 1
-        if isinstance(event, RewardGranted):  # where its movement is applied: once
+        if isinstance(event, RewardGranted | RewardTakenBack):  # where it is applied: once
             count_grant(self.changes.campaign_totals, self.changes.campaign_minutes, event)
         return True
 

@@ -8,10 +8,13 @@ a campaign (``kessai.campaigns.apply_campaign_event``), into the campaign's row.
 
 A grant (``RewardGranted``) is a wallet's event: it is applied as the wallet's movement
 (``projector.wallet_rows``), and only then, in the same batch, adds to its campaign's figures
-(``GrantDelta``: in all, and in the minute it happened). A grant's version is applied once and
-only once, and the figures are written in the transaction that stores the batch's offsets: a
-redelivery or a replay is a duplicate of the wallet's version and adds nothing, exactly as a
-payment adds to its merchant's totals once.
+(``GrantDelta``: in all, and in the minute it happened). A take-back (``RewardTakenBack``, after
+a refund) is applied the same way and takes what came back out of the amount granted (not out
+of the count of grants): the figures are net of take-backs, as the write side's
+``campaign_budget`` is, and as the postings to ``campaign:<id>`` are. A grant's (or a
+take-back's) version is applied once and only once, and the figures are written in the
+transaction that stores the batch's offsets: a redelivery or a replay is a duplicate of the
+wallet's version and adds nothing, exactly as a payment adds to its merchant's totals once.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from kessai.campaigns import (
     campaign_stream_id,
     parse_rules,
 )
-from kessai.events import AnyEvent, RewardGranted, stream_of
+from kessai.events import AnyEvent, RewardGranted, RewardTakenBack, stream_of
 from kessai.ledger import InvariantViolation
 
 StreamEvent = AnyEvent | AnyCampaignEvent
@@ -114,7 +117,8 @@ def campaign_values(row: CampaignRow) -> tuple[Any, ...]:
 
 @dataclass(slots=True)
 class GrantDelta:
-    """What a batch's grants add to one campaign's figures (in all, or in one minute)."""
+    """What a batch's grants (less its take-backs) add to one campaign's figures (in all, or
+    in one minute)."""
 
     granted_amount: int = 0
     grants_count: int = 0
@@ -122,6 +126,9 @@ class GrantDelta:
     def add(self, amount: int) -> None:
         self.granted_amount += amount
         self.grants_count += 1
+
+    def take_back(self, amount: int) -> None:
+        self.granted_amount -= amount
 
 
 def minute_of(at: datetime) -> datetime:
@@ -132,9 +139,16 @@ def minute_of(at: datetime) -> datetime:
 def count_grant(
     totals: dict[str, GrantDelta],
     minutes: dict[tuple[str, datetime], GrantDelta],
-    grant: RewardGranted,
+    grant: RewardGranted | RewardTakenBack,
 ) -> None:
-    """Add ``grant`` to its campaign's figures of the batch: in all, and in its minute."""
+    """Add ``grant`` (take out a take-back) to its campaign's figures of the batch: in all,
+    and in its minute."""
     campaign_id, amount = grant.payload.campaign_id, grant.payload.amount
-    totals.setdefault(campaign_id, GrantDelta()).add(amount)
-    minutes.setdefault((campaign_id, minute_of(grant.occurred_at)), GrantDelta()).add(amount)
+    for delta in (
+        totals.setdefault(campaign_id, GrantDelta()),
+        minutes.setdefault((campaign_id, minute_of(grant.occurred_at)), GrantDelta()),
+    ):
+        if isinstance(grant, RewardGranted):
+            delta.add(amount)
+        else:
+            delta.take_back(amount)

@@ -15,6 +15,7 @@ from datetime import datetime
 from kessai.events import (
     AnyWalletEvent,
     RewardGranted,
+    RewardTakenBack,
     TopUpReceived,
     WalletCredited,
     wallet_stream_id,
@@ -55,7 +56,8 @@ class MovementRow:
     reference: str | None
     recorded_at: datetime
     campaign_id: str | None = None
-    """The campaign a grant (``reward``) comes from."""
+    """The campaign a grant (``reward``) comes from, or a take-back (``reward_takeback``) goes
+    back to."""
 
 
 def apply_wallet_event(row: WalletRow | None, event: WalletEvent) -> tuple[WalletRow, MovementRow]:
@@ -71,6 +73,9 @@ def apply_wallet_event(row: WalletRow | None, event: WalletEvent) -> tuple[Walle
         top_up_id, source, reference = top_up.top_up_id, top_up.source, top_up.reference
     elif isinstance(event, RewardGranted):
         payment_id, campaign_id = event.payload.payment_id, event.payload.campaign_id
+    elif isinstance(event, RewardTakenBack):
+        taken = event.payload
+        payment_id, refund_id, campaign_id = taken.payment_id, taken.refund_id, taken.campaign_id
     else:
         payment_id, merchant_id = event.payload.payment_id, event.payload.merchant_id
         if isinstance(event, WalletCredited):

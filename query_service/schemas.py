@@ -80,7 +80,7 @@ class BalanceOut(Freshness):
     )
 
 
-MovementKind = Literal["top_up", "payment", "refund", "reward"]
+MovementKind = Literal["top_up", "payment", "refund", "reward", "reward_takeback"]
 
 
 class MovementOut(BaseModel):
@@ -88,7 +88,8 @@ class MovementOut(BaseModel):
     kind: MovementKind = Field(
         description="`top_up`: money in from outside; `payment`: a balance payment; "
         "`refund`: a refund of one; `reward`: a campaign's grant (cashback on a payment, or "
-        "the welcome bonus)."
+        "the welcome bonus); `reward_takeback`: cashback going back to its campaign after the "
+        "payment's refund (or paying off what such a take-back left owed)."
     )
     amount: int = Field(
         description="Signed, in minor units: positive into the wallet, negative out of it."
@@ -96,15 +97,18 @@ class MovementOut(BaseModel):
     currency: str
     balance_after: int = Field(description="The balance this movement left.")
     payment_id: uuid.UUID | None = Field(
-        description="The payment (`payment`, `refund`; a cashback's `reward`)."
+        description="The payment (`payment`, `refund`; a cashback's `reward`; `reward_takeback`)."
     )
-    refund_id: uuid.UUID | None = Field(description="The refund (`refund`).")
+    refund_id: uuid.UUID | None = Field(description="The refund (`refund`, `reward_takeback`).")
     top_up_id: uuid.UUID | None = Field(description="The top-up (`top_up`).")
     merchant_id: str | None = Field(description="The merchant paid (`payment`, `refund`).")
     source: str | None = Field(description="Where a top-up's money came from (`top_up`).")
     reference: str | None = Field(description="The top-up's reference, if it had one.")
     recorded_at: datetime = Field(description="When the write side recorded it (UTC).")
-    campaign_id: str | None = Field(description="The campaign that granted it (`reward`).")
+    campaign_id: str | None = Field(
+        description="The campaign that granted it (`reward`), or it goes back to "
+        "(`reward_takeback`)."
+    )
 
 
 class StatementPageOut(Freshness):
@@ -284,14 +288,19 @@ class CampaignOut(BaseModel):
     time_zone: str = Field(description="Whose calendar months the per-user cap counts.")
     rules: CashbackRulesOut | WelcomeBonusRulesOut = Field(description="What earns, and how much.")
     budget: int = Field(description="The most the campaign ever grants, in minor units.")
-    granted: int = Field(description="Every grant projected so far, in minor units.")
+    granted: int = Field(
+        description="Every grant projected so far, less what take-backs (after refunds) "
+        "brought back, in minor units."
+    )
     remaining: int = Field(description="budget - granted, never below 0.")
     grants_count: int = Field(description="How many grants were projected so far.")
     last_hour_since: datetime = Field(
         description="Where the last hour's figures start: the start of the minute an hour "
         "before the answer's (so they span 60 to 61 minutes, up to the answer)."
     )
-    granted_last_hour: int = Field(description="Granted since `last_hour_since`.")
+    granted_last_hour: int = Field(
+        description="Granted since `last_hour_since`, less what came back since."
+    )
     grants_last_hour: int = Field(description="Grants since `last_hour_since`.")
     projected_exhaustion_at: datetime | None = Field(
         description="When the remaining budget runs out at the last hour's rate; null unless "

@@ -39,7 +39,7 @@ from kessai.campaigns import (
     parse_campaign_event,
 )
 from kessai.db import upsert_rows
-from kessai.events import RewardGranted, parse_wallet_event
+from kessai.events import RewardGranted, RewardTakenBack, parse_wallet_event
 from kessai.schema import read, write
 from reconciler import totals as locks
 from reconciler.context import RunContext
@@ -83,9 +83,9 @@ def compensate(conn: sa.Connection, republished: Sequence[EventRow]) -> None:
     grants = [
         event
         for *_, event_type, _, body in republished
-        if event_type == "RewardGranted"
+        if event_type in ("RewardGranted", "RewardTakenBack")
         for event in [parse_wallet_event(body)]
-        if isinstance(event, RewardGranted)
+        if isinstance(event, RewardGranted | RewardTakenBack)
     ]
     if not grants:
         return
@@ -96,13 +96,16 @@ def compensate(conn: sa.Connection, republished: Sequence[EventRow]) -> None:
         if grant.version > applied.get(grant.user_id, 0):
             continue
         campaign_id, amount = grant.payload.campaign_id, grant.payload.amount
+        counted = 1 if isinstance(grant, RewardGranted) else 0  # a take-back: -amount, no count
+        if not counted:
+            amount = -amount
         minute = grant.occurred_at.astimezone(UTC).replace(second=0, microsecond=0)
         for sums in (
             totals.setdefault(campaign_id, [0, 0]),
             minutes.setdefault((campaign_id, minute), [0, 0]),
         ):
             sums[0] -= amount
-            sums[1] -= 1
+            sums[1] -= counted
     upsert_rows(
         conn, read.campaign_totals, ("campaign_id", *GRANTED),
         [(key, *sums) for key, sums in sorted(totals.items())], add=GRANTED,

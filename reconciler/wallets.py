@@ -24,8 +24,9 @@ Wallet streams' ids are UUIDv5 (``kessai.events.wallet_stream_id``), payments' U
 parked events and dead letters of wallets are told apart by that, and repaired here.
 Registrations' streams are UUIDv3 (``is_registration_stream``), campaigns' UUIDv8
 (``reconciler.campaigns.is_campaign_stream``): neither. A grant (``RewardGranted``) is a
-wallet's movement like any other here, and posts itself (``campaign:<id>`` -> ``user:<id>``);
-repairing a wallet keeps its grants' campaign figures as they were
+wallet's movement like any other here, and posts itself (``campaign:<id>`` -> ``user:<id>``),
+as does its take-back (``RewardTakenBack``, ``user:<id>`` -> ``campaign:<id>``); repairing a
+wallet keeps its grants' and take-backs' campaign figures as they were
 (``reconciler.campaigns.compensate``).
 """
 
@@ -197,8 +198,9 @@ def trial_balance(
             for posting in postings_of(event, before):
                 total[event.payload.currency] += posting.amount
             owed += movements.owed_by(event)
-        # The wallet movements that post themselves: top-ups and grants.
-        topups = sa.select(w.body).where(w.event_type.in_(("TopUpReceived", "RewardGranted")))
+        # The wallet movements that post themselves: top-ups, grants and their take-backs.
+        posting_itself = ("TopUpReceived", "RewardGranted", "RewardTakenBack")
+        topups = sa.select(w.body).where(w.event_type.in_(posting_itself))
         if lower is not None:
             topups = topups.where(w.event_id >= lower)
         for (body,) in conn.execute(topups):

@@ -25,6 +25,21 @@ class RewardsMetrics:
             ["campaign"],
             registry=registry,
         )
+        self.taken_back = Counter(
+            "kessai_rewards_taken_back_minor_units_total",
+            "Cashback given back by wallets to campaigns, by kind (refund: at a refund; debt: "
+            "paid off later from a credit), in each campaign's minor units.",
+            ["campaign", "kind"],
+            registry=registry,
+        )
+        self.owed = Counter(
+            "kessai_rewards_owed_minor_units_total",
+            "Cashback refunds took back that wallets could not give (a debt to the campaign), "
+            "in each campaign's minor units; what is owed now is this minus the debt kind of "
+            "kessai_rewards_taken_back_minor_units_total.",
+            ["campaign"],
+            registry=registry,
+        )
         self.lag = Histogram(
             "kessai_rewards_grant_lag_seconds",
             "A grant's recorded_at minus its payment's (or registration's) recorded_at.",
@@ -78,6 +93,10 @@ class RewardsMetrics:
             self.grants.labels(grant.campaign_id, grant.kind).inc()
             self.granted.labels(grant.campaign_id).inc(grant.amount)
             self.lag.observe(max(grant.lag_seconds, 0.0))
+        for taken in decision.taken_back:
+            self.taken_back.labels(taken.campaign_id, taken.kind).inc(taken.amount)
+            if taken.kind == "refund":
+                self.owed.labels(taken.campaign_id).inc(taken.owed)
         for reason, count in decision.skipped.items():
             self.skipped.labels(reason).inc(count)
         for campaign_id, remaining in decision.remaining.items():

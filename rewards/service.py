@@ -2,10 +2,12 @@
 batch (``rewards.store.commit_grants``), then the batch's offsets committed to Kafka.
 
 Its own consumer group (``KESSAI_REWARDS_GROUP_ID``, ``kessai-rewards``) reads every stream on
-the topic and keeps ``PaymentCaptured`` (the cashback of each campaign) and ``UserRegistered``
-(the welcome bonus); the rest (refunds, wallet movements, its own grants coming back) is
-skipped by the ``event_type`` header, without decoding. A record of a granting kind that does
-not decode is skipped and counted: the projector dead-letters it.
+the topic and keeps ``PaymentCaptured`` (the cashback of each campaign), ``UserRegistered``
+(the welcome bonus), ``PaymentRefunded`` (the cashback taken back) and the wallet's credits,
+``TopUpReceived``, ``WalletCredited`` and ``RewardGranted`` (what pays off a user's debts to
+campaigns); the rest (payments' wallet debits, its own take-backs coming back) is skipped by
+the ``event_type`` header, without decoding. A record of a kind it acts on that does not
+decode is skipped and counted: the projector dead-letters it.
 
 Delivery is at least once and the effect exactly once: the offsets are committed after the
 grants are, so a process killed in between, a rebalance or a second instance hands a batch to
@@ -42,17 +44,36 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 
 from kessai.broker import ensure_topic, refuse_auto_creation
-from kessai.events import PaymentCaptured, UserRegistered, parse_any_event
-from kessai.grants import PaymentFacts
+from kessai.events import (
+    PaymentCaptured,
+    PaymentRefunded,
+    RewardGranted,
+    TopUpReceived,
+    UserRegistered,
+    WalletCredited,
+    parse_any_event,
+)
+from kessai.grants import payment_facts
 from kessai.settings import Settings
-from rewards.decide import BatchDecision, Captured, Fact, Registered
+from rewards.decide import BatchDecision, Captured, Credited, Fact, Refunded, Registered
 from rewards.metrics import RewardsMetrics
 from rewards.store import commit_grants
 
 log = logging.getLogger(__name__)
 
-GRANTING = frozenset({b"PaymentCaptured", b"UserRegistered"})
-"""The ``event_type`` headers of the events that may earn a grant."""
+TAKEN = frozenset(
+    {
+        b"PaymentCaptured",
+        b"UserRegistered",
+        b"PaymentRefunded",
+        b"TopUpReceived",
+        b"WalletCredited",
+        b"RewardGranted",
+    }
+)
+"""The ``event_type`` headers of the events the rewards service acts on: a payment or a
+registration may earn a grant, a refund takes cashback back, and money into a wallet pays off
+what its user owes campaigns."""
 
 Records = Sequence[ConsumerRecord[bytes, bytes]]
 
@@ -60,19 +81,14 @@ Records = Sequence[ConsumerRecord[bytes, bytes]]
 def fact_of(event: Any) -> Fact | None:
     """What a decoded event means to the rewards (``None``: nothing)."""
     if isinstance(event, PaymentCaptured):
-        p = event.payload
-        facts = PaymentFacts(
-            payment_id=event.payment_id,
-            user_id=p.user_id,
-            merchant_id=event.merchant_id,
-            method=p.method,
-            amount=p.amount,
-            currency=p.currency,
-            captured_at=event.occurred_at,
-        )
-        return Captured(facts, recorded_at=event.recorded_at)
+        return Captured(payment_facts(event), recorded_at=event.recorded_at)
     if isinstance(event, UserRegistered):
         return Registered(event.user_id, event.occurred_at, event.recorded_at)
+    if isinstance(event, PaymentRefunded):
+        p = event.payload
+        return Refunded(event.payment_id, p.refund_id, p.refunded_amount, event.recorded_at)
+    if isinstance(event, TopUpReceived | WalletCredited | RewardGranted):
+        return Credited(event.user_id, event.recorded_at)
     return None
 
 
@@ -83,7 +99,7 @@ def facts_of(records: Iterable[ConsumerRecord[bytes, bytes]]) -> tuple[list[Fact
     undecodable = 0
     for record in records:
         event_type = next((bytes(v) for k, v in record.headers if k == "event_type"), None)
-        if event_type is not None and event_type not in GRANTING:
+        if event_type is not None and event_type not in TAKEN:
             continue
         try:
             event = parse_any_event(record.value or b"")

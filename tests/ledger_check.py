@@ -13,7 +13,13 @@ from collections.abc import Iterable
 import sqlalchemy as sa
 
 from kessai.db import create_db_engine
-from kessai.events import RewardGranted, TopUpReceived, parse_event, parse_wallet_event
+from kessai.events import (
+    RewardGranted,
+    RewardTakenBack,
+    TopUpReceived,
+    parse_event,
+    parse_wallet_event,
+)
 from kessai.ledger import PaymentState, apply, derived_postings, postings_of
 from kessai.postings import Posting, imbalance, kind_of
 from kessai.schema.write import events, wallet_events
@@ -58,8 +64,10 @@ def ledger_problems(url: str) -> list[str]:
         except ValueError as broken:
             problems.append(str(broken))
             continue
-        # A top-up and a grant post themselves (from outside, from a campaign's budget).
-        if isinstance(movement, TopUpReceived | RewardGranted) and movement.postings is not None:
+        # A top-up, a grant and its take-back post themselves (from outside, from a campaign's
+        # budget, back to it).
+        posts_itself = TopUpReceived | RewardGranted | RewardTakenBack
+        if isinstance(movement, posts_itself) and movement.postings is not None:
             if imbalance(movement.postings) != 0:
                 problems.append(
                     f"{movement.event_id}: postings sum to {imbalance(movement.postings)}"

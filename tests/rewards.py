@@ -76,7 +76,8 @@ def scraped(port: int, name: str, **labels: str) -> float:
 
 
 def grants_count(engine: Engine) -> int:
-    return count(engine, reward_grants)
+    """The grants recorded (a take-back's row is negative)."""
+    return count(engine, reward_grants, reward_grants.c.amount > 0)
 
 
 def rewards_by_key(engine: Engine) -> Counter[tuple[str, str]]:

@@ -24,10 +24,13 @@ from kessai.campaigns import (
     decide_create,
 )
 from kessai.events import (
+    AnyWalletEvent,
     PaymentCaptured,
     PaymentRefunded,
     RewardGranted,
     RewardGrantedPayload,
+    RewardTakenBack,
+    RewardTakenBackPayload,
     TopUpReceived,
     TopUpReceivedPayload,
     WalletCredited,
@@ -43,7 +46,7 @@ from kessai.events import (
 from kessai.ids import new_id
 from kessai.postings import campaign_account, topup_account, transfer, user_account
 
-WalletEvent = TopUpReceived | WalletDebited | WalletCredited | RewardGranted
+WalletEvent = AnyWalletEvent
 AnyEvent = PaymentCaptured | PaymentRefunded | WalletEvent | AnyCampaignEvent
 Step = tuple[Literal["top_up", "payment", "refund", "cashback", "bonus"], int]
 """A movement to build: its kind and its (unsigned) amount. ``cashback`` is a grant on the
@@ -167,6 +170,41 @@ def granted(
             amount=amount,
             requested=requested or amount,
             currency=currency,
+            balance_after=balance_after,
+        ),
+    )
+
+
+def taken_back(
+    grant: RewardGranted,
+    amount: int,
+    *,
+    balance_after: int,
+    version: int,
+    at: datetime = T0,
+    owed: int = 0,
+    refund_id: uuid.UUID | None = None,
+) -> RewardTakenBack:
+    """A take-back of ``amount`` of the cashback ``grant`` from its wallet at ``version``, after
+    a refund of its payment, ``owed`` left to pay."""
+    assert grant.payload.payment_id is not None, "a welcome bonus is never taken back"
+    campaign_id, user_id = grant.payload.campaign_id, grant.user_id
+    return RewardTakenBack(
+        event_id=new_id(),
+        user_id=user_id,
+        version=version,
+        occurred_at=at,
+        recorded_at=at,
+        postings=transfer(user_account(user_id), campaign_account(campaign_id), amount),
+        payload=RewardTakenBackPayload(
+            campaign_id=campaign_id,
+            kind="refund",
+            payment_id=grant.payload.payment_id,
+            refund_id=refund_id or new_id(),
+            due=amount + owed,
+            amount=amount,
+            owed=owed,
+            currency=grant.payload.currency,
             balance_after=balance_after,
         ),
     )

@@ -10,8 +10,10 @@ for each user's wallet, keyed ``(user_id, version)``, and also refuses a negativ
 what registers a user once, whatever races (two processes inserting one user: one fails).
 ``campaign_events`` is each campaign's stream (its rules, changes, stop, exhaustion);
 ``campaign_budget`` what each campaign has granted, one row per batch of grants; and
-``reward_grants`` one row per grant, whose primary key grants a payment (or a registration) at
-most once per campaign. All of them are append-only.
+``reward_grants`` one row per grant (or take-back), whose primary key grants a payment (or a
+registration) at most once per campaign and takes back a refund's share once; ``reward_debts``
+what each user owes campaigns (cashback taken back after it was spent). All of them are
+append-only.
 """
 
 from __future__ import annotations
@@ -127,9 +129,31 @@ reward_grants = sa.Table(
     # Signed: a grant is positive, a take-back negative.
     sa.Column("amount", sa.BigInteger, nullable=False),
     sa.Column("currency", sa.String(3), nullable=False),
-    # The wallet event that moved the money (``RewardGranted`` or its take-back).
+    # The wallet event that moved the money (``RewardGranted`` or ``RewardTakenBack``); for a
+    # take-back of which the wallet could give nothing (all of it owed), an id of its own that
+    # no event has: nothing moved.
     sa.Column("event_id", BinaryUUID(), nullable=False, unique=True),
     sa.Column("recorded_at", UTCDateTime(), nullable=False),
+)
+
+reward_debts = sa.Table(
+    "reward_debts",
+    metadata,
+    # What each user owes campaigns, as a stream of its own: one row per change (a take-back
+    # the wallet could not pay in full, a debt paid off from a later credit), holding the whole
+    # of what is owed after it, so what a user owes is the newest row (one primary-key read).
+    # The primary key is the concurrency check: two transactions changing one user's debts at
+    # once collide on the next version, and one of them decides again.
+    sa.Column("user_id", ascii_id(64), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    # The total owed after this row, in the currency of the user's wallet.
+    sa.Column("owed_after", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    # JSON: each debt still owed, oldest first (campaign, payment, refund, what is owed), the
+    # order in which credits pay them off (``rewards.decide.Debts``).
+    sa.Column("body", long_text(), nullable=False),
+    sa.Column("recorded_at", UTCDateTime(), nullable=False),
+    sa.CheckConstraint("owed_after >= 0", name="owed_after_not_negative"),
 )
 
 outbox = sa.Table(

@@ -35,7 +35,7 @@ from kessai.campaigns import (
     parse_campaign_event,
 )
 from kessai.clock import utcnow
-from kessai.events import RewardGranted, kafka_headers, parse_wallet_event
+from kessai.events import RewardGranted, RewardTakenBack, kafka_headers, parse_wallet_event
 from kessai.ids import new_id
 from kessai.schema.read import (
     campaign_minute_totals,
@@ -61,7 +61,7 @@ from tests.pipeline import (
     wait_until,
     wallets_match,
 )
-from tests.wallet_streams import created, granted, record_parts
+from tests.wallet_streams import created, granted, record_parts, taken_back
 
 Figures = tuple[dict[str, tuple[int, int]], dict[tuple[str, datetime], tuple[int, int]]]
 """Each campaign's (granted, grants), and per (campaign, minute)."""
@@ -119,22 +119,30 @@ def grant_to(engine: Engine, settings: Settings, users: Sequence[str], *, at: da
         append_events(conn, grants, shards=settings.outbox_shards)
 
 
-def write_grants(engine: Engine) -> list[RewardGranted]:
+def write_grants(engine: Engine) -> list[RewardGranted | RewardTakenBack]:
+    """The grants and take-backs of the write store."""
+    kinds = ("RewardGranted", "RewardTakenBack")
     with engine.connect() as conn:
         bodies = conn.execute(
-            sa.select(wallet_events.c.body).where(wallet_events.c.event_type == "RewardGranted")
+            sa.select(wallet_events.c.body).where(wallet_events.c.event_type.in_(kinds))
         ).scalars()
-        return [g for g in map(parse_wallet_event, bodies) if isinstance(g, RewardGranted)]
+        return [
+            g
+            for g in map(parse_wallet_event, bodies)
+            if isinstance(g, RewardGranted | RewardTakenBack)
+        ]
 
 
-def expected_figures(grants: Sequence[RewardGranted]) -> Figures:
+def expected_figures(grants: Sequence[RewardGranted | RewardTakenBack]) -> Figures:
+    """Each grant adds its amount and one grant; each take-back takes its amount out."""
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     minutes: dict[tuple[str, datetime], list[int]] = defaultdict(lambda: [0, 0])
     for g in grants:
         minute = g.occurred_at.astimezone(UTC).replace(second=0, microsecond=0)
+        grant = isinstance(g, RewardGranted)
         for sums in (totals[g.payload.campaign_id], minutes[g.payload.campaign_id, minute]):
-            sums[0] += g.payload.amount
-            sums[1] += 1
+            sums[0] += g.payload.amount if grant else -g.payload.amount
+            sums[1] += grant
     return (
         {k: (v[0], v[1]) for k, v in totals.items()},
         {k: (v[0], v[1]) for k, v in minutes.items() if v != [0, 0]},
@@ -281,6 +289,59 @@ async def test_a_damaged_grant_on_the_read_side_is_repaired_and_its_figures_stay
         await wait_until(lambda: all_projected(write_engine, read_engine), tasks=tasks)
     # The grants were applied again, and counted once in all.
     assert read_figures(read_engine) == figures
+
+
+def take_back_from(engine: Engine, settings: Settings, user_id: str, amount: int) -> None:
+    """A take-back of ``amount`` of the user's newest cashback (the wallet's next version), as
+    the rewards service appends it after the payment's refund."""
+    cashback = [
+        g
+        for g in write_grants(engine)
+        if isinstance(g, RewardGranted) and g.user_id == user_id and g.payload.payment_id
+    ][-1]
+    with engine.begin() as conn:
+        wallet = load_wallets(conn, [user_id])[user_id]
+        taken = taken_back(
+            cashback,
+            amount,
+            balance_after=wallet.balance - amount,
+            version=wallet.version + 1,
+            at=utcnow(),
+        )
+        append_events(conn, [taken], shards=settings.outbox_shards)
+
+
+async def test_a_wallet_with_a_take_back_is_repaired_and_its_campaigns_figures_stay_exact(
+    rsettings: Settings, write_engine: Engine, read_engine: Engine
+) -> None:
+    """A cashback and its take-back projected (the campaign's figures net of it), then the
+    wallet's read rows lost: the repair re-publishes both, and the figures end where they
+    were, neither the grant nor the take-back counted twice."""
+    await asyncio.to_thread(make_traffic, write_engine, payments_count=10, seed=5)
+    record_campaigns(write_engine, rsettings)
+    grant_to(write_engine, rsettings, ["u1", "u2"], at=utcnow())
+    take_back_from(write_engine, rsettings, "u1", 40)
+    reconciler = Reconciler(write_engine=write_engine, read_engine=read_engine, settings=rsettings)
+    relay = Relay(engine=write_engine, settings=rsettings)
+    projector = Projector(engine=read_engine, settings=rsettings)
+    async with running(relay, projector) as tasks:
+        await wait_until(lambda: all_projected(write_engine, read_engine), tasks=tasks)
+        figures = read_figures(read_engine)
+        assert figures[0]["spring"] == (100 - 40, 1)
+        with read_engine.begin() as conn:
+            conn.execute(wallets.delete().where(wallets.c.user_id == "u1"))
+        result = await reconciler.run()
+        assert result.outcome == "consistent", result.findings
+        assert [(f.kind, f.repaired) for f in result.findings] == [("wallet_balance", True)]
+        await wait_until(lambda: all_projected(write_engine, read_engine), tasks=tasks)
+    assert read_figures(read_engine) == figures
+    with read_engine.connect() as conn:
+        line = conn.execute(
+            sa.select(wallet_movements.c.amount, wallet_movements.c.campaign_id).where(
+                wallet_movements.c.kind == "reward_takeback"
+            )
+        ).one()
+    assert tuple(line) == (-40, "spring")
 
 
 def dead_letter(settings: Settings, stream: uuid.UUID, version: int, body: bytes) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The projector's decisions about campaigns and grants, without I/O: a campaign's row as its
-events leave it, its figures as its grants add to them (once), and the stream rules (duplicates,
-gaps, wrong keys, events that cannot follow) for campaign streams."""
+events leave it, its figures as its grants add to them and its take-backs take out (once), and
+the stream rules (duplicates, gaps, wrong keys, events that cannot follow) for campaign
+streams."""
 
 from __future__ import annotations
 
@@ -15,12 +16,21 @@ from kessai.campaigns import (
     decide_stop,
     fold_campaign,
 )
-from kessai.events import kafka_key, wallet_stream_id
+from kessai.events import RewardGranted, kafka_key, wallet_stream_id
 from kessai.grants import decide_exhausted
+from kessai.ids import new_id
 from projector.apply import Changes, Record, Snapshot, apply_batch
 from projector.campaign_rows import minute_of
 from tests.unit.test_projector_apply import zone_of
-from tests.wallet_streams import T0, AnyEvent, created, granted, record_parts, wallet_history
+from tests.wallet_streams import (
+    T0,
+    AnyEvent,
+    created,
+    granted,
+    record_parts,
+    taken_back,
+    wallet_history,
+)
 
 STREAM = campaign_stream_id("camp-1")
 
@@ -181,3 +191,35 @@ def test_a_grant_whose_balance_does_not_add_up_is_a_dead_letter_and_counts_nothi
 def test_a_minute_is_the_utc_minute_whatever_the_offset() -> None:
     tokyo = datetime.fromisoformat("2026-12-02T18:59:59.999999+09:00")
     assert minute_of(tokyo) == datetime(2026, 12, 2, 9, 59, tzinfo=UTC)
+
+
+def test_a_take_back_takes_what_came_back_out_of_its_campaigns_figures_once() -> None:
+    """A cashback of 200, then its refund's take-back of 150 (50 owed): the campaign's figures
+    are net of it (its grant still counted once), the statement line names the campaign, the
+    payment and the refund, and a redelivery takes nothing out again."""
+    at = datetime(2026, 12, 2, 9, 0, 30, tzinfo=UTC)
+    steps = [("top_up", 100), ("payment", 50), ("cashback", 200)]
+    alice = wallet_history("alice", steps, start=at)
+    payment_id, refund_id = alice[2].payload.payment_id, new_id()
+    assert payment_id is not None
+    back = at + timedelta(minutes=4)
+    cashback = alice[2]
+    assert isinstance(cashback, RewardGranted)
+    taken = taken_back(
+        cashback, 150, owed=50, balance_after=100, version=4, at=back, refund_id=refund_id
+    )
+    first = run([*alice, taken])
+    assert {c: (d.granted_amount, d.grants_count) for c, d in first.campaign_totals.items()} == {
+        "camp-1": (50, 1)
+    }
+    minutes = {k: (d.granted_amount, d.grants_count) for k, d in first.campaign_minutes.items()}
+    assert minutes == {
+        ("camp-1", datetime(2026, 12, 2, 9, 3, tzinfo=UTC)): (200, 1),
+        ("camp-1", datetime(2026, 12, 2, 9, 4, tzinfo=UTC)): (-150, 0),
+    }
+    line = next(m for m in first.movements if m.version == 4)
+    assert (line.kind, line.amount, line.balance_after) == ("reward_takeback", -150, 100)
+    assert (line.campaign_id, line.payment_id, line.refund_id) == ("camp-1", payment_id, refund_id)
+    again = run([taken], carried(first))
+    assert again.campaign_totals == {}
+    assert again.duplicates == 1

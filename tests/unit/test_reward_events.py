@@ -1,6 +1,8 @@
 """``RewardGranted``, the wallet event of a campaign's grant (kessai/events.py): it posts from
 the campaign's budget account to the wallet and nowhere else, says what the budget cut, and
-folds into the wallet like any movement."""
+folds into the wallet like any movement. ``RewardTakenBack``, its reverse after a refund: it
+posts from the wallet back to the campaign, gives back what is due less what stays owed, and
+never takes the wallet below zero."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from pydantic import ValidationError
 from kessai.events import (
     RewardGranted,
     RewardGrantedPayload,
+    RewardTakenBack,
+    RewardTakenBackPayload,
     TopUpReceived,
     TopUpReceivedPayload,
     parse_any_event,
@@ -138,3 +142,76 @@ def test_a_grant_folds_into_the_wallet_as_a_reward() -> None:
     assert (wallet.version, wallet.balance) == (2, 1_200)
     with pytest.raises(InvariantViolation):
         fold_wallet("u1", [movement_of(top_up), movement_of(granted(200, version=2))])
+
+
+def taken_back(
+    amount: int = 150, *, due: int = 200, owed: int = 50, postings: Any = "default", **payload: Any
+) -> RewardTakenBack:
+    fields: dict[str, Any] = {
+        "campaign_id": "cb-2026",
+        "kind": "refund",
+        "payment_id": PAYMENT_ID,
+        "refund_id": uuid.UUID(int=9),
+        "due": due,
+        "amount": amount,
+        "owed": owed,
+        "currency": "JPY",
+        "balance_after": 0,
+        **payload,
+    }
+    if postings == "default":
+        postings = transfer("user:u1", f"campaign:{fields['campaign_id']}", amount)
+    return RewardTakenBack(
+        event_id=new_id(),
+        user_id="u1",
+        version=2,
+        occurred_at=T0,
+        recorded_at=T0,
+        postings=postings,
+        payload=RewardTakenBackPayload(**fields),
+    )
+
+
+def test_a_take_back_posts_from_the_wallet_to_its_campaign_and_folds_as_one() -> None:
+    event = taken_back()
+    raw = wallet_event_to_json(event)
+    assert parse_wallet_event(raw) == event == parse_any_event(raw)
+    assert stream_of(event) == wallet_stream_id("u1")
+    assert event.postings is not None
+    assert {(p.account, p.amount) for p in event.postings} == {
+        ("campaign:cb-2026", 150),
+        ("user:u1", -150),
+    }
+    assert movement_of(event).kind == "reward_takeback"
+    wallet = fold_wallet("u1", [movement_of(granted(150)), movement_of(event)])
+    assert (wallet.version, wallet.balance) == (2, 0)
+    with pytest.raises(InvariantViolation):  # it never takes more than the wallet holds
+        fold_wallet("u1", [movement_of(granted(100)), movement_of(event)])
+
+
+@pytest.mark.parametrize(
+    "postings",
+    [
+        None,
+        transfer("campaign:cb-2026", "user:u1", 150),
+        transfer("user:u1", "campaign:another", 150),
+        transfer("user:u1", "campaign:cb-2026", 200),
+    ],
+)
+def test_a_take_back_that_posts_anything_else_is_refused(postings: Any) -> None:
+    with pytest.raises(ValidationError, match="a take-back posts"):
+        taken_back(postings=postings)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"owed": 0}, "150 given back and 0 owed is not 200"),
+        ({"due": 100, "owed": 0}, "is not 100"),
+        ({"owed": -50, "due": 100}, "greater than or equal to 0"),
+        ({"kind": "gift"}, "'refund' or 'debt'"),
+    ],
+)
+def test_a_take_back_that_cannot_be_is_refused(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        taken_back(**change)

@@ -1,6 +1,6 @@
 """What the rewards service takes from the topic (``rewards.service.facts_of``): captured
-payments and registrations, in order; everything else skipped by its header without decoding;
-a record of a granting kind that does not decode counted."""
+payments, registrations, refunds and credits to wallets, in order; everything else skipped by
+its header without decoding; a record of a kind it acts on that does not decode counted."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from aiokafka import ConsumerRecord
 
 from kessai.events import PaymentCaptured, UserRegistered, kafka_headers, registration_to_json
 from kessai.ids import new_id
-from rewards.decide import Captured, Registered
+from rewards.decide import Captured, Refunded, Registered
 from rewards.service import facts_of
 from tests.unit.test_projector_apply import T0, captured, record, refunded
 from tests.unit.test_registrations import registered
@@ -44,7 +44,7 @@ def of(event: PaymentCaptured | UserRegistered, offset: int) -> ConsumerRecord[b
     )
 
 
-def test_payments_and_registrations_are_taken_in_order_and_the_rest_skipped() -> None:
+def test_payments_registrations_and_refunds_are_taken_in_order_and_the_rest_skipped() -> None:
     pid = uuid.UUID(int=7)
     payment, joined = captured(pid, 2_000), registered("u9")
     refund = refunded(pid, 2, 100, 100)
@@ -53,15 +53,17 @@ def test_payments_and_registrations_are_taken_in_order_and_the_rest_skipped() ->
         of(joined, 0),
         as_consumed(refund_record.value or b"", list(refund_record.headers), 1),
         # Another kind's header: skipped without decoding, whatever its body.
-        as_consumed(b"not json", kafka_headers("RewardGranted", 2, new_id()), 2),
+        as_consumed(b"not json", kafka_headers("WalletDebited", 2, new_id()), 2),
+        as_consumed(b"not json", kafka_headers("RewardTakenBack", 2, new_id()), 2),
         as_consumed(b"{}", kafka_headers("CampaignCreated", 2, new_id()), 3),
         of(payment, 4),
     ]
     facts, undecodable = facts_of(records)
     assert undecodable == 0
-    assert len(facts) == 2
+    assert len(facts) == 3
     assert facts[0] == Registered("u9", joined.occurred_at, joined.recorded_at)
-    cashback = facts[1]
+    assert facts[1] == Refunded(pid, refund.payload.refund_id, 100, refund.recorded_at)
+    cashback = facts[2]
     assert isinstance(cashback, Captured)
     assert cashback.recorded_at == T0
     assert (cashback.facts.payment_id, cashback.facts.user_id, cashback.facts.amount) == (

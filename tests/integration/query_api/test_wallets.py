@@ -16,6 +16,7 @@ import httpx
 from sqlalchemy.engine import Engine
 
 from kessai.auth import ADMIN, USERS_READ, merchant_scope
+from kessai.events import RewardGranted
 from tests.helpers import api_key, bearer
 from tests.integration.query_api.helpers import (
     T0,
@@ -25,7 +26,7 @@ from tests.integration.query_api.helpers import (
     running,
 )
 from tests.integration.read_model import captured, project, write_offsets
-from tests.wallet_streams import Step, wallet_history
+from tests.wallet_streams import Step, taken_back, wallet_history
 
 LONG_LIFE: list[Step] = [
     ("top_up", 50_000),
@@ -185,3 +186,24 @@ async def test_a_cursor_the_api_did_not_issue_for_a_statement_is_400_invalid_cur
         "/v1/users/u-1/statement", params={"cursor": b64(b'[1,"statement",2]')}
     )
     assert [i["version"] for i in following.json()["items"]] == [1]
+
+
+async def test_the_statement_shows_a_cashback_and_its_take_back_with_their_campaign(
+    api: httpx.AsyncClient, writer: Engine
+) -> None:
+    history = wallet_history("u-back", [("top_up", 100), ("payment", 100), ("cashback", 60)])
+    cashback = history[2]
+    assert isinstance(cashback, RewardGranted)
+    back = taken_back(cashback, 45, owed=15, balance_after=15, version=4)
+    project(writer, [*history, back])
+    items = (await api.get("/v1/users/u-back/statement")).json()["items"]
+    line, grant = items[0], items[1]
+    assert (grant["kind"], grant["amount"], grant["campaign_id"]) == ("reward", 60, "camp-1")
+    assert {k: line[k] for k in ("kind", "amount", "balance_after", "campaign_id")} == {
+        "kind": "reward_takeback",
+        "amount": -45,
+        "balance_after": 15,
+        "campaign_id": "camp-1",
+    }
+    assert line["payment_id"] == grant["payment_id"] == str(cashback.payload.payment_id)
+    assert line["refund_id"] == str(back.payload.refund_id)
