@@ -280,6 +280,12 @@ class Settings(BaseSettings):
         description="A difference is confirmed by a second look this much later (projector lag "
         "is not drift).",
     )
+    reconcile_grant_grace_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="A payment (a registration) is reported without its grant only this long "
+        "after it was recorded: grants are asynchronous.",
+    )
     reconcile_lock_seconds: float = Field(
         30.0,
         gt=0,

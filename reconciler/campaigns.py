@@ -124,7 +124,7 @@ async def check(
 ) -> tuple[list[Finding], list[Finding]]:
     """``findings`` with the parked events and dead letters of campaign streams settled (marked
     repaired when their campaign matches after the run), and the run's ``campaign`` findings."""
-    truth, broken = await asyncio.to_thread(ctx.in_write, _folds)
+    truth, broken = await asyncio.to_thread(ctx.in_write, folds)
     judged = {c: s for c, s in truth.items() if campaign_stream_id(c) not in in_flight}
     wrong = await asyncio.to_thread(_differing, ctx, judged)
     if wrong and ctx.settings.reconcile_confirm_seconds > 0:
@@ -158,7 +158,7 @@ async def check(
     return settled, found
 
 
-def _folds(conn: sa.Connection) -> tuple[dict[str, CampaignState], dict[str, str]]:
+def folds(conn: sa.Connection) -> tuple[dict[str, CampaignState], dict[str, str]]:
     """Every campaign of the write store folded from its stream; and the campaigns whose
     stream does not fold (unreadable, or an event that cannot follow), with why."""
     c = write.campaign_events.c

@@ -5,11 +5,16 @@ A run is several checks (``RECONCILER_CHECKS``), each owning some kinds of findi
 - ``payments``: the payments' read rows, parked events and dead letters (of payments and of
   the other streams of the payments' topic but wallets'), orphan read rows, the outbox
   (``missing``, ``mismatch``, ``invalid_write_history``, ``parked``, ``dead_letter``,
-  ``orphan``, ``outbox_stuck``), and the campaigns' read rows (``campaign``);
+  ``orphan``, ``outbox_stuck``), and the campaigns' read rows and figures (``campaign``,
+  ``campaign_totals``);
 - ``totals``: the merchant buckets (``daily_totals``, ``hourly_totals``, ``totals_unverified``);
 - ``trial_balance``, ``wallet_chain``, ``wallet_movement``: the ledger in the write store;
 - ``wallet_balance``: the wallets on the read side, with the parked events and dead letters of
-  wallet streams (repaired with their wallets).
+  wallet streams (repaired with their wallets);
+- ``grants``: each campaign's budget against its grants in the write store
+  (``campaign_budget``) and the eligible payments and registrations without their grant
+  (``grant_missing``: unrepaired until the rewards service grants it, so the check stays
+  where it was and the next run looks again).
 
 Each check is verified up to an instant: everything it covers, from the beginning of the
 ledger up to then, is known consistent. A completed, non-dry run moves a check's instant to the
@@ -44,6 +49,9 @@ CHECK_OF_KIND = {
     "orphan": "payments",
     "outbox_stuck": "payments",
     "campaign": "payments",
+    "campaign_totals": "payments",
+    "campaign_budget": "grants",
+    "grant_missing": "grants",
     "daily_totals": "totals",
     "hourly_totals": "totals",
     "totals_unverified": "totals",

@@ -20,7 +20,11 @@ its phases in order, each a function that takes values and returns values:
    the read side's balances (repaired by re-publishing the wallet's movements);
 5. the campaigns (``reconciler.campaigns``): every campaign's read row against the fold of its
    stream (repaired by re-publishing the campaign's events);
-6. record: the outcome, the findings and the run are recorded, with what the run concluded
+6. the grants: each campaign's budget against its grant rows and its postings in the write
+   store (``reconciler.budgets``, never repaired), its figures on the read side (rewritten),
+   and the eligible payments and registrations without their grant (``reconciler.missing``,
+   their events re-published for the rewards service);
+7. record: the outcome, the findings and the run are recorded, with what the run concluded
    of each check (``reconciler.checks``): its findings, those unrepaired, and how far it is
    verified; the watermark advances only when everything checked is consistent, each check's
    "verified up to" when that check is (and the run continues what it verified before), both
@@ -52,7 +56,7 @@ from kessai.broker import BrokerUnavailable
 from kessai.clock import utcnow
 from kessai.ids import bound_at_ms, timestamp_ms
 from kessai.settings import Settings
-from reconciler import campaigns, checks, find, records, repair, verify, wallets
+from reconciler import budgets, campaigns, checks, find, missing, records, repair, verify, wallets
 from reconciler.context import ProgressCallback, RunContext
 from reconciler.records import CheckResult, Finding, LockHeld, Scope, Verified
 from reconciler.repair import PAYMENT_KINDS
@@ -360,7 +364,9 @@ class Reconciler:
         settled, of_campaigns = await campaigns.check(
             ctx, start.outbox.in_flight, settled, dry_run=result.dry_run
         )
-        result.conclude(settled + totals_found + of_wallets + of_campaigns)
+        ctx.checkpoint()
+        of_grants = await _grants(ctx, lower, start.upper, dry_run=result.dry_run)
+        result.conclude(settled + totals_found + of_wallets + of_campaigns + of_grants)
         result.checks = checks.conclude(
             result.findings,
             before=verified,
@@ -420,6 +426,18 @@ class Reconciler:
             last = records.last_completed(self.read, mode=mode)
             if last is not None:
                 self.metrics.last_success.labels(mode).set(last.timestamp())
+
+
+async def _grants(
+    ctx: RunContext, lower: uuid.UUID | None, upper: uuid.UUID, *, dry_run: bool
+) -> list[Finding]:
+    """The grants' findings: each campaign's budget against its grants in the write store, its
+    figures on the read side, and the eligible payments and registrations without a grant."""
+    states, _ = await asyncio.to_thread(ctx.in_write, campaigns.folds)
+    found, _ = await asyncio.to_thread(budgets.check, ctx, lower, states)
+    found += await budgets.check_figures(ctx, upper, dry_run=dry_run)
+    ctx.checkpoint()
+    return found + await missing.check(ctx, lower, states, dry_run=dry_run)
 
 
 def _scope_of(lower: uuid.UUID | None) -> Scope:

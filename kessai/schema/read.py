@@ -259,10 +259,12 @@ RECONCILER_CHECKS = (
     "wallet_chain",
     "wallet_movement",
     "wallet_balance",
+    "grants",
 )
 """The checks of a reconciliation run, each verified up to an instant of its own: the payments'
 rows, parked events, dead letters and orphans against the events; the merchant totals; the
-trial balance; each wallet's chain; each payment's wallet movement; the wallets' balances."""
+trial balance; each wallet's chain; each payment's wallet movement; the wallets' balances; the
+campaigns' budgets against their grants, and every eligible payment's grant."""
 
 
 def moment_text(moment: datetime) -> str:
