@@ -260,7 +260,7 @@ async def check_figures(ctx: RunContext, upper: uuid.UUID, *, dry_run: bool) -> 
     wrong = await asyncio.to_thread(_differing, ctx, want)
     if wrong and ctx.settings.reconcile_confirm_seconds > 0:
         await ctx.sleep(ctx.settings.reconcile_confirm_seconds)  # projector lag is not drift
-        wrong = await asyncio.to_thread(_differing, ctx, {c: want[c] for c in wrong})
+        wrong = await asyncio.to_thread(_differing, ctx, want, set(wrong))
     if not wrong:
         return []
     ctx.checkpoint()
@@ -314,9 +314,13 @@ def _compare(
 
 
 def _differing(
-    ctx: RunContext, want: Mapping[str, tuple[int, int]]
+    ctx: RunContext, want: Mapping[str, tuple[int, int]], only: set[str] | None = None
 ) -> dict[str, dict[str, object]]:
-    return _compare(want, ctx.in_read(lambda c: _shown(c, None)))
+    """The campaigns (of ``only``; None: every one either side has) whose figures on the read
+    side are not ``want``."""
+    if only is not None:
+        want = {c: figures for c, figures in want.items() if c in only}
+    return _compare(want, ctx.in_read(lambda c: _shown(c, only)))
 
 
 def _reckon(

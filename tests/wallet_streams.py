@@ -10,9 +10,13 @@ The relay publishes a wallet event exactly as a payment event, on the same topic
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Literal
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
 
 from kessai.campaigns import (
     AnyCampaignEvent,
@@ -45,6 +49,8 @@ from kessai.events import (
 )
 from kessai.ids import new_id
 from kessai.postings import campaign_account, topup_account, transfer, user_account
+from kessai.schema.write import campaign_budget, reward_grants
+from kessai.write_store import append_events, load_granted
 
 WalletEvent = AnyWalletEvent
 AnyEvent = PaymentCaptured | PaymentRefunded | WalletEvent | AnyCampaignEvent
@@ -208,6 +214,44 @@ def taken_back(
             balance_after=balance_after,
         ),
     )
+
+
+def book_grants(conn: sa.Connection, grants: Sequence[RewardGranted], *, shards: int) -> None:
+    """``grants`` appended with the rows the rewards service writes beside them in its
+    transaction (``rewards.store``): a ``reward_grants`` row each (a cashback's period is the
+    grant's month in Tokyo), and each campaign's next ``campaign_budget`` row. So the reconciler
+    finds each campaign's budget equal to its grants."""
+    append_events(conn, grants, shards=shards)
+    batches: dict[str, list[int]] = defaultdict(list)
+    for g in grants:
+        cashback = g.payload.payment_id is not None
+        conn.execute(
+            reward_grants.insert().values(
+                campaign_id=g.payload.campaign_id,
+                user_id=g.user_id,
+                period=g.occurred_at.astimezone(ZoneInfo("Asia/Tokyo")).strftime("%Y-%m")
+                if cashback
+                else "welcome",
+                grant_key=str(g.payload.payment_id) if cashback else "user",
+                amount=g.payload.amount,
+                currency=g.payload.currency,
+                event_id=g.event_id,
+                recorded_at=g.recorded_at,
+            )
+        )
+        batches[g.payload.campaign_id].append(g.payload.amount)
+    before = load_granted(conn, batches)
+    for campaign_id, amounts in sorted(batches.items()):
+        conn.execute(
+            campaign_budget.insert().values(
+                campaign_id=campaign_id,
+                version=before[campaign_id].version + 1,
+                amount=sum(amounts),
+                grants=len(amounts),
+                granted_after=before[campaign_id].amount + sum(amounts),
+                recorded_at=grants[0].recorded_at,
+            )
+        )
 
 
 def created(

@@ -61,7 +61,7 @@ from tests.pipeline import (
     wait_until,
     wallets_match,
 )
-from tests.wallet_streams import created, granted, record_parts, taken_back
+from tests.wallet_streams import book_grants, created, granted, record_parts, taken_back
 
 Figures = tuple[dict[str, tuple[int, int]], dict[tuple[str, datetime], tuple[int, int]]]
 """Each campaign's (granted, grants), and per (campaign, minute)."""
@@ -94,16 +94,24 @@ def record_campaigns(engine: Engine, settings: Settings) -> list[AnyCampaignEven
     return recorded
 
 
-def grant_to(engine: Engine, settings: Settings, users: Sequence[str], *, at: datetime) -> None:
-    """A grant to each user at the wallet's next version: every other one a cashback of
-    ``spring`` (on a payment the reconciler does not look up), the rest ``welcome``'s
-    bonus."""
+def grant_to(
+    engine: Engine,
+    settings: Settings,
+    users: Sequence[str],
+    *,
+    at: datetime,
+    bonus: bool = True,
+) -> None:
+    """A grant to each user at the wallet's next version, with the rows the rewards service
+    writes beside it: every other one a cashback of ``spring`` (on a payment the reconciler
+    does not look up), the rest ``welcome``'s bonus (all of them cashbacks without ``bonus``:
+    a user gets the bonus once)."""
     with engine.begin() as conn:
         held = load_wallets(conn, users)
         grants = []
         for i, user in enumerate(users):
             wallet, amount = held[user], 100 + 37 * i
-            campaign = "spring" if i % 2 == 0 else "welcome"
+            campaign = "spring" if i % 2 == 0 or not bonus else "welcome"
             grants.append(
                 granted(
                     user,
@@ -116,7 +124,7 @@ def grant_to(engine: Engine, settings: Settings, users: Sequence[str], *, at: da
                     currency=wallet.currency or "JPY",
                 )
             )
-        append_events(conn, grants, shards=settings.outbox_shards)
+        book_grants(conn, grants, shards=settings.outbox_shards)
 
 
 def write_grants(engine: Engine) -> list[RewardGranted | RewardTakenBack]:
@@ -209,7 +217,7 @@ async def test_campaigns_and_grants_are_projected_once_and_a_full_run_finds_no_d
         await wait_until(lambda: all_projected(write_engine, read_engine), tasks=tasks)
         # A second round of grants on top of the first, then everything of the campaigns and
         # the grants delivered again, the reconciler's way (marked as a replay).
-        grant_to(write_engine, rsettings, users[:7], at=utcnow())
+        grant_to(write_engine, rsettings, users[:7], at=utcnow(), bonus=False)
         await wait_until(lambda: all_projected(write_engine, read_engine), tasks=tasks)
         applied = metric(registry, "kessai_projector_events_applied_total")
         again = [*recorded, *write_grants(write_engine)]

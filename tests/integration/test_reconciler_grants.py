@@ -21,21 +21,24 @@ import sqlalchemy as sa
 from aiokafka import ConsumerRecord
 from sqlalchemy.engine import Engine
 
+from command_service import handlers
+from command_service.routes.users import registration_command
+from command_service.schemas import CreateUser
 from kessai.clock import utcnow
-from kessai.events import PaymentCaptured, kafka_key
+from kessai.events import PaymentCaptured, kafka_key, parse_any_event, registration_stream_id
 from kessai.grants import month_of, payment_facts
 from kessai.ids import new_id
 from kessai.schema.read import campaign_totals
-from kessai.schema.write import campaign_budget, reward_grants
+from kessai.schema.write import campaign_budget, reward_grants, user_registrations
 from kessai.settings import Settings
 from kessai.write_store import append_events, load_granted
 from reconciler.records import Finding
 from reconciler.service import Reconciler
-from rewards.decide import Captured
+from rewards.decide import Captured, Registered
 from rewards.store import commit_grants
 from tests.helpers import consume_all, fund
 from tests.integration import test_reconciler_wallets as wallet_tests
-from tests.integration.test_reconciler_movements import pay
+from tests.integration.test_reconciler_movements import _policy, pay
 from tests.integration.test_reconciler_wallets import everything_matches, kinds, with_pipeline
 from tests.pipeline import wait_until, write_store_events
 from tests.wallet_streams import created
@@ -289,5 +292,59 @@ async def test_campaign_figures_that_differ_on_the_read_side_are_rewritten(
         }  # fmt: skip
         assert figures() == (1_200, 3)
         assert (await reconciler.run(full=True)).findings == []
+
+    await with_pipeline(rsettings, write_engine, read_engine, body)
+
+
+def registered(engine: Engine, count: int) -> list[tuple[str, Registered]]:
+    """``count`` users registered through the command handlers, as the rewards service sees
+    each registration."""
+    users = [f"r-{new_id().hex[:12]}" for _ in range(count)]
+    for user in users:
+        handlers.record_alone(
+            engine, registration_command(policy=_policy(), command=CreateUser(user_id=user))
+        )
+    with engine.connect() as conn:
+        bodies = conn.execute(
+            sa.select(user_registrations.c.body).where(user_registrations.c.user_id.in_(users))
+        ).scalars()
+        events = {e.user_id: e for e in map(parse_any_event, bodies)}
+    return [(u, Registered(u, events[u].occurred_at, events[u].recorded_at)) for u in users]
+
+
+async def test_a_registration_never_granted_its_bonus_is_found_and_republished(
+    rsettings: Settings, write_engine: Engine, read_engine: Engine, reconciler: Reconciler
+) -> None:
+    now = utcnow()
+    welcome = created("welcome-500", kind="welcome_bonus", starts_at=now - timedelta(days=1),
+                      ends_at=now + timedelta(days=9), at=now - timedelta(days=2))  # fmt: skip
+    with write_engine.begin() as conn:
+        append_events(conn, [welcome], shards=rsettings.outbox_shards)
+    (_, first_fact), (second, second_fact) = registered(write_engine, 2)
+    commit_grants(write_engine, [first_fact], shards=rsettings.outbox_shards, attempts=10)
+
+    async def body() -> None:
+        result = await reconciler.run()
+        (missing,) = result.findings
+        assert (missing.kind, missing.payment_id) == (
+            "grant_missing",
+            registration_stream_id(second),
+        )
+        assert missing.details is not None
+        assert (missing.details["user_id"], missing.details["earns"]) == (second, 500)
+        records = await consume_all(
+            rsettings.resolved_kafka_bootstrap(), rsettings.topic, at_least=1, settle=1.0
+        )
+        replays = [
+            {k: bytes(v) for k, v in r.headers}.get("replay") == b"1"
+            for r in records
+            if r.key == kafka_key(registration_stream_id(second))
+        ]
+        assert sorted(replays) == [False, True]
+        commit_grants(write_engine, [second_fact], shards=rsettings.outbox_shards, attempts=10)
+        await wait_until(everything_matches(write_engine, read_engine))
+        again = await reconciler.run()
+        assert again.findings == []
+        assert again.outcome == "consistent"
 
     await with_pipeline(rsettings, write_engine, read_engine, body)
