@@ -89,7 +89,7 @@ def grant(engine: Engine, settings: Settings, payment_ids: Sequence[uuid.UUID]) 
 
 def paid(engine: Engine, count: int) -> list[uuid.UUID]:
     """``count`` balance payments of 2,000 by users of their own (each earns 400)."""
-    users = [f"g-{new_id().hex[:12]}" for _ in range(count)]
+    users = [f"g-{new_id().hex[-12:]}" for _ in range(count)]
     fund(engine, *users, amount=10_000)
     return [pay(engine, user, 2_000) for user in users]
 
@@ -299,7 +299,7 @@ async def test_campaign_figures_that_differ_on_the_read_side_are_rewritten(
 def registered(engine: Engine, count: int) -> list[tuple[str, Registered]]:
     """``count`` users registered through the command handlers, as the rewards service sees
     each registration."""
-    users = [f"r-{new_id().hex[:12]}" for _ in range(count)]
+    users = [f"r-{new_id().hex[-12:]}" for _ in range(count)]
     for user in users:
         handlers.record_alone(
             engine, registration_command(policy=_policy(), command=CreateUser(user_id=user))
