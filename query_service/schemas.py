@@ -180,7 +180,8 @@ class ReconciliationFindingOut(BaseModel):
     kind: str = Field(
         description="missing, mismatch, parked, dead_letter, orphan, outbox_stuck, "
         "daily_totals, hourly_totals, totals_unverified, trial_balance, wallet_chain, "
-        "wallet_movement, wallet_balance, campaign..."
+        "wallet_movement, wallet_balance, campaign, campaign_totals, campaign_budget, "
+        "grant_missing..."
     )
     payment_id: uuid.UUID | None
     merchant_id: str | None
@@ -206,6 +207,11 @@ class ChecksOut(BaseModel):
     wallet_chain: CheckOut
     wallet_movement: CheckOut
     wallet_balance: CheckOut = Field(description="The wallets on the read side.")
+    grants: CheckOut | None = Field(
+        None,
+        description="Each campaign's budget against its grants, and every eligible payment's "
+        "(registration's) grant; null for runs recorded before this check existed.",
+    )
 
 
 class VerifiedUpToOut(BaseModel):
@@ -220,6 +226,7 @@ class VerifiedUpToOut(BaseModel):
     wallet_chain: datetime | None
     wallet_movement: datetime | None
     wallet_balance: datetime | None
+    grants: datetime | None
 
 
 class ReconciliationRunOut(BaseModel):

@@ -14,8 +14,10 @@ import asyncio
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from aiokafka import ConsumerRecord
@@ -24,6 +26,7 @@ from sqlalchemy.engine import Engine
 from command_service import handlers
 from command_service.routes.users import registration_command
 from command_service.schemas import CreateUser
+from kessai.auth import ADMIN
 from kessai.clock import utcnow
 from kessai.events import PaymentCaptured, kafka_key, parse_any_event, registration_stream_id
 from kessai.grants import month_of, payment_facts
@@ -32,11 +35,13 @@ from kessai.schema.read import campaign_totals
 from kessai.schema.write import campaign_budget, reward_grants, user_registrations
 from kessai.settings import Settings
 from kessai.write_store import append_events, load_granted
+from query_service.app import create_app as create_query_app
+from query_service.schemas import ReconciliationRunsOut
 from reconciler.records import Finding
 from reconciler.service import Reconciler
 from rewards.decide import Captured, Registered
 from rewards.store import commit_grants
-from tests.helpers import consume_all, fund
+from tests.helpers import api_key, bearer, consume_all, fund
 from tests.integration import test_reconciler_wallets as wallet_tests
 from tests.integration.test_reconciler_movements import _policy, pay
 from tests.integration.test_reconciler_wallets import everything_matches, kinds, with_pipeline
@@ -192,6 +197,24 @@ async def test_a_damaged_budget_is_found_and_left_for_an_operator(
     await with_pipeline(rsettings, write_engine, read_engine, body)
 
 
+async def admin_runs(settings: Settings) -> dict[str, Any]:
+    """``GET /v1/admin/reconciliation/runs`` of the query API, as an admin sees it."""
+    app = create_query_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://q",
+            headers=bearer(api_key(settings, ADMIN)),
+        ) as q,
+    ):
+        answer = await q.get("/v1/admin/reconciliation/runs")
+    assert answer.status_code == 200, answer.text
+    page: dict[str, Any] = answer.json()
+    ReconciliationRunsOut.model_validate(page)
+    return page
+
+
 def captured_records(
     records: Sequence[ConsumerRecord[bytes, bytes]], payment_id: uuid.UUID
 ) -> list[bool]:
@@ -223,6 +246,11 @@ async def test_a_payment_never_granted_is_found_and_its_capture_republished(
         )
         assert (missing.details or {})["earns"] == 400
         assert (missing.details or {})["campaign_id"] == CAMPAIGN
+        shown = (await admin_runs(rsettings))["items"][0]
+        assert shown["checks"]["grants"]["unrepaired"] == 1
+        assert [(f["kind"], f["payment_id"]) for f in shown["findings"]] == [
+            ("grant_missing", str(never))
+        ]
         records = await consume_all(
             rsettings.resolved_kafka_bootstrap(), rsettings.topic, at_least=1, settle=1.0
         )
