@@ -168,7 +168,8 @@ def _totals_problems(
         }
         state = states.get(campaign_id)
         if state is None:
-            problems.append((campaign_id, "grants of a campaign without a stream", figures))
+            problem = "grants of a campaign whose stream is missing or does not fold"
+            problems.append((campaign_id, problem, figures))
             continue
         figures["budget"] = state.rules.budget
         if have.rows != have.granted_after:
