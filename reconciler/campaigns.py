@@ -19,6 +19,8 @@ applies the movement; repairing a wallet removes its read rows and re-publishes 
 so the projector applies its grants again. ``compensate`` takes out of the figures, in the
 transaction that removes the rows, what the grants the projector had applied added: the
 figures end as they were, as ``reconciler.totals.compensate`` does for the merchants' totals.
+Each campaign's budget against its grants, its figures against the write store's and every
+eligible payment's grant are checked after this (``reconciler.budgets``, ``reconciler.missing``).
 """
 
 from __future__ import annotations
