@@ -95,9 +95,8 @@ def campaign_flows(postings: Iterable[Posting] | None) -> dict[str, int]:
 
 def check(
     ctx: RunContext, lower: uuid.UUID | None, states: Mapping[str, CampaignState]
-) -> tuple[list[Finding], dict[str, Sums]]:
-    """The run's ``campaign_budget`` findings (``lower``: None, a full audit), and each
-    campaign's sums as the snapshot read them."""
+) -> list[Finding]:
+    """The run's ``campaign_budget`` findings (``lower``: None, a full audit)."""
     with ctx.write.connect() as conn, conn.begin():  # one snapshot for every read
         sums = write_sums(conn)
         rows = _rows_since(conn, lower)
@@ -123,7 +122,7 @@ def check(
                         granted_after=have.granted_after,
                     )
                 )
-    return found, sums
+    return found
 
 
 def write_sums(conn: sa.Connection) -> dict[str, Sums]:

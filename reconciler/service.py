@@ -434,7 +434,7 @@ async def _grants(
     """The grants' findings: each campaign's budget against its grants in the write store, its
     figures on the read side, and the eligible payments and registrations without a grant."""
     states, _ = await asyncio.to_thread(ctx.in_write, campaigns.folds)
-    found, _ = await asyncio.to_thread(budgets.check, ctx, lower, states)
+    found = await asyncio.to_thread(budgets.check, ctx, lower, states)
     found += await budgets.check_figures(ctx, upper, dry_run=dry_run)
     ctx.checkpoint()
     return found + await missing.check(ctx, lower, states, dry_run=dry_run)
