@@ -10,9 +10,10 @@ come from: a take-back is a row and a posting the other way, and fits without a 
 
 Every run, in one snapshot of the write store, per campaign:
 
-- the newest ``campaign_budget.granted_after`` equals the sum of the campaign's ``reward_grants``
-  rows and the sum of its ``campaign_budget`` amounts, and never exceeds the budget of the
-  campaign's folded stream;
+- the newest ``campaign_budget.granted_after`` equals the sum of its ``campaign_budget`` amounts,
+  and the sum of the campaign's ``reward_grants`` rows plus what users still owe it (a
+  take-back's row holds the whole ``due``, the budget only what the wallet gave back), and
+  never exceeds the budget of the campaign's folded stream;
 - the rows and the wallet events in the run's scope (by their time-ordered ``event_id``, which
   row and event share) match one for one: each row has its wallet event, of the same campaign,
   user and amount, and each wallet event that posts to a campaign has its row.
@@ -41,16 +42,17 @@ import uuid
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
 from kessai.campaigns import CampaignState, campaign_stream_id
 from kessai.db import upsert_rows
-from kessai.events import parse_wallet_event
+from kessai.events import RewardTakenBack, parse_wallet_event
 from kessai.postings import Posting, kind_of
 from kessai.schema import read
-from kessai.schema.write import campaign_budget, reward_grants, wallet_events
-from kessai.write_store import load_granted
+from kessai.schema.write import campaign_budget, reward_debts, reward_grants, wallet_events
+from kessai.write_store import load_debts, load_granted
 from reconciler import totals as locks
 from reconciler.campaigns import GRANTED, applied_versions
 from reconciler.context import RunContext
@@ -70,6 +72,10 @@ class Row:
     amount: int
     """What the campaign gave: positive for a grant, negative for a take-back."""
     key: str | None = None
+    row_amount: int | None = 0
+    """For a wallet event's flow: what its ``reward_grants`` row holds (a grant: its amount; a
+    refund's take-back: ``-due``, of which the wallet gave ``amount`` and owes the rest);
+    ``None``: no row (a debt paid off later: its row was the take-back's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +87,9 @@ class Sums:
     """Rows of a positive amount: the grants, without the take-backs."""
     batches: int = 0
     granted_after: int = 0
+    owed: int = 0
+    """What users still owe the campaign (``reward_debts``): take-back rows hold what was due,
+    the budget only what came back, and this is the difference."""
 
 
 def campaign_flows(postings: Iterable[Posting] | None) -> dict[str, int]:
@@ -144,15 +153,29 @@ def write_sums(conn: sa.Connection) -> dict[str, Sums]:
         )
     }
     newest = load_granted(conn, set(of_rows) | set(of_batches))
+    owed = owed_by_campaign(conn)
     return {
         c: Sums(
             rows=of_rows.get(c, (0, 0))[0],
             grants=of_rows.get(c, (0, 0))[1],
             batches=of_batches.get(c, 0),
             granted_after=newest[c].amount,
+            owed=owed.get(c, 0),
         )
         for c in sorted(newest)
     }
+
+
+def owed_by_campaign(conn: sa.Connection) -> dict[str, int]:
+    """What users owe each campaign now: the open debts of each user's newest
+    ``reward_debts`` row (only users who ever owed have rows)."""
+    users = [str(u) for u in conn.execute(sa.select(reward_debts.c.user_id).distinct()).scalars()]
+    owed: dict[str, int] = defaultdict(int)
+    for first in range(0, len(users), CHUNK):
+        for debts in load_debts(conn, users[first : first + CHUNK]).values():
+            for debt in debts.items:
+                owed[debt.campaign_id] += debt.owed
+    return dict(owed)
 
 
 def _totals_problems(
@@ -164,6 +187,7 @@ def _totals_problems(
             "granted_after": have.granted_after,
             "grant_rows": have.rows,
             "batches": have.batches,
+            "owed": have.owed,
         }
         state = states.get(campaign_id)
         if state is None:
@@ -171,8 +195,9 @@ def _totals_problems(
             problems.append((campaign_id, problem, figures))
             continue
         figures["budget"] = state.rules.budget
-        if have.rows != have.granted_after:
-            problems.append((campaign_id, "the grant rows do not add up to the total", figures))
+        if have.rows + have.owed != have.granted_after:
+            problem = "the grant rows do not add up to the total"
+            problems.append((campaign_id, problem, figures))
         if have.batches != have.granted_after:
             problems.append((campaign_id, "the budget rows do not add up to the total", figures))
         if max(have.granted_after, have.rows) > state.rules.budget:
@@ -205,8 +230,15 @@ def _moved_since(conn: sa.Connection, lower: uuid.UUID | None) -> dict[uuid.UUID
         except ValueError:  # the wallet's chain check reports what does not parse
             continue
         flows = campaign_flows(event.postings)
-        if flows:
-            moved[event_id] = [Row(c, str(user_id), a) for c, a in sorted(flows.items())]
+        if not flows:
+            continue
+        if isinstance(event, RewardTakenBack):
+            p = event.payload
+            row_amount = -p.due if p.kind == "refund" else None
+            moved[event_id] = [Row(p.campaign_id, str(user_id), flows[p.campaign_id], None,
+                                   row_amount)]  # fmt: skip
+        else:
+            moved[event_id] = [Row(c, str(user_id), a, None, a) for c, a in sorted(flows.items())]
     return moved
 
 
@@ -215,7 +247,8 @@ def _pairs(rows: Mapping[uuid.UUID, Row], moved: Mapping[uuid.UUID, list[Row]]) 
     against its row."""
     found = []
     for event_id in sorted(set(rows) | set(moved)):
-        row, flows = rows.get(event_id), moved.get(event_id, [])
+        row = rows.get(event_id)
+        flows = [f for f in moved.get(event_id, []) if f.row_amount is not None]
         if row is None:
             for flow in flows:
                 found.append(
@@ -224,9 +257,11 @@ def _pairs(rows: Mapping[uuid.UUID, Row], moved: Mapping[uuid.UUID, list[Row]]) 
                              event_amount=flow.amount, row_amount=None)
                 )  # fmt: skip
             continue
-        event = [(f.campaign_id, f.user_id, f.amount) for f in flows]
+        event = [(f.campaign_id, f.user_id, f.row_amount) for f in flows]
         if event == [(row.campaign_id, row.user_id, row.amount)]:
             continue
+        if not flows and row.amount < 0 and "/" in (row.key or "").split("/", 1)[1]:
+            continue  # a take-back the wallet gave nothing of: owed whole, no event
         problem = (
             "a grant row without its wallet event"
             if not flows
@@ -277,14 +312,54 @@ async def check_figures(ctx: RunContext, upper: uuid.UUID, *, dry_run: bool) -> 
 
 
 def _figures_before(conn: sa.Connection, upper: uuid.UUID) -> dict[str, tuple[int, int]]:
+    """Each campaign's figures as the projector shows them once it has applied everything
+    recorded before ``upper``: its grants (their rows), less what came back of them (the
+    take-backs' wallet events: a take-back's row holds what was due, which the wallet may have
+    given only part of)."""
     g = reward_grants.c
-    positive = sa.case((g.amount > 0, 1), else_=0)
     rows = conn.execute(
-        sa.select(g.campaign_id, sa.func.sum(g.amount), sa.func.sum(positive))
-        .where(g.event_id < upper)
-        .group_by(g.campaign_id)
-    )
-    return {str(c): (int(s), int(n)) for c, s, n in rows}
+        sa.select(g.campaign_id, g.user_id, g.grant_key, g.amount).where(g.event_id < upper)
+    ).all()
+    figures: dict[str, tuple[int, int]] = {}
+    for campaign_id, _user_id, _key, amount in rows:
+        if amount > 0:
+            total, count = figures.get(str(campaign_id), (0, 0))
+            figures[str(campaign_id)] = (total + int(amount), count + 1)
+    for back in _taken_back(conn, rows):
+        if back.event_id < upper:
+            total, count = figures.get(back.campaign_id, (0, 0))
+            figures[back.campaign_id] = (total - back.amount, count)
+    return figures
+
+
+@dataclass(frozen=True, slots=True)
+class _Back:
+    campaign_id: str
+    user_id: str
+    amount: int
+    event_id: uuid.UUID
+    version: int
+
+
+def _taken_back(conn: sa.Connection, rows: Iterable[Any]) -> list[_Back]:
+    """The ``RewardTakenBack`` events of the users and campaigns that ``rows`` (of
+    ``reward_grants``) hold take-backs of: every take-back (and every debt paid off later) is
+    in the wallet of a user with a take-back row, read by primary-key ranges of those wallets."""
+    wanted = {(str(r.campaign_id), str(r.user_id)) for r in rows if "/" in str(r.grant_key)}
+    users = sorted({user for _, user in wanted})
+    w = wallet_events.c
+    found = []
+    for first in range(0, len(users), CHUNK):
+        query = sa.select(w.user_id, w.version, w.event_id, w.body).where(
+            w.user_id.in_(users[first : first + CHUNK]), w.event_type == "RewardTakenBack"
+        )
+        for user_id, version, event_id, body in conn.execute(query):
+            event = parse_wallet_event(body)
+            if isinstance(event, RewardTakenBack):
+                key = (event.payload.campaign_id, str(user_id))
+                if key in wanted:
+                    found.append(_Back(key[0], key[1], event.payload.amount, event_id, version))
+    return found
 
 
 def _shown(conn: sa.Connection, campaign_ids: Collection[str] | None) -> dict[str, tuple[int, int]]:
@@ -335,7 +410,7 @@ def _reckon(
         locks.lock_projector(conn, ctx.settings.topic)
         with ctx.write.connect() as source:
             grants = source.execute(
-                sa.select(g.campaign_id, g.user_id, g.amount, g.event_id).where(
+                sa.select(g.campaign_id, g.user_id, g.grant_key, g.amount, g.event_id).where(
                     g.campaign_id.in_(campaign_ids)
                 )
             ).all()
@@ -346,14 +421,19 @@ def _reckon(
                     w.event_id.in_(ids[first : first + CHUNK])
                 )
                 versions.update((i, int(v)) for i, v in source.execute(query))
+            backs = _taken_back(source, grants)
         applied = applied_versions(conn, sorted({str(row.user_id) for row in grants}))
         figures = dict.fromkeys(campaign_ids, (0, 0))
-        for campaign_id, user_id, amount, event_id in grants:
+        for campaign_id, user_id, _key, amount, event_id in grants:
             version = versions.get(event_id)
-            if version is None or version > applied.get(str(user_id), 0):
+            if amount < 0 or version is None or version > applied.get(str(user_id), 0):
                 continue
             total, count = figures[str(campaign_id)]
-            figures[str(campaign_id)] = (total + int(amount), count + (int(amount) > 0))
+            figures[str(campaign_id)] = (total + int(amount), count + 1)
+        for back in backs:
+            if back.version <= applied.get(back.user_id, 0) and back.campaign_id in figures:
+                total, count = figures[back.campaign_id]
+                figures[back.campaign_id] = (total - back.amount, count)
         wrong = _compare(figures, _shown(conn, campaign_ids))
         if wrong and not dry_run:
             upsert_rows(

@@ -216,30 +216,35 @@ def taken_back(
     )
 
 
-def book_grants(conn: sa.Connection, grants: Sequence[RewardGranted], *, shards: int) -> None:
-    """``grants`` appended with the rows the rewards service writes beside them in its
-    transaction (``rewards.store``): a ``reward_grants`` row each (a cashback's period is the
-    grant's month in Tokyo), and each campaign's next ``campaign_budget`` row. So the reconciler
-    finds each campaign's budget equal to its grants."""
+def book_grants(
+    conn: sa.Connection, grants: Sequence[RewardGranted | RewardTakenBack], *, shards: int
+) -> None:
+    """``grants`` (and take-backs) appended with the rows the rewards service writes beside
+    them in its transaction (``rewards.store``): a ``reward_grants`` row each (a cashback's
+    period is the grant's month in Tokyo; a take-back's row, keyed ``<payment>/<refund>``,
+    holds ``-due``), and each campaign's next ``campaign_budget`` row (moved by what the
+    wallets gave or gave back). So the reconciler finds each campaign's budget equal to its
+    grants."""
     append_events(conn, grants, shards=shards)
     batches: dict[str, list[int]] = defaultdict(list)
     for g in grants:
-        cashback = g.payload.payment_id is not None
+        p = g.payload
+        if isinstance(g, RewardTakenBack):
+            period = g.occurred_at.astimezone(ZoneInfo("Asia/Tokyo")).strftime("%Y-%m")
+            key, row_amount, moved = f"{p.payment_id}/{p.refund_id}", -p.due, -p.amount
+        elif p.payment_id is not None:
+            period = g.occurred_at.astimezone(ZoneInfo("Asia/Tokyo")).strftime("%Y-%m")
+            key, row_amount, moved = str(p.payment_id), p.amount, p.amount
+        else:
+            period, key, row_amount, moved = "welcome", "user", p.amount, p.amount
         conn.execute(
             reward_grants.insert().values(
-                campaign_id=g.payload.campaign_id,
-                user_id=g.user_id,
-                period=g.occurred_at.astimezone(ZoneInfo("Asia/Tokyo")).strftime("%Y-%m")
-                if cashback
-                else "welcome",
-                grant_key=str(g.payload.payment_id) if cashback else "user",
-                amount=g.payload.amount,
-                currency=g.payload.currency,
-                event_id=g.event_id,
+                campaign_id=p.campaign_id, user_id=g.user_id, period=period, grant_key=key,
+                amount=row_amount, currency=p.currency, event_id=g.event_id,
                 recorded_at=g.recorded_at,
             )
-        )
-        batches[g.payload.campaign_id].append(g.payload.amount)
+        )  # fmt: skip
+        batches[p.campaign_id].append(moved)
     before = load_granted(conn, batches)
     for campaign_id, amounts in sorted(batches.items()):
         conn.execute(
@@ -247,7 +252,7 @@ def book_grants(conn: sa.Connection, grants: Sequence[RewardGranted], *, shards:
                 campaign_id=campaign_id,
                 version=before[campaign_id].version + 1,
                 amount=sum(amounts),
-                grants=len(amounts),
+                grants=sum(1 for a in amounts if a > 0),
                 granted_after=before[campaign_id].amount + sum(amounts),
                 recorded_at=grants[0].recorded_at,
             )

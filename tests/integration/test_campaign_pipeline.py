@@ -316,7 +316,7 @@ def take_back_from(engine: Engine, settings: Settings, user_id: str, amount: int
             version=wallet.version + 1,
             at=utcnow(),
         )
-        append_events(conn, [taken], shards=settings.outbox_shards)
+        book_grants(conn, [taken], shards=settings.outbox_shards)
 
 
 async def test_a_wallet_with_a_take_back_is_repaired_and_its_campaigns_figures_stay_exact(
