@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -61,7 +61,7 @@ from kessai.ids import bound_at_ms, timestamp_ms
 from kessai.schema.write import events, reward_grants, user_registrations
 from kessai.write_store import load_wallets
 from reconciler.context import RunContext
-from reconciler.loaders import EventRow
+from reconciler.loaders import EventRow, load_bodies
 from reconciler.records import Finding
 from reconciler.republish import republisher
 
@@ -101,10 +101,19 @@ async def check(
     missing = await asyncio.to_thread(ctx.in_write, lambda c: find(c, since, states, cutoff))
     if missing and not dry_run:
         ctx.checkpoint()
-        rows = {o.row[2]: o.row for o, _ in missing}
+        rows = await asyncio.to_thread(ctx.in_write, lambda c: _to_republish(c, missing))
         async with republisher(ctx.settings) as send:
-            await send([rows[i] for i in sorted(rows)])
+            await send(rows)
     return [_finding(owed, amount, republished=not dry_run) for owed, amount in missing]
+
+
+def _to_republish(conn: sa.Connection, missing: Sequence[tuple[Owed, int]]) -> list[EventRow]:
+    """What to publish again for the missing grants: a registration's event, and a payment's
+    whole history in version order, not its capture alone: a payment refunded since must reach
+    the rewards service with its refunds after it, which take back what the capture earns."""
+    payments = sorted({o.row[0] for o, _ in missing if o.row[3] == "PaymentCaptured"})
+    rows = {o.row[2]: o.row for o, _ in missing if o.row[3] != "PaymentCaptured"}
+    return [*load_bodies(conn, payments), *(rows[i] for i in sorted(rows))]
 
 
 def find(

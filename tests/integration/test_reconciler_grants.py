@@ -423,3 +423,37 @@ async def test_take_backs_and_debts_are_consistent_grants(
         assert tuple(shown) == (400, 4)
 
     await with_pipeline(rsettings, write_engine, read_engine, body)
+
+
+async def test_a_refunded_payment_never_granted_is_republished_with_its_refunds(
+    rsettings: Settings, write_engine: Engine, read_engine: Engine, reconciler: Reconciler
+) -> None:
+    """The rewards service missed a payment that was then refunded in full. Re-publishing its
+    capture alone would grant the cashback of a payment that no longer exists, its refund long
+    gone by: the whole history goes out again, in order, so the rewards service grants and
+    then takes it all back."""
+    from tests.integration.test_reconciler_movements import refund
+
+    start_campaign(write_engine, rsettings)
+    (never,) = await asyncio.to_thread(paid, write_engine, 1)
+    refund_id = await asyncio.to_thread(refund, write_engine, never, 2_000)
+
+    async def body() -> None:
+        result = await reconciler.run()
+        (missing,) = result.findings
+        assert (missing.kind, missing.payment_id) == ("grant_missing", never)
+        records = await consume_all(
+            rsettings.resolved_kafka_bootstrap(), rsettings.topic, at_least=1, settle=1.0
+        )
+        replayed = [
+            (parse_any_event(r.value).event_type, r.offset)
+            for r in records
+            if r.key == kafka_key(never) and dict(r.headers).get("replay") == b"1"
+        ]
+        assert [t for t, _ in sorted(replayed, key=lambda x: x[1])] == [
+            "PaymentCaptured",
+            "PaymentRefunded",
+        ]
+        assert refund_id is not None
+
+    await with_pipeline(rsettings, write_engine, read_engine, body)
