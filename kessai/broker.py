@@ -265,6 +265,29 @@ def new_producer(bootstrap: str, *, request_timeout_ms: int = 10_000) -> AIOKafk
     return producer
 
 
+def new_consumer(
+    bootstrap: str, *, group_id: str, batch_size: int, request_timeout_ms: int = 10_000
+) -> AIOKafkaConsumer:
+    """A consumer of a group that commits its own offsets (never automatically), starting a
+    partition it has no committed offset for at its earliest record, fetching up to
+    ``batch_size`` records at most 100 ms apart; a member the broker hears nothing of for 6 s
+    leaves the group. It never causes the topic to be auto-created: the services create it
+    (``ensure_topic``) before they subscribe."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=6_000,
+        heartbeat_interval_ms=1_000,
+        request_timeout_ms=max(request_timeout_ms, 4_000),
+        max_poll_records=batch_size,
+        fetch_max_wait_ms=100,
+    )
+    refuse_auto_creation(consumer._client)
+    return consumer
+
+
 async def log_ends(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
     """The real end offset of each partition: the high watermark of a fetch. (The embedded
     broker answers ListOffsets(latest) with the base offset of the last record batch plus

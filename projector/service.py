@@ -43,7 +43,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 
 from kessai import offsets
-from kessai.broker import BrokerUnavailable, ensure_topic, refuse_auto_creation
+from kessai.broker import BrokerUnavailable, ensure_topic, new_consumer
 from kessai.clock import utcnow
 from kessai.settings import Settings
 from projector import repository, reset_check, stored_offsets
@@ -99,18 +99,12 @@ class Projector:
             partitions=self.settings.topic_partitions,
             replication_factor=self.settings.topic_replication_factor,
         )
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
+        consumer = new_consumer(
+            bootstrap,
             group_id=self.settings.projector_group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=6_000,
-            heartbeat_interval_ms=1_000,
-            request_timeout_ms=max(self.settings.kafka_request_timeout_ms, 4_000),
-            max_poll_records=self.settings.projector_batch_size,
-            fetch_max_wait_ms=100,
+            batch_size=self.settings.projector_batch_size,
+            request_timeout_ms=self.settings.kafka_request_timeout_ms,
         )
-        refuse_auto_creation(consumer._client)
         consumer.subscribe([self.topic], listener=_Listener(self))
         self._consumer = consumer
         await consumer.start()

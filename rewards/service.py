@@ -43,7 +43,7 @@ from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 
-from kessai.broker import ensure_topic, refuse_auto_creation
+from kessai.broker import ensure_topic, new_consumer
 from kessai.events import (
     PaymentCaptured,
     PaymentRefunded,
@@ -149,18 +149,12 @@ class Rewards:
             partitions=self.settings.topic_partitions,
             replication_factor=self.settings.topic_replication_factor,
         )
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
+        consumer = new_consumer(
+            bootstrap,
             group_id=self.settings.rewards_group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=6_000,
-            heartbeat_interval_ms=1_000,
-            request_timeout_ms=max(self.settings.kafka_request_timeout_ms, 4_000),
-            max_poll_records=self.settings.rewards_batch_size,
-            fetch_max_wait_ms=100,
+            batch_size=self.settings.rewards_batch_size,
+            request_timeout_ms=self.settings.kafka_request_timeout_ms,
         )
-        refuse_auto_creation(consumer._client)
         consumer.subscribe([self.topic], listener=self.assignments)
         await consumer.start()
         try:
