@@ -51,6 +51,7 @@ from kessai.schema.write import (
     campaign_budget,
     campaign_events,
     events,
+    newest_of,
     newest_wallet_movements,
     outbox,
     reward_debts,
@@ -259,17 +260,7 @@ def load_granted(conn: sa.Connection, campaign_ids: Collection[str]) -> dict[str
     if not found:
         return found
     b = campaign_budget.c
-    newest = (
-        sa.select(b.campaign_id, sa.func.max(b.version).label("version"))
-        .where(b.campaign_id.in_(sorted(found)))
-        .group_by(b.campaign_id)
-        .subquery()
-    )
-    rows = conn.execute(
-        sa.select(b.campaign_id, b.version, b.granted_after).join(
-            newest, sa.and_(b.campaign_id == newest.c.campaign_id, b.version == newest.c.version)
-        )
-    )
+    rows = conn.execute(newest_of(b.campaign_id, found, b.campaign_id, b.version, b.granted_after))
     for campaign_id, version, granted_after in rows:
         found[str(campaign_id)] = Granted(version=version, amount=granted_after)
     return found
@@ -311,17 +302,7 @@ def load_debts(conn: sa.Connection, user_ids: Collection[str]) -> dict[str, Debt
     if not found:
         return found
     d = reward_debts.c
-    newest = (
-        sa.select(d.user_id, sa.func.max(d.version).label("version"))
-        .where(d.user_id.in_(sorted(found)))
-        .group_by(d.user_id)
-        .subquery()
-    )
-    rows = conn.execute(
-        sa.select(d.user_id, d.version, d.currency, d.body).join(
-            newest, sa.and_(d.user_id == newest.c.user_id, d.version == newest.c.version)
-        )
-    )
+    rows = conn.execute(newest_of(d.user_id, found, d.user_id, d.version, d.currency, d.body))
     for user_id, version, currency, body in rows:
         found[str(user_id)] = parse_debts(str(user_id), version, currency, body)
     return found

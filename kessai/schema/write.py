@@ -19,6 +19,7 @@ append-only.
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -213,17 +214,29 @@ admission_settings = sa.Table(
 )
 
 
-def newest_wallet_movements(user_ids: Collection[str]) -> sa.Select[str, int, str, int]:
-    """``(user_id, version, currency, balance_after)`` of the newest movement of each wallet of
-    ``user_ids``: its balance, read as a primary-key range per wallet, however long its
-    history (the write path's read of a batch's wallets, and the reconciler's)."""
-    w = wallet_events.c
+def newest_of(
+    stream: sa.Column[str], streams: Collection[str], *columns: sa.ColumnElement[Any]
+) -> sa.Select[Any]:
+    """``columns`` of the newest row (highest ``version``) of each stream of ``streams`` in
+    ``stream``'s table, whose primary key is ``(stream, version)``: a primary-key range per
+    stream, however long its history. The read of a wallet's balance, of a campaign's total
+    granted, of a user's debts."""
+    table = stream.table
+    version = table.c.version
     newest = (
-        sa.select(w.user_id, sa.func.max(w.version).label("version"))
-        .where(w.user_id.in_(sorted(user_ids)))
-        .group_by(w.user_id)
+        sa.select(stream.label("stream"), sa.func.max(version).label("version"))
+        .where(stream.in_(sorted(streams)))
+        .group_by(stream)
         .subquery()
     )
-    return sa.select(w.user_id, w.version, w.currency, w.balance_after).join(
-        newest, sa.and_(w.user_id == newest.c.user_id, w.version == newest.c.version)
+    return sa.select(*columns).join(
+        newest, sa.and_(stream == newest.c.stream, version == newest.c.version)
     )
+
+
+def newest_wallet_movements(user_ids: Collection[str]) -> sa.Select[Any]:
+    """``(user_id, version, currency, balance_after)`` of the newest movement of each wallet of
+    ``user_ids``: its balance (the write path's read of a batch's wallets, and the
+    reconciler's)."""
+    w = wallet_events.c
+    return newest_of(w.user_id, user_ids, w.user_id, w.version, w.currency, w.balance_after)
