@@ -82,6 +82,41 @@ def payment_facts(event: PaymentCaptured) -> PaymentFacts:
     )
 
 
+GrantKey = tuple[str, str, str, str]
+"""``(campaign_id, user_id, period, grant_key)``: the primary key of the write store's
+``reward_grants``, which grants a payment (or a registration) at most once per campaign."""
+MonthKey = tuple[str, str, str]
+"""``(campaign_id, user_id, period)``: one user's grants of one month (or welcome bonus) by one
+campaign, a range of ``reward_grants``' primary key."""
+WELCOME_PERIOD = "welcome"
+"""The ``period`` of a welcome bonus's key: one per user and campaign, ever."""
+WELCOME_KEY = "user"
+"""The ``grant_key`` of a welcome bonus."""
+
+
+def cashback_key(campaign_id: str, zone: ZoneInfo, payment: PaymentFacts) -> GrantKey:
+    """The key of a payment's cashback: its month in the campaign's time zone (a payment fixes
+    its user and its month, so the key is unique per (campaign, payment), and a user's grants
+    of one month are one range of keys: what the month cap reads)."""
+    month = month_of(payment.captured_at, zone)
+    return (campaign_id, payment.user_id, month, str(payment.payment_id))
+
+
+def welcome_key(campaign_id: str, user_id: str) -> GrantKey:
+    return (campaign_id, user_id, WELCOME_PERIOD, WELCOME_KEY)
+
+
+def take_back_key(grant: GrantKey, refund_id: uuid.UUID) -> GrantKey:
+    """The key of what a refund takes back of the cashback keyed ``grant``: in the grant's
+    range, ``<payment id>/<refund id>``."""
+    return (*grant[:3], f"{grant[3]}/{refund_id}")
+
+
+def is_take_back(grant_key: str) -> bool:
+    """Whether a row's ``grant_key`` is a take-back's (``take_back_key``)."""
+    return "/" in grant_key
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
     """The cashback one payment earns from one campaign, before the budget."""

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import uuid
 import zlib
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -47,6 +47,7 @@ from kessai.events import (
     wallet_event_to_json,
     wallet_stream_id,
 )
+from kessai.grants import GrantKey, MonthKey
 from kessai.schema.write import (
     campaign_budget,
     campaign_events,
@@ -55,6 +56,7 @@ from kessai.schema.write import (
     newest_wallet_movements,
     outbox,
     reward_debts,
+    reward_grants,
     user_registrations,
     wallet_events,
 )
@@ -305,4 +307,47 @@ def load_debts(conn: sa.Connection, user_ids: Collection[str]) -> dict[str, Debt
     rows = conn.execute(newest_of(d.user_id, found, d.user_id, d.version, d.currency, d.body))
     for user_id, version, currency, body in rows:
         found[str(user_id)] = parse_debts(str(user_id), version, currency, body)
+    return found
+
+
+CHUNK = 1_000
+"""Keys per statement (SQLite takes at most 32,766 parameters in one)."""
+_K = TypeVar("_K", bound=tuple[str, ...])
+
+
+def chunked(keys: Collection[_K]) -> Iterable[list[_K]]:
+    """``keys`` in order, ``CHUNK`` at a time: one statement each."""
+    ordered = sorted(keys)
+    for start in range(0, len(ordered), CHUNK):
+        yield ordered[start : start + CHUNK]
+
+
+def existing_grant_keys(conn: sa.Connection, keys: Collection[GrantKey]) -> frozenset[GrantKey]:
+    """Which of ``keys`` ``reward_grants`` holds: primary-key lookups (the grants the rewards
+    service must not make again, and the reconciler must not report missing)."""
+    g = reward_grants.c
+    columns = sa.tuple_(g.campaign_id, g.user_id, g.period, g.grant_key)
+    found: set[GrantKey] = set()
+    for chunk in chunked(keys):
+        rows = conn.execute(
+            sa.select(g.campaign_id, g.user_id, g.period, g.grant_key).where(columns.in_(chunk))
+        )
+        found.update((str(c), str(u), str(p), str(k)) for c, u, p, k in rows)
+    return frozenset(found)
+
+
+def grant_month_sums(conn: sa.Connection, months: Collection[MonthKey]) -> dict[MonthKey, int]:
+    """What each ``(campaign, user, month)`` of ``months`` has been granted, net of take-backs:
+    a primary-key range each (what the per-user month cap reads)."""
+    g = reward_grants.c
+    columns = sa.tuple_(g.campaign_id, g.user_id, g.period)
+    found: dict[MonthKey, int] = {}
+    for chunk in chunked(months):
+        rows = conn.execute(
+            sa.select(g.campaign_id, g.user_id, g.period, sa.func.sum(g.amount))
+            .where(columns.in_(chunk))
+            .group_by(g.campaign_id, g.user_id, g.period)
+        )
+        for campaign_id, user_id, period, total in rows:
+            found[(str(campaign_id), str(user_id), str(period))] = int(total)
     return found

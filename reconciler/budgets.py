@@ -49,6 +49,7 @@ import sqlalchemy as sa
 from kessai.campaigns import CampaignState, campaign_stream_id
 from kessai.db import upsert_rows
 from kessai.events import RewardTakenBack, parse_wallet_event
+from kessai.grants import is_take_back
 from kessai.postings import Posting, kind_of
 from kessai.schema import read
 from kessai.schema.write import campaign_budget, reward_debts, reward_grants, wallet_events
@@ -76,6 +77,8 @@ class Row:
     """For a wallet event's flow: what its ``reward_grants`` row holds (a grant: its amount; a
     refund's take-back: ``-due``, of which the wallet gave ``amount`` and owes the rest);
     ``None``: no row (a debt paid off later: its row was the take-back's)."""
+    take_back: bool = False
+    """A ``reward_grants`` row of a take-back (``kessai.grants.take_back_key``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +214,7 @@ def _rows_since(conn: sa.Connection, lower: uuid.UUID | None) -> dict[uuid.UUID,
     if lower is not None:
         query = query.where(g.event_id >= lower)
     return {
-        event_id: Row(str(c), str(u), int(amount), f"{p}/{k}")
+        event_id: Row(str(c), str(u), int(amount), f"{p}/{k}", take_back=is_take_back(str(k)))
         for event_id, c, u, p, k, amount in conn.execute(query)
     }
 
@@ -260,7 +263,7 @@ def _pairs(rows: Mapping[uuid.UUID, Row], moved: Mapping[uuid.UUID, list[Row]]) 
         event = [(f.campaign_id, f.user_id, f.row_amount) for f in flows]
         if event == [(row.campaign_id, row.user_id, row.amount)]:
             continue
-        if not flows and row.amount < 0 and "/" in (row.key or "").split("/", 1)[1]:
+        if not flows and row.take_back:
             continue  # a take-back the wallet gave nothing of: owed whole, no event
         problem = (
             "a grant row without its wallet event"
@@ -345,7 +348,7 @@ def _taken_back(conn: sa.Connection, rows: Iterable[Any]) -> list[_Back]:
     """The ``RewardTakenBack`` events of the users and campaigns that ``rows`` (of
     ``reward_grants``) hold take-backs of: every take-back (and every debt paid off later) is
     in the wallet of a user with a take-back row, read by primary-key ranges of those wallets."""
-    wanted = {(str(r.campaign_id), str(r.user_id)) for r in rows if "/" in str(r.grant_key)}
+    wanted = {(str(r.campaign_id), str(r.user_id)) for r in rows if is_take_back(str(r.grant_key))}
     users = sorted({user for _, user in wanted})
     w = wallet_events.c
     found = []

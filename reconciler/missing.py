@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -50,25 +50,22 @@ from kessai.events import (
 )
 from kessai.grants import (
     Grant,
+    GrantKey,
     PaymentFacts,
     cashback,
+    cashback_key,
     eligibility,
-    month_of,
     payment_facts,
     welcome_bonus,
+    welcome_key,
 )
 from kessai.ids import bound_at_ms, timestamp_ms
-from kessai.schema.write import events, reward_grants, user_registrations
-from kessai.write_store import load_wallets
+from kessai.schema.write import events, user_registrations
+from kessai.write_store import existing_grant_keys, grant_month_sums, load_wallets
 from reconciler.context import RunContext
 from reconciler.loaders import EventRow, load_bodies
 from reconciler.records import Finding
 from reconciler.republish import republisher
-
-WELCOME_PERIOD, WELCOME_KEY = "welcome", "user"
-"""The ``period`` and ``grant_key`` of a welcome bonus's row (``rewards.decide``)."""
-CHUNK = 1_000
-GrantKey = tuple[str, str, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +123,11 @@ def find(
     that the write store does not hold and nothing explains, with the amount each earns."""
     live = {c: s for c, s in states.items() if s.exhausted_at is None}
     owed = [*_payments(conn, since, live, cutoff), *_registrations(conn, since, live, cutoff)]
-    held = _existing(conn, {o.key for o in owed})
+    held = existing_grant_keys(conn, {o.key for o in owed})
     absent = [o for o in owed if o.key not in held]
     if not absent:
         return []
-    sums = _month_sums(conn, {o.key[:3] for o in absent if o.facts is not None})
+    sums = grant_month_sums(conn, {o.key[:3] for o in absent if o.facts is not None})
     wallets = load_wallets(conn, {o.key[1] for o in absent})
     missing = []
     for o in absent:
@@ -187,8 +184,7 @@ def _payments(
         for state in cashbacks:
             if recorded_at < state.created_at or eligibility(state, facts) is not None:
                 continue
-            month = month_of(facts.captured_at, state.rules.zone)
-            key = (state.campaign_id, facts.user_id, month, str(facts.payment_id))
+            key = cashback_key(state.campaign_id, state.rules.zone, facts)
             owed.append(Owed(key, state, row, recorded_at, facts))
     return owed
 
@@ -227,45 +223,9 @@ def _registrations(
         for state in welcomes:
             if recorded_at < state.created_at or welcome_bonus(state, event.occurred_at) is None:
                 continue
-            key = (state.campaign_id, str(user_id), WELCOME_PERIOD, WELCOME_KEY)
+            key = welcome_key(state.campaign_id, str(user_id))
             owed.append(Owed(key, state, row, recorded_at))
     return owed
-
-
-def _chunks(keys: Collection[tuple[str, ...]]) -> list[list[tuple[str, ...]]]:
-    ordered = sorted(keys)
-    return [ordered[i : i + CHUNK] for i in range(0, len(ordered), CHUNK)]
-
-
-def _existing(conn: sa.Connection, keys: Collection[GrantKey]) -> set[tuple[str, ...]]:
-    """Which of ``keys`` ``reward_grants`` holds: primary-key lookups."""
-    g = reward_grants.c
-    columns = sa.tuple_(g.campaign_id, g.user_id, g.period, g.grant_key)
-    found: set[tuple[str, ...]] = set()
-    for chunk in _chunks(keys):
-        rows = conn.execute(
-            sa.select(g.campaign_id, g.user_id, g.period, g.grant_key).where(columns.in_(chunk))
-        )
-        found.update((str(c), str(u), str(p), str(k)) for c, u, p, k in rows)
-    return found
-
-
-def _month_sums(
-    conn: sa.Connection, months: Collection[tuple[str, str, str]]
-) -> dict[tuple[str, ...], int]:
-    """What each ``(campaign, user, month)`` holds now, net of take-backs: a primary-key range
-    each."""
-    g = reward_grants.c
-    columns = sa.tuple_(g.campaign_id, g.user_id, g.period)
-    found: dict[tuple[str, ...], int] = {}
-    for chunk in _chunks(months):
-        rows = conn.execute(
-            sa.select(g.campaign_id, g.user_id, g.period, sa.func.sum(g.amount))
-            .where(columns.in_(chunk))
-            .group_by(g.campaign_id, g.user_id, g.period)
-        )
-        found.update({(str(c), str(u), str(p)): int(s) for c, u, p, s in rows})
-    return found
 
 
 def _finding(owed: Owed, amount: int, *, republished: bool) -> Finding:

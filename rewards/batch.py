@@ -14,14 +14,10 @@ from typing import Any, Literal
 from kessai.campaigns import AnyCampaignEvent, CampaignState
 from kessai.debts import Debts
 from kessai.events import RewardGranted, RewardKind, RewardTakenBack, TakeBackKind
-from kessai.grants import PaymentFacts
+from kessai.grants import GrantKey, MonthKey, PaymentFacts
 from kessai.wallets import Wallet
 from kessai.write_store import Granted
 
-GrantKey = tuple[str, str, str, str]
-"""``(campaign_id, user_id, period, grant_key)``: the primary key of ``reward_grants``."""
-MonthKey = tuple[str, str, str]
-"""``(campaign_id, user_id, period)``: the grants one user's month cap counts."""
 SkipReason = Literal[
     "already_granted", "exhausted", "wallet_currency", "already_taken_back", "nothing_due"
 ]

@@ -48,15 +48,20 @@ from kessai.events import (
     TakeBackKind,
 )
 from kessai.grants import (
+    WELCOME_PERIOD,
     Grant,
+    GrantKey,
     Ineligible,
+    MonthKey,
     PaymentFacts,
     cashback,
+    cashback_key,
     cut_to_budget,
     decide_exhausted,
-    month_of,
     take_back,
+    take_back_key,
     welcome_bonus,
+    welcome_key,
     window_reason,
 )
 from kessai.ids import new_id
@@ -70,8 +75,6 @@ from rewards.batch import (
     Credited,
     Decided,
     Fact,
-    GrantKey,
-    MonthKey,
     Refunded,
     Registered,
     SkipReason,
@@ -99,10 +102,6 @@ __all__ = [
 
 ACTOR = "rewards"
 """Who records what the rewards service decides (``CampaignBudgetExhausted``'s actor)."""
-WELCOME_PERIOD = "welcome"
-"""The ``period`` of a welcome bonus's key: one per user and campaign, ever."""
-WELCOME_KEY = "user"
-"""The ``grant_key`` of a welcome bonus."""
 
 
 def key_of(state: CampaignState, fact: Fact) -> GrantKey | None:
@@ -110,10 +109,9 @@ def key_of(state: CampaignState, fact: Fact) -> GrantKey | None:
     never grants for this kind of event."""
     rules = state.rules
     if isinstance(fact, Captured) and isinstance(rules, CashbackRules):
-        month = month_of(fact.facts.captured_at, rules.zone)
-        return (state.campaign_id, fact.facts.user_id, month, str(fact.facts.payment_id))
+        return cashback_key(state.campaign_id, rules.zone, fact.facts)
     if isinstance(fact, Registered) and isinstance(rules, WelcomeBonusRules):
-        return (state.campaign_id, fact.user_id, WELCOME_PERIOD, WELCOME_KEY)
+        return welcome_key(state.campaign_id, fact.user_id)
     return None
 
 
@@ -340,7 +338,7 @@ class _Running:
         granted = None if key is None else self.refund_rows.get(key)
         if payment is None or key is None or granted is None:
             return  # not a cashback campaign, or it granted this payment nothing
-        taken_key = (*key[:3], f"{key[3]}/{fact.refund_id}")
+        taken_key = take_back_key(key, fact.refund_id)
         if taken_key in self.seen:
             self.out.skipped["already_taken_back"] += 1
             return

@@ -27,9 +27,8 @@ The budget is not a hot row: it takes one append per campaign per batch, not per
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
-from typing import TypeVar
 
 import sqlalchemy as sa
 import tenacity
@@ -37,11 +36,14 @@ from sqlalchemy.engine import Engine
 
 from kessai.clock import utcnow
 from kessai.db import upsert
-from kessai.grants import payment_facts
+from kessai.grants import WELCOME_PERIOD, GrantKey, MonthKey, payment_facts
 from kessai.ids import new_id
 from kessai.schema.write import campaign_budget, reward_debts, reward_grants
 from kessai.write_store import (
     append_events,
+    chunked,
+    existing_grant_keys,
+    grant_month_sums,
     is_write_conflict,
     load_campaigns,
     load_captured,
@@ -51,57 +53,15 @@ from kessai.write_store import (
 )
 from rewards.batch import Credited, Refunded
 from rewards.decide import (
-    WELCOME_PERIOD,
     BatchDecision,
     Before,
     Fact,
-    GrantKey,
-    MonthKey,
     decide_batch,
     keys_of,
     refund_months,
 )
 
 Hook = Callable[[sa.Connection], None]
-_K = TypeVar("_K", GrantKey, MonthKey)
-CHUNK = 1_000
-"""Keys per statement (SQLite takes at most 32,766 parameters in one)."""
-
-
-def _chunks(keys: Collection[_K]) -> Iterable[list[_K]]:
-    ordered = sorted(keys)
-    for start in range(0, len(ordered), CHUNK):
-        yield ordered[start : start + CHUNK]
-
-
-def existing_keys(conn: sa.Connection, keys: Collection[GrantKey]) -> frozenset[GrantKey]:
-    """Which of ``keys`` ``reward_grants`` holds: primary-key lookups."""
-    g = reward_grants.c
-    found: set[GrantKey] = set()
-    for chunk in _chunks(keys):
-        columns = sa.tuple_(g.campaign_id, g.user_id, g.period, g.grant_key)
-        rows = conn.execute(
-            sa.select(g.campaign_id, g.user_id, g.period, g.grant_key).where(columns.in_(chunk))
-        )
-        found.update((str(c), str(u), str(p), str(k)) for c, u, p, k in rows)
-    return frozenset(found)
-
-
-def month_sums(conn: sa.Connection, months: Collection[MonthKey]) -> dict[MonthKey, int]:
-    """What each ``(campaign, user, month)`` of ``months`` has been granted (net of
-    take-backs): a primary-key range each."""
-    g = reward_grants.c
-    found: dict[MonthKey, int] = {}
-    for chunk in _chunks(months):
-        columns = sa.tuple_(g.campaign_id, g.user_id, g.period)
-        rows = conn.execute(
-            sa.select(g.campaign_id, g.user_id, g.period, sa.func.sum(g.amount))
-            .where(columns.in_(chunk))
-            .group_by(g.campaign_id, g.user_id, g.period)
-        )
-        for campaign_id, user_id, period, total in rows:
-            found[(str(campaign_id), str(user_id), str(period))] = int(total)
-    return found
 
 
 def refund_rows(
@@ -113,7 +73,7 @@ def refund_rows(
     wanted = {str(payment_id) for payment_id in payments}
     g = reward_grants.c
     found: dict[GrantKey, int] = {}
-    for chunk in _chunks(months):
+    for chunk in chunked(months):
         columns = sa.tuple_(g.campaign_id, g.user_id, g.period)
         rows = conn.execute(
             sa.select(g.campaign_id, g.user_id, g.period, g.grant_key, g.amount).where(
@@ -148,10 +108,10 @@ def read_before(conn: sa.Connection, facts: Sequence[Fact]) -> Before | None:
     touched |= {debt.campaign_id for user_id in owing for debt in debts[user_id].items}
     return Before(
         campaigns=campaigns,
-        existing=existing_keys(conn, keys),
+        existing=existing_grant_keys(conn, keys),
         granted=load_granted(conn, touched),
         wallets=load_wallets(conn, users),
-        month_sums=month_sums(conn, {key[:3] for key in keys if key[2] != WELCOME_PERIOD}),
+        month_sums=grant_month_sums(conn, {key[:3] for key in keys if key[2] != WELCOME_PERIOD}),
         payments=payments,
         refund_rows=rows,
         debts=debts,
