@@ -230,17 +230,9 @@ async def _repair(ctx: RunContext, campaigns: dict[str, CampaignState]) -> set[s
     async with republisher(ctx.settings) as send:
         await asyncio.to_thread(_delete_rows, ctx, ids)
         await send(rows)
-    remaining = set(ids)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + ctx.settings.reconcile_verify_timeout_seconds
-    while remaining:
-        remaining = set(
-            await asyncio.to_thread(_differing, ctx, {c: campaigns[c] for c in remaining})
-        )
-        if not remaining or loop.time() > deadline:
-            break
-        await ctx.sleep(0.2)
-    return remaining
+    return await ctx.wait_until_right(
+        ids, lambda keys: _differing(ctx, {c: campaigns[c] for c in keys})
+    )
 
 
 def _bodies(conn: sa.Connection, ids: list[str]) -> list[EventRow]:

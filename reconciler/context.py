@@ -8,7 +8,9 @@ run); ``sleep`` waits, but wakes at once on a stop.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -18,6 +20,7 @@ from sqlalchemy.engine import Engine
 from kessai.settings import Settings
 
 T = TypeVar("T")
+K = TypeVar("K", str, uuid.UUID)
 ProgressCallback = Callable[[int, int | None], None]
 
 
@@ -49,3 +52,19 @@ class RunContext:
         """``fn`` on a read-database connection, returned to the pool at once (read only)."""
         with self.read.connect() as conn:
             return fn(conn)
+
+    async def wait_until_right(
+        self, keys: Collection[K], still_wrong: Callable[[list[K]], Iterable[K]]
+    ) -> set[K]:
+        """After a repair: look again every 0.2 s (``still_wrong`` in a worker thread, given
+        the keys still wrong, in order) until none is, or ``reconcile_verify_timeout_seconds``
+        pass; the keys still wrong then."""
+        remaining = set(keys)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.reconcile_verify_timeout_seconds
+        while remaining:
+            remaining = set(await asyncio.to_thread(still_wrong, sorted(remaining)))
+            if not remaining or loop.time() > deadline:
+                break
+            await self.sleep(0.2)
+        return remaining

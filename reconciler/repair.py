@@ -133,15 +133,7 @@ async def republish(
 async def _wait_until_right(ctx: RunContext, payment_ids: set[uuid.UUID]) -> set[uuid.UUID]:
     """Look again every 0.2 s until none of ``payment_ids`` differs, or the verify timeout
     passes; return those still wrong."""
-    remaining = set(payment_ids)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + ctx.settings.reconcile_verify_timeout_seconds
-    while remaining:
-        remaining = await asyncio.to_thread(still_wrong, ctx, sorted(remaining))
-        if not remaining or loop.time() > deadline:
-            break
-        await ctx.sleep(0.2)
-    return remaining
+    return await ctx.wait_until_right(payment_ids, lambda keys: still_wrong(ctx, keys))
 
 
 def delete_read_rows(

@@ -418,15 +418,7 @@ async def _repair(ctx: RunContext, users: list[str]) -> set[str]:
     async with republisher(ctx.settings) as send:
         await asyncio.to_thread(_delete_read_rows, ctx, users, rows)
         await send(rows)
-    remaining = set(users)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + ctx.settings.reconcile_verify_timeout_seconds
-    while remaining:
-        remaining = set(await asyncio.to_thread(differing, ctx, sorted(remaining)))
-        if not remaining or loop.time() > deadline:
-            break
-        await ctx.sleep(0.2)
-    return remaining
+    return await ctx.wait_until_right(users, lambda keys: differing(ctx, keys))
 
 
 def _bodies(conn: sa.Connection, users: list[str]) -> list[EventRow]:
